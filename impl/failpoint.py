@@ -1,0 +1,116 @@
+"""Named failpoints: places where tests make the process crash on purpose.
+
+A failpoint costs one truthiness check of a module-level dict when nothing is armed.
+Arm them with :func:`arm` (in-process tests) or the ``JOBLEDGER_FAILPOINTS`` environment
+variable (subprocess tests), as ``name=action`` pairs separated by ``;``::
+
+    JOBLEDGER_FAILPOINTS="advance.before_commit=crash;effect.after_start=3*kill"
+
+Actions: ``crash`` raises :class:`Crash` (a ``BaseException``, so no ``except Exception``
+in ``impl`` can swallow it); ``kill`` sends SIGKILL to this process; ``N*action`` fires
+on the N-th hit only. Names are ``<operation>.<point>`` with points ``before_tx``,
+``before_commit`` and ``after_commit`` for every writing operation, and for effects
+``effect.after_start``, ``effect.before_record`` and ``effect.after_record``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from attrs import define
+
+ENV_VAR = "JOBLEDGER_FAILPOINTS"
+
+POINTS = ("before_tx", "before_commit", "after_commit")
+OPERATIONS = (
+    "register",
+    "plan",
+    "plan_many",
+    "lease_next",
+    "renew",
+    "release",
+    "advance",
+    "fail",
+    "cancel",
+    "retry",
+    "reconcile",
+    "effect_start",
+    "effect_record",
+    "effect_abort",
+)
+EFFECT_POINTS = ("effect.after_start", "effect.before_record", "effect.after_record")
+ALL = tuple(f"{op}.{p}" for op in OPERATIONS for p in POINTS) + EFFECT_POINTS
+"""Every failpoint name that ``impl`` hits."""
+
+
+class Crash(BaseException):
+    """A simulated crash raised at an armed failpoint."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"simulated crash at failpoint {name!r}")
+        self.name = name
+
+
+@define
+class _Arm:
+    action: str
+    countdown: int
+
+
+_ARMED: dict[str, _Arm] = {}
+
+
+def hit(name: str) -> None:
+    """Fire the failpoint ``name`` if it is armed; otherwise do nothing."""
+    if _ARMED:
+        _fire(name)
+
+
+def _fire(name: str) -> None:
+    arm_ = _ARMED.get(name)
+    if arm_ is None:
+        return
+    arm_.countdown -= 1
+    if arm_.countdown > 0:
+        return
+    del _ARMED[name]
+    if arm_.action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise Crash(name)
+
+
+def arm(name: str, action: str = "crash", *, on_hit: int = 1) -> None:
+    """Arm failpoint ``name`` to perform ``action`` ("crash" or "kill") on hit ``on_hit``."""
+    if name not in ALL:
+        raise ValueError(f"unknown failpoint {name!r}; known: {', '.join(ALL)}")
+    if action not in ("crash", "kill"):
+        raise ValueError(f"failpoint action must be 'crash' or 'kill', got {action!r}")
+    _ARMED[name] = _Arm(action, on_hit)
+
+
+def disarm_all() -> None:
+    """Disarm every failpoint."""
+    _ARMED.clear()
+
+
+def armed() -> dict[str, str]:
+    """Return the armed failpoints and their actions."""
+    return {name: a.action for name, a in _ARMED.items()}
+
+
+def arm_from_env(value: str | None = None) -> None:
+    """Arm the failpoints listed in ``JOBLEDGER_FAILPOINTS`` (or ``value``)."""
+    spec = os.environ.get(ENV_VAR, "") if value is None else value
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, sep, action = part.partition("=")
+        if not sep:
+            raise ValueError(f"{ENV_VAR}: {part!r} is not name=action")
+        count, star, act = action.partition("*")
+        if star:
+            arm(name.strip(), act.strip(), on_hit=int(count))
+        else:
+            arm(name.strip(), action.strip())
+
+
+arm_from_env()

@@ -1,0 +1,142 @@
+"""The one typed configuration object and its defaults.
+
+This module owns the values and their validation; reading them from YAML files and
+``JOBLEDGER_*`` environment variables is I/O and lives in ``impl.config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+from attrs import field, frozen
+
+from model.errors import ConfigError
+
+LEASE_TTL_DEFAULT = 30.0
+MAX_ATTEMPTS_DEFAULT = 5
+BACKOFF_BASE_DEFAULT = 1.0
+BACKOFF_CAP_DEFAULT = 300.0
+RESULT_LIMIT_DEFAULT = 1024 * 1024
+BUSY_TIMEOUT_DEFAULT = 5.0
+
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{attribute.name} must be a number > 0, got {value!r}")
+
+
+def _non_negative(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigError(f"{attribute.name} must be a number >= 0, got {value!r}")
+
+
+def _positive_int(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+
+
+def _fraction(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{attribute.name} must be a number from 0 to 1, got {value!r}")
+
+
+def _synchronous(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ConfigError(
+            f"{attribute.name} must be one of OFF, NORMAL, FULL, EXTRA, got {value!r}"
+        )
+
+
+def _optional_str(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be a string, got {value!r}")
+
+
+@frozen(kw_only=True)
+class Config:
+    """Every tunable of jobledger, with the contract's defaults.
+
+    Durations are seconds. ``renew_every`` of None means a third of the lease TTL.
+    """
+
+    db: str | None = field(default=None, validator=_optional_str)
+    lease_ttl: float = field(default=LEASE_TTL_DEFAULT, validator=_positive)
+    renew_every: float | None = field(default=None)
+    max_attempts: int = field(default=MAX_ATTEMPTS_DEFAULT, validator=_positive_int)
+    backoff_base: float = field(default=BACKOFF_BASE_DEFAULT, validator=_non_negative)
+    backoff_cap: float = field(default=BACKOFF_CAP_DEFAULT, validator=_non_negative)
+    backoff_jitter: float = field(default=0.0, validator=_fraction)
+    result_limit: int = field(default=RESULT_LIMIT_DEFAULT, validator=_positive_int)
+    sqlite_synchronous: str = field(default="NORMAL", validator=_synchronous)
+    busy_timeout: float = field(default=BUSY_TIMEOUT_DEFAULT, validator=_non_negative)
+    postgres_schema: str = field(default="jobledger", validator=_optional_str)
+    log_format: str = field(default="text")
+    download_connect_timeout: float = field(default=10.0, validator=_positive)
+    download_read_timeout: float = field(default=30.0, validator=_positive)
+    download_max_redirects: int = field(default=10, validator=_positive_int)
+    download_max_retries: int = field(default=3, validator=_positive_int)
+    download_max_bytes: int = field(default=10 * 1024**3, validator=_positive_int)
+    download_per_host: int = field(default=4, validator=_positive_int)
+    download_user_agent: str = field(default="jobledger/0.1 (+https://pypi.org/project/jobledger)")
+    download_lease_ttl: float = field(default=10.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.renew_every is not None:
+            if (
+                isinstance(self.renew_every, bool)
+                or not isinstance(self.renew_every, int | float)
+                or not self.renew_every > 0
+            ):
+                raise ConfigError(f"renew_every must be a number > 0, got {self.renew_every!r}")
+            if self.renew_every >= self.lease_ttl:
+                raise ConfigError(
+                    f"renew_every ({self.renew_every}) must be shorter than lease_ttl "
+                    f"({self.lease_ttl}), or a lease expires before it is renewed"
+                )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between background renewals of a lease with the default TTL."""
+        return self.renew_every if self.renew_every is not None else self.lease_ttl / 3
+
+    def backoff(self, attempt: int) -> float:
+        """Return the retry delay after failed attempt number ``attempt`` (1-based).
+
+        ``backoff_base * 2**(attempt-1)``, capped at ``backoff_cap``. Jitter, when
+        configured, is applied by the caller that owns a random source.
+        """
+        exponent = max(attempt - 1, 0)
+        # Cap the exponent before raising 2 to it: attempts are user-configurable and
+        # 2**10000 would be a float overflow.
+        return float(min(self.backoff_cap, self.backoff_base * 2.0 ** min(exponent, 64)))
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Return every configuration key's name."""
+        return tuple(a.name for a in attrs.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, object], *, source: str) -> Config:
+        """Build a config from ``values``, naming ``source`` in any error.
+
+        Raises:
+            ConfigError: for an unknown key (listing the known ones) or a bad value.
+        """
+        known = cls.keys()
+        for key in values:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown configuration key {key!r} in {source}; known keys: {', '.join(known)}"
+                )
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None

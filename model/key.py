@@ -1,0 +1,81 @@
+"""Canonical encoding and the two keys derived from it: job keys and op keys.
+
+The encoding is fixed by the contract (section 6) so any language can reproduce it:
+JSON with sorted keys, no insignificant white space, UTF-8, no NaN, and a version tag
+inside the hashed object. Changing anything here changes every key ever issued, which is
+why golden vectors in the tests pin it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+
+from model.errors import InvalidIdentity
+
+Scalar = str | int | bool | None
+"""A value allowed in an identity or in effect extras."""
+
+KEY_VERSION = 1
+
+
+def canon(value: object) -> bytes:
+    """Encode ``value`` as canonical JSON bytes (the contract's ``canon``)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def check_scalars(mapping: object, *, what: str) -> dict[str, Scalar]:
+    """Return ``mapping`` as a plain dict after checking it holds only str -> scalar.
+
+    Raises:
+        InvalidIdentity: naming the offending key and the type found.
+    """
+    if not isinstance(mapping, Mapping):
+        raise InvalidIdentity(
+            f"{what} must be a mapping of str to str/int/bool/None, got "
+            f"{type(mapping).__name__}; pass a dict such as {{'url': 'https://...'}}"
+        )
+    out: dict[str, Scalar] = {}
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise InvalidIdentity(f"{what} key {key!r} is a {type(key).__name__}; keys must be str")
+        # bool is a subclass of int, so the explicit tuple admits both as themselves.
+        if value is not None and not isinstance(value, str | int):
+            raise InvalidIdentity(
+                f"{what}[{key!r}] is a {type(value).__name__} ({value!r}); values must be "
+                "str, int, bool or None (floats and containers are not stable keys: "
+                "encode them as strings)"
+            )
+        out[key] = value
+    return out
+
+
+def job_key(kind: str, identity: Mapping[str, Scalar]) -> str:
+    """Return the job key: SHA-256 hex of ``canon({"v": 1, "kind": kind, "id": identity})``.
+
+    Raises:
+        InvalidIdentity: if ``kind`` is not a non-empty str or ``identity`` holds
+            anything but str keys and str/int/bool/None values.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise InvalidIdentity(f"kind must be a non-empty str, got {kind!r}")
+    ident = check_scalars(identity, what="identity")
+    return hashlib.sha256(canon({"v": KEY_VERSION, "kind": kind, "id": ident})).hexdigest()
+
+
+def op_key(job_id: str, op: str, extras: Mapping[str, Scalar] | None = None) -> str:
+    """Return the op key: SHA-256 hex of ``canon({"v": 1, "job": job_id, "op": op, "x": extras})``.
+
+    Raises:
+        InvalidIdentity: if ``op`` is not a non-empty str or ``extras`` is not a mapping
+            of str to scalars.
+    """
+    if not isinstance(op, str) or not op:
+        raise InvalidIdentity(f"op must be a non-empty str, got {op!r}")
+    if not isinstance(job_id, str):
+        raise InvalidIdentity(f"job_id must be a str, got {type(job_id).__name__}")
+    ext = check_scalars(extras if extras is not None else {}, what="extras")
+    return hashlib.sha256(canon({"v": KEY_VERSION, "job": job_id, "op": op, "x": ext})).hexdigest()

@@ -1,0 +1,919 @@
+"""``MemoryStore``: the reference semantics of jobledger, in plain Python.
+
+This is the executable specification every backend is checked against. It is pure: no
+I/O, no threads, time only from the injected clock. Each public method reads the clock
+once and decides every question (eligibility, fencing, transitions, doubt) with its own
+plain logic, so a bug in a backend's SQL cannot hide here too.
+
+Crash semantics: a worker that dies simply stops calling; its lease stays set until it
+expires by the clock, and an effect whose start was recorded but whose result was not is
+in doubt once that lease is dead. :meth:`MemoryStore.begin_effect` and
+:meth:`MemoryStore.finish_effect` split ``run_effect`` at the point where ``fn`` runs, so
+a test can tell the model "the process died after the start was recorded".
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from attrs import define, field
+
+from model.clock import Clock, wall_clock
+from model.config import Config
+from model.errors import (
+    EffectInDoubt,
+    EffectResultError,
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidInput,
+    InvalidPayload,
+    LeaseLost,
+    StorageError,
+    UnknownJob,
+    UnknownWorkflow,
+    WorkflowConflict,
+)
+from model.key import Scalar, canon, check_scalars, job_key, op_key
+from model.record import (
+    JSON,
+    Detail,
+    DoubtInfo,
+    EffectContext,
+    EffectInfo,
+    EffectStatus,
+    Event,
+    HistoryEvent,
+    JobInfo,
+    Lease,
+    LeaseRow,
+    Plan,
+    ReconcileReport,
+    Stats,
+)
+from model.store import EffectFn, OnDoubt
+from model.workflow import DOWNLOAD, Workflow
+
+
+def exhausted_message(attempts: int, max_attempts: int) -> str:
+    """The ``last_error`` a job gets when it runs out of attempts without a failure."""
+    return (
+        f"attempts exhausted: {attempts} of {max_attempts} attempts used without success "
+        "(the last lease expired); raise max_attempts or `jobledger retry` the job"
+    )
+
+
+def encode_payload(payload: object) -> str:
+    """Canonical JSON text of a payload, or ``InvalidPayload`` naming what is wrong."""
+    try:
+        return canon(payload).decode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise InvalidPayload(
+            f"payload must be JSON (str keys, no NaN or infinity): {exc}; got "
+            f"{type(payload).__name__}"
+        ) from None
+
+
+def encode_result(result: object, *, limit: int) -> str:
+    """Canonical JSON text of an effect result within ``limit`` bytes.
+
+    Raises:
+        EffectResultError: when the result is not JSON or is larger than ``limit``.
+    """
+    try:
+        text = canon(result).decode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise EffectResultError(
+            f"effect result must be JSON (str keys, no NaN or infinity): {exc}; got "
+            f"{type(result).__name__}; return a JSON-compatible value"
+        ) from None
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise EffectResultError(
+            f"effect result is {size} bytes of JSON, over the limit of {limit}; store large "
+            "data elsewhere and return a reference, or raise result_limit"
+        )
+    return text
+
+
+def check_int(value: object, *, name: str, minimum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not bool) at least ``minimum``, else raise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise InvalidInput(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_seconds(value: object, *, name: str, positive: bool = False) -> float:
+    """Return ``value`` as seconds if it is a finite number (>= 0, or > 0), else raise."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise InvalidInput(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (positive and value == 0) or math.isinf(value):
+        need = "> 0" if positive else ">= 0"
+        raise InvalidInput(f"{name} must be {need} and finite, got {value!r}")
+    return float(value)
+
+
+def check_on_doubt(on_doubt: object) -> None:
+    """Refuse an ``on_doubt`` that is not "retry", "raise" or a callable."""
+    if on_doubt not in ("retry", "raise") and not callable(on_doubt):
+        raise InvalidInput(
+            f"on_doubt must be 'retry', 'raise' or a callable probe, got {on_doubt!r}"
+        )
+
+
+@define
+class _Job:
+    job_id: str
+    seq: int
+    kind: str
+    identity: dict[str, Scalar]
+    payload_text: str
+    state: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    run_at: float
+    token: int
+    created_at: float
+    updated_at: float
+    lease_worker: str | None = None
+    lease_expires_at: float | None = None
+    last_error: str | None = None
+    failed_from: str | None = None
+
+    def live(self, now: float) -> bool:
+        return (
+            self.lease_worker is not None
+            and self.lease_expires_at is not None
+            and now < self.lease_expires_at
+        )
+
+
+@define
+class _Effect:
+    job_id: str
+    op: str
+    op_key: str
+    extras: dict[str, Scalar]
+    status: EffectStatus
+    started_at: float
+    token: int
+    started_by: str
+    seq: int
+    result_text: str | None = None
+    finished_at: float | None = None
+
+
+@define
+class Started:
+    """What :meth:`MemoryStore.begin_effect` decided: replay, or run ``fn`` now."""
+
+    context: EffectContext
+    replay: bool = False
+    result: JSON = None
+
+
+@define
+class MemoryStore:
+    """The in-memory reference store (CONTRACT section 2, semantics of section 3).
+
+    Args:
+        clock: seconds as float; default wall time.
+        config: tunables; default :class:`Config`.
+    """
+
+    clock: Clock | None = field(default=None, kw_only=True)
+    config: Config | None = field(default=None, kw_only=True)
+    _workflows: dict[str, Workflow] = field(factory=dict, init=False)
+    _jobs: dict[str, _Job] = field(factory=dict, init=False)
+    _effects: dict[str, _Effect] = field(factory=dict, init=False)
+    _history: dict[str, list[HistoryEvent]] = field(factory=dict, init=False)
+    _seq: int = field(default=0, init=False)
+    _closed: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._register(DOWNLOAD)
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @property
+    def cfg(self) -> Config:
+        """The effective configuration."""
+        return self.config if self.config is not None else Config()
+
+    def _now(self) -> float:
+        if self._closed:
+            raise StorageError("this store is closed; open a new one with open_store")
+        return float((self.clock or wall_clock)())
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Mark the store closed; later calls raise."""
+        self._closed = True
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _log(
+        self,
+        job: _Job,
+        now: float,
+        event: Event,
+        *,
+        token: int | None = None,
+        worker: str | None = None,
+        detail: Mapping[str, Detail] | None = None,
+    ) -> None:
+        self._history.setdefault(job.job_id, []).append(
+            HistoryEvent(
+                job_id=job.job_id,
+                at=now,
+                event=event,
+                token=job.token if token is None else token,
+                worker=worker,
+                detail=dict(detail or {}),
+            )
+        )
+
+    def _get(self, job_id: str) -> _Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job
+
+    def _flow(self, kind: str) -> Workflow:
+        flow = self._workflows.get(kind)
+        if flow is None:
+            raise UnknownWorkflow(
+                f"no workflow named {kind!r} is registered; known: "
+                f"{sorted(self._workflows)}; call store.register(Workflow(...)) first"
+            )
+        return flow
+
+    def _check(self, lease: Lease, now: float, op: str) -> _Job:
+        if not isinstance(lease, Lease):
+            raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
+        job = self._get(lease.job_id)
+        if lease.token != job.token:
+            raise LeaseLost(job.job_id, lease.token, job.token, "the token is stale", op)
+        if not job.live(now):
+            raise LeaseLost(job.job_id, lease.token, job.token, "the lease expired", op)
+        return job
+
+    def _lease_of(self, job: _Job) -> Lease:
+        assert job.lease_worker is not None
+        assert job.lease_expires_at is not None
+        return Lease(
+            job_id=job.job_id,
+            kind=job.kind,
+            token=job.token,
+            worker=job.lease_worker,
+            expires_at=job.lease_expires_at,
+            attempt=job.attempts,
+            state=job.state,
+            identity=dict(job.identity),
+            payload=json.loads(job.payload_text),
+        )
+
+    def _end_lease(self, job: _Job) -> None:
+        job.lease_worker = None
+        job.lease_expires_at = None
+
+    def _enter_failed(self, job: _Job, now: float, error: str) -> None:
+        flow = self._flow(job.kind)
+        job.failed_from = job.state
+        job.state = flow.failed
+        job.last_error = error
+        self._end_lease(job)
+        job.updated_at = now
+
+    # -- workflows -----------------------------------------------------------------
+
+    def _register(self, workflow: Workflow) -> None:
+        known = self._workflows.get(workflow.name)
+        if known is None:
+            self._workflows[workflow.name] = workflow
+        elif known != workflow:
+            raise WorkflowConflict(
+                f"workflow {workflow.name!r} is already registered with a different "
+                f"definition (stored: {known.definition()}, given: {workflow.definition()}); "
+                "use a new name for a changed workflow"
+            )
+
+    def register(self, workflow: Workflow) -> None:
+        """Register ``workflow``; identical re-registration is a no-op.
+
+        Raises:
+            WorkflowConflict: the name is registered with a different definition.
+        """
+        self._now()
+        if not isinstance(workflow, Workflow):
+            raise InvalidInput(f"register needs a Workflow, got {type(workflow).__name__}")
+        self._register(workflow)
+
+    def workflow(self, name: str) -> Workflow:
+        """Return the registered workflow ``name``."""
+        return self._flow(name)
+
+    def workflows(self) -> list[Workflow]:
+        """Return every registered workflow, sorted by name."""
+        return [self._workflows[n] for n in sorted(self._workflows)]
+
+    # -- planning ------------------------------------------------------------------
+
+    def plan(
+        self,
+        kind: str,
+        identity: Mapping[str, Scalar],
+        *,
+        payload: JSON = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        run_at: float | None = None,
+    ) -> str:
+        """Plan a job idempotently; return its id (the job key).
+
+        Raises:
+            UnknownWorkflow: ``kind`` is not registered.
+            InvalidIdentity: the identity is not str -> scalar.
+            IdempotencyConflict: the job exists with a different payload.
+        """
+        now = self._now()
+        item = Plan(
+            identity, payload=payload, priority=priority, max_attempts=max_attempts, run_at=run_at
+        )
+        return self._plan_items(kind, [item], now)[0]
+
+    def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
+        """Plan many jobs at once, all or nothing; return their ids in item order."""
+        now = self._now()
+        plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
+        return self._plan_items(kind, plans, now)
+
+    def _plan_items(self, kind: str, items: list[Plan], now: float) -> list[str]:
+        flow = self._flow(kind)
+        # Validate everything before changing anything, so a bad item plans nothing.
+        prepared: list[tuple[str, dict[str, Scalar], str, Plan]] = []
+        batch: dict[str, str] = {}
+        for item in items:
+            jid = job_key(kind, item.identity)
+            text = encode_payload(item.payload)
+            check_int(item.priority, name="priority")
+            if item.max_attempts is not None:
+                check_int(item.max_attempts, name="max_attempts", minimum=1)
+            if item.run_at is not None:
+                check_seconds(item.run_at, name="run_at")
+            known = self._jobs.get(jid)
+            stored = known.payload_text if known is not None else batch.get(jid)
+            if stored is not None and stored != text:
+                raise IdempotencyConflict(
+                    f"job {jid} ({kind} {dict(item.identity)}) is already planned with payload "
+                    f"{stored}, not {text}; a job's payload is fixed at planning: plan a "
+                    "different identity, or keep the payload"
+                )
+            batch[jid] = text
+            prepared.append((jid, check_scalars(item.identity, what="identity"), text, item))
+        ids = []
+        for jid, ident, text, item in prepared:
+            if jid not in self._jobs:
+                job = _Job(
+                    job_id=jid,
+                    seq=self._next_seq(),
+                    kind=kind,
+                    identity=ident,
+                    payload_text=text,
+                    state=flow.initial,
+                    attempts=0,
+                    max_attempts=(
+                        item.max_attempts
+                        if item.max_attempts is not None
+                        else self.cfg.max_attempts
+                    ),
+                    priority=item.priority,
+                    run_at=float(item.run_at) if item.run_at is not None else now,
+                    token=0,
+                    created_at=now,
+                    updated_at=now,
+                )
+                self._jobs[jid] = job
+                self._log(job, now, Event.PLANNED)
+            ids.append(jid)
+        return ids
+
+    # -- leases --------------------------------------------------------------------
+
+    def lease_next(
+        self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
+    ) -> Lease | None:
+        """Lease the eligible job that comes first by (priority desc, run_at, planned order).
+
+        A job met with no attempts left enters the failed state and the search goes on.
+        """
+        now = self._now()
+        if not isinstance(worker, str) or not worker:
+            raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
+        seconds = check_seconds(
+            self.cfg.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+        )
+        if isinstance(kinds, str):
+            raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
+        wanted = None if kinds is None else set(kinds)
+        candidates = sorted(
+            (
+                j
+                for j in self._jobs.values()
+                if (wanted is None or j.kind in wanted)
+                and not self._flow(j.kind).is_terminal(j.state)
+                and not j.live(now)
+                and j.run_at <= now
+            ),
+            key=lambda j: (-j.priority, j.run_at, j.seq),
+        )
+        for job in candidates:
+            expired_holder = job.lease_worker
+            if expired_holder is not None:
+                self._log(job, now, Event.EXPIRED, worker=expired_holder)
+                self._end_lease(job)
+                job.updated_at = now
+            if job.attempts >= job.max_attempts:
+                error = exhausted_message(job.attempts, job.max_attempts)
+                self._enter_failed(job, now, error)
+                self._log(job, now, Event.FAILED, detail={"error": error})
+                continue
+            job.token += 1
+            job.attempts += 1
+            job.lease_worker = worker
+            job.lease_expires_at = now + seconds
+            job.updated_at = now
+            self._log(job, now, Event.LEASED, worker=worker)
+            return self._lease_of(job)
+        return None
+
+    def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend the live lease to now + ttl (default TTL when None)."""
+        now = self._now()
+        seconds = check_seconds(
+            self.cfg.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+        )
+        job = self._check(lease, now, "renew")
+        job.lease_expires_at = now + seconds
+        job.updated_at = now
+        self._log(job, now, Event.RENEWED, worker=job.lease_worker)
+        return self._lease_of(job)
+
+    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
+        """Give the job back unfinished; the attempt is returned, eligible after ``delay``."""
+        now = self._now()
+        seconds = check_seconds(delay, name="delay")
+        job = self._check(lease, now, "release")
+        worker = job.lease_worker
+        job.attempts -= 1
+        self._end_lease(job)
+        job.run_at = now + seconds
+        job.updated_at = now
+        self._log(job, now, Event.RELEASED, worker=worker)
+
+    # -- the state machine -----------------------------------------------------------
+
+    def advance(self, lease: Lease, to_state: str) -> bool:
+        """Follow one declared edge to ``to_state``; False for a state already reached.
+
+        Raises:
+            LeaseLost: the lease is stale or expired.
+            IllegalTransition: ``to_state`` is unknown, the failed state, or not reachable
+                by one declared edge from the current state.
+        """
+        now = self._now()
+        job = self._check(lease, now, "advance")
+        flow = self._flow(job.kind)
+        if to_state not in flow.states:
+            raise IllegalTransition(
+                f"advance of job {job.job_id} to {to_state!r}: not a state of workflow "
+                f"{flow.name!r} (states: {list(flow.states)})"
+            )
+        if to_state == flow.failed:
+            raise IllegalTransition(
+                f"advance of job {job.job_id} to the failed state {to_state!r}: use "
+                "store.fail(lease, error) or store.cancel(job_id, reason)"
+            )
+        if to_state == job.state or to_state in flow.ancestors()[job.state]:
+            return False
+        if (job.state, to_state) not in flow.transitions:
+            nexts = sorted(flow.successors()[job.state])
+            raise IllegalTransition(
+                f"advance of job {job.job_id} from {job.state!r} to {to_state!r}: no such "
+                f"edge in workflow {flow.name!r}; from {job.state!r} it can go to {nexts}"
+            )
+        previous = job.state
+        worker = job.lease_worker
+        job.state = to_state
+        if flow.is_terminal(to_state):
+            self._end_lease(job)
+        job.updated_at = now
+        self._log(
+            job, now, Event.ADVANCED, worker=worker, detail={"from": previous, "to": to_state}
+        )
+        return True
+
+    # -- effects -------------------------------------------------------------------
+
+    def run_effect(
+        self,
+        lease: Lease,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON:
+        """Run ``fn`` once per op key and record its result; replay a recorded result.
+
+        Raises:
+            LeaseLost: before ``fn`` runs, or after, when the result cannot be recorded
+                because the lease died meanwhile (the op is then in doubt).
+            EffectInDoubt: a start of a dead lease and ``on_doubt="raise"``.
+            EffectResultError: ``fn`` returned something that is not JSON or is too large.
+        """
+        started = self.begin_effect(lease, op, extras=extras, on_doubt=on_doubt)
+        if started.replay:
+            return started.result
+        try:
+            result = fn(started.context)
+        except Exception:
+            self.abort_effect(started.context)
+            raise
+        return self.finish_effect(lease, started.context, result)
+
+    def begin_effect(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> Started:
+        """The first half of ``run_effect``: check, replay, resolve doubt, record the start."""
+        check_on_doubt(on_doubt)
+        now = self._now()
+        job = self._check(lease, now, "run_effect")
+        key = op_key(job.job_id, op, extras)
+        ctx = EffectContext(
+            job_id=job.job_id, op=op, op_key=key, token=job.token, attempt=job.attempts
+        )
+        effect = self._effects.get(key)
+        if effect is not None and effect.status is EffectStatus.DONE:
+            assert effect.result_text is not None
+            return Started(ctx, replay=True, result=json.loads(effect.result_text))
+        if effect is not None:
+            if on_doubt == "raise":
+                raise EffectInDoubt(job.job_id, op, key, effect.token, effect.started_by)
+            if callable(on_doubt):
+                info = DoubtInfo(
+                    job_id=job.job_id,
+                    op=op,
+                    op_key=key,
+                    started_at=effect.started_at,
+                    started_token=effect.token,
+                    started_by=effect.started_by,
+                )
+                probed = on_doubt(info)
+                if probed is not None:
+                    return Started(ctx, replay=True, result=self._record_probe(lease, ctx, probed))
+                now = self._now()
+                job = self._check(lease, now, "run_effect")
+                effect = self._effects.get(key)
+            if effect is not None:
+                self._log(job, now, Event.EFFECT_IN_DOUBT, worker=lease.worker, detail={"op": op})
+        self._effects[key] = _Effect(
+            job_id=job.job_id,
+            op=op,
+            op_key=key,
+            extras=check_scalars(extras or {}, what="extras"),
+            status=EffectStatus.STARTED,
+            started_at=now,
+            token=job.token,
+            started_by=lease.worker,
+            seq=effect.seq if effect is not None else self._next_seq(),
+        )
+        self._log(job, now, Event.EFFECT_STARTED, worker=lease.worker, detail={"op": op})
+        return Started(ctx)
+
+    def _record_probe(self, lease: Lease, ctx: EffectContext, probed: JSON) -> JSON:
+        text = encode_result(probed, limit=self.cfg.result_limit)
+        now = self._now()
+        job = self._check(lease, now, "run_effect")
+        effect = self._effects[ctx.op_key]
+        self._log(job, now, Event.EFFECT_IN_DOUBT, worker=lease.worker, detail={"op": ctx.op})
+        effect.status = EffectStatus.DONE
+        effect.result_text = text
+        effect.finished_at = now
+        effect.token = job.token
+        self._log(job, now, Event.EFFECT_RECORDED, worker=lease.worker, detail={"op": ctx.op})
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    def abort_effect(self, ctx: EffectContext) -> None:
+        """``fn`` raised: remove the start this attempt recorded, if it is still ours."""
+        self._now()
+        effect = self._effects.get(ctx.op_key)
+        if (
+            effect is not None
+            and effect.status is EffectStatus.STARTED
+            and effect.token == ctx.token
+        ):
+            del self._effects[ctx.op_key]
+
+    def finish_effect(self, lease: Lease, ctx: EffectContext, result: object) -> JSON:
+        """The second half of ``run_effect``: record ``result``, fenced by the lease."""
+        try:
+            text = encode_result(result, limit=self.cfg.result_limit)
+        except EffectResultError:
+            now = self._now()
+            effect = self._effects.get(ctx.op_key)
+            if (
+                effect is not None
+                and effect.status is EffectStatus.STARTED
+                and effect.token == ctx.token
+            ):
+                effect.status = EffectStatus.IN_DOUBT
+                job = self._get(ctx.job_id)
+                self._log(
+                    job, now, Event.EFFECT_IN_DOUBT, worker=lease.worker, detail={"op": ctx.op}
+                )
+            raise
+        now = self._now()
+        job = self._check(lease, now, "run_effect")
+        effect = self._effects.get(ctx.op_key)
+        if effect is None or effect.status is EffectStatus.DONE:
+            # Unreachable while the lease is ours: only our token could have changed it.
+            raise LeaseLost(job.job_id, lease.token, job.token, "the effect was taken over")
+        effect.status = EffectStatus.DONE
+        effect.result_text = text
+        effect.finished_at = now
+        effect.token = job.token
+        self._log(job, now, Event.EFFECT_RECORDED, worker=lease.worker, detail={"op": ctx.op})
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    # -- failure and operator actions ------------------------------------------------
+
+    def fail(
+        self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
+    ) -> None:
+        """Record a failed attempt: eligible again after a backoff while attempts remain,
+        else the job enters its workflow's failed state with ``error`` kept."""
+        now = self._now()
+        if not isinstance(error, str):
+            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        seconds = None if delay is None else check_seconds(delay, name="delay")
+        job = self._check(lease, now, "fail")
+        worker = job.lease_worker
+        if retryable and job.attempts < job.max_attempts:
+            wait = self.cfg.backoff(job.attempts) if seconds is None else seconds
+            self._end_lease(job)
+            job.run_at = now + wait
+            job.last_error = error
+            job.updated_at = now
+            self._log(
+                job,
+                now,
+                Event.FAILED,
+                worker=worker,
+                detail={"error": error, "retry_at": job.run_at},
+            )
+            return
+        self._enter_failed(job, now, error)
+        self._log(job, now, Event.FAILED, worker=worker, detail={"error": error})
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Operator: move the job into the failed state, fencing out any lease holder."""
+        now = self._now()
+        if not isinstance(reason, str):
+            raise InvalidInput(f"reason must be a str, got {type(reason).__name__}")
+        job = self._get(job_id)
+        flow = self._flow(job.kind)
+        if job.state == flow.failed:
+            return
+        if flow.is_terminal(job.state):
+            raise IllegalTransition(
+                f"cancel of job {job_id}: it already finished in terminal state "
+                f"{job.state!r}; only unfinished jobs can be cancelled"
+            )
+        job.token += 1
+        self._enter_failed(job, now, reason)
+        self._log(job, now, Event.CANCELLED, detail={"reason": reason})
+
+    def retry(self, job_id: str) -> None:
+        """Operator: move a failed job back to the state it failed in, attempts reset."""
+        now = self._now()
+        job = self._get(job_id)
+        flow = self._flow(job.kind)
+        if job.state != flow.failed:
+            raise IllegalTransition(
+                f"retry of job {job_id}: it is in state {job.state!r}, not the failed state "
+                f"{flow.failed!r}; only failed jobs can be retried"
+            )
+        back = job.failed_from if job.failed_from is not None else flow.initial
+        job.token += 1
+        job.state = back
+        job.attempts = 0
+        job.run_at = now
+        job.updated_at = now
+        self._log(job, now, Event.RETRIED, detail={"from": flow.failed, "to": back})
+
+    # -- reconcile -----------------------------------------------------------------
+
+    def reconcile(self, *, dry_run: bool = False) -> ReconcileReport:
+        """Expire dead leases, mark their starts in doubt, fail exhausted jobs; one pass."""
+        now = self._now()
+        if dry_run:
+            shadow = copy.deepcopy(self)
+            shadow.clock = lambda: now
+            return shadow.reconcile()
+        expired = 0
+        for job in sorted(self._jobs.values(), key=lambda j: j.seq):
+            if job.lease_worker is not None and not job.live(now):
+                worker = job.lease_worker
+                self._end_lease(job)
+                job.updated_at = now
+                self._log(job, now, Event.EXPIRED, worker=worker)
+                expired += 1
+        doubted = 0
+        for effect in sorted(self._effects.values(), key=lambda e: e.seq):
+            if effect.status is not EffectStatus.STARTED:
+                continue
+            job = self._jobs[effect.job_id]
+            if effect.token != job.token or not job.live(now):
+                effect.status = EffectStatus.IN_DOUBT
+                self._log(
+                    job,
+                    now,
+                    Event.EFFECT_IN_DOUBT,
+                    worker=effect.started_by,
+                    detail={"op": effect.op},
+                )
+                doubted += 1
+        failed = 0
+        for job in sorted(self._jobs.values(), key=lambda j: j.seq):
+            flow = self._flow(job.kind)
+            if (
+                not flow.is_terminal(job.state)
+                and not job.live(now)
+                and job.attempts >= job.max_attempts
+            ):
+                error = exhausted_message(job.attempts, job.max_attempts)
+                self._enter_failed(job, now, error)
+                self._log(job, now, Event.FAILED, detail={"error": error})
+                failed += 1
+        return ReconcileReport(leases_expired=expired, effects_in_doubt=doubted, jobs_failed=failed)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def state(self, job_id: str) -> str:
+        """Return the job's current state."""
+        self._now()
+        return self._get(job_id).state
+
+    def _info(self, job: _Job, now: float) -> JobInfo:
+        return JobInfo(
+            job_id=job.job_id,
+            kind=job.kind,
+            identity=dict(job.identity),
+            payload=json.loads(job.payload_text),
+            state=job.state,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            priority=job.priority,
+            run_at=job.run_at,
+            token=job.token,
+            lease=self._lease_of(job) if job.live(now) else None,
+            last_error=job.last_error,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            failed_from=job.failed_from,
+            lease_worker=job.lease_worker,
+            lease_expires_at=job.lease_expires_at,
+        )
+
+    def job(self, job_id: str) -> JobInfo:
+        """Return a snapshot of the job."""
+        now = self._now()
+        return self._info(self._get(job_id), now)
+
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[JobInfo]:
+        """List jobs in planned order (or newest first), filtered by state and kind."""
+        now = self._now()
+        if limit is not None:
+            check_int(limit, name="limit", minimum=0)
+        rows = sorted(self._jobs.values(), key=lambda j: j.seq, reverse=newest_first)
+        out = [
+            self._info(j, now)
+            for j in rows
+            if (state is None or j.state == state) and (kind is None or j.kind == kind)
+        ]
+        return out if limit is None else out[:limit]
+
+    def leases(self) -> list[LeaseRow]:
+        """List leases that are set (live, or expired and not yet reconciled)."""
+        now = self._now()
+        rows = [
+            LeaseRow(
+                job_id=j.job_id,
+                kind=j.kind,
+                state=j.state,
+                worker=j.lease_worker,
+                token=j.token,
+                expires_at=j.lease_expires_at,
+                live=j.live(now),
+            )
+            for j in self._jobs.values()
+            if j.lease_worker is not None and j.lease_expires_at is not None
+        ]
+        return sorted(rows, key=lambda r: (r.expires_at, r.job_id))
+
+    def effects(self, job_id: str) -> list[EffectInfo]:
+        """List the job's effects in the order they were first started."""
+        self._now()
+        self._get(job_id)
+        rows = sorted(
+            (e for e in self._effects.values() if e.job_id == job_id), key=lambda e: e.seq
+        )
+        return [
+            EffectInfo(
+                job_id=e.job_id,
+                op=e.op,
+                op_key=e.op_key,
+                status=e.status,
+                result=None if e.result_text is None else json.loads(e.result_text),
+                started_at=e.started_at,
+                finished_at=e.finished_at,
+                token=e.token,
+                started_by=e.started_by,
+                extras=dict(e.extras),
+            )
+            for e in rows
+        ]
+
+    def history(self, job_id: str) -> list[HistoryEvent]:
+        """Return the job's history, oldest first."""
+        self._now()
+        self._get(job_id)
+        return list(self._history.get(job_id, []))
+
+    def stats(self) -> Stats:
+        """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
+        now = self._now()
+        by_state: dict[str, dict[str, int]] = {
+            name: dict.fromkeys(flow.states, 0) for name, flow in self._workflows.items()
+        }
+        live = expired = failed = 0
+        oldest: float | None = None
+        for job in self._jobs.values():
+            flow = self._flow(job.kind)
+            by_state[job.kind][job.state] += 1
+            if job.lease_worker is not None:
+                if job.live(now):
+                    live += 1
+                else:
+                    expired += 1
+            if job.state == flow.failed:
+                failed += 1
+            eligible = (
+                not flow.is_terminal(job.state)
+                and not job.live(now)
+                and job.run_at <= now
+                and job.attempts < job.max_attempts
+            )
+            if eligible and (oldest is None or job.run_at < oldest):
+                oldest = job.run_at
+        in_doubt = 0
+        for effect in self._effects.values():
+            job = self._jobs[effect.job_id]
+            if effect.status is EffectStatus.IN_DOUBT or (
+                effect.status is EffectStatus.STARTED
+                and (effect.token != job.token or not job.live(now))
+            ):
+                in_doubt += 1
+        return Stats(
+            by_state=by_state,
+            leases_live=live,
+            leases_expired=expired,
+            in_doubt=in_doubt,
+            failed=failed,
+            oldest_eligible_age=None if oldest is None else now - oldest,
+        )
