@@ -9,7 +9,9 @@ exactly-once recorded effects. This is the package production code imports.
 
 from __future__ import annotations
 
+from impl.reconciler import Reconciler
 from impl.store import open_store
+from impl.worker import JobContext, RunReport, StopRequested, Worker
 from model import (
     DOWNLOAD,
     JSON,
@@ -79,6 +81,7 @@ __all__ = [
     "InvalidInput",
     "InvalidPayload",
     "InvalidWorkflow",
+    "JobContext",
     "JobInfo",
     "JobledgerError",
     "Lease",
@@ -87,13 +90,17 @@ __all__ = [
     "ManualClock",
     "Plan",
     "ReconcileReport",
+    "Reconciler",
+    "RunReport",
     "Scalar",
     "SchemaVersionError",
     "Stats",
+    "StopRequested",
     "StorageError",
     "Store",
     "UnknownJob",
     "UnknownWorkflow",
+    "Worker",
     "Workflow",
     "WorkflowConflict",
     "job_key",

@@ -15,9 +15,12 @@ a test can tell the model "the process died after the start was recorded".
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from attrs import define, field
 
@@ -125,6 +128,24 @@ def check_on_doubt(on_doubt: object) -> None:
         )
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _atomic(method: _F) -> _F:
+    """Run ``method`` under the store's lock: each public call is one atomic step.
+
+    The model has no threads of its own, but a ``Worker`` renews leases from a
+    background thread; the lock makes every call indivisible, as a transaction is.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: MemoryStore, *args: object, **kwargs: object) -> object:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @define
 class _Job:
     job_id: str
@@ -194,6 +215,7 @@ class MemoryStore:
     _history: dict[str, list[HistoryEvent]] = field(factory=dict, init=False)
     _seq: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
+    _lock: threading.RLock = field(factory=threading.RLock, init=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
         self._register(DOWNLOAD)
@@ -310,6 +332,7 @@ class MemoryStore:
                 "use a new name for a changed workflow"
             )
 
+    @_atomic
     def register(self, workflow: Workflow) -> None:
         """Register ``workflow``; identical re-registration is a no-op.
 
@@ -321,16 +344,19 @@ class MemoryStore:
             raise InvalidInput(f"register needs a Workflow, got {type(workflow).__name__}")
         self._register(workflow)
 
+    @_atomic
     def workflow(self, name: str) -> Workflow:
         """Return the registered workflow ``name``."""
         return self._flow(name)
 
+    @_atomic
     def workflows(self) -> list[Workflow]:
         """Return every registered workflow, sorted by name."""
         return [self._workflows[n] for n in sorted(self._workflows)]
 
     # -- planning ------------------------------------------------------------------
 
+    @_atomic
     def plan(
         self,
         kind: str,
@@ -354,6 +380,7 @@ class MemoryStore:
         )
         return self._plan_items(kind, [item], now)[0]
 
+    @_atomic
     def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """Plan many jobs at once, all or nothing; return their ids in item order."""
         now = self._now()
@@ -412,6 +439,7 @@ class MemoryStore:
 
     # -- leases --------------------------------------------------------------------
 
+    @_atomic
     def lease_next(
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
     ) -> Lease | None:
@@ -459,6 +487,7 @@ class MemoryStore:
             return self._lease_of(job)
         return None
 
+    @_atomic
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend the live lease to now + ttl (default TTL when None)."""
         now = self._now()
@@ -471,6 +500,7 @@ class MemoryStore:
         self._log(job, now, Event.RENEWED, worker=job.lease_worker)
         return self._lease_of(job)
 
+    @_atomic
     def release(self, lease: Lease, *, delay: float = 0.0) -> None:
         """Give the job back unfinished; the attempt is returned, eligible after ``delay``."""
         now = self._now()
@@ -485,6 +515,7 @@ class MemoryStore:
 
     # -- the state machine -----------------------------------------------------------
 
+    @_atomic
     def advance(self, lease: Lease, to_state: str) -> bool:
         """Follow one declared edge to ``to_state``; False for a state already reached.
 
@@ -554,6 +585,7 @@ class MemoryStore:
             raise
         return self.finish_effect(lease, started.context, result)
 
+    @_atomic
     def begin_effect(
         self,
         lease: Lease,
@@ -621,6 +653,7 @@ class MemoryStore:
         self._log(job, now, Event.EFFECT_RECORDED, worker=lease.worker, detail={"op": ctx.op})
         return json.loads(text)  # type: ignore[no-any-return]
 
+    @_atomic
     def abort_effect(self, ctx: EffectContext) -> None:
         """``fn`` raised: remove the start this attempt recorded, if it is still ours."""
         self._now()
@@ -632,6 +665,7 @@ class MemoryStore:
         ):
             del self._effects[ctx.op_key]
 
+    @_atomic
     def finish_effect(self, lease: Lease, ctx: EffectContext, result: object) -> JSON:
         """The second half of ``run_effect``: record ``result``, fenced by the lease."""
         try:
@@ -665,6 +699,7 @@ class MemoryStore:
 
     # -- failure and operator actions ------------------------------------------------
 
+    @_atomic
     def fail(
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
     ) -> None:
@@ -693,6 +728,7 @@ class MemoryStore:
         self._enter_failed(job, now, error)
         self._log(job, now, Event.FAILED, worker=worker, detail={"error": error})
 
+    @_atomic
     def cancel(self, job_id: str, reason: str) -> None:
         """Operator: move the job into the failed state, fencing out any lease holder."""
         now = self._now()
@@ -711,6 +747,7 @@ class MemoryStore:
         self._enter_failed(job, now, reason)
         self._log(job, now, Event.CANCELLED, detail={"reason": reason})
 
+    @_atomic
     def retry(self, job_id: str) -> None:
         """Operator: move a failed job back to the state it failed in, attempts reset."""
         now = self._now()
@@ -731,12 +768,15 @@ class MemoryStore:
 
     # -- reconcile -----------------------------------------------------------------
 
+    @_atomic
     def reconcile(self, *, dry_run: bool = False) -> ReconcileReport:
         """Expire dead leases, mark their starts in doubt, fail exhausted jobs; one pass."""
         now = self._now()
         if dry_run:
-            shadow = copy.deepcopy(self)
-            shadow.clock = lambda: now
+            shadow = MemoryStore(clock=lambda: now, config=self.config)
+            shadow._workflows = dict(self._workflows)
+            shadow._jobs = copy.deepcopy(self._jobs)
+            shadow._effects = copy.deepcopy(self._effects)
             return shadow.reconcile()
         expired = 0
         for job in sorted(self._jobs.values(), key=lambda j: j.seq):
@@ -777,6 +817,7 @@ class MemoryStore:
 
     # -- reads ---------------------------------------------------------------------
 
+    @_atomic
     def state(self, job_id: str) -> str:
         """Return the job's current state."""
         self._now()
@@ -803,11 +844,13 @@ class MemoryStore:
             lease_expires_at=job.lease_expires_at,
         )
 
+    @_atomic
     def job(self, job_id: str) -> JobInfo:
         """Return a snapshot of the job."""
         now = self._now()
         return self._info(self._get(job_id), now)
 
+    @_atomic
     def jobs(
         self,
         *,
@@ -828,6 +871,7 @@ class MemoryStore:
         ]
         return out if limit is None else out[:limit]
 
+    @_atomic
     def leases(self) -> list[LeaseRow]:
         """List leases that are set (live, or expired and not yet reconciled)."""
         now = self._now()
@@ -846,6 +890,7 @@ class MemoryStore:
         ]
         return sorted(rows, key=lambda r: (r.expires_at, r.job_id))
 
+    @_atomic
     def effects(self, job_id: str) -> list[EffectInfo]:
         """List the job's effects in the order they were first started."""
         self._now()
@@ -869,12 +914,14 @@ class MemoryStore:
             for e in rows
         ]
 
+    @_atomic
     def history(self, job_id: str) -> list[HistoryEvent]:
         """Return the job's history, oldest first."""
         self._now()
         self._get(job_id)
         return list(self._history.get(job_id, []))
 
+    @_atomic
     def stats(self) -> Stats:
         """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
         now = self._now()

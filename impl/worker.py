@@ -1,0 +1,363 @@
+"""The worker runtime: lease a job, run its handler, keep the lease alive, end cleanly.
+
+Most users run a :class:`Worker` instead of calling the primitives by hand. A worker
+leases jobs of the kinds it has handlers for, calls ``handler(ctx)`` with a
+:class:`JobContext`, renews the lease in a background thread while the handler runs, and
+turns an exception into ``fail`` with backoff. SIGTERM and SIGINT stop it after the
+current effect, releasing the lease so the job costs no attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import FrameType
+
+from attrs import define, evolve, field
+
+from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
+from model.key import Scalar
+from model.record import JSON, Lease
+from model.store import EffectFn, OnDoubt, Store
+
+log = logging.getLogger("jobledger.worker")
+
+IDLE_POLL_DEFAULT = 0.5
+NO_PROGRESS_ERROR = (
+    "the handler returned without advancing the job or reaching a terminal state; "
+    "a handler must make progress (ctx.advance) or raise"
+)
+
+
+class StopRequested(BaseException):
+    """Raised inside a handler when the worker was asked to stop.
+
+    A ``BaseException`` so that a handler's ``except Exception`` cannot swallow it; the
+    worker catches it and releases the lease.
+    """
+
+
+@define
+class JobContext:
+    """What a handler receives: the lease, the job's data, and fenced actions.
+
+    ``advance`` and ``effect`` raise :class:`LeaseLost` at once if the background renewal
+    found the lease lost, and :class:`StopRequested` if the worker is stopping.
+    """
+
+    store: Store
+    lease: Lease
+    _lost: threading.Event = field(alias="lost")
+    _stopping: threading.Event = field(alias="stopping")
+    _lock: threading.Lock = field(factory=threading.Lock, alias="lock")
+    advanced: bool = False
+
+    @property
+    def identity(self) -> Mapping[str, Scalar]:
+        """The job's identity."""
+        return self.lease.identity
+
+    @property
+    def payload(self) -> JSON:
+        """The job's payload."""
+        return self.lease.payload
+
+    @property
+    def state(self) -> str:
+        """The job's current state as this context knows it."""
+        return self.lease.state
+
+    @property
+    def job_id(self) -> str:
+        """The job's id."""
+        return self.lease.job_id
+
+    def _guard(self, op: str) -> Lease:
+        if self._stopping.is_set():
+            raise StopRequested
+        with self._lock:
+            lease = self.lease
+        if self._lost.is_set():
+            raise LeaseLost(
+                lease.job_id, lease.token, None, "the background renewal lost the lease", op
+            )
+        return lease
+
+    def _set_lease(self, lease: Lease) -> None:
+        with self._lock:
+            self.lease = lease
+
+    def advance(self, state: str) -> bool:
+        """Advance the job along one declared edge (see ``Store.advance``)."""
+        lease = self._guard("advance")
+        moved = self.store.advance(lease, state)
+        if moved:
+            self.advanced = True
+            with self._lock:
+                self.lease = evolve(self.lease, state=state)
+        return moved
+
+    def effect(
+        self,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON:
+        """Run an effect once per op key (see ``Store.run_effect``)."""
+        lease = self._guard("run_effect")
+        return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+
+    def renew(self, *, ttl: float | None = None) -> Lease:
+        """Renew the lease now (long effects may call this between chunks)."""
+        lease = self._guard("renew")
+        renewed = self.store.renew(lease, ttl=ttl)
+        self._set_lease(renewed)
+        return renewed
+
+    def is_terminal(self) -> bool:
+        """True when the job's workflow says its current state ends it."""
+        return self.store.workflow(self.lease.kind).is_terminal(self.state)
+
+
+Handler = Callable[[JobContext], object]
+"""A job handler: drives one job forward through ``ctx``."""
+
+
+@define
+class _Renewer:
+    """Renews one lease every ``interval`` seconds until stopped or lost."""
+
+    ctx: JobContext
+    interval: float
+    ttl: float | None
+    lost: threading.Event
+    _stop: threading.Event = field(factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._loop, name=f"renew-{self.ctx.job_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.ctx._set_lease(self.ctx.store.renew(self.ctx.lease, ttl=self.ttl))
+            except LeaseLost as exc:
+                log.warning("lease lost while the handler ran: %s", exc)
+                self.lost.set()
+                return
+            except StorageError as exc:
+                # A busy or briefly unreachable database: try again next interval; the
+                # lease survives as long as one renewal lands before it expires.
+                log.warning("lease renewal failed, will retry: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+@define
+class RunReport:
+    """What a worker did in one ``run``."""
+
+    jobs: int = 0
+    finished: int = 0
+    released: int = 0
+    failed: int = 0
+    lost: int = 0
+
+
+def default_worker_name(index: int = 0) -> str:
+    """``host:pid:index``: unique per process, and tells an operator where it ran."""
+    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+class Worker:
+    """Runs handlers for leased jobs until stopped or, with ``until_idle``, idle.
+
+    Args:
+        store: the store to lease from (its connections are per thread).
+        handlers: kind -> handler(ctx).
+        name: worker name for leases; default ``host:pid:n``.
+        ttl: lease TTL in seconds; default the store's configured TTL.
+        concurrency: handler threads in this process, each leasing its own jobs.
+        renew_every: seconds between background renewals; default a third of the TTL.
+        idle_poll: seconds to wait when no job is eligible.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str | None = None,
+        ttl: float | None = None,
+        concurrency: int = 1,
+        renew_every: float | None = None,
+        idle_poll: float = IDLE_POLL_DEFAULT,
+    ) -> None:
+        if not handlers:
+            raise InvalidInput("Worker needs at least one handler: handlers={'kind': fn}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise InvalidInput(f"concurrency must be an int >= 1, got {concurrency!r}")
+        for kind in handlers:
+            store.workflow(kind)  # UnknownWorkflow now rather than on the first lease.
+        self.store = store
+        self.handlers = dict(handlers)
+        self.name = name if name is not None else default_worker_name()
+        self.ttl = ttl
+        self.concurrency = concurrency
+        cfg = getattr(store, "cfg", None)
+        base_ttl = ttl if ttl is not None else getattr(cfg, "lease_ttl", 30.0)
+        self.renew_every = renew_every if renew_every is not None else base_ttl / 3
+        self.idle_poll = idle_poll
+        self._stopping = threading.Event()
+        self._report = RunReport()
+        self._report_lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Ask the worker to stop after the current effect of each running job."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called or a stop signal arrived."""
+        return self._stopping.is_set()
+
+    def _count(self, **fields: int) -> None:
+        with self._report_lock:
+            for key, value in fields.items():
+                setattr(self._report, key, getattr(self._report, key) + value)
+
+    def run_once(self, *, name: str | None = None) -> bool:
+        """Lease and run one job. Return False when nothing was eligible."""
+        if self._stopping.is_set():
+            return False
+        worker = name if name is not None else self.name
+        lease = self.store.lease_next(worker, ttl=self.ttl, kinds=list(self.handlers))
+        if lease is None:
+            return False
+        self._count(jobs=1)
+        lost = threading.Event()
+        ctx = JobContext(self.store, lease, lost=lost, stopping=self._stopping)
+        renewer = _Renewer(ctx, self.renew_every, self.ttl, lost)
+        renewer.start()
+        try:
+            self.handlers[lease.kind](ctx)
+        except StopRequested:
+            renewer.stop()
+            self._end(ctx, release=True)
+            return True
+        except LeaseLost as exc:
+            renewer.stop()
+            log.warning("job %s: %s", lease.job_id, exc)
+            self._count(lost=1)
+            return True
+        except Exception as exc:
+            renewer.stop()
+            self._fail(ctx, f"{type(exc).__name__}: {exc}")
+            return True
+        renewer.stop()
+        if ctx.is_terminal():
+            self._count(finished=1)
+        elif ctx.advanced:
+            self._end(ctx, release=True)
+        else:
+            self._fail(ctx, NO_PROGRESS_ERROR)
+        return True
+
+    def _end(self, ctx: JobContext, *, release: bool) -> None:
+        if not release:
+            return
+        try:
+            self.store.release(ctx.lease)
+            self._count(released=1)
+        except LeaseLost as exc:
+            log.warning("job %s: release after the lease was lost: %s", ctx.job_id, exc)
+            self._count(lost=1)
+
+    def _fail(self, ctx: JobContext, error: str) -> None:
+        try:
+            self.store.fail(ctx.lease, error)
+            self._count(failed=1)
+        except LeaseLost as exc:
+            log.warning("job %s failed after its lease was lost: %s", ctx.job_id, exc)
+            self._count(lost=1)
+
+    def _loop(
+        self, index: int, until_idle: bool, idle: list[bool], cond: threading.Condition
+    ) -> None:
+        name = self.name if self.concurrency == 1 else f"{self.name}/{index}"
+        while not self._stopping.is_set():
+            try:
+                did = self.run_once(name=name)
+            except JobledgerError as exc:
+                log.error("worker %s: %s", name, exc)
+                did = False
+                if not until_idle:
+                    self._stopping.wait(self.idle_poll)
+                    continue
+            with cond:
+                idle[index] = not did
+                if until_idle and all(idle):
+                    cond.notify_all()
+                    return
+            if not did:
+                if until_idle:
+                    # Another thread may still be working: its job can make more eligible.
+                    with cond:
+                        cond.wait(self.idle_poll)
+                        if all(idle):
+                            return
+                else:
+                    self._stopping.wait(self.idle_poll)
+
+    def run(self, *, until_idle: bool = False) -> RunReport:
+        """Run until stopped (SIGTERM/SIGINT or :meth:`stop`), or until idle.
+
+        Signal handlers are installed only when called from the main thread; the
+        previous handlers are restored on return.
+        """
+        previous: dict[signal.Signals, object] = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, _frame: FrameType | None) -> None:
+                log.warning("signal %d: stopping after the current effect", signum)
+                self._stopping.set()
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, on_signal)
+        idle = [False] * self.concurrency
+        cond = threading.Condition()
+        started = time.monotonic()
+        try:
+            if self.concurrency == 1:
+                self._loop(0, until_idle, idle, cond)
+            else:
+                threads = [
+                    threading.Thread(
+                        target=self._loop, args=(i, until_idle, idle, cond), name=f"worker-{i}"
+                    )
+                    for i in range(self.concurrency)
+                ]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    # A bounded join keeps the main thread responsive to signals.
+                    while t.is_alive():
+                        t.join(0.2)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)  # type: ignore[arg-type]
+        log.info("worker %s ran %.1f s: %s", self.name, time.monotonic() - started, self._report)
+        return self._report
