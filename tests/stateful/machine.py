@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -75,6 +76,12 @@ CRASHES: tuple[tuple[str, str, str], ...] = (
     ("effect", "effect.before_record", "start"),
     ("effect", "effect_record.before_commit", "start"),
     ("effect", "effect.after_record", "full"),
+)
+
+FREE_OPERATIONS = ("plan", "lease_next", "reconcile")
+FREE_CRASHES = tuple(c for c in CRASHES if c[0] in FREE_OPERATIONS)
+_NO_LEASE = Lease(
+    job_id="", kind="", token=0, worker="", expires_at=0.0, attempt=0, state="", identity={}
 )
 
 Outcome = tuple[str, object]
@@ -194,6 +201,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def both(self, worker: str, call: Callable[[Store], object]) -> Outcome:
         """Apply an operation to the model and the subject; they must agree."""
         expected = outcome(lambda: call(self.model))
+        shown = type(expected[1]).__name__ if expected[0] == "ok" else expected[1]
+        event(f"outcome {expected[0]} {shown}")
         real = self.subject(worker)
         if real is not None:
             got = outcome(lambda: call(real))
@@ -395,11 +404,21 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(self.leases.values()))
     @rule(worker=st.sampled_from(WORKERS), crash=st.sampled_from(CRASHES), op=st.sampled_from(OPS))
     def crash_worker(self, worker: str, crash: tuple[str, str, str], op: str) -> None:
-        """The worker's process dies, at a failpoint when the subject has them."""
-        lease = self.leases[worker]
-        if lease is None:
-            return
+        """The worker's process dies in a call, at a failpoint when the subject has them."""
+        self._crash(worker, crash, op)
+
+    @rule(worker=st.sampled_from(WORKERS), crash=st.sampled_from(FREE_CRASHES))
+    def crash_without_lease(self, worker: str, crash: tuple[str, str, str]) -> None:
+        """The same, in the calls that need no lease (so crashes stay frequent)."""
+        self._crash(worker, crash, OPS[0])
+
+    def _crash(self, worker: str, crash: tuple[str, str, str], op: str) -> None:
         operation, point, survives = crash
+        held = self.leases[worker]
+        if held is None and operation not in FREE_OPERATIONS:
+            return
+        # Calls that need no lease ignore it; a placeholder keeps one signature.
+        lease = held if held is not None else _NO_LEASE
         m = self.model
         real = self.subject(worker)
         if real is None or not self.supports_crash():
@@ -417,6 +436,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 got = None
             finally:
                 failpoint.disarm_all()
+            event(f"crash {point}: {'died' if got is None else 'not reached'}")
             if got is None:
                 # The subject died at the failpoint: the model keeps exactly what was
                 # committed before it.
@@ -433,7 +453,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert (expected[0], lease_view(expected[1])) == (got[0], lease_view(got[1]))
             self.reopen()
         self.leases[worker] = None
-        self.stale.append(lease)
+        if held is not None:
+            self.stale.append(held)
         # A crash after plan's commit planned a job the machine did not see returned.
         known = {j.job_id for j in m.jobs()}
         self.job_ids.extend(j for j in sorted(known) if j not in self.job_ids)

@@ -1,0 +1,143 @@
+"""One deterministic scenario that reaches every failpoint, shared by the in-process
+sweep and by the child processes that the SIGKILL sample starts.
+
+``setup`` builds the same state on any store; ``OPERATIONS`` maps each failpoint's
+operation to the call that reaches it; ``predict`` applies to the model what a crash at
+a given failpoint leaves durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from attrs import define
+
+from model import (
+    Config,
+    EffectContext,
+    Lease,
+    ManualClock,
+    MemoryStore,
+    Store,
+    Workflow,
+)
+
+FLOW = Workflow(
+    name="flow",
+    states=["A", "B", "C", "FAILED"],
+    transitions=[("A", "B"), ("B", "C")],
+    initial="A",
+    terminal=["C"],
+)
+OTHER = Workflow(
+    name="other", states=["X", "Y"], transitions=[("X", "Y")], initial="X", terminal=["Y"]
+)
+CONFIG = Config(lease_ttl=10.0, max_attempts=3)
+START = 1_000_000.0
+
+
+@define
+class World:
+    """The state ``setup`` leaves: three jobs, a live lease, an expired one."""
+
+    jobs: list[str]
+    live: Lease
+
+
+def setup(store: Store, clock: ManualClock) -> World:
+    """J1 leased live, J2 leased and expired (with an effect started), J3 cancelled."""
+    store.register(FLOW)
+    jobs = store.plan_many("flow", [{"n": 1}, {"n": 2}, {"n": 3}])
+    live = store.lease_next("w1")
+    assert live is not None
+    assert live.job_id == jobs[0]
+    short = store.lease_next("w2", ttl=1.0)
+    assert short is not None
+    assert short.job_id == jobs[1]
+    store.cancel(jobs[2], "set up for retry")
+    clock.advance(2.0)
+    return World(jobs=jobs, live=live)
+
+
+def ok_fn(ctx: EffectContext) -> object:
+    """An effect that succeeds."""
+    return {"op": ctx.op, "token": ctx.token}
+
+
+def raising_fn(ctx: EffectContext) -> object:
+    """An effect that fails, so its start is removed."""
+    raise RuntimeError("effect failed")
+
+
+Call = Callable[[Store, World], object]
+
+OPERATIONS: dict[str, Call] = {
+    "register": lambda s, w: s.register(OTHER),
+    "plan": lambda s, w: s.plan("flow", {"n": 100}),
+    "plan_many": lambda s, w: s.plan_many("flow", [{"n": 101}, {"n": 102}]),
+    "lease_next": lambda s, w: s.lease_next("w3"),
+    "renew": lambda s, w: s.renew(w.live),
+    "release": lambda s, w: s.release(w.live),
+    "advance": lambda s, w: s.advance(w.live, "B"),
+    "fail": lambda s, w: s.fail(w.live, "boom"),
+    "cancel": lambda s, w: s.cancel(w.jobs[0], "operator"),
+    "retry": lambda s, w: s.retry(w.jobs[2]),
+    "reconcile": lambda s, w: s.reconcile(),
+    "effect_start": lambda s, w: s.run_effect(w.live, "e", ok_fn),
+    "effect_record": lambda s, w: s.run_effect(w.live, "e", ok_fn),
+    "effect_abort": lambda s, w: s.run_effect(w.live, "e", raising_fn),
+    "effect": lambda s, w: s.run_effect(w.live, "e", ok_fn),
+}
+
+
+def operation_of(point: str) -> str:
+    """The ``OPERATIONS`` key that reaches failpoint ``point``."""
+    return point.split(".", 1)[0]
+
+
+def predict(model: MemoryStore, world: World, point: str) -> None:
+    """Apply to ``model`` what survives a crash at ``point``."""
+    op, where = point.split(".", 1)
+    if op == "effect":
+        if where == "after_record":
+            model.run_effect(world.live, "e", ok_fn)
+        else:  # after_start, before_record: the start is durable, no result
+            model.begin_effect(world.live, "e")
+        return
+    if op in ("effect_record", "effect_abort"):
+        if where == "after_commit":
+            with contextlib.suppress(RuntimeError):
+                OPERATIONS[op](model, world)
+        else:
+            model.begin_effect(world.live, "e")
+        return
+    if where == "after_commit":
+        if op == "effect_start":
+            model.begin_effect(world.live, "e")
+        else:
+            OPERATIONS[op](model, world)
+
+
+def child_main(path: str, point: str) -> None:
+    """Run the scenario in this process against SQLite, dying at ``point``.
+
+    The parent sets ``JOBLEDGER_FAILPOINTS`` to ``point=kill`` only for the final call,
+    so setup runs unharmed: the failpoint is armed here after setup.
+    """
+    from impl import failpoint
+    from impl.sqlite.store import SqliteStore
+
+    clock = ManualClock(START)
+    store = SqliteStore(Path(path), clock=clock, config=CONFIG)
+    world = setup(store, clock)
+    failpoint.arm(point, "kill")
+    with contextlib.suppress(RuntimeError):
+        OPERATIONS[operation_of(point)](store, world)
+    sys.exit(3)  # reached only if the failpoint never fired
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1], sys.argv[2])
