@@ -265,7 +265,9 @@ class Worker:
             return True
         except Exception as exc:
             renewer.stop()
-            self._fail(ctx, f"{type(exc).__name__}: {exc}")
+            # An exception may say it is permanent (a 404 will not heal with a retry).
+            retryable = bool(getattr(exc, "retryable", True))
+            self._fail(ctx, f"{type(exc).__name__}: {exc}", retryable=retryable)
             return True
         renewer.stop()
         if ctx.is_terminal():
@@ -286,9 +288,9 @@ class Worker:
             log.warning("job %s: release after the lease was lost: %s", ctx.job_id, exc)
             self._count(lost=1)
 
-    def _fail(self, ctx: JobContext, error: str) -> None:
+    def _fail(self, ctx: JobContext, error: str, *, retryable: bool = True) -> None:
         try:
-            self.store.fail(ctx.lease, error)
+            self.store.fail(ctx.lease, error, retryable=retryable)
             self._count(failed=1)
         except LeaseLost as exc:
             log.warning("job %s failed after its lease was lost: %s", ctx.job_id, exc)

@@ -68,8 +68,37 @@ def exhausted_message(attempts: int, max_attempts: int) -> str:
     )
 
 
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+def non_str_key(value: object) -> object | None:
+    """Return the first dict key in ``value`` (at any depth) that is not a str, else None.
+
+    ``json.dumps`` would silently turn ``{1: "a"}`` into ``{"1": "a"}``: what comes back
+    would differ from what was given, so such values are refused instead.
+    """
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    return key
+                todo.append(inner)
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
+    return None
+
+
 def encode_payload(payload: object) -> str:
     """Canonical JSON text of a payload, or ``InvalidPayload`` naming what is wrong."""
+    bad = non_str_key(payload)
+    if bad is not None:
+        raise InvalidPayload(
+            f"payload keys must be str, found the {type(bad).__name__} key {bad!r}; JSON "
+            "objects have string keys, so convert it before planning"
+        )
     try:
         return canon(payload).decode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -85,6 +114,12 @@ def encode_result(result: object, *, limit: int) -> str:
     Raises:
         EffectResultError: when the result is not JSON or is larger than ``limit``.
     """
+    bad = non_str_key(result)
+    if bad is not None:
+        raise EffectResultError(
+            f"effect result keys must be str, found the {type(bad).__name__} key {bad!r}; "
+            "a replay would return it as a string, so convert it before returning"
+        )
     try:
         text = canon(result).decode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -107,6 +142,12 @@ def check_int(value: object, *, name: str, minimum: int | None = None) -> int:
         raise InvalidInput(f"{name} must be an int, got {value!r}")
     if minimum is not None and value < minimum:
         raise InvalidInput(f"{name} must be >= {minimum}, got {value}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        # Every backend stores these as 64-bit integers.
+        raise InvalidInput(
+            f"{name} must fit in a signed 64-bit integer ({INT64_MIN} to {INT64_MAX}), "
+            f"got {value}"
+        )
     return value
 
 

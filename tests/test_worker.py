@@ -1,0 +1,210 @@
+"""The worker runtime: renewal while handlers run, failures with backoff, progress rules,
+graceful stop on SIGTERM, and several handler threads on one SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import impl
+from impl.sqlite.store import SqliteStore
+from model import Config, Event, ManualClock, MemoryStore, Workflow
+
+FLOW = Workflow(
+    "flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A", terminal=["C"]
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_background_renewal_keeps_a_slow_handler_s_lease(tmp_path: Path) -> None:
+    """A handler that runs longer than the TTL keeps its lease because the worker renews it."""
+    store = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=0.6))
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+
+    def slow(ctx: impl.JobContext) -> None:
+        time.sleep(1.5)  # 2.5 TTLs: without renewal the lease would be lost
+        ctx.advance("B")
+        ctx.advance("C")
+
+    report = impl.Worker(store, {"flow": slow}, renew_every=0.15).run(until_idle=True)
+    assert report.finished == 1
+    assert report.lost == 0
+    assert store.state(jid) == "C"
+    assert Event.RENEWED in [h.event for h in store.history(jid)]
+    store.close()
+
+
+def test_an_exception_fails_the_attempt_with_backoff() -> None:
+    clock = ManualClock()
+    store = MemoryStore(clock=clock, config=Config(backoff_base=2.0))
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+
+    def broken(ctx: impl.JobContext) -> None:
+        raise ValueError("bad input file")
+
+    worker = impl.Worker(store, {"flow": broken})
+    assert worker.run_once() is True
+    info = store.job(jid)
+    assert info.state == "A"
+    assert info.attempts == 1
+    assert info.last_error == "ValueError: bad input file"
+    assert info.run_at == clock() + 2.0
+    assert worker.run_once() is False  # backing off: nothing eligible yet
+
+
+def test_a_permanent_exception_fails_the_job_at_once() -> None:
+    store = MemoryStore(clock=ManualClock())
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+
+    class Gone(Exception):
+        retryable = False
+
+    def handler(ctx: impl.JobContext) -> None:
+        raise Gone("404 Not Found")
+
+    impl.Worker(store, {"flow": handler}).run_once()
+    assert store.state(jid) == "FAILED"
+    assert store.job(jid).attempts == 1
+
+
+def test_a_handler_that_makes_no_progress_counts_as_a_failure() -> None:
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    worker = impl.Worker(store, {"flow": lambda ctx: None})
+    assert worker.run_once() is True
+    info = store.job(jid)
+    assert info.attempts == 1
+    assert info.last_error == impl.worker.NO_PROGRESS_ERROR
+    assert info.run_at > clock()
+
+
+def test_a_handler_that_advanced_but_did_not_finish_releases_the_job() -> None:
+    store = MemoryStore(clock=ManualClock())
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    worker = impl.Worker(store, {"flow": lambda ctx: ctx.advance("B")})
+    worker.run_once()
+    info = store.job(jid)
+    assert (info.state, info.attempts, info.lease_worker) == ("B", 0, None)
+    assert [h.event for h in store.history(jid)][-1] is Event.RELEASED
+
+
+def test_effects_replay_after_a_handler_crash_instead_of_running_again() -> None:
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    calls: list[str] = []
+
+    def handler(ctx: impl.JobContext) -> None:
+        ctx.effect("send", lambda e: calls.append(e.op_key) or {"sent": True})
+        ctx.advance("B")
+        if len(calls) == 1 and ctx.lease.attempt == 1:
+            raise RuntimeError("crash after the effect")
+        ctx.advance("C")
+
+    worker = impl.Worker(store, {"flow": handler})
+    worker.run_once()
+    clock.advance(60)
+    worker.run_once()
+    assert store.state(jid) == "C"
+    assert len(calls) == 1
+
+
+def test_unknown_kind_is_refused_when_the_worker_is_built() -> None:
+    store = MemoryStore(clock=ManualClock())
+    with pytest.raises(impl.UnknownWorkflow):
+        impl.Worker(store, {"nope": lambda ctx: None})
+    with pytest.raises(impl.InvalidInput):
+        impl.Worker(store, {"download": lambda ctx: None}, concurrency=0)
+
+
+def test_handler_threads_on_one_file_never_share_a_job(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=5.0))
+    store.register(FLOW)
+    ids = store.plan_many("flow", [{"n": i} for i in range(60)])
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def handler(ctx: impl.JobContext) -> None:
+        with lock:
+            seen[ctx.job_id] += 1
+        ctx.effect("work", lambda e: {"token": e.token})
+        ctx.advance("B")
+        ctx.advance("C")
+
+    report = impl.Worker(store, {"flow": handler}, concurrency=4).run(until_idle=True)
+    assert report.finished == 60
+    assert set(seen) == set(ids)
+    assert max(seen.values()) == 1
+    assert {store.state(j) for j in ids} == {"C"}
+    store.close()
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import impl
+    from impl.sqlite.store import SqliteStore
+    from model import Workflow
+    flow = Workflow("flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A", terminal=["C"])
+    store = SqliteStore(sys.argv[1])
+    store.register(flow)
+    store.plan("flow", {"n": 1})
+
+    def handler(ctx):
+        def slow(e):
+            print("effect running", flush=True)
+            time.sleep(1.0)
+            return {"done": True}
+        ctx.effect("slow", slow)
+        ctx.advance("B")  # refused: the worker is stopping
+        ctx.advance("C")
+
+    impl.Worker(store, {"flow": handler}).run()
+    print("stopped", flush=True)
+    """
+)
+
+
+@pytest.mark.xdist_group("processes")
+def test_sigterm_stops_after_the_current_effect_and_releases(tmp_path: Path) -> None:
+    db = tmp_path / "j.sqlite"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "effect running"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0
+    assert "stopped" in out
+    with SqliteStore(db) as store:
+        (info,) = store.jobs()
+        assert info.state == "A"
+        assert info.attempts == 0  # released: a graceful stop costs no attempt
+        assert info.lease_worker is None
+        (effect,) = store.effects(info.job_id)
+        assert effect.status == "done"  # the current effect finished and was recorded
