@@ -78,13 +78,13 @@ def non_str_key(value: object) -> object | None:
     ``json.dumps`` would silently turn ``{1: "a"}`` into ``{"1": "a"}``: what comes back
     would differ from what was given, so such values are refused instead.
     """
-    todo = [value]
+    todo: list[object] = [value]
     while todo:
         item = todo.pop()
         if isinstance(item, dict):
             for key, inner in item.items():
                 if not isinstance(key, str):
-                    return key
+                    return key  # type: ignore[no-any-return]
                 todo.append(inner)
         elif isinstance(item, list | tuple):
             todo.extend(item)

@@ -48,13 +48,6 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-def _memory_factory(clock: ManualClock) -> StoreFactory:
-    def make(*, config: Config | None = None) -> Store:
-        return MemoryStore(clock=clock, config=config)
-
-    return make
-
-
 def _sqlite_factory(clock: ManualClock, path: Path) -> StoreFactory:
     from impl.sqlite.store import SqliteStore
 
@@ -76,16 +69,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store_factory(
-    backend: str, clock: ManualClock, tmp_path: Path, request: pytest.FixtureRequest
-) -> Iterator[StoreFactory]:
+def store_factory(backend: str, clock: ManualClock, tmp_path: Path) -> Iterator[StoreFactory]:
     """A factory that opens the backend under test on the shared manual clock.
 
     Calling it twice opens a second handle on the same database (for SQLite and
-    PostgreSQL, a second connection; for the model, the model has one state per
-    factory so the same object is returned).
+    PostgreSQL, a second connection; the model has one state, so the same object).
     """
-    opened: list[Store] = []
     if backend == "memory":
         single: list[Store] = []
 
@@ -96,22 +85,24 @@ def store_factory(
 
         yield make
         return
+    cleanup: Callable[[], None] = lambda: None  # noqa: E731
     if backend == "sqlite":
         inner = _sqlite_factory(clock, tmp_path / "jobs.sqlite")
     else:
         from tests.pg import postgres_factory
 
-        inner, cleanup = postgres_factory(clock, request)
-        request.addfinalizer(cleanup)
+        inner, cleanup = postgres_factory(clock)
+    opened: list[Store] = []
 
     def make_real(*, config: Config | None = None) -> Store:
-        s = inner(config=config)
-        opened.append(s)
-        return s
+        handle = inner(config=config)
+        opened.append(handle)
+        return handle
 
     yield make_real
-    for s in opened:
-        s.close()
+    for handle in opened:
+        handle.close()
+    cleanup()
 
 
 @pytest.fixture

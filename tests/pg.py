@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable
 
+import attrs
 import pytest
 
 from model import Config, ManualClock, Store
@@ -41,9 +42,7 @@ def require_postgres() -> None:
     pytest.skip(f"{why}; start PostgreSQL on 127.0.0.1:5432 or set JOBLEDGER_TEST_PG")
 
 
-def postgres_factory(
-    clock: ManualClock, request: pytest.FixtureRequest
-) -> tuple[Callable[..., Store], Callable[[], None]]:
+def postgres_factory(clock: ManualClock) -> tuple[Callable[..., Store], Callable[[], None]]:
     """Return a factory opening stores in a fresh schema, and a cleanup dropping it."""
     import psycopg
 
@@ -52,11 +51,7 @@ def postgres_factory(
     schema = f"t_{uuid.uuid4().hex[:16]}"
 
     def make(*, config: Config | None = None) -> Store:
-        cfg = config if config is not None else Config()
-        cfg = Config.from_mapping(
-            {**{k: getattr(cfg, k) for k in Config.keys()}, "postgres_schema": schema},
-            source="test",
-        )
+        cfg = attrs.evolve(config if config is not None else Config(), postgres_schema=schema)
         return PostgresStore(PG_URL, clock=clock, config=cfg)
 
     def cleanup() -> None:

@@ -19,9 +19,7 @@ import impl
 from impl.sqlite.store import SqliteStore
 from model import Config, Event, ManualClock, MemoryStore, Workflow
 
-FLOW = Workflow(
-    "flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A", terminal=["C"]
-)
+FLOW = Workflow("flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A", terminal=["C"])
 ROOT = Path(__file__).resolve().parents[1]
 
 

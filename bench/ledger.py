@@ -1,0 +1,58 @@
+"""The subject side of the benchmarks: jobledger driven through its public API.
+
+One tiny workflow (``PLANNED -> DONE``) and the loop every lifecycle benchmark runs:
+``lease_next``, one no-op ``run_effect``, ``advance`` to the terminal state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import impl
+from impl import Config, JobledgerError, Store
+
+KIND = "bench"
+WORKFLOW = impl.Workflow(KIND, ("PLANNED", "DONE"), (("PLANNED", "DONE"),), "PLANNED", ("DONE",))
+
+
+def identities(n: int, *, offset: int = 0) -> list[dict[str, str | int]]:
+    """``n`` distinct identities."""
+    return [{"n": i, "batch": "bench"} for i in range(offset, offset + n)]
+
+
+def open_sqlite(path: Path, synchronous: str = "NORMAL") -> Store:
+    """Open a store on ``path`` with the bench workflow registered."""
+    store = impl.open_store(path, config=Config(sqlite_synchronous=synchronous))
+    store.register(WORKFLOW)
+    return store
+
+
+def noop(_ctx: impl.EffectContext) -> None:
+    """The effect every lifecycle runs: nothing, so only the ledger's cost is measured."""
+
+
+def lifecycle(store: Store, worker: str = "bench") -> tuple[int, int, int]:
+    """Lease, run one no-op effect and finish jobs until none is eligible.
+
+    Returns ``(jobs done, busy errors, other errors)`` where an error is any
+    :class:`JobledgerError` that reached this caller (the job is then left to expire).
+    """
+    done = busy = other = 0
+    while True:
+        try:
+            lease = store.lease_next(worker)
+            if lease is None:
+                return done, busy, other
+            store.run_effect(lease, "noop", noop)
+            store.advance(lease, "DONE")
+            done += 1
+        except impl.DatabaseLocked:
+            busy += 1
+        except JobledgerError:
+            other += 1
+
+
+def handler(ctx: impl.JobContext) -> None:
+    """The Worker-runtime equivalent of :func:`lifecycle`'s body."""
+    ctx.effect("noop", noop)
+    ctx.advance("DONE")

@@ -1,0 +1,92 @@
+"""Benchmark 1, lifecycle: plan N jobs, then lease, run one no-op effect, finish each.
+
+Subject: :func:`bench.ledger.lifecycle` through the public API on a fresh SQLite file.
+Baseline: :func:`bench.rawsqlite.lifecycle` (three raw transactions per job) on a fresh
+file with the same ``synchronous``. Planning is not timed on either side. Measured for
+``synchronous=NORMAL`` (the default, with the target) and ``FULL``.
+"""
+
+from __future__ import annotations
+
+import impl
+from bench import ledger, rawsqlite, sqltrace
+from bench.harness import Result, Series, Settings, Target, paired, profile, stopwatch
+
+TARGET = Target(0.5)
+
+
+def _sizes(settings: Settings, synchronous: str) -> int:
+    if synchronous == "NORMAL":
+        return 200 if settings.quick else 1000
+    # FULL pays an fsync per commit: fewer jobs keep the run short.
+    return 30 if settings.quick else 150
+
+
+def _api_run(settings: Settings, synchronous: str, n: int) -> float:
+    path = settings.scratch("lifecycle-api") / "ledger.sqlite"
+    with ledger.open_sqlite(path, synchronous) as store:
+        store.plan_many(ledger.KIND, ledger.identities(n))
+        with stopwatch() as t:
+            done, busy, other = ledger.lifecycle(store)
+    if (done, busy, other) != (n, 0, 0):
+        raise RuntimeError(f"lifecycle through the API: {done}/{n} done, {busy + other} errors")
+    return n / t[0]
+
+
+def _raw_run(settings: Settings, synchronous: str, n: int) -> float:
+    path = settings.scratch("lifecycle-raw") / "raw.sqlite"
+    conn = rawsqlite.connect(path, synchronous)
+    try:
+        rawsqlite.insert(conn, _raw_rows(n))
+        with stopwatch() as t:
+            done, _busy = rawsqlite.lifecycle(conn)
+    finally:
+        conn.close()
+    if done != n:
+        raise RuntimeError(f"raw lifecycle: {done}/{n} done")
+    return n / t[0]
+
+
+def _raw_rows(n: int) -> list[tuple[str, str, str, str]]:
+    return [
+        (impl.job_key(ledger.KIND, ident), ledger.KIND, str(ident), "null")
+        for ident in ledger.identities(n)
+    ]
+
+
+def run(settings: Settings) -> list[Result]:
+    results = []
+    for synchronous in ("NORMAL", "FULL"):
+        n = _sizes(settings, synchronous)
+        subj, base, ratios = paired(
+            settings.runs,
+            lambda _i, s=synchronous, n=n: _api_run(settings, s, n),
+            lambda _i, s=synchronous, n=n: _raw_run(settings, s, n),
+        )
+        results.append(
+            Result(
+                bench="lifecycle",
+                case=f"synchronous={synchronous}, {n} jobs",
+                subject=Series("API", "jobs/s", tuple(subj)),
+                baseline=Series("raw SQL, 3 tx/job", "jobs/s", tuple(base)),
+                ratio=Series("ratio", "x", tuple(ratios)),
+                target=TARGET if synchronous == "NORMAL" else None,
+            )
+        )
+        if settings.profile and synchronous == "NORMAL":
+            print(_profile(settings, n))
+    return results
+
+
+def _profile(settings: Settings, n: int) -> str:
+    path = settings.scratch("lifecycle-prof") / "ledger.sqlite"
+    with ledger.open_sqlite(path) as store:
+        store.plan_many(ledger.KIND, ledger.identities(n))
+        text = profile(lambda: ledger.lifecycle(store), title=f"lifecycle, {n} jobs (NORMAL)")
+
+    def fresh() -> ledger.Store:
+        store = ledger.open_sqlite(settings.scratch("lifecycle-sql") / "ledger.sqlite")
+        store.plan_many(ledger.KIND, ledger.identities(n))
+        return store
+
+    return text + sqltrace.traced(fresh, ledger.lifecycle, title=f"lifecycle, {n} jobs")

@@ -1,0 +1,127 @@
+"""``jobledger worker MODULE:ATTR``: run a :class:`impl.Worker` over the user's handlers.
+
+``MODULE:ATTR`` names either a mapping of job kind to handler, or a callable that returns
+one (called with no arguments, so it can open clients before the worker starts). The
+current directory is importable, as with ``python -m``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import click
+
+from impl.cli import exit as exits
+from impl.cli.session import Session, pass_session
+from impl.worker import Worker
+from model.store import Store
+
+Handlers = dict[str, Callable[..., object]]
+
+
+def load_handlers(spec: str) -> Handlers:
+    """Import ``MODULE:ATTR`` and return the handlers it names.
+
+    Raises:
+        click.BadParameter: the spec is malformed, the module or attribute is missing,
+            or it does not give a mapping of kind names to callables.
+    """
+
+    def bad(message: str) -> click.BadParameter:
+        return click.BadParameter(message, param_hint="MODULE:ATTR")
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise bad(f"{spec!r} is not MODULE:ATTR (for example myapp.jobs:handlers)")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise bad(f"cannot import module {module_name!r}: {exc}") from exc
+    target: object = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise bad(f"module {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(target, Mapping) and callable(target):
+        target = target()
+    if not isinstance(target, Mapping) or not target:
+        raise bad(
+            f"{spec} must be a non-empty dict of job kind to handler, or a callable "
+            f"returning one; got {type(target).__name__}"
+        )
+    handlers: Handlers = {}
+    for kind, handler in target.items():
+        if not isinstance(kind, str) or not callable(handler):
+            raise bad(f"{spec}: entry {kind!r} must map a kind name (str) to a callable")
+        handlers[kind] = handler
+    return handlers
+
+
+@click.command()
+@click.argument("handlers_spec", metavar="MODULE:ATTR")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Jobs run at the same time (threads in this process).",
+)
+@click.option("--name", metavar="NAME", help="Worker name recorded on its leases.")
+@click.option(
+    "--until-idle", is_flag=True, help="Stop when no job is eligible instead of waiting for more."
+)
+@pass_session
+def worker(
+    session: Session,
+    *,
+    handlers_spec: str,
+    concurrency: int,
+    name: str | None,
+    until_idle: bool,
+) -> None:
+    """Run a worker over the handlers MODULE:ATTR names.
+
+    MODULE:ATTR is a dict of job kind to handler, or a callable returning one. The
+    worker runs until SIGTERM or Ctrl-C, which stop it after the current effect and
+    release its lease (exit 130). With --until-idle it stops when no job is eligible
+    and exits 1 if jobs failed during the run."""
+    handlers = load_handlers(handlers_spec)
+    with session.store(create=True) as store:
+        failed_before = _failed_ids(store, handlers)
+        runner = Worker(store, handlers, name=name, concurrency=concurrency)
+        report = runner.run(until_idle=until_idle)
+        newly_failed = _failed_ids(store, handlers) - failed_before
+    click.echo(
+        f"worker {runner.name}: {report.jobs} job(s) leased, {report.finished} finished, "
+        f"{report.released} released, {report.failed} failed attempt(s), {report.lost} "
+        "lease(s) lost"
+    )
+    if runner.stopping:
+        click.echo("stopped by a signal; leases were released", err=True)
+        raise click.exceptions.Exit(exits.INTERRUPTED)
+    if newly_failed:
+        click.echo(
+            f"{len(newly_failed)} job(s) failed; see `jobledger jobs --state FAILED`", err=True
+        )
+        raise click.exceptions.Exit(exits.FAILED_JOBS)
+
+
+def _failed_ids(store: Store, handlers: Handlers) -> set[str]:
+    out: set[str] = set()
+    for kind in handlers:
+        workflow = store.workflow(kind)
+        out.update(job.job_id for job in store.jobs(state=workflow.failed, kind=kind))
+    return out
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to ``group``."""
+    group.add_command(worker)

@@ -1,0 +1,289 @@
+"""The HTTP client of the download pipeline: httpx with the limits a polite crawler keeps.
+
+* connect and read timeouts (``download_connect_timeout``, ``download_read_timeout``);
+* at most ``download_max_redirects`` redirects (a loop ends as :class:`TooManyRedirects`);
+* retries of 429, 5xx and connection errors, up to ``download_max_retries`` more
+  attempts, with exponential backoff that honours ``Retry-After`` (capped at
+  :data:`RETRY_AFTER_CAP` seconds so a hostile server cannot park a worker);
+* TLS verification always on; a clear ``User-Agent`` (``download_user_agent``);
+* at most ``download_per_host`` requests in flight per ``host:port`` *in this process*
+  (one semaphore per host, shared by every worker thread of the process).
+
+Only the opening of a response is retried here; a body that breaks off mid-way is the
+streaming step's business, because only it knows how many bytes are safely on disk.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+from attrs import frozen
+
+from impl.download.errors import (
+    DownloadError,
+    HttpStatusError,
+    TooLarge,
+    TooManyRedirects,
+    TransferError,
+)
+from impl.download.url import host_key
+from model.config import Config
+from model.record import JSON
+
+RETRY_AFTER_CAP = 30.0
+"""Longest ``Retry-After`` wait honoured, in seconds."""
+BACKOFF_BASE = 0.5
+"""First retry delay in seconds when the server gives no ``Retry-After``; doubles per retry."""
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
+
+
+@frozen
+class HeadInfo:
+    """What a ``HEAD`` request learned about an artifact (the ``HEAD`` effect's result)."""
+
+    status: int
+    final_url: str
+    length: int | None
+    content_type: str | None
+    etag: str | None
+    last_modified: str | None
+    accept_ranges: bool
+
+    def validator(self) -> str | None:
+        """Return the strong validator usable in ``If-Range``: a strong ETag, else
+        Last-Modified, else None (then a partial file cannot be resumed safely)."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    def to_json(self) -> dict[str, JSON]:
+        """Return the JSON form recorded as the effect's result."""
+        return {
+            "status": self.status,
+            "final_url": self.final_url,
+            "length": self.length,
+            "content_type": self.content_type,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "accept_ranges": self.accept_ranges,
+        }
+
+    @classmethod
+    def from_json(cls, data: JSON) -> HeadInfo:
+        """Rebuild from :meth:`to_json` output (a replayed effect result)."""
+        assert isinstance(data, dict)
+        length = data.get("length")
+        return cls(
+            status=int(str(data["status"])),
+            final_url=str(data["final_url"]),
+            length=length if isinstance(length, int) else None,
+            content_type=_opt_str(data.get("content_type")),
+            etag=_opt_str(data.get("etag")),
+            last_modified=_opt_str(data.get("last_modified")),
+            accept_ranges=bool(data.get("accept_ranges")),
+        )
+
+
+def _opt_str(value: JSON) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Return the delay a ``Retry-After`` header asks for, in seconds, capped; None if absent
+    or unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), RETRY_AFTER_CAP)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    current = time.time() if now is None else now
+    return min(max(when.timestamp() - current, 0.0), RETRY_AFTER_CAP)
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """Return ``(first, last, total)`` of a ``Content-Range: bytes a-b/n`` header, or None."""
+    if not value:
+        return None
+    match = _CONTENT_RANGE.match(value)
+    if match is None:
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), int(match.group(2)), total
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+class HttpClient:
+    """A thread-safe HTTP client enforcing the configured limits.
+
+    Args:
+        config: the ``download_*`` settings.
+        backoff_base: first retry delay in seconds (doubles per retry).
+        sleep: how to wait between retries (tests may shorten it).
+        transport: an httpx transport to use instead of the network (for embedding).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        backoff_base: float = BACKOFF_BASE,
+        sleep: Callable[[float], None] = time.sleep,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.backoff_base = backoff_base
+        self._sleep = sleep
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(
+                connect=config.download_connect_timeout,
+                read=config.download_read_timeout,
+                write=config.download_read_timeout,
+                pool=config.download_connect_timeout,
+            ),
+            follow_redirects=True,
+            max_redirects=config.download_max_redirects,
+            verify=True,
+            headers={"User-Agent": config.download_user_agent},
+            transport=transport,
+        )
+        self._lock = threading.Lock()
+        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
+        key = host_key(url)
+        with self._lock:
+            slot = self._hosts.get(key)
+            if slot is None:
+                slot = threading.BoundedSemaphore(self.config.download_per_host)
+                self._hosts[key] = slot
+            return slot
+
+    def _delay(self, retry: int, response: httpx.Response | None) -> float:
+        asked = parse_retry_after(response.headers.get("retry-after")) if response else None
+        if asked is not None:
+            return asked
+        return float(min(self.backoff_base * 2.0 ** (retry - 1), RETRY_AFTER_CAP))
+
+    @contextmanager
+    def open(
+        self, method: str, url: str, *, headers: dict[str, str] | None = None
+    ) -> Iterator[httpx.Response]:
+        """Send a request and yield the streaming response once it is a success (< 400).
+
+        The host's slot is held while the caller reads the body. 429, 5xx and connection
+        errors are retried with backoff; other statuses >= 400 are not.
+
+        Raises:
+            HttpStatusError: a status >= 400 (retryable for 429 and 5xx) after retries.
+            TransferError: connection errors and timeouts after retries.
+            TooManyRedirects: a redirect loop or a chain over the limit.
+        """
+        retries = self.config.download_max_retries
+        for attempt in range(1, retries + 2):
+            last = attempt == retries + 1
+            slot = self._host_slot(url)
+            slot.acquire()
+            try:
+                try:
+                    request = self._client.build_request(method, url, headers=headers)
+                    response = self._client.send(request, stream=True)
+                except httpx.TooManyRedirects as exc:
+                    raise TooManyRedirects(
+                        f"{method} {url} was redirected more than "
+                        f"{self.config.download_max_redirects} times ({exc}); the URL loops "
+                        "or the chain is too long: fix the URL or raise "
+                        "download_max_redirects",
+                        url=url,
+                    ) from None
+                except httpx.TransportError as exc:
+                    if last:
+                        raise TransferError(
+                            f"{method} {url} failed after {attempt} attempt(s): "
+                            f"{type(exc).__name__}: {exc}; check the network and the server",
+                            url=url,
+                        ) from None
+                    delay = self._delay(attempt, None)
+                else:
+                    status = response.status_code
+                    if status < 400:
+                        try:
+                            yield response
+                        finally:
+                            response.close()
+                        return
+                    response.close()
+                    if not (status == 429 or status >= 500) or last:
+                        raise HttpStatusError(url, status, attempts=attempt, method=method)
+                    delay = self._delay(attempt, response)
+            finally:
+                slot.release()
+            self._sleep(delay)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def head(self, url: str) -> HeadInfo:
+        """Return what the server says about ``url``, following redirects.
+
+        A server that refuses ``HEAD`` (405, 501) is asked with a ``GET`` whose body is
+        not read.
+
+        Raises:
+            DownloadError: (a subclass) as :meth:`open` does, and :class:`TooLarge` when
+                the announced length exceeds ``download_max_bytes``.
+        """
+        try:
+            info = self._head("HEAD", url)
+        except HttpStatusError as exc:
+            if exc.status not in (405, 501):
+                raise
+            info = self._head("GET", url)
+        limit = self.config.download_max_bytes
+        if info.length is not None and info.length > limit:
+            raise TooLarge(
+                f"{url} announces {info.length} bytes, over the limit of {limit} "
+                "(download_max_bytes); raise the limit to fetch it",
+                url=url,
+            )
+        return info
+
+    def _head(self, method: str, url: str) -> HeadInfo:
+        with self.open(method, url) as response:
+            headers = response.headers
+            ranges = headers.get("accept-ranges", "").lower()
+            return HeadInfo(
+                status=response.status_code,
+                final_url=str(response.url),
+                length=_content_length(response),
+                content_type=headers.get("content-type"),
+                etag=headers.get("etag"),
+                last_modified=headers.get("last-modified"),
+                accept_ranges="bytes" in ranges,
+            )
+
+
+__all__ = [
+    "BACKOFF_BASE",
+    "RETRY_AFTER_CAP",
+    "DownloadError",
+    "HeadInfo",
+    "HttpClient",
+    "parse_content_range",
+    "parse_retry_after",
+]

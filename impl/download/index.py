@@ -1,0 +1,220 @@
+"""The artifact index: which artifact ended up as which content, in ``OUT/index.sqlite``.
+
+One row per download job (keyed by job id, so recording it again is a no-op): artifact id,
+work id, URL, final URL, SHA-256, size, content type, path in the object store, and
+``duplicate_of`` (the job whose identical bytes were indexed first, or null). The
+``claims`` table lets the first job to reach a final URL with given validators own it, so
+a later job with the same final URL is skipped instead of fetched twice.
+
+The index lives beside the objects it describes, not in the ledger: it is a property of
+the output directory and works with every ledger backend. It is exported as
+``OUT/index.jsonl`` (one JSON object per artifact, in index order), written atomically.
+All SQL of the download package is in this module; every value is a bound parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from attrs import asdict, frozen
+
+from impl.download.cas import fsync_dir
+from model.errors import DatabaseCorrupt, DatabaseLocked, StorageError
+
+INDEX_FILE = "index.sqlite"
+EXPORT_FILE = "index.jsonl"
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS artifacts (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL UNIQUE,
+        artifact_id TEXT NOT NULL,
+        work_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        final_url TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        content_type TEXT,
+        path TEXT NOT NULL,
+        duplicate_of TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS artifacts_sha ON artifacts (sha256, seq)",
+    """CREATE TABLE IF NOT EXISTS claims (
+        claim_key TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        final_url TEXT NOT NULL
+    )""",
+)
+_INSERT = (
+    "INSERT OR IGNORE INTO artifacts (job_id, artifact_id, work_id, url, final_url, sha256, "
+    "size, content_type, path, duplicate_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS = (
+    "job_id, artifact_id, work_id, url, final_url, sha256, size, content_type, path, duplicate_of"
+)
+
+
+@frozen
+class Artifact:
+    """One row of the index."""
+
+    job_id: str
+    artifact_id: str
+    work_id: str
+    url: str
+    final_url: str
+    sha256: str
+    size: int
+    content_type: str | None
+    path: str
+    duplicate_of: str | None = None
+
+
+class ArtifactIndex:
+    """The index database of one output directory.
+
+    Each call opens its own short connection, so one object can be shared by threads,
+    and worker processes can write concurrently (WAL, ``BEGIN IMMEDIATE``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.root = Path(out_dir)
+        self.path = self.root / INDEX_FILE
+        with self._tx():
+            pass
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the artifact index {self.path}: {exc}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            _rollback(conn)
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise DatabaseLocked(
+                    f"the artifact index {self.path} stayed locked for "
+                    f"{BUSY_TIMEOUT_MS / 1000:.0f} s; another process holds it, try again"
+                ) from None
+            raise StorageError(f"artifact index {self.path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            _rollback(conn)
+            raise DatabaseCorrupt(
+                f"the artifact index {self.path} is damaged ({exc}); delete it and run "
+                "`jobledger download` again to rebuild it"
+            ) from None
+        except BaseException:
+            _rollback(conn)
+            raise
+        finally:
+            conn.close()
+
+    def add(self, artifact: Artifact) -> Artifact:
+        """Record ``artifact`` once and return the stored row.
+
+        ``duplicate_of`` is decided here, in the same transaction: the job of the first
+        row with the same SHA-256, or None when this is the first. A replay returns the
+        row stored the first time.
+        """
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM artifacts WHERE job_id = ?", (artifact.job_id,)
+            ).fetchone()
+            if row is None:
+                first = conn.execute(
+                    "SELECT job_id FROM artifacts WHERE sha256 = ? ORDER BY seq LIMIT 1",
+                    (artifact.sha256,),
+                ).fetchone()
+                dup = first[0] if first is not None else None
+                a = artifact
+                conn.execute(
+                    _INSERT,
+                    (
+                        a.job_id,
+                        a.artifact_id,
+                        a.work_id,
+                        a.url,
+                        a.final_url,
+                        a.sha256,
+                        a.size,
+                        a.content_type,
+                        a.path,
+                        dup,
+                    ),
+                )
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM artifacts WHERE job_id = ?", (artifact.job_id,)
+                ).fetchone()
+        return Artifact(*row)
+
+    def claim(
+        self, claim_key: str, job_id: str, final_url: str, *, replace: str | None = None
+    ) -> str:
+        """Claim ``claim_key`` for ``job_id`` unless another job holds it; return the holder.
+
+        With ``replace``, a claim held by that job (one that failed) is taken over.
+        """
+        with self._tx() as conn:
+            if replace is not None:
+                conn.execute(
+                    "UPDATE claims SET job_id = ? WHERE claim_key = ? AND job_id = ?",
+                    (job_id, claim_key, replace),
+                )
+            conn.execute(
+                "INSERT OR IGNORE INTO claims (claim_key, job_id, final_url) VALUES (?, ?, ?)",
+                (claim_key, job_id, final_url),
+            )
+            row = conn.execute(
+                "SELECT job_id FROM claims WHERE claim_key = ?", (claim_key,)
+            ).fetchone()
+        return str(row[0])
+
+    def get(self, job_id: str) -> Artifact | None:
+        """Return the row of ``job_id``, or None."""
+        with self._tx() as conn:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM artifacts WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return Artifact(*row) if row is not None else None
+
+    def all(self) -> list[Artifact]:
+        """Return every row in index order."""
+        with self._tx() as conn:
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM artifacts ORDER BY seq").fetchall()
+        return [Artifact(*r) for r in rows]
+
+    def export_jsonl(self) -> Path:
+        """Write every row to ``OUT/index.jsonl`` atomically and return its path."""
+        target = self.root / EXPORT_FILE
+        tmp = self.root / f".{EXPORT_FILE}.tmp"
+        with tmp.open("w", encoding="utf-8") as handle:
+            for artifact in self.all():
+                handle.write(json.dumps(asdict(artifact), sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_dir(self.root)
+        return target
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        # The connection is closed next; a failed rollback leaves nothing committed.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")

@@ -1,0 +1,293 @@
+"""The download handler: drives one ``download`` job through its workflow, crash-safely.
+
+States and the effect recorded before each move (CONTRACT section 5 and 6)::
+
+    PLANNED --HEAD--> HEAD_DONE --(partial usable)--> RESUME_OK --> STREAMING
+       |                  |  \\______________________________________/  |
+       |                  |                                     STREAM, FINALIZE
+       +--------+---------+                                           v
+                v                                  FINALIZED --INDEX--> INDEXED
+        SKIPPED_DUPLICATE                              \\--INDEX, DEDUPE--> DEDUPED
+
+* ``HEAD`` asks the server about the URL and claims its final URL and validators in the
+  artifact index; when an earlier job holds that claim and has not failed, the result
+  names it and the job moves to ``SKIPPED_DUPLICATE`` (the earlier job wins: "earlier"
+  is the job whose ``HEAD`` claimed first, so two jobs never skip because of each other).
+* ``STREAMING`` is entered *before* ``STREAM`` runs: it marks that bytes may be on disk.
+  ``STREAM`` writes the job's partial file (resuming it with Range when the server and
+  the validators allow) and checks the manifest's ``sha256``; ``FINALIZE`` moves it into
+  the content-addressed store. ``FINALIZED`` is entered after both are recorded.
+* ``INDEX`` records the artifact in the index; when identical bytes were indexed first by
+  another job, ``DEDUPE`` records that and the job ends ``DEDUPED`` (one copy on disk),
+  else ``INDEXED``.
+
+Every call re-derives what to do from the job's state and replays recorded effects, so a
+crash at any point resumes correctly. An operator ``retry`` of a job that failed while
+streaming starts a new *round*: ``STREAM`` and ``FINALIZE`` carry ``extras={"round": n}``
+(n = retries so far), so the bytes are fetched again instead of replaying a result whose
+file is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Protocol
+
+from attrs import asdict
+
+from impl.download.cas import Layout
+from impl.download.errors import ArtifactMissing, ChecksumMismatch, DownloadError
+from impl.download.http import HeadInfo, HttpClient
+from impl.download.index import Artifact, ArtifactIndex
+from impl.download.stream import stream_to_part
+from impl.download.url import canonical_url
+from model.config import Config
+from model.errors import InvalidInput, UnknownJob
+from model.key import Scalar, canon
+from model.record import JSON, EffectContext, Event, Lease
+from model.store import EffectFn, OnDoubt, Store
+
+KIND = "download"
+PLANNED = "PLANNED"
+HEAD_DONE = "HEAD_DONE"
+RESUME_OK = "RESUME_OK"
+STREAMING = "STREAMING"
+FINALIZED = "FINALIZED"
+INDEXED = "INDEXED"
+DEDUPED = "DEDUPED"
+SKIPPED_DUPLICATE = "SKIPPED_DUPLICATE"
+FAILED = "FAILED"
+TERMINAL = frozenset({INDEXED, DEDUPED, SKIPPED_DUPLICATE, FAILED})
+SUCCEEDED = frozenset({INDEXED, DEDUPED, SKIPPED_DUPLICATE})
+
+
+class Context(Protocol):
+    """What the handler needs from ``impl.worker.JobContext``."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def lease(self) -> Lease: ...
+
+    @property
+    def state(self) -> str: ...
+
+    def advance(self, state: str) -> bool: ...
+
+    def effect(
+        self,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: dict[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON: ...
+
+    def renew(self, *, ttl: float | None = None) -> Lease: ...
+
+
+def _claim_key(head: HeadInfo) -> str:
+    try:
+        final = canonical_url(head.final_url)
+    except InvalidInput:
+        final = head.final_url
+    return hashlib.sha256(canon([final, head.etag, head.last_modified])).hexdigest()
+
+
+def _round(store: Store, job_id: str) -> int:
+    return sum(1 for event in store.history(job_id) if event.event == Event.RETRIED)
+
+
+def _latest_result(store: Store, job_id: str, op: str) -> dict[str, JSON]:
+    results = [e.result for e in store.effects(job_id) if e.op == op and e.status == "done"]
+    if not results or not isinstance(results[-1], dict):
+        raise ArtifactMissing(
+            f"job {job_id} is past {op} but no {op} result is recorded; the ledger and "
+            "the workflow disagree, inspect it with `jobledger show`"
+        )
+    return results[-1]
+
+
+class DownloadHandler:
+    """The ``download`` handler for :class:`impl.Worker`: ``handlers={"download": h}``.
+
+    Args:
+        out_dir: the output directory (objects, partial files, index).
+        config: the ``download_*`` settings.
+        client: the HTTP client (default one built from ``config``; thread-safe, shared).
+        on_bytes: called with each chunk's size while streaming (progress bars).
+    """
+
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        config: Config,
+        client: HttpClient | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.layout = Layout(out_dir)
+        self.layout.ensure()
+        self.index = ArtifactIndex(self.layout.root)
+        self.client = client if client is not None else HttpClient(config)
+        self.on_bytes = on_bytes
+
+    def __call__(self, ctx: Context) -> None:
+        """Drive the leased job as far as it goes; a permanent error fails it at once."""
+        try:
+            self._drive(ctx)
+        except DownloadError as exc:
+            if exc.retryable:
+                raise
+            ctx.store.fail(ctx.lease, f"{type(exc).__name__}: {exc}", retryable=False)
+
+    # -- the state machine -----------------------------------------------------------
+
+    def _drive(self, ctx: Context) -> None:
+        state = ctx.state
+        if state in TERMINAL:
+            return
+        job_id = ctx.lease.job_id
+        if state == PLANNED:
+            head = self._head(ctx)
+            if head.get("duplicate_of"):
+                ctx.advance(SKIPPED_DUPLICATE)
+                return
+            ctx.advance(HEAD_DONE)
+            state = HEAD_DONE
+        if state == HEAD_DONE:
+            info = HeadInfo.from_json(self._head(ctx)["head"])
+            part = self.layout.part_path(job_id)
+            if part.is_file() and part.stat().st_size > 0 and _resumable(info):
+                ctx.advance(RESUME_OK)
+                state = RESUME_OK
+        if state in (HEAD_DONE, RESUME_OK):
+            ctx.advance(STREAMING)
+            state = STREAMING
+        if state == STREAMING:
+            info = HeadInfo.from_json(self._head(ctx)["head"])
+            extras: dict[str, Scalar] = {"round": _round(ctx.store, job_id)}
+            stream = ctx.effect("STREAM", lambda _e: self._stream(ctx, info), extras=extras)
+            assert isinstance(stream, dict)
+            sha, size = str(stream["sha256"]), int(str(stream["size"]))
+            ctx.effect("FINALIZE", lambda _e: self._finalize(job_id, sha, size), extras=extras)
+            ctx.advance(FINALIZED)
+            state = FINALIZED
+        if state == FINALIZED:
+            self._index(ctx)
+
+    # -- effects -----------------------------------------------------------------------
+
+    def _head(self, ctx: Context) -> dict[str, JSON]:
+        job_id = ctx.lease.job_id
+        url = str(ctx.lease.identity["canonical_url"])
+
+        def run(_e: EffectContext) -> JSON:
+            info = self.client.head(url)
+            key = _claim_key(info)
+            holder = self.index.claim(key, job_id, info.final_url)
+            if holder != job_id and _repair_of(ctx.lease.payload) == holder:
+                # A repair job refetches the bytes its original lost: it owns the claim now.
+                holder = self.index.claim(key, job_id, info.final_url, replace=holder)
+            if holder != job_id:
+                try:
+                    holder_state: str | None = ctx.store.state(holder)
+                except UnknownJob:
+                    holder_state = None
+                if holder_state in (None, FAILED):
+                    # The holder failed (or belongs to another ledger): this job takes over.
+                    holder = self.index.claim(key, job_id, info.final_url, replace=holder)
+            return {"head": info.to_json(), "duplicate_of": holder if holder != job_id else None}
+
+        result = ctx.effect("HEAD", run)
+        assert isinstance(result, dict)
+        return result
+
+    def _stream(self, ctx: Context, info: HeadInfo) -> JSON:
+        job_id = ctx.lease.job_id
+        url = str(ctx.lease.identity["canonical_url"])
+        part = self.layout.part_path(job_id)
+        ttl = self.config.download_lease_ttl
+        outcome = stream_to_part(
+            self.client,
+            url,
+            part,
+            validator=info.validator(),
+            allow_resume=_resumable(info),
+            renew=lambda: ctx.renew(ttl=ttl),
+            on_bytes=self.on_bytes,
+        )
+        expected = _expected_sha(ctx.lease.payload)
+        if expected is not None and outcome.sha256 != expected:
+            part.unlink(missing_ok=True)
+            raise ChecksumMismatch(
+                f"{url}: the {outcome.size} bytes received hash to {outcome.sha256}, but the "
+                f"manifest says sha256 {expected}; the partial file was removed. Check the "
+                "manifest or the server, then `jobledger retry` the job",
+                url=url,
+            )
+        return outcome.to_json()
+
+    def _finalize(self, job_id: str, sha: str, size: int) -> JSON:
+        done = self.layout.finalize(job_id, sha, size)
+        return {"sha256": sha, "size": size, "path": done.path, "existed": done.existed}
+
+    def _index(self, ctx: Context) -> None:
+        job_id = ctx.lease.job_id
+        identity = ctx.lease.identity
+        info = HeadInfo.from_json(self._head(ctx)["head"])
+        final = _latest_result(ctx.store, job_id, "FINALIZE")
+        artifact = Artifact(
+            job_id=job_id,
+            artifact_id=str(identity["artifact_id"]),
+            work_id=str(identity["work_id"]),
+            url=str(identity["canonical_url"]),
+            final_url=info.final_url,
+            sha256=str(final["sha256"]),
+            size=int(str(final["size"])),
+            content_type=info.content_type,
+            path=str(final["path"]),
+        )
+
+        def index(_e: EffectContext) -> JSON:
+            stored = self.index.add(artifact)
+            return dict(asdict(stored))
+
+        row = ctx.effect("INDEX", index)
+        assert isinstance(row, dict)
+        duplicate_of = row.get("duplicate_of")
+        if duplicate_of:
+            ctx.effect(
+                "DEDUPE",
+                lambda _e: {
+                    "duplicate_of": duplicate_of,
+                    "path": row["path"],
+                    "bytes_saved": row["size"],
+                },
+            )
+            ctx.advance(DEDUPED)
+        else:
+            ctx.advance(INDEXED)
+
+
+def _resumable(info: HeadInfo) -> bool:
+    return info.accept_ranges and info.validator() is not None
+
+
+def _expected_sha(payload: JSON) -> str | None:
+    if isinstance(payload, dict):
+        sha = payload.get("sha256")
+        if isinstance(sha, str):
+            return sha
+    return None
+
+
+def _repair_of(payload: JSON) -> str | None:
+    if isinstance(payload, dict):
+        value = payload.get("repair_of")
+        if isinstance(value, str):
+            return value
+    return None

@@ -1,0 +1,80 @@
+"""Evidence: everything a fuzz run left behind, read back for the checker.
+
+A run leaves a database, one history log per worker process and the fenced sink. This
+module reads them into one :class:`~impl.fuzz.checker.Evidence`, whether the run was the
+multi-process fuzz or an in-process test that built a history by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from impl.fuzz.checker import Evidence
+from impl.fuzz.history import Entry, HistoryDamaged, read_histories
+from impl.fuzz.sink import FencedSink, integrity_of
+from impl.fuzz.workload import KIND, WORKFLOW
+from model.record import EffectInfo, HistoryEvent, JobInfo
+from model.store import Store
+
+
+def collect_evidence(
+    store: Store,
+    *,
+    planned: Iterable[str],
+    logs: Path,
+    sink: Path,
+    db: Path | None = None,
+    drain_started_at: float | None = None,
+    step: float = 1.0,
+    liveness_steps: int = 1000,
+    worker_errors: Iterable[str] = (),
+) -> tuple[Evidence, int]:
+    """Read what a run left behind into :class:`Evidence`; also return the torn lines.
+
+    Args:
+        store: a store on the run's database.
+        planned: every job id the run planned.
+        logs: the folder of history logs.
+        sink: the fenced sink's file.
+        db: the database file, checked with ``integrity_check`` when given.
+    """
+    jobs: dict[str, JobInfo] = {}
+    history: dict[str, list[HistoryEvent]] = {}
+    effects: dict[str, list[EffectInfo]] = {}
+    for info in store.jobs(kind=KIND):
+        jobs[info.job_id] = info
+        history[info.job_id] = store.history(info.job_id)
+        effects[info.job_id] = store.effects(info.job_id)
+    entries: list[Entry] = []
+    torn = 0
+    errors = list(worker_errors)
+    try:
+        for log in read_histories(logs):
+            entries += log.entries
+            torn += log.torn
+    except HistoryDamaged as exc:
+        errors.append(str(exc))
+    fenced = FencedSink(sink)
+    try:
+        executions = fenced.executions()
+    finally:
+        fenced.close()
+    integrity = {"sink": integrity_of(sink)}
+    if db is not None:
+        integrity["ledger"] = integrity_of(db)
+    evidence = Evidence(
+        workflow=WORKFLOW,
+        planned=frozenset(planned),
+        jobs=jobs,
+        history=history,
+        effects=effects,
+        entries=entries,
+        executions=executions,
+        drain_started_at=drain_started_at,
+        step=step,
+        liveness_steps=liveness_steps,
+        integrity=integrity,
+        worker_errors=errors,
+    )
+    return evidence, torn

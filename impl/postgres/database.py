@@ -1,0 +1,329 @@
+"""The connection pool, the transaction helper, the clock rule and error translation.
+
+**The one clock rule.** With no injected clock, ``now`` is the database server's clock,
+read once at the start of each transaction (``extract(epoch FROM clock_timestamp())``),
+so workers on machines with skewed clocks still agree on when a lease expires. With an
+injected clock, that clock is read once at the start of each transaction instead and its
+value is passed as a bound parameter to every statement; the server's clock is then not
+used at all. Either way, one transaction uses one ``now`` throughout.
+
+**Transactions.** Every writing operation runs through :meth:`Database.write`, which hits
+the failpoints ``{op}.before_tx``, ``{op}.before_commit`` and ``{op}.after_commit``. No
+transaction is ever held open while user code runs. A transaction is re-run (a bounded
+number of times) when the server reports a deadlock or a serialization failure, and when
+its connection turns out to be dead before anything was sent (an idle pooled connection
+killed by a server restart or ``pg_terminate_backend``); a connection lost in the middle
+of a writing transaction surfaces as :class:`StorageError` and the pool replaces the
+connection, so the next call works again. Reads are always safe to re-run.
+
+**Errors.** ``psycopg`` exceptions never escape: lock and statement timeouts become
+:class:`DatabaseLocked`, a lost connection :class:`StorageError`, a full disk
+:class:`DatabaseFull`, a read-only server :class:`DatabaseReadOnly`, and the state-machine
+trigger's refusal :class:`IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import psycopg
+import psycopg.errors
+from attrs import frozen
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, TupleRow, dict_row
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from impl import failpoint
+from impl.postgres import queries as q
+from impl.postgres.schema import (
+    FENCE_BACKWARDS_SQLSTATE,
+    ILLEGAL_EDGE_SQLSTATE,
+    migrate,
+    recorded_version,
+    set_search_path,
+)
+from model.clock import Clock
+from model.config import Config
+from model.errors import (
+    DatabaseFull,
+    DatabaseLocked,
+    DatabaseReadOnly,
+    IllegalTransition,
+    InvalidInput,
+    JobledgerError,
+    StorageError,
+)
+from model.record import Detail, Event
+
+T = TypeVar("T")
+
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE = 8
+CONNECT_TIMEOUT = 10
+"""Seconds to wait for a new connection to the server."""
+TX_ATTEMPTS = 5
+"""How many times a transaction runs at most when the server asks for a re-run."""
+_RETRY_PAUSE = 0.02
+
+_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
+
+
+@frozen
+class Tx:
+    """One open transaction: its cursor and the one ``now`` it uses throughout."""
+
+    cur: psycopg.Cursor[DictRow]
+    now: float
+
+    def one(self, query: str, params: Mapping[str, object] | None = None) -> DictRow | None:
+        """Run ``query`` and return its first row, or None."""
+        self.cur.execute(query, params)
+        return self.cur.fetchone()
+
+    def all(self, query: str, params: Mapping[str, object] | None = None) -> list[DictRow]:
+        """Run ``query`` and return every row."""
+        self.cur.execute(query, params)
+        return self.cur.fetchall()
+
+    def run(self, query: str, params: Mapping[str, object] | None = None) -> int:
+        """Run ``query`` and return how many rows it touched."""
+        self.cur.execute(query, params)
+        return self.cur.rowcount
+
+    def log(
+        self,
+        job_id: str,
+        event: Event,
+        *,
+        token: int,
+        worker: str | None,
+        detail: Mapping[str, Detail] | None = None,
+    ) -> None:
+        """Append ``event`` to the job's history at this transaction's ``now``."""
+        self.cur.execute(
+            q.LOG,
+            {
+                "job_id": job_id,
+                "now": self.now,
+                "event": event.value,
+                "token": token,
+                "worker": worker,
+                "detail": json.dumps(dict(detail or {}), sort_keys=True),
+            },
+        )
+
+
+def describe(url: str) -> str:
+    """Return ``host:port/dbname`` of ``url`` for messages (never the password)."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "the given PostgreSQL URL"
+    host = info.get("host") or "localhost"
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or ''}"
+
+
+def translate(exc: psycopg.Error, what: str, *, stage: str = "") -> JobledgerError:
+    """Return the typed jobledger error for a driver exception raised during ``what``."""
+    state = exc.sqlstate or ""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if state in (ILLEGAL_EDGE_SQLSTATE, FENCE_BACKWARDS_SQLSTATE):
+        return IllegalTransition(
+            f"{what}: the database refused the change ({text}); states only follow the "
+            "workflow's declared edges and tokens only grow"
+        )
+    if isinstance(exc, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled):
+        return DatabaseLocked(
+            f"{what}: PostgreSQL gave up waiting ({text}); another transaction held the rows "
+            "too long: retry, or raise busy_timeout"
+        )
+    if state == "53100":
+        return DatabaseFull(f"{what}: the PostgreSQL server's disk is full ({text}); free space")
+    if state == "25006":
+        return DatabaseReadOnly(
+            f"{what}: the PostgreSQL server refuses writes ({text}); connect to the primary"
+        )
+    if isinstance(exc, psycopg.DataError) or state.startswith("22"):
+        return InvalidInput(f"{what}: PostgreSQL cannot store a value ({text}); pass a smaller one")
+    if _lost(exc):
+        outcome = (
+            "it may or may not have been committed: read the job before acting on it"
+            if stage == "commit"
+            else "nothing was changed"
+        )
+        return StorageError(
+            f"{what}: the connection to PostgreSQL was lost ({text}); {outcome}; the store "
+            "reconnects by itself, so retry the call once the server is reachable"
+        )
+    return StorageError(f"{what}: PostgreSQL failed ({state} {text}); check the server log")
+
+
+def read_schema_version(url: str, schema: str) -> int:
+    """Return the schema version recorded at ``url`` in ``schema`` without migrating.
+
+    For ``jobledger migrate --check``: 0 means nothing is there yet; compare with
+    ``schema.SCHEMA_VERSION`` (``schema.pending(version)`` lists what opening would apply).
+
+    Raises:
+        StorageError: the server cannot be reached.
+    """
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+            return recorded_version(conn, schema)
+    except psycopg.Error as exc:
+        raise translate(exc, f"read the schema version at {describe(url)}") from exc
+
+
+def _lost(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate or ""
+    if state:
+        return state.startswith(_CONNECTION_LOST)
+    # Without a SQLSTATE the server never answered: a broken or closed connection.
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _retryable(exc: psycopg.Error, stage: str) -> bool:
+    if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
+        return stage != "commit"
+    return _lost(exc) and stage in ("begin", "read")
+
+
+class Database:
+    """A pool of connections to one ledger schema and the transactions run on it.
+
+    Args:
+        url: a ``postgresql://`` connection URL.
+        schema: the PostgreSQL schema that holds the ledger (created when missing).
+        clock: an injected clock, or None for the server's clock.
+        config: tunables (``busy_timeout`` becomes the server's ``lock_timeout``).
+
+    Raises:
+        StorageError: the server cannot be reached, or the schema cannot be migrated.
+        SchemaVersionError: the schema is newer than this code.
+    """
+
+    def __init__(self, url: str, *, schema: str, clock: Clock | None, config: Config) -> None:
+        self.schema = schema
+        self.where = f"{describe(url)} schema {schema!r}"
+        self._clock = clock
+        self._lock_timeout = f"{round(config.busy_timeout * 1000)}ms"
+        self._closed = False
+        try:
+            with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                migrate(conn, schema)
+        except psycopg.Error as exc:
+            raise translate(exc, f"open the ledger at {self.where}") from exc
+        self._pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+            url,
+            min_size=POOL_MIN_SIZE,
+            max_size=POOL_MAX_SIZE,
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            configure=self._configure,
+            timeout=max(config.busy_timeout, 1.0),
+            name=f"jobledger:{schema}",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
+        except PoolTimeout as exc:
+            self._pool.close()
+            raise StorageError(
+                f"open the ledger at {self.where}: no connection within {CONNECT_TIMEOUT} s; "
+                "check that the server is up and accepts connections"
+            ) from exc
+
+    def _configure(self, conn: psycopg.Connection[TupleRow]) -> None:
+        set_search_path(conn, self.schema, local=False)
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", [self._lock_timeout])
+
+    def close(self) -> None:
+        """Close every pooled connection; later calls raise ``StorageError``."""
+        self._closed = True
+        self._pool.close()
+
+    # -- transactions --------------------------------------------------------------
+
+    def check_open(self) -> None:
+        """Raise ``StorageError`` once the store is closed."""
+        if self._closed:
+            raise StorageError("this store is closed; open a new one with impl.open_store")
+
+    def write(self, op: str, body: Callable[[Tx], T], *, failpoints: bool = True) -> T:
+        """Run ``body`` in one writing transaction with the ``op`` failpoints around it."""
+        if not failpoints:
+            return self._run(op, body)
+        failpoint.hit(f"{op}.before_tx")
+        out = self._run(op, body, commit_point=f"{op}.before_commit")
+        failpoint.hit(f"{op}.after_commit")
+        return out
+
+    def read(self, what: str, body: Callable[[Tx], T]) -> T:
+        """Run ``body`` in a read-only snapshot transaction."""
+        return self._run(what, body, read_only=True)
+
+    def dry(self, what: str, body: Callable[[Tx], T]) -> T:
+        """Run ``body`` in a transaction that is always rolled back."""
+        return self._run(what, body, rollback=True)
+
+    def _now(self, tx_cur: psycopg.Cursor[DictRow]) -> float:
+        if self._clock is not None:
+            return float(self._clock())
+        tx_cur.execute(q.SERVER_NOW)
+        row = tx_cur.fetchone()
+        assert row is not None
+        return float(next(iter(row.values())))
+
+    def _run(
+        self,
+        what: str,
+        body: Callable[[Tx], T],
+        *,
+        commit_point: str | None = None,
+        read_only: bool = False,
+        rollback: bool = False,
+    ) -> T:
+        self.check_open()
+        attempt = 0
+        while True:
+            attempt += 1
+            stage = "read" if read_only else "begin"
+            try:
+                with (
+                    self._pool.connection() as conn,
+                    conn.transaction(force_rollback=rollback),
+                ):
+                    cur = conn.cursor(row_factory=dict_row)
+                    if read_only:
+                        cur.execute(q.READ_ONLY)
+                    tx = Tx(cur, self._now(cur))
+                    if not read_only:
+                        stage = "body"
+                    out = body(tx)
+                    if commit_point is not None:
+                        failpoint.hit(commit_point)
+                    if not read_only:
+                        stage = "commit"
+                return out
+            except PoolTimeout as exc:
+                raise DatabaseLocked(
+                    f"{what}: no free connection to {self.where} within the busy timeout; "
+                    "too many concurrent calls, or the server is unreachable: retry, or raise "
+                    "busy_timeout"
+                ) from exc
+            except PoolClosed as exc:
+                raise StorageError(
+                    f"{what}: this store is closed; open a new one with impl.open_store"
+                ) from exc
+            except psycopg.Error as exc:
+                if attempt < TX_ATTEMPTS and _retryable(exc, stage):
+                    if _lost(exc):
+                        # One dead session usually means all idle ones died with it (a
+                        # server restart): drop them now instead of one per attempt.
+                        self._pool.check()
+                    time.sleep(_RETRY_PAUSE * attempt * (1 + random.random()))
+                    continue
+                raise translate(exc, what, stage=stage) from exc

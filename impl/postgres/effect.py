@@ -1,0 +1,210 @@
+"""Effects on PostgreSQL: run ``fn`` at most once per recorded op key, record once.
+
+``run_effect`` is split around the call of ``fn`` so that no transaction is open while
+user code runs: one transaction checks the lease and records the start (or replays a
+recorded result, or reports doubt), ``fn`` runs, and a second transaction records the
+result fenced by the lease in the same statement. ``op_key`` is the primary key of the
+``effects`` table and a ``done`` row is never updated again, so a result can never be
+recorded twice, whatever crashes or reconnects happen in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+
+from attrs import frozen
+
+from impl import failpoint
+from impl.postgres import queries as q
+from impl.postgres.database import Database, Tx
+from impl.postgres.rows import locked_job
+from model.config import Config
+from model.errors import EffectInDoubt, EffectResultError, LeaseLost, StorageError
+from model.key import Scalar, canon, check_scalars, op_key
+from model.memory import check_on_doubt, encode_result
+from model.record import JSON, DoubtInfo, EffectContext, EffectStatus, Event, Lease
+from model.store import EffectFn, OnDoubt
+
+
+@frozen
+class _Begun:
+    """What the start transaction decided: replay ``result``, probe ``doubt``, or run."""
+
+    context: EffectContext
+    replay: bool = False
+    result: JSON = None
+    doubt: DoubtInfo | None = None
+
+
+@frozen
+class EffectRunner:
+    """Runs effects for one store against its database."""
+
+    db: Database
+    config: Config
+
+    def run(
+        self,
+        lease: Lease,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON:
+        """``store.run_effect``: see :meth:`PostgresStore.run_effect`."""
+        check_on_doubt(on_doubt)
+        begun = self.db.write(
+            "effect_start", lambda tx: self._begin(tx, lease, op, extras, on_doubt, probe=True)
+        )
+        if begun.doubt is not None and callable(on_doubt):
+            # The probe is user code: it runs between transactions, never inside one.
+            probed = on_doubt(begun.doubt)
+            if probed is not None:
+                text = encode_result(probed, limit=self.config.result_limit)
+                return self.db.write(
+                    "effect_record",
+                    lambda tx: self._record(tx, lease, begun.context, text, probed=True),
+                )
+            begun = self.db.write(
+                "effect_start",
+                lambda tx: self._begin(tx, lease, op, extras, on_doubt, probe=False),
+            )
+        if begun.replay:
+            return begun.result
+        ctx = begun.context
+        failpoint.hit("effect.after_start")
+        try:
+            result = fn(ctx)
+        except Exception:
+            self._abort(ctx)
+            raise
+        failpoint.hit("effect.before_record")
+        try:
+            text = encode_result(result, limit=self.config.result_limit)
+        except EffectResultError:
+            self.db.write("effect_record", lambda tx: self._unrecordable(tx, lease, ctx))
+            raise
+        out = self.db.write(
+            "effect_record", lambda tx: self._record(tx, lease, ctx, text, probed=False)
+        )
+        failpoint.hit("effect.after_record")
+        return out
+
+    def _begin(
+        self,
+        tx: Tx,
+        lease: Lease,
+        op: str,
+        extras: Mapping[str, Scalar] | None,
+        on_doubt: OnDoubt,
+        *,
+        probe: bool,
+    ) -> _Begun:
+        lease, row = locked_job(tx, lease, "run_effect")
+        job_id = row["job_id"]
+        key = op_key(job_id, op, extras)
+        ctx = EffectContext(
+            job_id=job_id, op=op, op_key=key, token=row["token"], attempt=row["attempts"]
+        )
+        found = tx.one(q.EFFECT_FOR_UPDATE, {"op_key": key})
+        if found is not None and found["status"] == EffectStatus.DONE:
+            return _Begun(ctx, replay=True, result=json.loads(found["result"]))
+        if found is not None:
+            if on_doubt == "raise":
+                raise EffectInDoubt(job_id, op, key, found["token"], found["started_by"])
+            if probe and callable(on_doubt):
+                doubt = DoubtInfo(
+                    job_id=job_id,
+                    op=op,
+                    op_key=key,
+                    started_at=found["started_at"],
+                    started_token=found["token"],
+                    started_by=found["started_by"],
+                )
+                return _Begun(ctx, doubt=doubt)
+            tx.log(
+                job_id,
+                Event.EFFECT_IN_DOUBT,
+                token=row["token"],
+                worker=lease.worker,
+                detail={"op": op},
+            )
+        ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
+        tx.one(
+            q.EFFECT_START,
+            {
+                "op_key": key,
+                "job_id": job_id,
+                "op": op,
+                "extras": ext,
+                "now": tx.now,
+                "token": row["token"],
+                "worker": lease.worker,
+            },
+        )
+        tx.log(
+            job_id,
+            Event.EFFECT_STARTED,
+            token=row["token"],
+            worker=lease.worker,
+            detail={"op": op},
+        )
+        return _Begun(ctx)
+
+    def _record(self, tx: Tx, lease: Lease, ctx: EffectContext, text: str, *, probed: bool) -> JSON:
+        lease, row = locked_job(tx, lease, "run_effect")
+        if probed:
+            tx.log(
+                ctx.job_id,
+                Event.EFFECT_IN_DOUBT,
+                token=row["token"],
+                worker=lease.worker,
+                detail={"op": ctx.op},
+            )
+        done = tx.one(
+            q.EFFECT_RECORD,
+            {
+                "op_key": ctx.op_key,
+                "result": text,
+                "now": tx.now,
+                "job_id": ctx.job_id,
+                "token": row["token"],
+            },
+        )
+        if done is None:
+            # Only a holder of this same token could have recorded or removed it meanwhile.
+            raise LeaseLost(ctx.job_id, lease.token, row["token"], "the effect was taken over")
+        tx.log(
+            ctx.job_id,
+            Event.EFFECT_RECORDED,
+            token=row["token"],
+            worker=lease.worker,
+            detail={"op": ctx.op},
+        )
+        return json.loads(text)  # type: ignore[no-any-return]
+
+    def _unrecordable(self, tx: Tx, lease: Lease, ctx: EffectContext) -> None:
+        marked = tx.one(q.EFFECT_TO_DOUBT, {"op_key": ctx.op_key, "token": ctx.token})
+        if marked is None:
+            return
+        job = tx.one(q.JOB, {"job_id": ctx.job_id})
+        assert job is not None
+        tx.log(
+            ctx.job_id,
+            Event.EFFECT_IN_DOUBT,
+            token=job["token"],
+            worker=lease.worker,
+            detail={"op": ctx.op},
+        )
+
+    def _abort(self, ctx: EffectContext) -> None:
+        # The caller must see fn's own exception; a start we could not remove stays
+        # behind and is reported in doubt once this lease is dead, which is safe.
+        with contextlib.suppress(StorageError):
+            self.db.write(
+                "effect_abort",
+                lambda tx: tx.run(q.EFFECT_ABORT, {"op_key": ctx.op_key, "token": ctx.token}),
+            )

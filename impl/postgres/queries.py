@@ -1,0 +1,297 @@
+"""Every SQL statement the PostgreSQL store runs at run time, in one place.
+
+Values are always bound parameters (``%(name)s``); the text is built only from the
+constant fragments below. Unqualified names resolve in the ledger's schema through the
+``search_path`` set on every pooled connection. Statements that act under a lease carry
+the fence (:data:`FENCE`) in their own ``WHERE``, so a stale or expired token changes
+nothing even if a caller skipped the check before it.
+"""
+
+from __future__ import annotations
+
+# -- time ------------------------------------------------------------------------------
+
+SERVER_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
+"""The server's clock, read once at the start of a transaction (the one clock rule)."""
+
+READ_ONLY = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+# -- workflows -------------------------------------------------------------------------
+
+WORKFLOW = "SELECT definition FROM workflows WHERE name = %(name)s"
+# COLLATE "C" sorts by code point, as Python does, whatever the database's collation.
+WORKFLOWS = 'SELECT definition FROM workflows ORDER BY name COLLATE "C"'
+INSERT_WORKFLOW = """
+INSERT INTO workflows (name, definition, initial, failed)
+VALUES (%(name)s, %(definition)s, %(initial)s, %(failed)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING name
+"""
+INSERT_STATE = """
+INSERT INTO workflow_states (kind, state, terminal) VALUES (%(kind)s, %(state)s, %(terminal)s)
+"""
+INSERT_EDGE = "INSERT INTO workflow_edges (kind, src, dst) VALUES (%(kind)s, %(src)s, %(dst)s)"
+
+# -- jobs ------------------------------------------------------------------------------
+
+JOB_COLUMNS = """
+job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at, token,
+lease_worker, lease_expires_at, last_error, failed_from, created_at, updated_at, seq
+"""
+
+FENCE = """
+job_id = %(job_id)s AND token = %(token)s
+AND lease_worker IS NOT NULL AND lease_expires_at > %(now)s
+"""
+"""The lease check inside every writing statement: the token is current and not expired."""
+
+JOB = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE job_id = %(job_id)s"
+JOB_FOR_UPDATE = JOB + " FOR UPDATE"
+JOB_STATE = "SELECT state FROM jobs WHERE job_id = %(job_id)s"
+JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = %(job_id)s"
+JOB_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = %(job_id)s"
+
+INSERT_JOB = """
+INSERT INTO jobs (
+    job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at,
+    token, created_at, updated_at
+) VALUES (
+    %(job_id)s, %(kind)s, %(identity)s, %(payload)s, %(state)s, 0, %(max_attempts)s,
+    %(priority)s, %(run_at)s, 0, %(now)s, %(now)s
+)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id
+"""
+
+_ELIGIBLE = """
+active AND run_at <= %(now)s AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)
+"""
+_NEXT_ORDER = " ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
+
+NEXT_ANY = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE " + _ELIGIBLE + _NEXT_ORDER
+"""The first eligible job nobody else is locking (walks the ``jobs_ready`` index)."""
+NEXT_OF_KINDS = (
+    "SELECT "
+    + JOB_COLUMNS
+    + " FROM jobs WHERE "
+    + _ELIGIBLE
+    + " AND kind = ANY(%(kinds)s::text[])"
+    + _NEXT_ORDER
+)
+
+CLEAR_EXPIRED_LEASE = """
+UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+WHERE job_id = %(job_id)s AND token = %(token)s AND lease_expires_at <= %(now)s
+"""
+GRANT = (
+    """
+UPDATE jobs
+   SET token = token + 1, attempts = attempts + 1, lease_worker = %(worker)s,
+       lease_expires_at = %(expires_at)s, updated_at = %(now)s
+ WHERE job_id = %(job_id)s AND token = %(token)s AND lease_worker IS NULL
+   AND attempts < max_attempts
+RETURNING """
+    + JOB_COLUMNS
+)
+ENTER_FAILED = """
+UPDATE jobs
+   SET state = %(failed)s, failed_from = state, last_error = %(error)s,
+       lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+ WHERE job_id = %(job_id)s AND token = %(token)s
+"""
+"""Into the failed state with the token unchanged (exhausted attempts, final failures)."""
+
+RENEW = (
+    """
+UPDATE jobs SET lease_expires_at = %(expires_at)s, updated_at = %(now)s
+ WHERE """
+    + FENCE
+    + " RETURNING "
+    + JOB_COLUMNS
+)
+RELEASE = (
+    """
+UPDATE jobs
+   SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at = NULL,
+       run_at = %(run_at)s, updated_at = %(now)s
+ WHERE """
+    + FENCE
+    + " RETURNING job_id"
+)
+ADVANCE = (
+    """
+UPDATE jobs
+   SET state = %(to_state)s,
+       lease_worker = CASE WHEN %(ends)s THEN NULL ELSE lease_worker END,
+       lease_expires_at = CASE WHEN %(ends)s THEN NULL ELSE lease_expires_at END,
+       updated_at = %(now)s
+ WHERE """
+    + FENCE
+    + " AND state = %(from_state)s RETURNING job_id"
+)
+FAIL_LATER = (
+    """
+UPDATE jobs
+   SET lease_worker = NULL, lease_expires_at = NULL, run_at = %(run_at)s,
+       last_error = %(error)s, updated_at = %(now)s
+ WHERE """
+    + FENCE
+    + " RETURNING job_id"
+)
+FAIL_FINAL = (
+    """
+UPDATE jobs
+   SET state = %(failed)s, failed_from = state, last_error = %(error)s,
+       lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+ WHERE """
+    + FENCE
+    + " RETURNING job_id"
+)
+CANCEL = """
+UPDATE jobs
+   SET token = token + 1, state = %(failed)s, failed_from = state, last_error = %(reason)s,
+       lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+ WHERE job_id = %(job_id)s AND state = %(from_state)s
+RETURNING token
+"""
+RETRY = """
+UPDATE jobs
+   SET token = token + 1, state = %(to_state)s, attempts = 0, run_at = %(now)s,
+       lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+ WHERE job_id = %(job_id)s AND state = %(failed)s
+RETURNING token
+"""
+
+_JOBS_FILTER = """
+ WHERE (%(state)s::text IS NULL OR state = %(state)s::text)
+   AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+"""
+JOBS = "SELECT " + JOB_COLUMNS + " FROM jobs" + _JOBS_FILTER + " ORDER BY seq LIMIT %(limit)s"
+JOBS_NEWEST = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs" + _JOBS_FILTER + " ORDER BY seq DESC LIMIT %(limit)s"
+)
+LEASES = """
+SELECT job_id, kind, state, lease_worker, token, lease_expires_at
+  FROM jobs WHERE lease_worker IS NOT NULL
+ ORDER BY lease_expires_at, job_id COLLATE "C"
+"""
+
+# -- history ---------------------------------------------------------------------------
+
+LOG = """
+INSERT INTO history (job_id, at, event, token, worker, detail)
+VALUES (%(job_id)s, %(now)s, %(event)s, %(token)s, %(worker)s, %(detail)s)
+"""
+HISTORY = """
+SELECT job_id, at, event, token, worker, detail FROM history
+ WHERE job_id = %(job_id)s ORDER BY id
+"""
+
+# -- effects ---------------------------------------------------------------------------
+
+EFFECT_COLUMNS = """
+op_key, job_id, op, extras, status, result, started_at, finished_at, token, started_by
+"""
+EFFECT_FOR_UPDATE = (
+    "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE op_key = %(op_key)s FOR UPDATE"
+)
+EFFECTS = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = %(job_id)s ORDER BY seq"
+EFFECT_START = """
+INSERT INTO effects (op_key, job_id, op, extras, status, started_at, token, started_by)
+VALUES (%(op_key)s, %(job_id)s, %(op)s, %(extras)s, 'started', %(now)s, %(token)s, %(worker)s)
+ON CONFLICT (op_key) DO UPDATE
+   SET status = 'started', result = NULL, started_at = EXCLUDED.started_at,
+       finished_at = NULL, token = EXCLUDED.token, started_by = EXCLUDED.started_by,
+       extras = EXCLUDED.extras
+ WHERE effects.status <> 'done'
+RETURNING op_key
+"""
+"""Record a start; a start left in doubt is overwritten in place (keeping its order)."""
+
+EFFECT_ABORT = """
+DELETE FROM effects WHERE op_key = %(op_key)s AND status = 'started' AND token = %(token)s
+"""
+EFFECT_TO_DOUBT = """
+UPDATE effects SET status = 'in_doubt'
+ WHERE op_key = %(op_key)s AND status = 'started' AND token = %(token)s
+RETURNING op_key
+"""
+EFFECT_RECORD = (
+    """
+UPDATE effects
+   SET status = 'done', result = %(result)s, finished_at = %(now)s, token = %(token)s
+ WHERE op_key = %(op_key)s AND status <> 'done'
+   AND EXISTS (
+       SELECT 1 FROM jobs WHERE """
+    + FENCE
+    + """
+   )
+RETURNING op_key
+"""
+)
+"""Record a result, fenced by the lease in the same statement; a done row never changes."""
+
+# -- reconcile -------------------------------------------------------------------------
+
+EXPIRE_DEAD_LEASES = """
+WITH dead AS (
+    SELECT job_id, token, lease_worker FROM jobs
+     WHERE lease_worker IS NOT NULL AND lease_expires_at <= %(now)s
+     ORDER BY seq
+       FOR UPDATE
+), cleared AS (
+    UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
+      FROM dead WHERE jobs.job_id = dead.job_id
+    RETURNING dead.job_id, dead.token, dead.lease_worker, jobs.seq
+)
+INSERT INTO history (job_id, at, event, token, worker, detail)
+SELECT job_id, %(now)s, 'expired', token, lease_worker, '{}' FROM cleared ORDER BY seq
+RETURNING job_id
+"""
+DOUBT_DEAD_STARTS = """
+WITH dead AS (
+    SELECT e.op_key FROM effects e JOIN jobs j ON j.job_id = e.job_id
+     WHERE e.status = 'started'
+       AND (e.token <> j.token OR j.lease_worker IS NULL OR j.lease_expires_at <= %(now)s)
+     ORDER BY e.seq
+       FOR UPDATE OF e, j
+), marked AS (
+    UPDATE effects SET status = 'in_doubt'
+      FROM dead WHERE effects.op_key = dead.op_key
+    RETURNING effects.job_id, effects.op, effects.started_by, effects.seq
+)
+INSERT INTO history (job_id, at, event, token, worker, detail)
+SELECT m.job_id, %(now)s, 'effect_in_doubt', j.token, m.started_by,
+       json_build_object('op', m.op)::text
+  FROM marked m JOIN jobs j ON j.job_id = m.job_id
+ ORDER BY m.seq
+RETURNING job_id
+"""
+EXHAUSTED = """
+SELECT j.job_id, j.kind, j.token, j.attempts, j.max_attempts
+  FROM jobs j
+ WHERE j.active AND j.attempts >= j.max_attempts
+   AND (j.lease_worker IS NULL OR j.lease_expires_at <= %(now)s)
+ ORDER BY j.seq
+   FOR UPDATE OF j
+"""
+
+# -- stats -----------------------------------------------------------------------------
+
+COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
+SUMMARY = """
+SELECT
+    (SELECT count(*) FROM jobs
+      WHERE lease_worker IS NOT NULL AND lease_expires_at > %(now)s) AS leases_live,
+    (SELECT count(*) FROM jobs
+      WHERE lease_worker IS NOT NULL AND lease_expires_at <= %(now)s) AS leases_expired,
+    (SELECT count(*) FROM effects e JOIN jobs j ON j.job_id = e.job_id
+      WHERE e.status = 'in_doubt'
+         OR (e.status = 'started' AND (e.token <> j.token OR j.lease_worker IS NULL
+                                       OR j.lease_expires_at <= %(now)s))) AS in_doubt,
+    (SELECT count(*) FROM jobs j JOIN workflows w ON w.name = j.kind
+      WHERE j.state = w.failed) AS failed,
+    (SELECT min(run_at) FROM jobs
+      WHERE active AND run_at <= %(now)s AND attempts < max_attempts
+        AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)) AS oldest_run_at
+"""

@@ -1,0 +1,656 @@
+"""``PostgresStore``: the job ledger on PostgreSQL, for workers on many machines.
+
+Same contract and semantics as the reference model (``model.memory.MemoryStore``), with
+every decision taken inside one transaction: the job row is locked (``FOR UPDATE``), the
+lease is checked, and the writing statement carries the fence again in its ``WHERE``.
+``lease_next`` claims with ``FOR UPDATE SKIP LOCKED`` over a partial index of active
+jobs, so many workers claim in parallel without waiting for each other.
+
+**The one clock rule.** With ``clock=None``, ``now`` comes from the database server's
+clock, read once at the start of every transaction, so workers on machines with skewed
+clocks agree on lease expiry. With an injected clock, that clock is used throughout
+(read once per transaction, passed as a bound parameter) and the server's clock is not
+consulted. Lease times (``expires_at``, ``run_at``) are seconds since the epoch in
+whichever clock is in use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+
+from psycopg.rows import DictRow
+
+from impl.postgres import queries as q
+from impl.postgres.database import Database, Tx
+from impl.postgres.effect import EffectRunner
+from impl.postgres.rows import effect_info, history_event, job_info, lease_of, lease_row, locked_job
+from model.clock import Clock
+from model.config import Config
+from model.errors import (
+    ConfigError,
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidInput,
+    LeaseLost,
+    UnknownJob,
+    UnknownWorkflow,
+    WorkflowConflict,
+)
+from model.key import Scalar, canon, check_scalars, job_key
+from model.memory import check_int, check_seconds, encode_payload, exhausted_message
+from model.record import (
+    JSON,
+    EffectInfo,
+    Event,
+    HistoryEvent,
+    JobInfo,
+    Lease,
+    LeaseRow,
+    Plan,
+    ReconcileReport,
+    Stats,
+)
+from model.store import EffectFn, OnDoubt
+from model.workflow import DOWNLOAD, Workflow
+
+URL_PREFIXES = ("postgresql://", "postgres://")
+
+
+class PostgresStore:
+    """The ledger in a PostgreSQL schema (``config.postgres_schema``), via a pool.
+
+    Args:
+        url: a ``postgresql://`` URL.
+        clock: seconds as float; None (the default) uses the database server's clock.
+        config: tunables; default :class:`Config`.
+
+    Raises:
+        ConfigError: ``url`` is not a PostgreSQL URL.
+        StorageError: the server cannot be reached or the schema cannot be migrated.
+        SchemaVersionError: the schema is newer than this code.
+    """
+
+    def __init__(
+        self, url: str, *, clock: Clock | None = None, config: Config | None = None
+    ) -> None:
+        if not isinstance(url, str) or not url.startswith(URL_PREFIXES):
+            raise ConfigError(
+                f"PostgresStore needs a postgresql:// URL, got {url!r}; for a file use "
+                "impl.open_store(path)"
+            )
+        self.config = config if config is not None else Config()
+        self.clock = clock
+        self._db = Database(
+            url, schema=self.config.postgres_schema, clock=clock, config=self.config
+        )
+        self._flows: dict[str, Workflow] = {}
+        self._effects = EffectRunner(self._db, self.config)
+        try:
+            self._db.write("register", lambda tx: self._register(tx, DOWNLOAD), failpoints=False)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool; later calls raise ``StorageError``."""
+        self._db.close()
+
+    # -- workflows -----------------------------------------------------------------
+
+    def _flow(self, tx: Tx, kind: str) -> Workflow:
+        flow = self._flows.get(kind)
+        if flow is not None:
+            return flow
+        row = tx.one(q.WORKFLOW, {"name": kind}) if isinstance(kind, str) else None
+        if row is None:
+            known = [r["definition"] for r in tx.all(q.WORKFLOWS)]
+            names = sorted(json.loads(d)["name"] for d in known)
+            raise UnknownWorkflow(
+                f"no workflow named {kind!r} is registered; known: {names}; call "
+                "store.register(Workflow(...)) first"
+            )
+        # Registered definitions never change (a different one is refused), so caching
+        # them for the life of the store is safe across processes.
+        flow = Workflow.from_definition(json.loads(row["definition"]))
+        self._flows[kind] = flow
+        return flow
+
+    def _register(self, tx: Tx, workflow: Workflow) -> None:
+        definition = canon(workflow.definition()).decode("utf-8")
+        params = {
+            "name": workflow.name,
+            "definition": definition,
+            "initial": workflow.initial,
+            "failed": workflow.failed,
+        }
+        if tx.one(q.INSERT_WORKFLOW, params) is not None:
+            for state in workflow.states:
+                tx.run(
+                    q.INSERT_STATE,
+                    {
+                        "kind": workflow.name,
+                        "state": state,
+                        "terminal": workflow.is_terminal(state),
+                    },
+                )
+            for src, dst in sorted(workflow.transitions):
+                tx.run(q.INSERT_EDGE, {"kind": workflow.name, "src": src, "dst": dst})
+            return
+        known = self._flow(tx, workflow.name)
+        if known != workflow:
+            raise WorkflowConflict(
+                f"workflow {workflow.name!r} is already registered with a different "
+                f"definition (stored: {known.definition()}, given: {workflow.definition()}); "
+                "use a new name for a changed workflow"
+            )
+
+    def register(self, workflow: Workflow) -> None:
+        """Register ``workflow``; identical re-registration is a no-op.
+
+        Raises:
+            WorkflowConflict: the name is registered with a different definition.
+        """
+        self._db.check_open()
+        if not isinstance(workflow, Workflow):
+            raise InvalidInput(f"register needs a Workflow, got {type(workflow).__name__}")
+        self._db.write("register", lambda tx: self._register(tx, workflow))
+
+    def workflow(self, name: str) -> Workflow:
+        """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
+        return self._db.read("workflow", lambda tx: self._flow(tx, name))
+
+    def workflows(self) -> list[Workflow]:
+        """Return every registered workflow, sorted by name."""
+
+        def body(tx: Tx) -> list[Workflow]:
+            rows = tx.all(q.WORKFLOWS)
+            return [Workflow.from_definition(json.loads(r["definition"])) for r in rows]
+
+        return self._db.read("workflows", body)
+
+    # -- planning ------------------------------------------------------------------
+
+    def plan(
+        self,
+        kind: str,
+        identity: Mapping[str, Scalar],
+        *,
+        payload: JSON = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        run_at: float | None = None,
+    ) -> str:
+        """Plan a job idempotently; return its id (the job key).
+
+        Raises:
+            UnknownWorkflow: ``kind`` is not registered.
+            InvalidIdentity: the identity is not str -> scalar.
+            IdempotencyConflict: the job exists with a different payload.
+        """
+        item = Plan(
+            identity, payload=payload, priority=priority, max_attempts=max_attempts, run_at=run_at
+        )
+        return self._db.write("plan", lambda tx: self._plan(tx, kind, [item]))[0]
+
+    def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
+        """Plan many jobs in one transaction, all or nothing; return ids in item order."""
+        plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
+        return self._db.write("plan_many", lambda tx: self._plan(tx, kind, plans))
+
+    def _plan(self, tx: Tx, kind: str, items: list[Plan]) -> list[str]:
+        flow = self._flow(tx, kind)
+        ids = []
+        for item in items:
+            jid = job_key(kind, item.identity)
+            text = encode_payload(item.payload)
+            check_int(item.priority, name="priority")
+            if item.max_attempts is not None:
+                check_int(item.max_attempts, name="max_attempts", minimum=1)
+            if item.run_at is not None:
+                check_seconds(item.run_at, name="run_at")
+            ident = check_scalars(item.identity, what="identity")
+            inserted = tx.one(
+                q.INSERT_JOB,
+                {
+                    "job_id": jid,
+                    "kind": kind,
+                    "identity": canon(ident).decode("utf-8"),
+                    "payload": text,
+                    "state": flow.initial,
+                    "max_attempts": (
+                        item.max_attempts
+                        if item.max_attempts is not None
+                        else self.config.max_attempts
+                    ),
+                    "priority": item.priority,
+                    "run_at": float(item.run_at) if item.run_at is not None else tx.now,
+                    "now": tx.now,
+                },
+            )
+            if inserted is not None:
+                tx.log(jid, Event.PLANNED, token=0, worker=None)
+            else:
+                stored = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
+                assert stored is not None
+                if stored["payload"] != text:
+                    raise IdempotencyConflict(
+                        f"job {jid} ({kind} {dict(item.identity)}) is already planned with "
+                        f"payload {stored['payload']}, not {text}; a job's payload is fixed at "
+                        "planning: plan a different identity, or keep the payload"
+                    )
+            ids.append(jid)
+        return ids
+
+    # -- leases --------------------------------------------------------------------
+
+    def lease_next(
+        self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
+    ) -> Lease | None:
+        """Lease the eligible job that comes first by (priority desc, run_at, planned order).
+
+        A job met with no attempts left enters the failed state and the search goes on.
+        Claims skip rows other workers are locking, so concurrent callers never wait on
+        each other and never get the same job.
+        """
+        self._db.check_open()
+        if not isinstance(worker, str) or not worker:
+            raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
+        seconds = check_seconds(
+            self.config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+        )
+        if isinstance(kinds, str):
+            raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
+        wanted = None if kinds is None else list(kinds)
+
+        def body(tx: Tx) -> Lease | None:
+            params = {"now": tx.now, "kinds": wanted}
+            query = q.NEXT_ANY if wanted is None else q.NEXT_OF_KINDS
+            while True:
+                row = tx.one(query, params)
+                if row is None:
+                    return None
+                if row["lease_worker"] is not None:
+                    tx.log(
+                        row["job_id"], Event.EXPIRED, token=row["token"], worker=row["lease_worker"]
+                    )
+                    tx.run(q.CLEAR_EXPIRED_LEASE, {**_key(row), "now": tx.now})
+                if row["attempts"] >= row["max_attempts"]:
+                    self._exhaust(tx, row)
+                    continue
+                granted = tx.one(
+                    q.GRANT,
+                    {**_key(row), "worker": worker, "expires_at": tx.now + seconds, "now": tx.now},
+                )
+                assert granted is not None, "the row is locked by this transaction"
+                tx.log(granted["job_id"], Event.LEASED, token=granted["token"], worker=worker)
+                return lease_of(granted)
+
+        return self._db.write("lease_next", body)
+
+    def _exhaust(self, tx: Tx, row: DictRow) -> None:
+        flow = self._flow(tx, row["kind"])
+        error = exhausted_message(row["attempts"], row["max_attempts"])
+        tx.run(q.ENTER_FAILED, {**_key(row), "failed": flow.failed, "error": error, "now": tx.now})
+        tx.log(
+            row["job_id"], Event.FAILED, token=row["token"], worker=None, detail={"error": error}
+        )
+
+    def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend the live lease to now + ttl (the default TTL when None)."""
+        self._db.check_open()
+        seconds = check_seconds(
+            self.config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+        )
+
+        def body(tx: Tx) -> Lease:
+            lease_, row = locked_job(tx, lease, "renew")
+            renewed = tx.one(q.RENEW, {**_fence(tx, lease_), "expires_at": tx.now + seconds})
+            _fenced(renewed, lease_, row, "renew")
+            assert renewed is not None
+            tx.log(row["job_id"], Event.RENEWED, token=row["token"], worker=renewed["lease_worker"])
+            return lease_of(renewed)
+
+        return self._db.write("renew", body)
+
+    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
+        """Give the job back unfinished; the attempt is returned, eligible after ``delay``."""
+        self._db.check_open()
+        seconds = check_seconds(delay, name="delay")
+
+        def body(tx: Tx) -> None:
+            lease_, row = locked_job(tx, lease, "release")
+            done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
+            _fenced(done, lease_, row, "release")
+            tx.log(row["job_id"], Event.RELEASED, token=row["token"], worker=row["lease_worker"])
+
+        self._db.write("release", body)
+
+    def advance(self, lease: Lease, to_state: str) -> bool:
+        """Follow one declared edge to ``to_state``; False for a state already reached.
+
+        Raises:
+            LeaseLost: the lease is stale or expired.
+            IllegalTransition: ``to_state`` is unknown, the failed state, or not reachable
+                by one declared edge from the current state.
+        """
+        self._db.check_open()
+
+        def body(tx: Tx) -> bool:
+            lease_, row = locked_job(tx, lease, "advance")
+            flow = self._flow(tx, row["kind"])
+            job_id, state = row["job_id"], row["state"]
+            if to_state not in flow.states:
+                raise IllegalTransition(
+                    f"advance of job {job_id} to {to_state!r}: not a state of workflow "
+                    f"{flow.name!r} (states: {list(flow.states)})"
+                )
+            if to_state == flow.failed:
+                raise IllegalTransition(
+                    f"advance of job {job_id} to the failed state {to_state!r}: use "
+                    "store.fail(lease, error) or store.cancel(job_id, reason)"
+                )
+            if to_state == state or to_state in flow.ancestors()[state]:
+                return False
+            if (state, to_state) not in flow.transitions:
+                nexts = sorted(flow.successors()[state])
+                raise IllegalTransition(
+                    f"advance of job {job_id} from {state!r} to {to_state!r}: no such "
+                    f"edge in workflow {flow.name!r}; from {state!r} it can go to {nexts}"
+                )
+            moved = tx.one(
+                q.ADVANCE,
+                {
+                    **_fence(tx, lease_),
+                    "to_state": to_state,
+                    "from_state": state,
+                    "ends": flow.is_terminal(to_state),
+                },
+            )
+            _fenced(moved, lease_, row, "advance")
+            tx.log(
+                job_id,
+                Event.ADVANCED,
+                token=row["token"],
+                worker=row["lease_worker"],
+                detail={"from": state, "to": to_state},
+            )
+            return True
+
+        return self._db.write("advance", body)
+
+    # -- effects -------------------------------------------------------------------
+
+    def run_effect(
+        self,
+        lease: Lease,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON:
+        """Run ``fn`` once per op key and record its result; replay a recorded result.
+
+        The start is committed before ``fn`` runs and the result is recorded, fenced by
+        the lease, after; no transaction is open while ``fn`` (or an ``on_doubt`` probe)
+        runs.
+
+        Raises:
+            LeaseLost: before ``fn`` runs, or after, when the result cannot be recorded
+                because the lease died meanwhile (the op is then in doubt).
+            EffectInDoubt: a start of a dead lease and ``on_doubt="raise"``.
+            EffectResultError: ``fn`` returned something that is not JSON or is too large.
+        """
+        self._db.check_open()
+        return self._effects.run(lease, op, fn, extras=extras, on_doubt=on_doubt)
+
+    # -- failure and operator actions ----------------------------------------------
+
+    def fail(
+        self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
+    ) -> None:
+        """Record a failed attempt: eligible again after a backoff while attempts remain,
+        else the job enters its workflow's failed state with ``error`` kept."""
+        self._db.check_open()
+        if not isinstance(error, str):
+            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        seconds = None if delay is None else check_seconds(delay, name="delay")
+
+        def body(tx: Tx) -> None:
+            lease_, row = locked_job(tx, lease, "fail")
+            worker = row["lease_worker"]
+            if retryable and row["attempts"] < row["max_attempts"]:
+                wait = self.config.backoff(row["attempts"]) if seconds is None else seconds
+                run_at = tx.now + wait
+                done = tx.one(
+                    q.FAIL_LATER, {**_fence(tx, lease_), "run_at": run_at, "error": error}
+                )
+                _fenced(done, lease_, row, "fail")
+                tx.log(
+                    row["job_id"],
+                    Event.FAILED,
+                    token=row["token"],
+                    worker=worker,
+                    detail={"error": error, "retry_at": run_at},
+                )
+                return
+            flow = self._flow(tx, row["kind"])
+            done = tx.one(
+                q.FAIL_FINAL, {**_fence(tx, lease_), "failed": flow.failed, "error": error}
+            )
+            _fenced(done, lease_, row, "fail")
+            tx.log(
+                row["job_id"],
+                Event.FAILED,
+                token=row["token"],
+                worker=worker,
+                detail={"error": error},
+            )
+
+        self._db.write("fail", body)
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Operator: move the job into the failed state, fencing out any lease holder."""
+        self._db.check_open()
+        if not isinstance(reason, str):
+            raise InvalidInput(f"reason must be a str, got {type(reason).__name__}")
+
+        def body(tx: Tx) -> None:
+            row = _locked(tx, job_id)
+            flow = self._flow(tx, row["kind"])
+            if row["state"] == flow.failed:
+                return
+            if flow.is_terminal(row["state"]):
+                raise IllegalTransition(
+                    f"cancel of job {job_id}: it already finished in terminal state "
+                    f"{row['state']!r}; only unfinished jobs can be cancelled"
+                )
+            new = tx.one(
+                q.CANCEL,
+                {
+                    "job_id": job_id,
+                    "from_state": row["state"],
+                    "failed": flow.failed,
+                    "reason": reason,
+                    "now": tx.now,
+                },
+            )
+            assert new is not None, "the row is locked by this transaction"
+            tx.log(
+                job_id,
+                Event.CANCELLED,
+                token=new["token"],
+                worker=None,
+                detail={"reason": reason},
+            )
+
+        self._db.write("cancel", body)
+
+    def retry(self, job_id: str) -> None:
+        """Operator: move a failed job back to the state it failed in, attempts reset."""
+        self._db.check_open()
+
+        def body(tx: Tx) -> None:
+            row = _locked(tx, job_id)
+            flow = self._flow(tx, row["kind"])
+            if row["state"] != flow.failed:
+                raise IllegalTransition(
+                    f"retry of job {job_id}: it is in state {row['state']!r}, not the failed "
+                    f"state {flow.failed!r}; only failed jobs can be retried"
+                )
+            back = row["failed_from"] if row["failed_from"] is not None else flow.initial
+            new = tx.one(
+                q.RETRY, {"job_id": job_id, "to_state": back, "failed": flow.failed, "now": tx.now}
+            )
+            assert new is not None, "the row is locked by this transaction"
+            tx.log(
+                job_id,
+                Event.RETRIED,
+                token=new["token"],
+                worker=None,
+                detail={"from": flow.failed, "to": back},
+            )
+
+        self._db.write("retry", body)
+
+    # -- reconcile -----------------------------------------------------------------
+
+    def reconcile(self, *, dry_run: bool = False) -> ReconcileReport:
+        """Expire dead leases, mark their starts in doubt, fail exhausted jobs; one pass.
+
+        With ``dry_run`` the same pass runs in a transaction that is rolled back, so the
+        report says what it would do and nothing changes.
+        """
+
+        def body(tx: Tx) -> ReconcileReport:
+            expired = len(tx.all(q.EXPIRE_DEAD_LEASES, {"now": tx.now}))
+            doubted = len(tx.all(q.DOUBT_DEAD_STARTS, {"now": tx.now}))
+            exhausted = tx.all(q.EXHAUSTED, {"now": tx.now})
+            for row in exhausted:
+                self._exhaust(tx, row)
+            return ReconcileReport(
+                leases_expired=expired, effects_in_doubt=doubted, jobs_failed=len(exhausted)
+            )
+
+        if dry_run:
+            return self._db.dry("reconcile", body)
+        return self._db.write("reconcile", body)
+
+    # -- reads ---------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Return the store's current time: the injected clock's, else the server's.
+
+        Use it to show how long a lease has left: with the server's clock, the local
+        clock may be skewed.
+        """
+        return self._db.read("now", lambda tx: tx.now)
+
+    def state(self, job_id: str) -> str:
+        """Return the job's current state."""
+        return self._db.read("state", lambda tx: _job_row(tx, job_id)["state"])  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> JobInfo:
+        """Return a snapshot of the job."""
+        return self._db.read("job", lambda tx: job_info(_job_row(tx, job_id), tx.now))
+
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[JobInfo]:
+        """List jobs in planned order (or newest first), filtered by state and kind."""
+        self._db.check_open()
+        if limit is not None:
+            check_int(limit, name="limit", minimum=0)
+        query = q.JOBS_NEWEST if newest_first else q.JOBS
+
+        def body(tx: Tx) -> list[JobInfo]:
+            rows = tx.all(query, {"state": state, "kind": kind, "limit": limit})
+            return [job_info(r, tx.now) for r in rows]
+
+        return self._db.read("jobs", body)
+
+    def leases(self) -> list[LeaseRow]:
+        """List leases that are set (live, or expired and not yet reconciled)."""
+        return self._db.read("leases", lambda tx: [lease_row(r, tx.now) for r in tx.all(q.LEASES)])
+
+    def effects(self, job_id: str) -> list[EffectInfo]:
+        """List the job's effects in the order they were first started."""
+
+        def body(tx: Tx) -> list[EffectInfo]:
+            _job_row(tx, job_id)
+            return [effect_info(r) for r in tx.all(q.EFFECTS, {"job_id": job_id})]
+
+        return self._db.read("effects", body)
+
+    def history(self, job_id: str) -> list[HistoryEvent]:
+        """Return the job's history, oldest first."""
+
+        def body(tx: Tx) -> list[HistoryEvent]:
+            _job_row(tx, job_id)
+            return [history_event(r) for r in tx.all(q.HISTORY, {"job_id": job_id})]
+
+        return self._db.read("history", body)
+
+    def stats(self) -> Stats:
+        """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
+
+        def body(tx: Tx) -> Stats:
+            flows = [
+                Workflow.from_definition(json.loads(r["definition"])) for r in tx.all(q.WORKFLOWS)
+            ]
+            by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
+            for row in tx.all(q.COUNTS):
+                by_state[row["kind"]][row["state"]] = row["count"]
+            s = tx.one(q.SUMMARY, {"now": tx.now})
+            assert s is not None
+            oldest = s["oldest_run_at"]
+            return Stats(
+                by_state=by_state,
+                leases_live=s["leases_live"],
+                leases_expired=s["leases_expired"],
+                in_doubt=s["in_doubt"],
+                failed=s["failed"],
+                oldest_eligible_age=None if oldest is None else tx.now - oldest,
+            )
+
+        return self._db.read("stats", body)
+
+
+def _key(row: DictRow) -> dict[str, object]:
+    return {"job_id": row["job_id"], "token": row["token"]}
+
+
+def _fence(tx: Tx, lease: Lease) -> dict[str, object]:
+    return {"job_id": lease.job_id, "token": lease.token, "now": tx.now}
+
+
+def _fenced(written: DictRow | None, lease: Lease, row: DictRow, op: str) -> None:
+    """Raise ``LeaseLost`` when a fenced statement changed nothing."""
+    if written is None:
+        raise LeaseLost(lease.job_id, lease.token, row["token"], "the fence refused it", op)
+
+
+def _job_row(tx: Tx, job_id: str) -> DictRow:
+    row = tx.one(q.JOB, {"job_id": job_id}) if isinstance(job_id, str) else None
+    if row is None:
+        raise UnknownJob(job_id)
+    return row
+
+
+def _locked(tx: Tx, job_id: str) -> DictRow:
+    row = tx.one(q.JOB_FOR_UPDATE, {"job_id": job_id}) if isinstance(job_id, str) else None
+    if row is None:
+        raise UnknownJob(job_id)
+    return row

@@ -1,0 +1,177 @@
+"""SQLite connections: opening them, their pragmas, transactions and error translation.
+
+Pragmas are per connection, so :func:`open_connection` applies them to every connection
+it opens. Writes always run in :func:`transaction`, which issues ``BEGIN IMMEDIATE``
+itself (the driver's implicit transactions are off): a deferred transaction that reads
+and then writes fails at once with ``SQLITE_BUSY_SNAPSHOT`` whatever the busy timeout,
+while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns every
+``sqlite3`` exception into the typed errors of ``model.errors``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from impl import failpoint
+from impl.sqlite import queries as q
+from model.clock import Clock
+from model.config import Config
+from model.errors import (
+    DatabaseCorrupt,
+    DatabaseFull,
+    DatabaseLocked,
+    DatabaseReadOnly,
+    IllegalTransition,
+    JobledgerError,
+    StorageError,
+)
+
+# Primary result codes (the low byte of an extended code), from sqlite3.h.
+_BUSY = 5
+_LOCKED = 6
+_READONLY = 8
+_INTERRUPT = 9
+_CORRUPT = 11
+_FULL = 13
+_CANTOPEN = 14
+_CONSTRAINT = 19
+_NOTADB = 26
+
+
+def open_connection(path: Path, config: Config) -> sqlite3.Connection:
+    """Open a connection to ``path`` with jobledger's pragmas applied.
+
+    The busy timeout is set first (through the driver's ``timeout``) so that switching to
+    WAL waits for a concurrent opener instead of failing.
+
+    Raises:
+        StorageError: (a subclass where one fits) if the file cannot be opened or is not
+            a database.
+    """
+    with translated(f"open {path}"):
+        conn = sqlite3.connect(
+            path,
+            timeout=config.busy_timeout,
+            isolation_level=None,
+            check_same_thread=True,
+        )
+        try:
+            conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall()
+            conn.execute(q.PRAGMA_SYNCHRONOUS[config.sqlite_synchronous])
+            conn.execute(q.PRAGMA_FOREIGN_KEYS_ON)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, op: str) -> Iterator[sqlite3.Connection]:
+    """Run the body in one ``BEGIN IMMEDIATE`` transaction named ``op`` for failpoints.
+
+    Hits ``{op}.before_tx``, ``{op}.before_commit`` and ``{op}.after_commit``; rolls back
+    on any exception (``BaseException`` too: a simulated crash must not leave a
+    transaction open on a connection that a test goes on using).
+    """
+    failpoint.hit(f"{op}.before_tx")
+    conn.execute(q.BEGIN_IMMEDIATE)
+    try:
+        yield conn
+        failpoint.hit(f"{op}.before_commit")
+        conn.execute(q.COMMIT)
+    except BaseException:
+        if conn.in_transaction:
+            _rollback_quietly(conn)
+        raise
+    failpoint.hit(f"{op}.after_commit")
+
+
+@contextmanager
+def write(conn: sqlite3.Connection, op: str, clock: Clock) -> Iterator[float]:
+    """Run the body in :func:`transaction` with errors translated; yield ``now``.
+
+    The clock is read once, after the write lock is held, so a call that waited for the
+    lock does not act on a time from before it waited.
+    """
+    with translated(op), transaction(conn, op):
+        yield clock()
+
+
+@contextmanager
+def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """Run several reads against one consistent snapshot (a read-only transaction)."""
+    conn.execute(q.BEGIN_DEFERRED)
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            _rollback_quietly(conn)
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    # A failed rollback (e.g. after SQLITE_FULL SQLite may have rolled back already) must
+    # not hide the error that caused it.
+    with suppress(sqlite3.Error):
+        conn.execute(q.ROLLBACK)
+
+
+@contextmanager
+def translated(asked: str) -> Iterator[None]:
+    """Translate ``sqlite3`` exceptions raised in the body into ``model.errors``.
+
+    ``asked`` names the operation for the message ("plan", "open /path", ...).
+    """
+    try:
+        yield
+    except JobledgerError:
+        raise
+    except sqlite3.Error as exc:
+        raise translate(exc, asked) from exc
+
+
+def translate(exc: sqlite3.Error, asked: str) -> StorageError | IllegalTransition:
+    """Return the typed error for the ``sqlite3`` exception ``exc`` raised by ``asked``."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    primary = code & 0xFF if isinstance(code, int) else None
+    text = str(exc)
+    found = f"SQLite said {text!r} ({name})"
+    if primary in (_BUSY, _LOCKED):
+        return DatabaseLocked(
+            f"{asked}: the database stayed locked past the busy timeout; {found}. Another "
+            "process holds a long write transaction: retry later or raise busy_timeout"
+        )
+    if primary in (_CORRUPT, _NOTADB) or "file is not a database" in text:
+        return DatabaseCorrupt(
+            f"{asked}: the file is not a jobledger database or is damaged; {found}. Check "
+            "the path; restore the file from a backup if it was a database"
+        )
+    if primary == _FULL:
+        return DatabaseFull(
+            f"{asked}: the database or disk is full; {found}. Nothing of this call was "
+            "written; free disk space (or raise the page limit) and retry"
+        )
+    if primary == _READONLY or "readonly database" in text:
+        return DatabaseReadOnly(
+            f"{asked}: the database refuses writes; {found}. Open it from a writable "
+            "location with write permission, without query_only"
+        )
+    if primary == _CONSTRAINT and "illegal state transition" in text:
+        return IllegalTransition(
+            f"{asked}: the database rejected a state change; {found}. Only declared edges "
+            "of the job's workflow may be followed"
+        )
+    if primary == _INTERRUPT:
+        return StorageError(
+            f"{asked}: the statement was interrupted; {found}. Nothing of this call was "
+            "written; retry it"
+        )
+    if primary == _CANTOPEN:
+        return StorageError(
+            f"{asked}: the database file cannot be opened; {found}. Check that the "
+            "directory exists and is writable"
+        )
+    return StorageError(f"{asked}: the database call failed; {found}")

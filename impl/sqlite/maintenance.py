@@ -1,0 +1,118 @@
+"""Maintenance of the SQLite ledger: failing exhausted jobs, reconcile, and stats.
+
+``reconcile`` makes one pass in the order the semantics fix (expire dead leases, mark
+their starts in doubt, fail jobs with no attempts left) inside one write transaction;
+its dry run counts the same three sets in a read snapshot and writes nothing. ``stats``
+reads one snapshot too, so its counts agree with each other.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from impl.sqlite import queries as q
+from impl.sqlite.catalog import Catalog
+from impl.sqlite.connection import snapshot, translated, write
+from impl.sqlite.row import add_history, history_params
+from model.clock import Clock
+from model.memory import exhausted_message
+from model.record import Event, ReconcileReport, Stats
+from model.workflow import Workflow
+
+
+def enter_failed(
+    conn: sqlite3.Connection,
+    workflow: Workflow,
+    job_id: str,
+    token: int,
+    error: str,
+    *,
+    now: float,
+    worker: str | None = None,
+) -> None:
+    """Move a non-terminal job into its failed state, keeping the token; record FAILED."""
+    conn.execute(
+        q.ENTER_FAILED,
+        {"failed": workflow.failed, "error": error, "now": now, "job_id": job_id},
+    )
+    add_history(conn, job_id, now, Event.FAILED, token, worker=worker, detail={"error": error})
+
+
+def reconcile(
+    conn: sqlite3.Connection, clock: Clock, catalog: Catalog, *, dry_run: bool = False
+) -> ReconcileReport:
+    """Run one reconcile pass (or count what it would do) and report the counts."""
+    if dry_run:
+        with translated("reconcile"), snapshot(conn):
+            now = clock()
+            params = {"now": now}
+            return ReconcileReport(
+                leases_expired=_count(conn, q.COUNT_EXPIRED_LEASES, params),
+                effects_in_doubt=_count(conn, q.COUNT_DEAD_STARTS, params),
+                jobs_failed=_count(conn, q.COUNT_EXHAUSTED, params),
+            )
+    with write(conn, "reconcile", clock) as now:
+        params = {"now": now}
+        expired = conn.execute(q.SELECT_EXPIRED_LEASES, params).fetchall()
+        conn.executemany(
+            q.EXPIRE_LEASE,
+            [{"now": now, "job_id": job_id, "token": token} for job_id, token, _ in expired],
+        )
+        conn.executemany(
+            q.INSERT_HISTORY,
+            [
+                history_params(job_id, now, Event.EXPIRED, token, worker=worker)
+                for job_id, token, worker in expired
+            ],
+        )
+        starts = conn.execute(q.SELECT_DEAD_STARTS, params).fetchall()
+        conn.executemany(
+            q.MARK_START_IN_DOUBT,
+            [{"op_key": key, "token": token} for key, _, _, token, _, _ in starts],
+        )
+        conn.executemany(
+            q.INSERT_HISTORY,
+            [
+                history_params(
+                    job_id, now, Event.EFFECT_IN_DOUBT, job_token, worker=by, detail={"op": op}
+                )
+                for _, job_id, op, _, by, job_token in starts
+            ],
+        )
+        exhausted = conn.execute(q.SELECT_EXHAUSTED, params).fetchall()
+        for job_id, kind, token, attempts, max_attempts in exhausted:
+            enter_failed(
+                conn,
+                catalog.get(conn, kind),
+                job_id,
+                token,
+                exhausted_message(attempts, max_attempts),
+                now=now,
+            )
+    return ReconcileReport(
+        leases_expired=len(expired), effects_in_doubt=len(starts), jobs_failed=len(exhausted)
+    )
+
+
+def stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
+    """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+    with translated("stats"), snapshot(conn):
+        now = clock()
+        params = {"now": now}
+        by_state = {w.name: dict.fromkeys(w.states, 0) for w in catalog.all(conn)}
+        for kind, state, count in conn.execute(q.SELECT_STATE_COUNTS):
+            by_state.setdefault(str(kind), {})[str(state)] = int(count)
+        live, expired = conn.execute(q.COUNT_LEASES, params).fetchone()
+        oldest = conn.execute(q.OLDEST_ELIGIBLE_RUN_AT, params).fetchone()[0]
+        return Stats(
+            by_state=by_state,
+            leases_live=int(live),
+            leases_expired=int(expired),
+            in_doubt=_count(conn, q.COUNT_IN_DOUBT, params),
+            failed=_count(conn, q.COUNT_FAILED, {}),
+            oldest_eligible_age=None if oldest is None else now - float(oldest),
+        )
+
+
+def _count(conn: sqlite3.Connection, sql: str, params: dict[str, float]) -> int:
+    return int(conn.execute(sql, params).fetchone()[0])

@@ -1,0 +1,266 @@
+"""Every SQL statement the SQLite backend runs, as named constants.
+
+Runtime code formats no SQL: values are always bound parameters, and the few statements
+that differ only in shape (an optional ``kind`` filter, the sort direction, a pragma
+value) are separate constants chosen by name. ``JOB_COLUMNS`` is the one column list that
+:func:`impl.sqlite.row.job_row` decodes.
+"""
+
+from __future__ import annotations
+
+# -- transactions -----------------------------------------------------------------------
+
+BEGIN_IMMEDIATE = "BEGIN IMMEDIATE"
+BEGIN_DEFERRED = "BEGIN DEFERRED"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
+# -- pragmas (applied on every connection) ----------------------------------------------
+
+PRAGMA_JOURNAL_WAL = "PRAGMA journal_mode = WAL"
+PRAGMA_FOREIGN_KEYS_ON = "PRAGMA foreign_keys = ON"
+PRAGMA_SYNCHRONOUS = {
+    "OFF": "PRAGMA synchronous = OFF",
+    "NORMAL": "PRAGMA synchronous = NORMAL",
+    "FULL": "PRAGMA synchronous = FULL",
+    "EXTRA": "PRAGMA synchronous = EXTRA",
+}
+PRAGMA_BUSY_TIMEOUT_QUERY = "PRAGMA busy_timeout"
+
+# -- schema bookkeeping -----------------------------------------------------------------
+
+MIGRATIONS_TABLE_EXISTS = (
+    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+)
+SELECT_SCHEMA_VERSION = "SELECT max(version) FROM schema_migrations"
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    applied_at REAL NOT NULL
+)
+"""
+INSERT_MIGRATION = "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)"
+
+# -- workflows --------------------------------------------------------------------------
+
+SELECT_WORKFLOWS = "SELECT name, definition FROM workflows ORDER BY name"
+SELECT_WORKFLOW = "SELECT definition FROM workflows WHERE name = ?"
+INSERT_WORKFLOW = "INSERT INTO workflows (name, definition, initial, failed) VALUES (?, ?, ?, ?)"
+INSERT_WORKFLOW_STATE = "INSERT INTO workflow_states (kind, state, terminal) VALUES (?, ?, ?)"
+INSERT_WORKFLOW_EDGE = "INSERT INTO workflow_edges (kind, src, dst) VALUES (?, ?, ?)"
+
+# -- jobs -------------------------------------------------------------------------------
+
+JOB_COLUMNS = (
+    "job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at, "
+    "token, lease_worker, lease_expires_at, last_error, failed_from, created_at, "
+    "updated_at, seq"
+)
+
+SELECT_JOB = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE job_id = ?"
+SELECT_JOB_STATE = "SELECT state FROM jobs WHERE job_id = ?"
+JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = ?"
+SELECT_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = ?"
+
+INSERT_JOB = """
+INSERT INTO jobs (
+    job_id, seq, kind, identity, payload, state, terminal, attempts, max_attempts,
+    priority, run_at, token, created_at, updated_at
+) VALUES (
+    ?, (SELECT coalesce(max(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?
+)
+"""
+
+# lease_next's candidates, in two index-friendly halves (an OR of "no lease" and "expired
+# lease" would defeat both indexes): the first unleased row, walking the partial index
+# jobs_claim in lease_next's own order; and the first row whose lease expired, from the
+# (usually tiny) expired range of jobs_lease. The store takes the earlier of the two.
+SELECT_CANDIDATE = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_claim"
+    " WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now"
+    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+)
+SELECT_EXPIRED_CANDIDATE = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_lease"
+    " WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now"
+    " AND terminal = 0 AND run_at <= :now"
+    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+)
+SELECT_CANDIDATE_OF_KINDS = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_claim"
+    " WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now"
+    " AND kind IN (SELECT value FROM json_each(:kinds))"
+    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+)
+SELECT_EXPIRED_CANDIDATE_OF_KINDS = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_lease"
+    " WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now"
+    " AND terminal = 0 AND run_at <= :now"
+    " AND kind IN (SELECT value FROM json_each(:kinds))"
+    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+)
+
+GRANT_LEASE = """
+UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
+    lease_expires_at = :expires_at, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+RETURNING token, attempts
+"""
+RENEW_LEASE = """
+UPDATE jobs SET lease_expires_at = :expires_at, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+RELEASE_LEASE = """
+UPDATE jobs SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at = NULL,
+    run_at = :run_at, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+ADVANCE_KEEP_LEASE = """
+UPDATE jobs SET state = :state, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+ADVANCE_TO_TERMINAL = """
+UPDATE jobs SET state = :state, terminal = 1, lease_worker = NULL, lease_expires_at = NULL,
+    updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+RETRY_LATER = """
+UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, run_at = :run_at,
+    last_error = :error, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+# SET expressions read the old row, so failed_from = state keeps the state left behind.
+ENTER_FAILED = """
+UPDATE jobs SET state = :failed, terminal = 1, failed_from = state, last_error = :error,
+    lease_worker = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE job_id = :job_id AND terminal = 0
+"""
+CANCEL_JOB = """
+UPDATE jobs SET state = :failed, terminal = 1, failed_from = state, last_error = :error,
+    token = token + 1, lease_worker = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE job_id = :job_id AND terminal = 0
+RETURNING token
+"""
+RETRY_JOB = """
+UPDATE jobs SET state = failed_from, terminal = 0, attempts = 0, token = token + 1,
+    run_at = :now, lease_worker = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE job_id = :job_id AND state = :failed
+RETURNING token, state
+"""
+EXPIRE_LEASE = """
+UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE job_id = :job_id AND token = :token
+"""
+
+# -- reconcile --------------------------------------------------------------------------
+
+SELECT_EXPIRED_LEASES = """
+SELECT job_id, token, lease_worker FROM jobs INDEXED BY jobs_lease
+WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now
+ORDER BY lease_expires_at, seq
+"""
+COUNT_EXPIRED_LEASES = """
+SELECT count(*) FROM jobs INDEXED BY jobs_lease
+WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now
+"""
+# A start is dead when its token is no longer the job's, or the job has no live lease.
+SELECT_DEAD_STARTS = """
+SELECT e.op_key, e.job_id, e.op, e.token, e.started_by, j.token
+FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
+WHERE e.status = 'started'
+  AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now)
+ORDER BY j.seq, e.seq
+"""
+COUNT_DEAD_STARTS = """
+SELECT count(*) FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
+WHERE e.status = 'started'
+  AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now)
+"""
+SELECT_EXHAUSTED = """
+SELECT job_id, kind, token, attempts, max_attempts FROM jobs
+WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= max_attempts
+ORDER BY seq
+"""
+COUNT_EXHAUSTED = """
+SELECT count(*) FROM jobs
+WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= max_attempts
+"""
+
+# -- effects ----------------------------------------------------------------------------
+
+EFFECT_COLUMNS = (
+    "op_key, job_id, op, extras, status, result, started_at, finished_at, token, started_by"
+)
+SELECT_EFFECT = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE op_key = ?"
+SELECT_EFFECTS_OF_JOB = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = ? ORDER BY seq"
+INSERT_EFFECT_START = """
+INSERT INTO effects (
+    op_key, job_id, op, extras, status, result, started_at, finished_at, token,
+    started_by, seq
+) VALUES (
+    :op_key, :job_id, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
+    (SELECT coalesce(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id)
+)
+"""
+RESTART_EFFECT = """
+UPDATE effects SET status = 'started', result = NULL, started_at = :now,
+    finished_at = NULL, token = :token, started_by = :worker
+WHERE op_key = :op_key AND status != 'done'
+"""
+DELETE_OWN_START = """
+DELETE FROM effects WHERE op_key = :op_key AND status = 'started' AND token = :token
+"""
+MARK_START_IN_DOUBT = """
+UPDATE effects SET status = 'in_doubt'
+WHERE op_key = :op_key AND status = 'started' AND token = :token
+"""
+RECORD_EFFECT = """
+UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token
+WHERE op_key = :op_key AND status != 'done'
+"""
+
+# -- history ----------------------------------------------------------------------------
+
+INSERT_HISTORY = """
+INSERT INTO history (job_id, at, event, token, worker, detail) VALUES (?, ?, ?, ?, ?, ?)
+"""
+SELECT_HISTORY = (
+    "SELECT job_id, at, event, token, worker, detail FROM history WHERE job_id = ? ORDER BY id"
+)
+
+# -- listings and stats -----------------------------------------------------------------
+
+SELECT_JOBS = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
+    " WHERE (:state IS NULL OR state = :state) AND (:kind IS NULL OR kind = :kind)"
+    " ORDER BY seq LIMIT :limit"
+)
+SELECT_JOBS_NEWEST_FIRST = (
+    "SELECT " + JOB_COLUMNS + " FROM jobs"
+    " WHERE (:state IS NULL OR state = :state) AND (:kind IS NULL OR kind = :kind)"
+    " ORDER BY seq DESC LIMIT :limit"
+)
+SELECT_LEASES = """
+SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs
+WHERE lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
+"""
+SELECT_STATE_COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
+COUNT_LEASES = """
+SELECT ifnull(sum(lease_expires_at > :now), 0), ifnull(sum(lease_expires_at <= :now), 0)
+FROM jobs WHERE lease_worker IS NOT NULL
+"""
+COUNT_IN_DOUBT = """
+SELECT count(*) FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
+WHERE e.status = 'in_doubt'
+   OR (e.status = 'started'
+       AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now))
+"""
+COUNT_FAILED = """
+SELECT count(*) FROM jobs AS j JOIN workflows AS w ON w.name = j.kind WHERE j.state = w.failed
+"""
+OLDEST_ELIGIBLE_RUN_AT = """
+SELECT min(run_at) FROM jobs
+WHERE terminal = 0 AND run_at <= :now AND ifnull(lease_expires_at, :now) <= :now
+  AND attempts < max_attempts
+"""

@@ -1,0 +1,66 @@
+"""Read helpers of the SQLite ledger: one job's state, listings, effects and history.
+
+Reads run outside write transactions: each helper is a single statement (an implicit,
+consistent read in WAL mode) or a short read snapshot, so they never wait for writers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from impl.sqlite import queries as q
+from impl.sqlite.connection import snapshot
+from impl.sqlite.row import effect_info, history_event, job_row, lease_row
+from model.errors import InvalidInput, UnknownJob
+from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow
+
+
+def state(conn: sqlite3.Connection, job_id: str) -> str:
+    """Return the job's current state or raise :class:`UnknownJob`."""
+    row = conn.execute(q.SELECT_JOB_STATE, (job_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(job_id)
+    return str(row[0])
+
+
+def jobs(
+    conn: sqlite3.Connection,
+    now: float,
+    *,
+    state: str | None,
+    kind: str | None,
+    limit: int | None,
+    newest_first: bool,
+) -> list[JobInfo]:
+    """List jobs in planned order (or newest first), filtered by state and kind."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InvalidInput(f"limit must be an int >= 0 or None, got {limit!r}")
+    sql = q.SELECT_JOBS_NEWEST_FIRST if newest_first else q.SELECT_JOBS
+    # LIMIT -1 is "no limit"; a limit beyond SQLite's 64-bit integers means the same.
+    bound = -1 if limit is None or limit > 2**63 - 1 else limit
+    params = {"state": state, "kind": kind, "limit": bound}
+    return [job_row(row).info(now) for row in conn.execute(sql, params)]
+
+
+def leases(conn: sqlite3.Connection, now: float) -> list[LeaseRow]:
+    """List the leases that are set, soonest expiry first."""
+    return [lease_row(row, now) for row in conn.execute(q.SELECT_LEASES)]
+
+
+def effects(conn: sqlite3.Connection, job_id: str) -> list[EffectInfo]:
+    """List the job's effects in first-start order, or raise :class:`UnknownJob`."""
+    with snapshot(conn):
+        _require(conn, job_id)
+        return [effect_info(row) for row in conn.execute(q.SELECT_EFFECTS_OF_JOB, (job_id,))]
+
+
+def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
+    """Return the job's history oldest first, or raise :class:`UnknownJob`."""
+    with snapshot(conn):
+        _require(conn, job_id)
+        return [history_event(row) for row in conn.execute(q.SELECT_HISTORY, (job_id,))]
+
+
+def _require(conn: sqlite3.Connection, job_id: str) -> None:
+    if conn.execute(q.JOB_EXISTS, (job_id,)).fetchone() is None:
+        raise UnknownJob(job_id)

@@ -1,0 +1,256 @@
+"""Job rows as the SQLite backend reads them, the fencing check, and history entries.
+
+:class:`JobRow` is the typed image of one ``jobs`` row; the records callers receive
+(:class:`JobInfo`, :class:`Lease`, :class:`EffectInfo`, :class:`HistoryEvent`) are built
+from rows here. :func:`check_lease` is the one fencing decision every lease-taking call
+makes inside its write transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+
+from attrs import frozen
+
+from impl.sqlite import queries as q
+from model.errors import InvalidInput, LeaseLost, UnknownJob
+from model.key import Scalar, canon
+from model.record import (
+    JSON,
+    EffectInfo,
+    EffectStatus,
+    Event,
+    HistoryEvent,
+    JobInfo,
+    Lease,
+    LeaseRow,
+)
+
+
+@frozen
+class JobRow:
+    """One ``jobs`` row, typed. ``identity`` and ``payload`` are still JSON text."""
+
+    job_id: str
+    kind: str
+    identity: str
+    payload: str
+    state: str
+    attempts: int
+    max_attempts: int
+    priority: int
+    run_at: float
+    token: int
+    lease_worker: str | None
+    lease_expires_at: float | None
+    last_error: str | None
+    failed_from: str | None
+    created_at: float
+    updated_at: float
+    seq: int
+
+    def live(self, now: float) -> bool:
+        """Return True if a lease is set and ``now`` is before its expiry."""
+        return (
+            self.lease_worker is not None
+            and self.lease_expires_at is not None
+            and now < self.lease_expires_at
+        )
+
+    def lease(self) -> Lease:
+        """Return the lease this row holds (the caller checked that one is set)."""
+        assert self.lease_worker is not None
+        assert self.lease_expires_at is not None
+        return Lease(
+            job_id=self.job_id,
+            kind=self.kind,
+            token=self.token,
+            worker=self.lease_worker,
+            expires_at=self.lease_expires_at,
+            attempt=self.attempts,
+            state=self.state,
+            identity=identity_of(self.identity),
+            payload=json_of(self.payload),
+        )
+
+    def info(self, now: float) -> JobInfo:
+        """Return the caller-facing snapshot; ``lease`` only while live at ``now``."""
+        return JobInfo(
+            job_id=self.job_id,
+            kind=self.kind,
+            identity=identity_of(self.identity),
+            payload=json_of(self.payload),
+            state=self.state,
+            attempts=self.attempts,
+            max_attempts=self.max_attempts,
+            priority=self.priority,
+            run_at=self.run_at,
+            token=self.token,
+            lease=self.lease() if self.live(now) else None,
+            last_error=self.last_error,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            failed_from=self.failed_from,
+            lease_worker=self.lease_worker,
+            lease_expires_at=self.lease_expires_at,
+        )
+
+
+def job_row(row: sqlite3.Row | tuple[object, ...]) -> JobRow:
+    """Decode a row selected with ``queries.JOB_COLUMNS``."""
+    return JobRow(
+        job_id=str(row[0]),
+        kind=str(row[1]),
+        identity=str(row[2]),
+        payload=str(row[3]),
+        state=str(row[4]),
+        attempts=_int(row[5]),
+        max_attempts=_int(row[6]),
+        priority=_int(row[7]),
+        run_at=_float(row[8]),
+        token=_int(row[9]),
+        lease_worker=None if row[10] is None else str(row[10]),
+        lease_expires_at=None if row[11] is None else _float(row[11]),
+        last_error=None if row[12] is None else str(row[12]),
+        failed_from=None if row[13] is None else str(row[13]),
+        created_at=_float(row[14]),
+        updated_at=_float(row[15]),
+        seq=_int(row[16]),
+    )
+
+
+def _int(value: object) -> int:
+    assert isinstance(value, int), f"expected an integer column, got {value!r}"
+    return value
+
+
+def _float(value: object) -> float:
+    assert isinstance(value, int | float), f"expected a real column, got {value!r}"
+    return float(value)
+
+
+def identity_of(text: str) -> dict[str, Scalar]:
+    """Decode a stored identity."""
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    return value
+
+
+def json_of(text: str) -> JSON:
+    """Decode stored JSON text (a payload, a result)."""
+    value: JSON = json.loads(text)
+    return value
+
+
+def text_of(value: object) -> str:
+    """Encode ``value`` canonically as text; raises TypeError/ValueError if not JSON."""
+    return canon(value).decode("utf-8")
+
+
+def fetch_job(conn: sqlite3.Connection, job_id: str) -> JobRow | None:
+    """Return the job's row, or None if there is none."""
+    row = conn.execute(q.SELECT_JOB, (job_id,)).fetchone()
+    return None if row is None else job_row(row)
+
+
+def require_job(conn: sqlite3.Connection, job_id: str) -> JobRow:
+    """Return the job's row or raise :class:`UnknownJob`."""
+    found = fetch_job(conn, job_id) if isinstance(job_id, str) else None
+    if found is None:
+        raise UnknownJob(job_id)
+    return found
+
+
+def check_lease(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> JobRow:
+    """Return the job's row if ``lease`` is its live lease at ``now``.
+
+    Only ``lease.job_id`` and ``lease.token`` count: expiry is the stored one, so a
+    renewal through any handle of the same token extends it for all.
+
+    Raises:
+        UnknownJob: no job has the lease's id.
+        LeaseLost: the token is stale, or the lease expired by the store's clock.
+    """
+    if not isinstance(lease, Lease):
+        raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
+    row = require_job(conn, lease.job_id)
+    if lease.token != row.token:
+        raise LeaseLost(lease.job_id, lease.token, row.token, "the token is stale", op)
+    if not row.live(now):
+        raise LeaseLost(lease.job_id, lease.token, row.token, "the lease expired", op)
+    return row
+
+
+def history_params(
+    job_id: str,
+    at: float,
+    event: Event,
+    token: int,
+    *,
+    worker: str | None,
+    detail: Mapping[str, Scalar | float] | None = None,
+) -> tuple[object, ...]:
+    """Return the parameters of ``queries.INSERT_HISTORY`` for one entry."""
+    return (job_id, at, event.value, token, worker, text_of(dict(detail or {})))
+
+
+def add_history(
+    conn: sqlite3.Connection,
+    job_id: str,
+    at: float,
+    event: Event,
+    token: int,
+    *,
+    worker: str | None,
+    detail: Mapping[str, Scalar | float] | None = None,
+) -> None:
+    """Append one entry to the job's history (inside the caller's transaction)."""
+    conn.execute(
+        q.INSERT_HISTORY, history_params(job_id, at, event, token, worker=worker, detail=detail)
+    )
+
+
+def history_event(row: sqlite3.Row | tuple[object, ...]) -> HistoryEvent:
+    """Decode a row selected by ``queries.SELECT_HISTORY``."""
+    detail = json.loads(str(row[5]))
+    assert isinstance(detail, dict)
+    return HistoryEvent(
+        job_id=str(row[0]),
+        at=_float(row[1]),
+        event=Event(str(row[2])),
+        token=_int(row[3]),
+        worker=None if row[4] is None else str(row[4]),
+        detail=detail,
+    )
+
+
+def effect_info(row: sqlite3.Row | tuple[object, ...]) -> EffectInfo:
+    """Decode a row selected with ``queries.EFFECT_COLUMNS``."""
+    return EffectInfo(
+        job_id=str(row[1]),
+        op=str(row[2]),
+        op_key=str(row[0]),
+        status=EffectStatus(str(row[4])),
+        result=None if row[5] is None else json_of(str(row[5])),
+        started_at=_float(row[6]),
+        finished_at=None if row[7] is None else _float(row[7]),
+        token=_int(row[8]),
+        started_by=str(row[9]),
+        extras=identity_of(str(row[3])),
+    )
+
+
+def lease_row(row: sqlite3.Row | tuple[object, ...], now: float) -> LeaseRow:
+    """Decode a row selected by ``queries.SELECT_LEASES``."""
+    expires_at = _float(row[5])
+    return LeaseRow(
+        job_id=str(row[0]),
+        kind=str(row[1]),
+        state=str(row[2]),
+        worker=str(row[3]),
+        token=_int(row[4]),
+        expires_at=expires_at,
+        live=now < expires_at,
+    )

@@ -1,0 +1,201 @@
+"""The SQLite schema and its forward-only migrations.
+
+Each migration is a tuple of single statements (``executescript`` would commit behind our
+back). A migration and the row recording it in ``schema_migrations`` are written in the
+same ``BEGIN IMMEDIATE`` transaction, so a crash leaves either both or neither; concurrent
+openers serialise on the write lock and re-read the version inside it, so each migration
+runs exactly once. A database whose recorded version is newer than :data:`SCHEMA_VERSION`
+is refused with :class:`SchemaVersionError` before anything is written to it.
+
+The state machine is enforced twice: by the store's own checks and by the trigger
+``jobs_state_follows_edges``, which aborts any ``UPDATE`` of ``jobs.state`` that is not a
+declared edge, an entry into the failed state from a non-terminal state, or an operator
+retry (failed state back to ``failed_from`` with a higher token).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from attrs import frozen
+
+from impl.sqlite import queries as q
+from model.errors import SchemaVersionError
+
+
+@frozen
+class Migration:
+    """One forward-only schema step."""
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+
+
+_V1 = (
+    """
+    CREATE TABLE workflows (
+        name TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,
+        initial TEXT NOT NULL,
+        failed TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE workflow_states (
+        kind TEXT NOT NULL REFERENCES workflows (name),
+        state TEXT NOT NULL,
+        terminal INTEGER NOT NULL CHECK (terminal IN (0, 1)),
+        PRIMARY KEY (kind, state)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE workflow_edges (
+        kind TEXT NOT NULL REFERENCES workflows (name),
+        src TEXT NOT NULL,
+        dst TEXT NOT NULL,
+        PRIMARY KEY (kind, src, dst)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE jobs (
+        job_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL UNIQUE,
+        kind TEXT NOT NULL REFERENCES workflows (name),
+        identity TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        terminal INTEGER NOT NULL DEFAULT 0 CHECK (terminal IN (0, 1)),
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+        priority INTEGER NOT NULL,
+        run_at REAL NOT NULL,
+        token INTEGER NOT NULL CHECK (token >= 0),
+        lease_worker TEXT,
+        lease_expires_at REAL,
+        last_error TEXT,
+        failed_from TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        CHECK ((lease_worker IS NULL) = (lease_expires_at IS NULL)),
+        CHECK (attempts <= max_attempts)
+    )
+    """,
+    # The claim index: only active (non-terminal), unleased rows, in exactly lease_next's
+    # order, so a claim is one ordered walk that live leases never slow down. Rows whose
+    # lease expired are found through jobs_lease instead (see queries.SELECT_CANDIDATE).
+    """
+    CREATE INDEX jobs_claim ON jobs (priority DESC, run_at, seq)
+    WHERE terminal = 0 AND lease_worker IS NULL
+    """,
+    "CREATE INDEX jobs_kind_state ON jobs (kind, state)",
+    "CREATE INDEX jobs_state ON jobs (state)",
+    "CREATE INDEX jobs_lease ON jobs (lease_expires_at) WHERE lease_worker IS NOT NULL",
+    """
+    CREATE TABLE effects (
+        op_key TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (job_id),
+        op TEXT NOT NULL,
+        extras TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('started', 'in_doubt', 'done')),
+        result TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        token INTEGER NOT NULL,
+        started_by TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        CHECK ((status = 'done') = (result IS NOT NULL))
+    )
+    """,
+    "CREATE INDEX effects_job ON effects (job_id, seq)",
+    "CREATE INDEX effects_open ON effects (status) WHERE status != 'done'",
+    """
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (job_id),
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        worker TEXT,
+        detail TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX history_job ON history (job_id, id)",
+    """
+    CREATE TRIGGER jobs_state_follows_edges BEFORE UPDATE OF state ON jobs
+    WHEN NEW.state IS NOT OLD.state
+     AND NOT EXISTS (
+        SELECT 1 FROM workflow_edges
+        WHERE kind = OLD.kind AND src = OLD.state AND dst = NEW.state)
+     AND NOT (OLD.terminal = 0
+        AND NEW.state IS (SELECT failed FROM workflows WHERE name = OLD.kind))
+     AND NOT (OLD.state IS (SELECT failed FROM workflows WHERE name = OLD.kind)
+        AND NEW.state IS OLD.failed_from AND NEW.token > OLD.token)
+    BEGIN
+        SELECT RAISE(ABORT, 'jobledger: illegal state transition: not a declared edge');
+    END
+    """,
+    """
+    CREATE TRIGGER jobs_token_never_decreases BEFORE UPDATE OF token ON jobs
+    WHEN NEW.token < OLD.token
+    BEGIN
+        SELECT RAISE(ABORT, 'jobledger: a job''s fencing token never decreases');
+    END
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+"""Every migration, in version order. Append only; never edit a shipped one."""
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+"""The schema version this code writes and understands."""
+
+
+def recorded_version(conn: sqlite3.Connection) -> int:
+    """Return the highest migration recorded in the database, 0 for a fresh file."""
+    if conn.execute(q.MIGRATIONS_TABLE_EXISTS).fetchone() is None:
+        return 0
+    row = conn.execute(q.SELECT_SCHEMA_VERSION).fetchone()
+    return int(row[0]) if row is not None and row[0] is not None else 0
+
+
+def check_not_newer(version: int, path: str) -> None:
+    """Raise :class:`SchemaVersionError` if ``version`` is newer than this code."""
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"opening {path}: its schema is version {version}, but this jobledger "
+            f"understands versions up to {SCHEMA_VERSION}; upgrade jobledger to open it "
+            "(the database was left unchanged)"
+        )
+
+
+def pending(version: int) -> list[Migration]:
+    """Return the migrations newer than ``version``, in order."""
+    return [m for m in MIGRATIONS if m.version > version]
+
+
+def migrate(conn: sqlite3.Connection, path: str, now: float) -> int:
+    """Apply every pending migration, one transaction each; return the final version.
+
+    Raises:
+        SchemaVersionError: if the database is newer than this code.
+    """
+    version = recorded_version(conn)
+    check_not_newer(version, path)
+    for migration in pending(version):
+        conn.execute(q.BEGIN_IMMEDIATE)
+        try:
+            # Another process may have migrated while we waited for the write lock.
+            current = recorded_version(conn)
+            check_not_newer(current, path)
+            if current < migration.version:
+                conn.execute(q.CREATE_MIGRATIONS_TABLE)
+                for statement in migration.statements:
+                    conn.execute(statement)
+                conn.execute(q.INSERT_MIGRATION, (migration.version, migration.name, now))
+            conn.execute(q.COMMIT)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute(q.ROLLBACK)
+            raise
+    return max(recorded_version(conn), version)

@@ -1,0 +1,612 @@
+"""``SqliteStore``: the ``Store`` protocol on one SQLite file.
+
+Every decision (eligibility, fencing, transitions) is made inside one ``BEGIN IMMEDIATE``
+transaction that also writes its outcome and the job's history, so concurrent threads and
+processes on one file serialise on SQLite's write lock and a crash leaves each call either
+wholly done or not at all. Connections are per thread and per process: one is never used
+from two threads, nor carried across ``fork``. User code (effect functions, doubt probes)
+never runs while a transaction is open.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+
+from impl.sqlite import effect, maintenance, read
+from impl.sqlite import queries as q
+from impl.sqlite.catalog import Catalog
+from impl.sqlite.connection import open_connection, translated, write
+from impl.sqlite.row import (
+    JobRow,
+    add_history,
+    check_lease,
+    history_params,
+    job_row,
+    require_job,
+    text_of,
+)
+from impl.sqlite.schema import migrate
+from model.clock import Clock, wall_clock
+from model.config import Config
+from model.errors import (
+    IdempotencyConflict,
+    IllegalTransition,
+    InvalidInput,
+    StorageError,
+)
+from model.key import Scalar, check_scalars, job_key
+from model.memory import check_int, check_seconds, encode_payload, exhausted_message
+from model.record import (
+    JSON,
+    EffectInfo,
+    Event,
+    HistoryEvent,
+    JobInfo,
+    Lease,
+    LeaseRow,
+    Plan,
+    ReconcileReport,
+    Stats,
+)
+from model.store import EffectFn, OnDoubt
+from model.workflow import DOWNLOAD, Workflow
+
+# Connections inherited across fork belong to the parent: closing (or freeing) one in the
+# child could checkpoint and unlink the parent's WAL. They are parked here for good.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+@attrs.frozen
+class _NewJob:
+    job_id: str
+    identity: str
+    payload: str
+    priority: int
+    max_attempts: int
+    run_at: float | None
+
+
+class SqliteStore:
+    """A job ledger in the SQLite file at ``path`` (created and migrated if needed).
+
+    Args:
+        path: the database file.
+        clock: seconds as float; default the wall clock.
+        config: tunables; default :class:`Config`.
+
+    Raises:
+        DatabaseCorrupt: the file is not a database (it is left unchanged).
+        SchemaVersionError: the database was written by a newer jobledger.
+        StorageError: the file cannot be opened or migrated.
+    """
+
+    def __init__(
+        self, path: Path, *, clock: Clock | None = None, config: Config | None = None
+    ) -> None:
+        self._path = Path(path)
+        self._clock: Clock = clock if clock is not None else wall_clock
+        self._config = config if config is not None else Config()
+        self._local = threading.local()
+        self._closed = False
+        self._catalog = Catalog()
+        try:
+            conn = self._connection()
+            with translated(f"open {self._path}"):
+                migrate(conn, str(self._path), self._clock())
+            self.register(DOWNLOAD)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> SqliteStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self._path)!r})"
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    def close(self) -> None:
+        """Close the connections this store opened; the store cannot be used afterwards."""
+        self._closed = True
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            conn.close()
+        # Other threads' connections cannot be closed from here (check_same_thread);
+        # dropping the thread-local frees them, and freeing a connection closes it.
+        self._local = threading.local()
+
+    def _connection(self) -> sqlite3.Connection:
+        """Return this thread's connection in this process, opening it if needed.
+
+        Not public API: tests use it to trace statements and inject faults.
+        """
+        if self._closed:
+            raise StorageError(
+                f"the store on {self._path} is closed; open a new one with open_store"
+            )
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        pid = os.getpid()
+        if conn is not None and local.pid == pid:
+            return conn
+        if conn is not None:
+            _INHERITED.append(conn)
+        conn = open_connection(self._path, self._config)
+        local.conn = conn
+        local.pid = pid
+        return conn
+
+    # -- workflows ------------------------------------------------------------------------
+
+    def register(self, workflow: Workflow) -> None:
+        """Store ``workflow``; idempotent; a different definition of the name raises."""
+        conn = self._connection()
+        with translated("register"):
+            self._catalog.register(conn, workflow)
+
+    def workflow(self, name: str) -> Workflow:
+        """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
+        conn = self._connection()
+        with translated("workflow"):
+            return self._catalog.get(conn, name)
+
+    def workflows(self) -> list[Workflow]:
+        """Return every registered workflow, by name."""
+        conn = self._connection()
+        with translated("workflows"):
+            return self._catalog.all(conn)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(
+        self,
+        kind: str,
+        identity: Mapping[str, Scalar],
+        *,
+        payload: JSON = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        run_at: float | None = None,
+    ) -> str:
+        """Plan a job idempotently and return its id (the job key)."""
+        item = Plan(
+            identity, payload=payload, priority=priority, max_attempts=max_attempts, run_at=run_at
+        )
+        return self._plan("plan", kind, [item])[0]
+
+    def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
+        """Plan many jobs in one transaction; return their ids in item order."""
+        return self._plan("plan_many", kind, list(items))
+
+    def _plan(self, op: str, kind: str, items: list[Mapping[str, Scalar] | Plan]) -> list[str]:
+        conn = self._connection()
+        with translated(op):
+            self._catalog.get(conn, kind)
+        with write(conn, op, self._clock) as now:
+            workflow = self._catalog.get(conn, kind)
+            # Items are checked in order, each against the stored jobs and the items
+            # before it, so the first bad item decides the error, as in the model.
+            batch: dict[str, str] = {}
+            fresh: list[_NewJob] = []
+            ids: list[str] = []
+            for item in items:
+                new = self._prepare(kind, item)
+                ids.append(new.job_id)
+                stored = batch.get(new.job_id)
+                if stored is None:
+                    found = conn.execute(q.SELECT_PAYLOAD, (new.job_id,)).fetchone()
+                    stored = None if found is None else str(found[0])
+                if stored is not None and stored != new.payload:
+                    raise IdempotencyConflict(
+                        f"{op} of a {kind!r} job with identity {new.identity}: job "
+                        f"{new.job_id} is already planned with payload {stored}, not "
+                        f"{new.payload}; a job's payload is fixed at planning: plan a "
+                        "different identity, or keep the payload"
+                    )
+                if stored is None:
+                    fresh.append(new)
+                batch[new.job_id] = new.payload
+            conn.executemany(
+                q.INSERT_JOB,
+                [
+                    (
+                        p.job_id,
+                        kind,
+                        p.identity,
+                        p.payload,
+                        workflow.initial,
+                        p.max_attempts,
+                        p.priority,
+                        now if p.run_at is None else p.run_at,
+                        now,
+                        now,
+                    )
+                    for p in fresh
+                ],
+            )
+            conn.executemany(
+                q.INSERT_HISTORY,
+                [history_params(p.job_id, now, Event.PLANNED, 0, worker=None) for p in fresh],
+            )
+        return ids
+
+    def _prepare(self, kind: str, item: Mapping[str, Scalar] | Plan) -> _NewJob:
+        plan = item if isinstance(item, Plan) else Plan(item)
+        job_id = job_key(kind, plan.identity)
+        payload = encode_payload(plan.payload)
+        priority = _int64(check_int(plan.priority, name="priority"), "priority")
+        attempts = plan.max_attempts
+        if attempts is not None:
+            _int64(check_int(attempts, name="max_attempts", minimum=1), "max_attempts")
+        run_at = None if plan.run_at is None else check_seconds(plan.run_at, name="run_at")
+        return _NewJob(
+            job_id=job_id,
+            identity=text_of(check_scalars(plan.identity, what="identity")),
+            payload=payload,
+            priority=priority,
+            max_attempts=attempts if attempts is not None else self._config.max_attempts,
+            run_at=run_at,
+        )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def lease_next(
+        self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
+    ) -> Lease | None:
+        """Lease the first eligible job, or return None when there is none.
+
+        Jobs met on the way whose attempts are exhausted enter their failed state, in
+        the same transaction.
+        """
+        if not isinstance(worker, str) or not worker:
+            raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
+        span = self._ttl(ttl)
+        kinds_text = None if kinds is None else text_of(_kinds(kinds))
+        conn = self._connection()
+        with write(conn, "lease_next", self._clock) as now:
+            while True:
+                row = _candidate(conn, now, kinds_text)
+                if row is None:
+                    return None
+                if row.lease_worker is not None:
+                    add_history(
+                        conn, row.job_id, now, Event.EXPIRED, row.token, worker=row.lease_worker
+                    )
+                if row.attempts >= row.max_attempts:
+                    maintenance.enter_failed(
+                        conn,
+                        self._catalog.get(conn, row.kind),
+                        row.job_id,
+                        row.token,
+                        exhausted_message(row.attempts, row.max_attempts),
+                        now=now,
+                    )
+                    continue
+                granted = conn.execute(
+                    q.GRANT_LEASE,
+                    {
+                        "worker": worker,
+                        "expires_at": now + span,
+                        "now": now,
+                        "job_id": row.job_id,
+                        "token": row.token,
+                    },
+                ).fetchone()
+                token, attempts = int(granted[0]), int(granted[1])
+                add_history(conn, row.job_id, now, Event.LEASED, token, worker=worker)
+                lease = attrs.evolve(
+                    row,
+                    token=token,
+                    attempts=attempts,
+                    lease_worker=worker,
+                    lease_expires_at=now + span,
+                ).lease()
+                break
+        return lease
+
+    def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend a live lease to now + ttl (default: the configured lease TTL)."""
+        span = self._ttl(ttl)
+        conn = self._connection()
+        with write(conn, "renew", self._clock) as now:
+            row = check_lease(conn, lease, now, "renew")
+            expires_at = now + span
+            conn.execute(
+                q.RENEW_LEASE,
+                {"expires_at": expires_at, "now": now, "job_id": row.job_id, "token": row.token},
+            )
+            add_history(conn, row.job_id, now, Event.RENEWED, row.token, worker=row.lease_worker)
+        return attrs.evolve(row, lease_expires_at=expires_at).lease()
+
+    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
+        """Give the job back (and the attempt); eligible again after ``delay`` seconds."""
+        delay = check_seconds(delay, name="delay")
+        conn = self._connection()
+        with write(conn, "release", self._clock) as now:
+            row = check_lease(conn, lease, now, "release")
+            conn.execute(
+                q.RELEASE_LEASE,
+                {"run_at": now + delay, "now": now, "job_id": row.job_id, "token": row.token},
+            )
+            add_history(conn, row.job_id, now, Event.RELEASED, row.token, worker=row.lease_worker)
+
+    def advance(self, lease: Lease, to_state: str) -> bool:
+        """Follow one declared edge; False for a replay of the current or a passed state."""
+        conn = self._connection()
+        with write(conn, "advance", self._clock) as now:
+            row = check_lease(conn, lease, now, "advance")
+            workflow = self._catalog.get(conn, row.kind)
+            if to_state not in workflow.states:
+                raise IllegalTransition(
+                    f"advance of job {row.job_id} to {to_state!r}: not a state of workflow "
+                    f"{workflow.name!r} (states: {list(workflow.states)}); use a declared state"
+                )
+            if to_state == workflow.failed:
+                raise IllegalTransition(
+                    f"advance of job {row.job_id} to {to_state!r}: the failed state is entered "
+                    "only through fail(lease, error) or the operator's cancel"
+                )
+            if to_state == row.state or to_state in self._catalog.ancestors(workflow)[row.state]:
+                return False
+            if (row.state, to_state) not in workflow.transitions:
+                raise IllegalTransition(
+                    f"advance of job {row.job_id} from {row.state!r} to {to_state!r}: not a "
+                    f"declared edge of workflow {workflow.name!r}; next states from "
+                    f"{row.state!r}: {sorted(workflow.successors()[row.state])}"
+                )
+            params = {"state": to_state, "now": now, "job_id": row.job_id, "token": row.token}
+            if workflow.is_terminal(to_state):
+                conn.execute(q.ADVANCE_TO_TERMINAL, params)
+            else:
+                conn.execute(q.ADVANCE_KEEP_LEASE, params)
+            add_history(
+                conn,
+                row.job_id,
+                now,
+                Event.ADVANCED,
+                row.token,
+                worker=row.lease_worker,
+                detail={"from": row.state, "to": to_state},
+            )
+        return True
+
+    def fail(
+        self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
+    ) -> None:
+        """Record a failed attempt: retry after a backoff, or enter the failed state."""
+        if not isinstance(error, str):
+            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        if delay is not None:
+            delay = check_seconds(delay, name="delay")
+        conn = self._connection()
+        with write(conn, "fail", self._clock) as now:
+            row = check_lease(conn, lease, now, "fail")
+            if retryable and row.attempts < row.max_attempts:
+                run_at = now + (delay if delay is not None else self._config.backoff(row.attempts))
+                conn.execute(
+                    q.RETRY_LATER,
+                    {
+                        "run_at": run_at,
+                        "error": error,
+                        "now": now,
+                        "job_id": row.job_id,
+                        "token": row.token,
+                    },
+                )
+                add_history(
+                    conn,
+                    row.job_id,
+                    now,
+                    Event.FAILED,
+                    row.token,
+                    worker=row.lease_worker,
+                    detail={"error": error, "retry_at": run_at},
+                )
+            else:
+                maintenance.enter_failed(
+                    conn,
+                    self._catalog.get(conn, row.kind),
+                    row.job_id,
+                    row.token,
+                    error,
+                    now=now,
+                    worker=row.lease_worker,
+                )
+
+    # -- operator actions -----------------------------------------------------------------
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        """Operator: move the job into the failed state, fencing out any holder."""
+        if not isinstance(reason, str):
+            raise InvalidInput(f"cancel reason must be a str, got {type(reason).__name__}")
+        conn = self._connection()
+        with write(conn, "cancel", self._clock) as now:
+            row = require_job(conn, job_id)
+            workflow = self._catalog.get(conn, row.kind)
+            if row.state == workflow.failed:
+                return
+            if workflow.is_terminal(row.state):
+                raise IllegalTransition(
+                    f"cancel of job {job_id}: it already ended in terminal state "
+                    f"{row.state!r}; there is nothing to cancel"
+                )
+            token = conn.execute(
+                q.CANCEL_JOB,
+                {"failed": workflow.failed, "error": reason, "now": now, "job_id": job_id},
+            ).fetchone()[0]
+            add_history(
+                conn,
+                job_id,
+                now,
+                Event.CANCELLED,
+                int(token),
+                worker=None,
+                detail={"reason": reason},
+            )
+
+    def retry(self, job_id: str) -> None:
+        """Operator: move a failed job back to the state it failed in, attempts reset."""
+        conn = self._connection()
+        with write(conn, "retry", self._clock) as now:
+            row = require_job(conn, job_id)
+            workflow = self._catalog.get(conn, row.kind)
+            if row.state != workflow.failed:
+                raise IllegalTransition(
+                    f"retry of job {job_id}: it is in state {row.state!r}, not in the failed "
+                    f"state {workflow.failed!r}; only failed jobs can be retried"
+                )
+            token, state = conn.execute(
+                q.RETRY_JOB, {"now": now, "job_id": job_id, "failed": workflow.failed}
+            ).fetchone()
+            add_history(
+                conn,
+                job_id,
+                now,
+                Event.RETRIED,
+                int(token),
+                worker=None,
+                detail={"from": workflow.failed, "to": str(state)},
+            )
+
+    # -- effects --------------------------------------------------------------------------
+
+    def run_effect(
+        self,
+        lease: Lease,
+        op: str,
+        fn: EffectFn,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> JSON:
+        """Run ``fn`` once per op key and record its result; replay a recorded one."""
+        return effect.run_effect(
+            self._connection(),
+            self._clock,
+            self._config,
+            lease,
+            op,
+            fn=fn,
+            extras=extras,
+            on_doubt=on_doubt,
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def state(self, job_id: str) -> str:
+        """Return the job's current state."""
+        conn = self._connection()
+        with translated("state"):
+            return read.state(conn, job_id)
+
+    def job(self, job_id: str) -> JobInfo:
+        """Return a snapshot of the job."""
+        conn = self._connection()
+        with translated("job"):
+            return require_job(conn, job_id).info(self._clock())
+
+    def jobs(
+        self,
+        *,
+        state: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[JobInfo]:
+        """List jobs in planned order (or newest first), optionally filtered."""
+        conn = self._connection()
+        with translated("jobs"):
+            return read.jobs(
+                conn, self._clock(), state=state, kind=kind, limit=limit, newest_first=newest_first
+            )
+
+    def leases(self) -> list[LeaseRow]:
+        """List the leases that are set: live ones and expired ones not yet reconciled."""
+        conn = self._connection()
+        with translated("leases"):
+            return read.leases(conn, self._clock())
+
+    def effects(self, job_id: str) -> list[EffectInfo]:
+        """List the job's effects in the order they were first started."""
+        conn = self._connection()
+        with translated("effects"):
+            return read.effects(conn, job_id)
+
+    def history(self, job_id: str) -> list[HistoryEvent]:
+        """Return the job's history, oldest first."""
+        conn = self._connection()
+        with translated("history"):
+            return read.history(conn, job_id)
+
+    def reconcile(self, *, dry_run: bool = False) -> ReconcileReport:
+        """Expire dead leases, mark their starts in doubt, fail exhausted jobs."""
+        return maintenance.reconcile(
+            self._connection(), self._clock, self._catalog, dry_run=dry_run
+        )
+
+    def stats(self) -> Stats:
+        """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+        return maintenance.stats(self._connection(), self._clock, self._catalog)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _ttl(self, ttl: float | None) -> float:
+        return check_seconds(
+            self._config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+        )
+
+
+def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRow | None:
+    """Return the eligible job that comes first by (priority desc, run_at, seq)."""
+    if kinds is None:
+        params: dict[str, object] = {"now": now}
+        unleased = conn.execute(q.SELECT_CANDIDATE, params).fetchone()
+        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE, params).fetchone()
+    else:
+        params = {"now": now, "kinds": kinds}
+        unleased = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, params).fetchone()
+        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, params).fetchone()
+    rows = [job_row(found) for found in (unleased, expired) if found is not None]
+    return min(rows, key=lambda r: (-r.priority, r.run_at, r.seq), default=None)
+
+
+def _int64(value: int, name: str) -> int:
+    # SQLite integers are 64-bit; a larger Python int would fail in the driver.
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidInput(
+            f"{name} must fit in a signed 64-bit integer ({INT64_MIN} to {INT64_MAX}), got {value}"
+        )
+    return value
+
+
+def _kinds(kinds: Sequence[str]) -> list[str]:
+    if isinstance(kinds, str):
+        raise InvalidInput(
+            f"kinds must be a sequence of kind names, got the str {kinds!r}; pass [{kinds!r}]"
+        )
+    return [str(k) for k in kinds]

@@ -1,0 +1,143 @@
+"""The multi-process crash fuzz: real workers, SIGKILLs, a jumping clock, a history check.
+
+The default run spends about two minutes in the ``fuzz`` xdist group (one xdist worker
+runs it, so its worker processes do not compete with another subprocess-heavy test);
+``JOBLEDGER_FUZZ_SECONDS`` makes the chaos phase longer and ``JOBLEDGER_FUZZ_SEED``
+replays a seed's decisions. Every run prints its figures; a failing run keeps its
+folder (database, histories, sink) and prints the command that reruns the seed.
+
+The broken-build tests plant a bug in the worker processes (see ``broken_child``) and
+assert that the checker reports it: the proof that a green run means something.
+``JOBLEDGER_FUZZ_BROKEN=1`` also runs the timing-dependent broken builds.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from impl import selftest
+from impl.fuzz import checker as c
+from impl.fuzz.engine import FuzzResult, FuzzSettings, run_fuzz
+from impl.selftest import SelftestReport
+
+SECONDS_DEFAULT = 95.0
+MIN_KILLS = 100
+
+
+def _seed() -> int:
+    text = os.environ.get("JOBLEDGER_FUZZ_SEED")
+    return int(text) if text else random.SystemRandom().randrange(2**32)
+
+
+def _rerun(seed: int, seconds: float, test: str) -> str:
+    return (
+        f"JOBLEDGER_FUZZ_SEED={seed} JOBLEDGER_FUZZ_SECONDS={seconds:g} "
+        f"python -m pytest -p no:cacheprovider 'tests/fuzz/test_fuzz.py::{test}'"
+    )
+
+
+def _report(result: FuzzResult, rerun: str) -> str:
+    return SelftestReport(result, rerun).render(max_violations=40)
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(900)
+def test_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
+    seconds = float(os.environ.get("JOBLEDGER_FUZZ_SECONDS", SECONDS_DEFAULT))
+    seed = _seed()
+    result = run_fuzz(
+        tmp_path,
+        FuzzSettings(seconds=seconds, seed=seed, min_kills=MIN_KILLS, max_seconds=seconds + 60),
+    )
+    text = _report(result, _rerun(seed, seconds, "test_crash_fuzz_history_is_clean"))
+    print(text)
+    assert result.ok, text
+    assert result.kills >= MIN_KILLS, text
+    assert result.jobs > 0, text
+    assert sum(result.by_state.values()) == result.jobs, text
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_selftest_short_run_reports_figures_and_cleans_up(tmp_path: Path) -> None:
+    """The function ``jobledger selftest`` calls: a passing run leaves nothing behind."""
+    report = selftest.run(tmp_path, seconds=4.0, seed=7, workers=2)
+    text = report.render()
+    print(text)
+    assert report.ok, text
+    data = report.as_dict()
+    assert data["seed"] == 7
+    assert data["violations"] == []
+    assert data["kept"] is None
+    assert data["jobs"] == sum(report.result.by_state.values())
+    assert "seed 7" in text
+    assert "violations    0" in text
+    assert list(tmp_path.iterdir()) == []
+    assert report.rerun == f"jobledger selftest --dir {tmp_path} --seconds 4 --seed 7 --workers 2"
+
+
+def _broken(tmp_path: Path, mode: str, **changes: object) -> FuzzResult:
+    seed = _seed()
+    settings = FuzzSettings(
+        seconds=8.0,
+        seed=seed,
+        workers=3,
+        child_module="tests.fuzz.broken_child",
+        child_env={"FUZZ_BROKEN": mode},
+        **changes,  # type: ignore[arg-type]
+    )
+    result = run_fuzz(tmp_path, settings)
+    print(_report(result, f"(broken build {mode}, seed {seed})"))
+    return result
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_checker_catches_an_effect_passing_a_stale_token(tmp_path: Path) -> None:
+    result = _broken(tmp_path, "stale-token")
+    assert not result.ok
+    assert {v.rule for v in result.violations} >= {c.UNFENCED_EXECUTION, c.EFFECT_RESULT}
+    assert result.folder is not None
+    assert (result.folder / "ledger.sqlite").exists()
+
+
+broken_opt_in = pytest.mark.skipif(
+    not os.environ.get("JOBLEDGER_FUZZ_BROKEN"),
+    reason="timing-dependent broken builds run with JOBLEDGER_FUZZ_BROKEN=1",
+)
+
+
+@broken_opt_in
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_checker_catches_a_store_without_fencing(tmp_path: Path) -> None:
+    result = _broken(tmp_path, "no-store-fencing", jump_rate=0.05, pause=0.05)
+    assert not result.ok
+    assert {v.rule for v in result.violations} & {
+        c.UNFENCED_EXECUTION,
+        c.ILLEGAL_STATES,
+        c.TOKEN_ORDER,
+        c.EFFECT_RESULT,
+    }
+
+
+@broken_opt_in
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_checker_catches_an_effect_run_after_lease_lost(tmp_path: Path) -> None:
+    result = _broken(tmp_path, "ignore-lease-lost", jump_rate=0.05, pause=0.05)
+    assert not result.ok
+    assert c.UNFENCED_EXECUTION in {v.rule for v in result.violations}
+
+
+@broken_opt_in
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_checker_catches_a_sink_without_fencing(tmp_path: Path) -> None:
+    result = _broken(tmp_path, "unfenced-sink", jump_rate=0.05, pause=0.2)
+    assert not result.ok
+    assert c.STALE_EXECUTION in {v.rule for v in result.violations}

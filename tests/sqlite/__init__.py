@@ -1,0 +1,1 @@
+"""Tests specific to the SQLite backend: transactions, pragmas, faults, crashes, processes."""

@@ -1,0 +1,45 @@
+"""Worker processes for the multi-process tests (importable by a spawned child)."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from attrs import frozen
+
+from impl.sqlite.store import SqliteStore
+
+PROC_FLOW_NAME = "proc_flow"
+
+
+@frozen
+class WorkerReport:
+    """What one worker process did: the (job id, token) pairs it was granted, or its error."""
+
+    name: str
+    grants: list[tuple[str, int]]
+    error: str | None
+
+
+def drain(path: str, name: str) -> WorkerReport:
+    """Open a store on ``path`` and work ``proc_flow`` jobs until none is eligible.
+
+    The child never registers the workflow: it must learn it from the database.
+    """
+    grants: list[tuple[str, int]] = []
+    try:
+        with SqliteStore(Path(path)) as store:
+            flow = store.workflow(PROC_FLOW_NAME)
+            while True:
+                lease = store.lease_next(name, ttl=60.0, kinds=[PROC_FLOW_NAME])
+                if lease is None:
+                    break
+                grants.append((lease.job_id, lease.token))
+                state = lease.state
+                while not flow.is_terminal(state):
+                    state = sorted(flow.successors()[state])[0]
+                    store.run_effect(lease, f"to-{state}", lambda ctx: {"token": ctx.token})
+                    assert store.advance(lease, state)
+    except BaseException:
+        return WorkerReport(name, grants, traceback.format_exc())
+    return WorkerReport(name, grants, None)

@@ -1,0 +1,130 @@
+"""The SQLite schema: migrations, the state-machine trigger, and what survives a reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from impl.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+from impl.sqlite.store import SqliteStore
+from model import (
+    DOWNLOAD,
+    EffectStatus,
+    Event,
+    IllegalTransition,
+    ManualClock,
+    SchemaVersionError,
+    Workflow,
+)
+
+FLOW = Workflow(
+    name="flow",
+    states=["A", "B", "C"],
+    transitions=[("A", "B"), ("B", "C")],
+    initial="A",
+    terminal=["C"],
+)
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def test_each_migration_is_recorded_once(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    SqliteStore(path).close()
+    SqliteStore(path).close()
+    conn = _raw(path)
+    try:
+        rows = conn.execute("SELECT version, name FROM schema_migrations ORDER BY version")
+        assert [tuple(r) for r in rows] == [(m.version, m.name) for m in MIGRATIONS]
+    finally:
+        conn.close()
+
+
+def test_trigger_rejects_an_undeclared_edge_written_by_raw_sql(tmp_path: Path) -> None:
+    """The database itself refuses a state change the workflow does not declare."""
+    path = tmp_path / "db.sqlite"
+    with SqliteStore(path) as store:
+        job_id = store.plan("download", {"url": "u"})
+    conn = _raw(path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError, match="illegal state transition"):
+            conn.execute("UPDATE jobs SET state = 'FINALIZED' WHERE job_id = ?", (job_id,))
+        assert conn.execute("SELECT state FROM jobs").fetchone()[0] == "PLANNED"
+        # A declared edge passes, so the trigger is selective, not a blanket refusal.
+        conn.execute("UPDATE jobs SET state = 'HEAD_DONE' WHERE job_id = ?", (job_id,))
+        with pytest.raises(sqlite3.IntegrityError, match="illegal state transition"):
+            conn.execute("UPDATE jobs SET state = 'PLANNED' WHERE job_id = ?", (job_id,))
+        # Out of the failed state only as an operator retry: back to failed_from, new token.
+        conn.execute(
+            "UPDATE jobs SET state = 'FAILED', terminal = 1, failed_from = state WHERE job_id = ?",
+            (job_id,),
+        )
+        with pytest.raises(sqlite3.IntegrityError, match="illegal state transition"):
+            conn.execute(
+                "UPDATE jobs SET state = 'HEAD_DONE', terminal = 0 WHERE job_id = ?", (job_id,)
+            )
+        conn.execute(
+            "UPDATE jobs SET state = 'HEAD_DONE', terminal = 0, token = token + 1 WHERE job_id = ?",
+            (job_id,),
+        )
+        with pytest.raises(sqlite3.IntegrityError, match="never decreases"):
+            conn.execute("UPDATE jobs SET token = 0 WHERE job_id = ?", (job_id,))
+    finally:
+        conn.close()
+
+
+def test_trigger_errors_surface_as_illegal_transition(tmp_path: Path) -> None:
+    """Were the store's own checks ever bypassed, the trigger's refusal is still typed."""
+    from impl.sqlite.connection import translated
+
+    with SqliteStore(tmp_path / "db.sqlite") as store:
+        job_id = store.plan("download", {"url": "u"})
+        conn = store._connection()
+        with pytest.raises(IllegalTransition), translated("test"):
+            conn.execute("UPDATE jobs SET state = 'INDEXED' WHERE job_id = ?", (job_id,))
+
+
+def test_newer_schema_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    SqliteStore(path).close()
+    conn = _raw(path)
+    conn.execute(
+        "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'future', 0)",
+        (SCHEMA_VERSION + 1,),
+    )
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(SchemaVersionError, match="upgrade jobledger"):
+        SqliteStore(path)
+    assert path.read_bytes() == before
+
+
+def test_everything_survives_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    clock = ManualClock()
+    with SqliteStore(path, clock=clock) as store:
+        store.register(FLOW)
+        job_id = store.plan("flow", {"n": 1}, payload={"p": [1, 2]}, priority=3)
+        lease = store.lease_next("w")
+        assert lease is not None
+        assert store.advance(lease, "B")
+        assert store.run_effect(lease, "op", lambda ctx: {"r": "é"}, extras={"x": 1}) == {"r": "é"}
+        before = (store.job(job_id), store.effects(job_id), store.history(job_id))
+    with SqliteStore(path, clock=clock) as again:
+        assert again.workflow("flow") == FLOW
+        assert again.workflows() == [DOWNLOAD, FLOW]
+        assert (again.job(job_id), again.effects(job_id), again.history(job_id)) == before
+        assert again.effects(job_id)[0].status is EffectStatus.DONE
+        assert [h.event for h in again.history(job_id)] == [
+            Event.PLANNED,
+            Event.LEASED,
+            Event.ADVANCED,
+            Event.EFFECT_STARTED,
+            Event.EFFECT_RECORDED,
+        ]
+        # The recorded effect replays from disk without calling fn.
+        assert again.run_effect(lease, "op", lambda ctx: 1 / 0, extras={"x": 1}) == {"r": "é"}

@@ -1,0 +1,155 @@
+"""How the SQLite backend talks to SQLite: write transactions, pragmas, the claim index.
+
+A deferred transaction that reads and then writes fails at once with SQLITE_BUSY_SNAPSHOT
+whatever the busy timeout, so every write must start with BEGIN IMMEDIATE; pragmas are
+per connection, so every connection (each thread has its own) must carry them.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from impl.sqlite import queries as q
+from impl.sqlite.store import SqliteStore
+from model import Config, EffectResultError, ManualClock, Plan, Workflow
+
+FLOW = Workflow(
+    name="flow",
+    states=["A", "B", "C"],
+    transitions=[("A", "B"), ("B", "C")],
+    initial="A",
+    terminal=["C"],
+)
+
+WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
+def _transactions(statements: list[str]) -> list[list[str]]:
+    """Split traced statements into transactions (BEGIN ... COMMIT/ROLLBACK) and loose ones."""
+    out: list[list[str]] = []
+    current: list[str] | None = None
+    for raw in statements:
+        sql = " ".join(raw.split())
+        if sql.startswith("--"):
+            continue  # a trigger's body, reported inside its statement
+        upper = sql.upper()
+        if upper.startswith("BEGIN"):
+            assert current is None, f"nested BEGIN: {sql}"
+            current = [sql]
+        elif upper.startswith(("COMMIT", "ROLLBACK")):
+            assert current is not None, f"{sql} outside a transaction"
+            current.append(sql)
+            out.append(current)
+            current = None
+        elif current is not None:
+            current.append(sql)
+        else:
+            out.append([sql])
+    assert current is None, "a transaction was left open"
+    return out
+
+
+def test_every_write_transaction_begins_immediate(tmp_path: Path) -> None:
+    clock = ManualClock()
+    store = SqliteStore(tmp_path / "db.sqlite", clock=clock, config=Config(result_limit=64))
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    try:
+        store.register(FLOW)
+        a = store.plan("flow", {"n": 1})
+        store.plan_many("flow", [{"n": 2}, Plan({"n": 3}, priority=1)])
+        lease = store.lease_next("w1", ttl=10)
+        assert lease is not None
+        lease = store.renew(lease)
+        assert store.advance(lease, "B")
+        assert store.run_effect(lease, "ok", lambda ctx: {"n": 1}) == {"n": 1}
+        with pytest.raises(ZeroDivisionError):
+            store.run_effect(lease, "boom", lambda ctx: 1 / 0)
+        with pytest.raises(EffectResultError):
+            store.run_effect(lease, "big", lambda ctx: "x" * 100)
+        store.release(lease)
+        lease = store.lease_next("w1", ttl=10)
+        assert lease is not None
+        store.fail(lease, "oops", retryable=False)
+        store.retry(lease.job_id)
+        store.cancel(a, "no longer needed")
+        lease = store.lease_next("w2", ttl=1)
+        clock.advance(5)
+        store.reconcile()
+    finally:
+        store._connection().set_trace_callback(None)
+        store.close()
+    transactions = _transactions(statements)
+    writing = [t for t in transactions if any(s.upper().startswith(WRITES) for s in t)]
+    assert len(writing) >= 15, f"expected a transaction per write call, got {len(writing)}"
+    for tx in writing:
+        assert tx[0].upper() == "BEGIN IMMEDIATE", f"a write outside BEGIN IMMEDIATE: {tx}"
+        assert tx[-1].upper() == "COMMIT", f"a write transaction did not commit: {tx}"
+    # Deferred transactions are for read snapshots only.
+    for tx in transactions:
+        if tx[0].upper().startswith("BEGIN") and tx[0].upper() != "BEGIN IMMEDIATE":
+            assert not any(s.upper().startswith(WRITES) for s in tx), tx
+
+
+def _pragmas(store: SqliteStore) -> tuple[object, ...]:
+    conn = store._connection()
+    return (
+        conn.execute("PRAGMA journal_mode").fetchone()[0],
+        conn.execute("PRAGMA synchronous").fetchone()[0],
+        conn.execute("PRAGMA foreign_keys").fetchone()[0],
+        conn.execute("PRAGMA busy_timeout").fetchone()[0],
+        conn.isolation_level,
+    )
+
+
+def test_pragmas_apply_to_every_threads_connection(tmp_path: Path) -> None:
+    config = Config(sqlite_synchronous="FULL", busy_timeout=2.5)
+    with SqliteStore(tmp_path / "db.sqlite", config=config) as store:
+        expected = ("wal", 2, 1, 2500, None)
+        assert _pragmas(store) == expected
+        seen: list[object] = []
+
+        def other_thread() -> None:
+            seen.append(_pragmas(store))
+            seen.append(store._connection() is not main)
+            seen.append(store.plan("download", {"url": "t"}))
+
+        main = store._connection()
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join(10)
+        assert seen[:2] == [expected, True]
+        assert store.state(str(seen[2])) == "PLANNED"
+
+
+def test_default_synchronous_is_normal(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "db.sqlite") as store:
+        assert store._connection().execute("PRAGMA synchronous").fetchone()[0] == 1
+
+
+def _plan_of(store: SqliteStore, sql: str, params: dict[str, object]) -> str:
+    rows = store._connection().execute("EXPLAIN QUERY PLAN " + sql, params)
+    return " | ".join(str(row[3]) for row in rows)
+
+
+def test_lease_next_walks_the_claim_index_without_sorting(tmp_path: Path) -> None:
+    """The unleased half of a claim is an ordered walk of the partial index at any size,
+    and the expired half reads only the expired range of the lease index."""
+    kinds = {"now": 0.0, "kinds": '["download"]'}
+    with SqliteStore(tmp_path / "db.sqlite") as store:
+        for sql, params in (
+            (q.SELECT_CANDIDATE, {"now": 0.0}),
+            (q.SELECT_CANDIDATE_OF_KINDS, kinds),
+        ):
+            plan = _plan_of(store, sql, params)
+            assert "USING INDEX jobs_claim" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+        for sql, params in (
+            (q.SELECT_EXPIRED_CANDIDATE, {"now": 0.0}),
+            (q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, kinds),
+        ):
+            plan = _plan_of(store, sql, params)
+            assert "USING INDEX jobs_lease (lease_expires_at<?)" in plan, plan
