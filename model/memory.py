@@ -279,6 +279,10 @@ class MemoryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def now(self) -> float:
+        """Return the store's current time in seconds."""
+        return self._now()
+
     def close(self) -> None:
         """Mark the store closed; later calls raise."""
         self._closed = True

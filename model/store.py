@@ -7,7 +7,8 @@ this protocol, so any store that satisfies it can be checked the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Literal, Protocol
+from types import TracebackType
+from typing import Literal, Protocol, Self
 
 from model.key import Scalar
 from model.record import (
@@ -33,7 +34,22 @@ EffectFn = Callable[[EffectContext], JSON]
 
 
 class Store(Protocol):
-    """The job ledger's operations (CONTRACT section 2)."""
+    """The job ledger's operations (CONTRACT section 2). A store is a context manager
+    that closes itself on exit."""
+
+    def __enter__(self) -> Self:
+        """Return the store itself."""
+        ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
+    ) -> None:
+        """Close the store."""
+        ...
 
     def register(self, workflow: Workflow) -> None:
         """Store ``workflow``; idempotent; a different definition of the name raises."""
@@ -145,6 +161,10 @@ class Store(Protocol):
 
     def stats(self) -> Stats:
         """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+        ...
+
+    def now(self) -> float:
+        """Return the store's current time in seconds (the clock leases are judged by)."""
         ...
 
     def close(self) -> None:
