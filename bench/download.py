@@ -75,7 +75,9 @@ def run(settings: Settings) -> list[Result]:
 
         for workers in (1, 4):
             subj, base, ratios = paired(
-                2 if settings.quick else 3, lambda _i, w=workers: pipeline(w), lambda _i: plain()
+                2 if settings.quick else 3,
+                lambda _i, w=workers: pipeline(w),  # type: ignore[misc]
+                lambda _i: plain(),
             )
             overhead = sorted((1 / s - 1 / b) * 1e3 for s, b in zip(subj, base, strict=True))
             results.append(

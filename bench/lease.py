@@ -92,7 +92,7 @@ def build(path: Path, size: int) -> float:
     return time.perf_counter() - started
 
 
-def _measure(store: ledger.Store, calls: int) -> float:
+def _measure(store: ledger.SqliteStore, calls: int) -> float:
     """Median seconds of one ``lease_next`` over ``calls`` calls."""
     samples = []
     for i in range(WARMUP + calls):

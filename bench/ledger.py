@@ -7,9 +7,23 @@ One tiny workflow (``PLANNED -> DONE``) and the loop every lifecycle benchmark r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import impl
 from impl import Config, JobledgerError, Store
+from impl.sqlite.store import SqliteStore
+
+__all__ = [
+    "KIND",
+    "WORKFLOW",
+    "SqliteStore",
+    "Store",
+    "handler",
+    "identities",
+    "lifecycle",
+    "noop",
+    "open_sqlite",
+]
 
 KIND = "bench"
 WORKFLOW = impl.Workflow(KIND, ("PLANNED", "DONE"), (("PLANNED", "DONE"),), "PLANNED", ("DONE",))
@@ -20,9 +34,11 @@ def identities(n: int, *, offset: int = 0) -> list[dict[str, str | int]]:
     return [{"n": i, "batch": "bench"} for i in range(offset, offset + n)]
 
 
-def open_sqlite(path: Path, synchronous: str = "NORMAL") -> Store:
-    """Open a store on ``path`` with the bench workflow registered."""
-    store = impl.open_store(path, config=Config(sqlite_synchronous=synchronous))
+def open_sqlite(path: Path, synchronous: str = "NORMAL") -> SqliteStore:
+    """Open a SQLite store on ``path`` with the bench workflow registered."""
+    # Through the public entry point; the cast only tells mypy what a path opens (the
+    # Store protocol does not declare the context-manager methods).
+    store = cast(SqliteStore, impl.open_store(path, config=Config(sqlite_synchronous=synchronous)))
     store.register(WORKFLOW)
     return store
 

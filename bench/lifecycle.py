@@ -8,6 +8,8 @@ file with the same ``synchronous``. Planning is not timed on either side. Measur
 
 from __future__ import annotations
 
+import functools
+
 import impl
 from bench import ledger, rawsqlite, sqltrace
 from bench.harness import Result, Series, Settings, Target, paired, profile, stopwatch
@@ -22,7 +24,7 @@ def _sizes(settings: Settings, synchronous: str) -> int:
     return 30 if settings.quick else 150
 
 
-def _api_run(settings: Settings, synchronous: str, n: int) -> float:
+def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
     path = settings.scratch("lifecycle-api") / "ledger.sqlite"
     with ledger.open_sqlite(path, synchronous) as store:
         store.plan_many(ledger.KIND, ledger.identities(n))
@@ -33,7 +35,7 @@ def _api_run(settings: Settings, synchronous: str, n: int) -> float:
     return n / t[0]
 
 
-def _raw_run(settings: Settings, synchronous: str, n: int) -> float:
+def _raw_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
     path = settings.scratch("lifecycle-raw") / "raw.sqlite"
     conn = rawsqlite.connect(path, synchronous)
     try:
@@ -60,8 +62,8 @@ def run(settings: Settings) -> list[Result]:
         n = _sizes(settings, synchronous)
         subj, base, ratios = paired(
             settings.runs,
-            lambda _i, s=synchronous, n=n: _api_run(settings, s, n),
-            lambda _i, s=synchronous, n=n: _raw_run(settings, s, n),
+            functools.partial(_api_run, settings, synchronous, n),
+            functools.partial(_raw_run, settings, synchronous, n),
         )
         results.append(
             Result(
@@ -84,7 +86,7 @@ def _profile(settings: Settings, n: int) -> str:
         store.plan_many(ledger.KIND, ledger.identities(n))
         text = profile(lambda: ledger.lifecycle(store), title=f"lifecycle, {n} jobs (NORMAL)")
 
-    def fresh() -> ledger.Store:
+    def fresh() -> ledger.SqliteStore:
         store = ledger.open_sqlite(settings.scratch("lifecycle-sql") / "ledger.sqlite")
         store.plan_many(ledger.KIND, ledger.identities(n))
         return store

@@ -85,7 +85,7 @@ def drain(mode: str, target: str, processes: int, jobs: int) -> tuple[float, int
     """Run ``processes`` children over ``target``; return (jobs/s, busy errors, other)."""
     # fork starts a child in milliseconds, and the parent holds no open connection or
     # thread at this point (every store used to plan is closed); spawn elsewhere.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx: Any = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier = ctx.Barrier(processes + 1)
     out: mp.Queue[tuple[Any, ...]] = ctx.Queue()
     children = [

@@ -81,7 +81,7 @@ def _tx(
     """Run one statement in its own ``BEGIN IMMEDIATE`` transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        row = conn.execute(sql, params).fetchone()
+        row: tuple[object, ...] | None = conn.execute(sql, params).fetchone()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -17,7 +17,7 @@ def _size(settings: Settings) -> int:
     return 200 if settings.quick else 600
 
 
-def _fresh(settings: Settings, n: int) -> ledger.Store:
+def _fresh(settings: Settings, n: int) -> ledger.SqliteStore:
     store = ledger.open_sqlite(settings.scratch("runtime") / "ledger.sqlite")
     store.plan_many(ledger.KIND, ledger.identities(n))
     return store

@@ -20,14 +20,14 @@ from impl.sqlite import connection as backend_connection
 class _Timed(sqlite3.Connection):
     table: dict[str, list[float]]
 
-    def execute(self, sql: str, params: Any = (), /) -> sqlite3.Cursor:  # type: ignore[override]
+    def execute(self, sql: str, params: Any = (), /) -> sqlite3.Cursor:
         start = time.perf_counter()
         try:
             return super().execute(sql, params)
         finally:
             _record(sql, time.perf_counter() - start)
 
-    def executemany(self, sql: str, params: Iterable[Any], /) -> sqlite3.Cursor:  # type: ignore[override]
+    def executemany(self, sql: str, params: Iterable[Any], /) -> sqlite3.Cursor:
         start = time.perf_counter()
         try:
             return super().executemany(sql, params)
