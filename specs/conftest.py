@@ -100,7 +100,8 @@ class SpecItem(pytest.Item):
             self._cleanups.append(lambda: shutil.rmtree(folder, ignore_errors=True))
             return SqliteStore(folder / "spec.sqlite", clock=clock)
         require_postgres()
-        # The schema postgres_factory creates is dropped by its cleanup at teardown.
+        # postgres_factory empties this process's reused schema; tests/pg.py drops it at
+        # session end.
         make, cleanup = postgres_factory(clock)
         self._cleanups.append(cleanup)
         return make()

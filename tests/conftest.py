@@ -42,6 +42,15 @@ BACKENDS = ["memory", "sqlite", "postgres"]
 StoreFactory = Callable[..., Store]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _drop_postgres_schemas() -> Iterator[None]:
+    """Drop the PostgreSQL schemas this test process created (tests/pg.py reuses one)."""
+    yield
+    from tests.pg import drop_session_schemas
+
+    drop_session_schemas()
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     """A manual clock that tests move by hand."""

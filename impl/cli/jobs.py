@@ -106,6 +106,8 @@ def show(session: Session, job_id: str, as_json: bool) -> None:
         job = store.job(full)
         effects = store.effects(full)
         history = store.history(full)
+        # Lease times are in the store's clock (the server's, on PostgreSQL), not ours.
+        now = store.now()
     if as_json:
         out = output.plain(job)
         assert isinstance(out, dict)
@@ -113,7 +115,7 @@ def show(session: Session, job_id: str, as_json: bool) -> None:
         out["history"] = [output.plain(h) for h in history]
         output.print_json(out)
         return
-    _print_job(job, effects, history)
+    _print_job(job, effects, history, now)
 
 
 def _effect_json(effect: EffectInfo) -> dict[str, object]:
@@ -130,7 +132,9 @@ def _effect_json(effect: EffectInfo) -> dict[str, object]:
     }
 
 
-def _print_job(job: JobInfo, effects: list[EffectInfo], history: list[HistoryEvent]) -> None:
+def _print_job(
+    job: JobInfo, effects: list[EffectInfo], history: list[HistoryEvent], now: float
+) -> None:
     con = output.console()
     facts = output.table("field", "value")
     facts.add_row("job", job.job_id)
@@ -144,7 +148,7 @@ def _print_job(job: JobInfo, effects: list[EffectInfo], history: list[HistoryEve
     facts.add_row("run at", output.when(job.run_at))
     facts.add_row("token", str(job.token))
     if job.lease is not None:
-        left = output.time_left(job.lease.expires_at)
+        left = output.time_left(job.lease.expires_at, now=now)
         lease = f"{job.lease.worker}, token {job.lease.token}, {left}"
     elif job.lease_worker is not None:
         lease = f"{job.lease_worker} (expired at {output.when(job.lease_expires_at)})"

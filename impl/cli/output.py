@@ -11,7 +11,6 @@ import enum
 import json
 import os
 import sys
-import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
@@ -99,9 +98,13 @@ def duration(seconds: float | None) -> str:
     return f"{hours} h {minutes} min"
 
 
-def time_left(expires_at: float, *, now: float | None = None) -> str:
-    """Return how long a lease still has, or how long ago it expired."""
-    left = expires_at - (time.time() if now is None else now)
+def time_left(expires_at: float, *, now: float) -> str:
+    """Return how long a lease still has at ``now``, or how long ago it expired.
+
+    ``now`` is the store's clock (``store.now()``): lease times are in that clock, which
+    on PostgreSQL is the server's and in tests an injected one, not this machine's.
+    """
+    left = expires_at - now
     if left > 0:
         return duration(left) + " left"
     return "expired " + duration(-left) + " ago"

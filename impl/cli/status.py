@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import click
 
 from impl.cli import output
@@ -58,7 +56,8 @@ def leases(session: Session, as_json: bool) -> None:
     listed until a worker takes the job over or `jobledger reconcile` clears them."""
     with session.store() as store:
         rows = store.leases()
-    now = time.time()
+        # Lease times are in the store's clock (the server's, on PostgreSQL), not ours.
+        now = store.now()
     if as_json:
         output.print_json([_lease_json(row, now) for row in rows])
         return
@@ -79,16 +78,17 @@ def leases(session: Session, as_json: bool) -> None:
 
 
 def _left(row: LeaseRow, now: float) -> str:
-    # The store's clock decides liveness; the wall clock only says how long ago.
-    if row.live or row.expires_at <= now:
-        return output.time_left(row.expires_at, now=now)
-    return "expired"
+    # ``live`` was judged when the rows were read, a moment before ``now``: trust it, so a
+    # lease never shows as live with time gone, nor expired with time left.
+    if row.live:
+        return output.time_left(row.expires_at, now=min(now, row.expires_at - 1e-3))
+    return output.time_left(row.expires_at, now=max(now, row.expires_at))
 
 
 def _lease_json(row: LeaseRow, now: float) -> dict[str, object]:
     out = output.plain(row)
     assert isinstance(out, dict)
-    out["seconds_left"] = round(row.expires_at - now, 3) if row.live else 0.0
+    out["seconds_left"] = round(max(row.expires_at - now, 0.0), 3) if row.live else 0.0
     return out
 
 

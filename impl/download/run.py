@@ -167,7 +167,7 @@ class _Watch:
 
     def _explain_waits(self) -> None:
         wanted = set(self.pending)
-        now = time.time()
+        now = self.store.now()
         expired = False
         for row in self.store.leases():
             if row.job_id not in wanted or row.worker.startswith(self.own):

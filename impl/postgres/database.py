@@ -210,7 +210,9 @@ class Database:
         self.schema = schema
         self.where = f"{describe(url)} schema {schema!r}"
         self._clock = clock
-        self._lock_timeout = f"{round(config.busy_timeout * 1000)}ms"
+        # PostgreSQL reads a lock_timeout of 0 as "wait forever"; a busy timeout of 0
+        # means "do not wait", so it becomes the shortest wait the server accepts.
+        self._lock_timeout = f"{max(1, round(config.busy_timeout * 1000))}ms"
         self._closed = False
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
@@ -238,7 +240,7 @@ class Database:
 
     def _configure(self, conn: psycopg.Connection[TupleRow]) -> None:
         set_search_path(conn, self.schema, local=False)
-        conn.execute("SELECT set_config('lock_timeout', %s, false)", [self._lock_timeout])
+        conn.execute(q.SET_LOCK_TIMEOUT, {"timeout": self._lock_timeout})
 
     def close(self) -> None:
         """Close every pooled connection; later calls raise ``StorageError``."""

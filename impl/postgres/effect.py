@@ -23,9 +23,9 @@ from impl.postgres.rows import locked_job
 from model.config import Config
 from model.errors import EffectInDoubt, EffectResultError, LeaseLost, StorageError
 from model.key import Scalar, canon, check_scalars, op_key
-from model.memory import check_on_doubt, encode_result
 from model.record import JSON, DoubtInfo, EffectContext, EffectStatus, Event, Lease
 from model.store import EffectFn, OnDoubt
+from model.validate import check_on_doubt, encode_result
 
 
 @frozen

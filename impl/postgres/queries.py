@@ -9,10 +9,13 @@ nothing even if a caller skipped the check before it.
 
 from __future__ import annotations
 
-# -- time ------------------------------------------------------------------------------
+# -- sessions and time ----------------------------------------------------------------
 
 SERVER_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 """The server's clock, read once at the start of a transaction (the one clock rule)."""
+
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %(timeout)s, false)"
+"""Per session: a row lock waited on longer than the busy timeout is DatabaseLocked."""
 
 READ_ONLY = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 

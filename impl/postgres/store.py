@@ -16,29 +16,27 @@ whichever clock is in use.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
-from impl.postgres.database import Database, Tx
+from impl.postgres import read
+from impl.postgres.database import Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
-from impl.postgres.rows import effect_info, history_event, job_info, lease_of, lease_row, locked_job
+from impl.postgres.plan import plan_items
+from impl.postgres.registry import Registry, stored
+from impl.postgres.rows import job_info, lease_of, locked_job
+from impl.postgres.schema import check_not_newer, pending
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
     ConfigError,
-    IdempotencyConflict,
     IllegalTransition,
     InvalidInput,
     LeaseLost,
-    UnknownJob,
-    UnknownWorkflow,
-    WorkflowConflict,
 )
-from model.key import Scalar, canon, check_scalars, job_key
-from model.memory import check_int, check_seconds, encode_payload, exhausted_message
+from model.key import Scalar
 from model.record import (
     JSON,
     EffectInfo,
@@ -52,6 +50,7 @@ from model.record import (
     Stats,
 )
 from model.store import EffectFn, OnDoubt
+from model.validate import check_int, check_seconds, exhausted_message
 from model.workflow import DOWNLOAD, Workflow
 
 URL_PREFIXES = ("postgresql://", "postgres://")
@@ -84,10 +83,12 @@ class PostgresStore:
         self._db = Database(
             url, schema=self.config.postgres_schema, clock=clock, config=self.config
         )
-        self._flows: dict[str, Workflow] = {}
+        self._flows = Registry()
         self._effects = EffectRunner(self._db, self.config)
         try:
-            self._db.write("register", lambda tx: self._register(tx, DOWNLOAD), failpoints=False)
+            self._db.write(
+                "register", lambda tx: self._flows.register(tx, DOWNLOAD), failpoints=False
+            )
         except BaseException:
             self._db.close()
             raise
@@ -104,53 +105,6 @@ class PostgresStore:
 
     # -- workflows -----------------------------------------------------------------
 
-    def _flow(self, tx: Tx, kind: str) -> Workflow:
-        flow = self._flows.get(kind)
-        if flow is not None:
-            return flow
-        row = tx.one(q.WORKFLOW, {"name": kind}) if isinstance(kind, str) else None
-        if row is None:
-            known = [r["definition"] for r in tx.all(q.WORKFLOWS)]
-            names = sorted(json.loads(d)["name"] for d in known)
-            raise UnknownWorkflow(
-                f"no workflow named {kind!r} is registered; known: {names}; call "
-                "store.register(Workflow(...)) first"
-            )
-        # Registered definitions never change (a different one is refused), so caching
-        # them for the life of the store is safe across processes.
-        flow = Workflow.from_definition(json.loads(row["definition"]))
-        self._flows[kind] = flow
-        return flow
-
-    def _register(self, tx: Tx, workflow: Workflow) -> None:
-        definition = canon(workflow.definition()).decode("utf-8")
-        params = {
-            "name": workflow.name,
-            "definition": definition,
-            "initial": workflow.initial,
-            "failed": workflow.failed,
-        }
-        if tx.one(q.INSERT_WORKFLOW, params) is not None:
-            for state in workflow.states:
-                tx.run(
-                    q.INSERT_STATE,
-                    {
-                        "kind": workflow.name,
-                        "state": state,
-                        "terminal": workflow.is_terminal(state),
-                    },
-                )
-            for src, dst in sorted(workflow.transitions):
-                tx.run(q.INSERT_EDGE, {"kind": workflow.name, "src": src, "dst": dst})
-            return
-        known = self._flow(tx, workflow.name)
-        if known != workflow:
-            raise WorkflowConflict(
-                f"workflow {workflow.name!r} is already registered with a different "
-                f"definition (stored: {known.definition()}, given: {workflow.definition()}); "
-                "use a new name for a changed workflow"
-            )
-
     def register(self, workflow: Workflow) -> None:
         """Register ``workflow``; identical re-registration is a no-op.
 
@@ -160,20 +114,15 @@ class PostgresStore:
         self._db.check_open()
         if not isinstance(workflow, Workflow):
             raise InvalidInput(f"register needs a Workflow, got {type(workflow).__name__}")
-        self._db.write("register", lambda tx: self._register(tx, workflow))
+        self._db.write("register", lambda tx: self._flows.register(tx, workflow))
 
     def workflow(self, name: str) -> Workflow:
         """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
-        return self._db.read("workflow", lambda tx: self._flow(tx, name))
+        return self._db.read("workflow", lambda tx: self._flows.get(tx, name))
 
     def workflows(self) -> list[Workflow]:
         """Return every registered workflow, sorted by name."""
-
-        def body(tx: Tx) -> list[Workflow]:
-            rows = tx.all(q.WORKFLOWS)
-            return [Workflow.from_definition(json.loads(r["definition"])) for r in rows]
-
-        return self._db.read("workflows", body)
+        return self._db.read("workflows", stored)
 
     # -- planning ------------------------------------------------------------------
 
@@ -205,48 +154,8 @@ class PostgresStore:
         return self._db.write("plan_many", lambda tx: self._plan(tx, kind, plans))
 
     def _plan(self, tx: Tx, kind: str, items: list[Plan]) -> list[str]:
-        flow = self._flow(tx, kind)
-        ids = []
-        for item in items:
-            jid = job_key(kind, item.identity)
-            text = encode_payload(item.payload)
-            check_int(item.priority, name="priority")
-            if item.max_attempts is not None:
-                check_int(item.max_attempts, name="max_attempts", minimum=1)
-            if item.run_at is not None:
-                check_seconds(item.run_at, name="run_at")
-            ident = check_scalars(item.identity, what="identity")
-            inserted = tx.one(
-                q.INSERT_JOB,
-                {
-                    "job_id": jid,
-                    "kind": kind,
-                    "identity": canon(ident).decode("utf-8"),
-                    "payload": text,
-                    "state": flow.initial,
-                    "max_attempts": (
-                        item.max_attempts
-                        if item.max_attempts is not None
-                        else self.config.max_attempts
-                    ),
-                    "priority": item.priority,
-                    "run_at": float(item.run_at) if item.run_at is not None else tx.now,
-                    "now": tx.now,
-                },
-            )
-            if inserted is not None:
-                tx.log(jid, Event.PLANNED, token=0, worker=None)
-            else:
-                stored = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
-                assert stored is not None
-                if stored["payload"] != text:
-                    raise IdempotencyConflict(
-                        f"job {jid} ({kind} {dict(item.identity)}) is already planned with "
-                        f"payload {stored['payload']}, not {text}; a job's payload is fixed at "
-                        "planning: plan a different identity, or keep the payload"
-                    )
-            ids.append(jid)
-        return ids
+        flow = self._flows.get(tx, kind)
+        return plan_items(tx, flow, items, max_attempts=self.config.max_attempts)
 
     # -- leases --------------------------------------------------------------------
 
@@ -295,7 +204,7 @@ class PostgresStore:
         return self._db.write("lease_next", body)
 
     def _exhaust(self, tx: Tx, row: DictRow) -> None:
-        flow = self._flow(tx, row["kind"])
+        flow = self._flows.get(tx, row["kind"])
         error = exhausted_message(row["attempts"], row["max_attempts"])
         tx.run(q.ENTER_FAILED, {**_key(row), "failed": flow.failed, "error": error, "now": tx.now})
         tx.log(
@@ -344,7 +253,7 @@ class PostgresStore:
 
         def body(tx: Tx) -> bool:
             lease_, row = locked_job(tx, lease, "advance")
-            flow = self._flow(tx, row["kind"])
+            flow = self._flows.get(tx, row["kind"])
             job_id, state = row["job_id"], row["state"]
             if to_state not in flow.states:
                 raise IllegalTransition(
@@ -441,7 +350,7 @@ class PostgresStore:
                     detail={"error": error, "retry_at": run_at},
                 )
                 return
-            flow = self._flow(tx, row["kind"])
+            flow = self._flows.get(tx, row["kind"])
             done = tx.one(
                 q.FAIL_FINAL, {**_fence(tx, lease_), "failed": flow.failed, "error": error}
             )
@@ -463,8 +372,8 @@ class PostgresStore:
             raise InvalidInput(f"reason must be a str, got {type(reason).__name__}")
 
         def body(tx: Tx) -> None:
-            row = _locked(tx, job_id)
-            flow = self._flow(tx, row["kind"])
+            row = read.job_row(tx, job_id, lock=True)
+            flow = self._flows.get(tx, row["kind"])
             if row["state"] == flow.failed:
                 return
             if flow.is_terminal(row["state"]):
@@ -498,8 +407,8 @@ class PostgresStore:
         self._db.check_open()
 
         def body(tx: Tx) -> None:
-            row = _locked(tx, job_id)
-            flow = self._flow(tx, row["kind"])
+            row = read.job_row(tx, job_id, lock=True)
+            flow = self._flows.get(tx, row["kind"])
             if row["state"] != flow.failed:
                 raise IllegalTransition(
                     f"retry of job {job_id}: it is in state {row['state']!r}, not the failed "
@@ -555,11 +464,11 @@ class PostgresStore:
 
     def state(self, job_id: str) -> str:
         """Return the job's current state."""
-        return self._db.read("state", lambda tx: _job_row(tx, job_id)["state"])  # type: ignore[no-any-return]
+        return str(self._db.read("state", lambda tx: read.job_row(tx, job_id)["state"]))
 
     def job(self, job_id: str) -> JobInfo:
         """Return a snapshot of the job."""
-        return self._db.read("job", lambda tx: job_info(_job_row(tx, job_id), tx.now))
+        return self._db.read("job", lambda tx: job_info(read.job_row(tx, job_id), tx.now))
 
     def jobs(
         self,
@@ -573,59 +482,47 @@ class PostgresStore:
         self._db.check_open()
         if limit is not None:
             check_int(limit, name="limit", minimum=0)
-        query = q.JOBS_NEWEST if newest_first else q.JOBS
-
-        def body(tx: Tx) -> list[JobInfo]:
-            rows = tx.all(query, {"state": state, "kind": kind, "limit": limit})
-            return [job_info(r, tx.now) for r in rows]
-
-        return self._db.read("jobs", body)
+        return self._db.read(
+            "jobs",
+            lambda tx: read.jobs(
+                tx, state=state, kind=kind, limit=limit, newest_first=newest_first
+            ),
+        )
 
     def leases(self) -> list[LeaseRow]:
         """List leases that are set (live, or expired and not yet reconciled)."""
-        return self._db.read("leases", lambda tx: [lease_row(r, tx.now) for r in tx.all(q.LEASES)])
+        return self._db.read("leases", read.leases)
 
     def effects(self, job_id: str) -> list[EffectInfo]:
         """List the job's effects in the order they were first started."""
-
-        def body(tx: Tx) -> list[EffectInfo]:
-            _job_row(tx, job_id)
-            return [effect_info(r) for r in tx.all(q.EFFECTS, {"job_id": job_id})]
-
-        return self._db.read("effects", body)
+        return self._db.read("effects", lambda tx: read.effects(tx, job_id))
 
     def history(self, job_id: str) -> list[HistoryEvent]:
         """Return the job's history, oldest first."""
-
-        def body(tx: Tx) -> list[HistoryEvent]:
-            _job_row(tx, job_id)
-            return [history_event(r) for r in tx.all(q.HISTORY, {"job_id": job_id})]
-
-        return self._db.read("history", body)
+        return self._db.read("history", lambda tx: read.history(tx, job_id))
 
     def stats(self) -> Stats:
         """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
+        return self._db.read("stats", read.stats)
 
-        def body(tx: Tx) -> Stats:
-            flows = [
-                Workflow.from_definition(json.loads(r["definition"])) for r in tx.all(q.WORKFLOWS)
-            ]
-            by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
-            for row in tx.all(q.COUNTS):
-                by_state[row["kind"]][row["state"]] = row["count"]
-            s = tx.one(q.SUMMARY, {"now": tx.now})
-            assert s is not None
-            oldest = s["oldest_run_at"]
-            return Stats(
-                by_state=by_state,
-                leases_live=s["leases_live"],
-                leases_expired=s["leases_expired"],
-                in_doubt=s["in_doubt"],
-                failed=s["failed"],
-                oldest_eligible_age=None if oldest is None else tx.now - oldest,
-            )
 
-        return self._db.read("stats", body)
+def pending_migrations(url: str, *, config: Config | None = None) -> list[tuple[int, str]]:
+    """Return the migrations (version, name) that opening a store at ``url`` would apply.
+
+    Writes nothing and creates nothing (for ``jobledger migrate --check``): a missing
+    schema (``config.postgres_schema``) lacks every migration.
+
+    Raises:
+        ConfigError: ``url`` is not a PostgreSQL URL.
+        SchemaVersionError: the schema is newer than this code.
+        StorageError: the server cannot be reached.
+    """
+    if not isinstance(url, str) or not url.startswith(URL_PREFIXES):
+        raise ConfigError(f"pending_migrations needs a postgresql:// URL, got {url!r}")
+    cfg = config if config is not None else Config()
+    version = read_schema_version(url, cfg.postgres_schema)
+    check_not_newer(version, cfg.postgres_schema)
+    return [(m.version, m.name) for m in pending(version)]
 
 
 def _key(row: DictRow) -> dict[str, object]:
@@ -640,17 +537,3 @@ def _fenced(written: DictRow | None, lease: Lease, row: DictRow, op: str) -> Non
     """Raise ``LeaseLost`` when a fenced statement changed nothing."""
     if written is None:
         raise LeaseLost(lease.job_id, lease.token, row["token"], "the fence refused it", op)
-
-
-def _job_row(tx: Tx, job_id: str) -> DictRow:
-    row = tx.one(q.JOB, {"job_id": job_id}) if isinstance(job_id, str) else None
-    if row is None:
-        raise UnknownJob(job_id)
-    return row
-
-
-def _locked(tx: Tx, job_id: str) -> DictRow:
-    row = tx.one(q.JOB_FOR_UPDATE, {"job_id": job_id}) if isinstance(job_id, str) else None
-    if row is None:
-        raise UnknownJob(job_id)
-    return row

@@ -10,7 +10,10 @@ while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns eve
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -68,6 +71,83 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
     return conn
 
 
+class _Held:
+    """One thread's connection and the process that opened it."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+
+# A connection must never be used, closed or even freed in a forked child: freeing it
+# closes it, and closing can checkpoint and unlink the parent's WAL. CPython frees the
+# thread-locals of the parent's other threads in the child before any after-fork hook
+# runs, so every live connection is pinned in _PINNED *before* the fork: the parent
+# unpins them afterwards, the child keeps them pinned (unused) for good.
+_LIVE: weakref.WeakSet[_Held] = weakref.WeakSet()
+_PINNED: list[_Held] = []
+
+
+def _pin_before_fork() -> None:
+    _PINNED.extend(list(_LIVE))
+
+
+def _unpin_in_parent() -> None:
+    _PINNED.clear()
+
+
+os.register_at_fork(before=_pin_before_fork, after_in_parent=_unpin_in_parent)
+
+
+class ThreadConnections:
+    """One connection per thread and per process for one database file.
+
+    Connections are opened lazily, never shared between threads (``check_same_thread``)
+    and never reused after ``fork``: a child opens its own.
+    """
+
+    def __init__(self, path: Path, config: Config) -> None:
+        self._path = path
+        self._config = config
+        self._local = threading.local()
+        self._closed = False
+
+    def get(self) -> sqlite3.Connection:
+        """Return the calling thread's connection in this process, opening it if needed.
+
+        Raises:
+            StorageError: if closed, or the file cannot be opened.
+        """
+        self.check_open()
+        held: _Held | None = getattr(self._local, "held", None)
+        pid = os.getpid()
+        if held is not None and held.pid == pid:
+            return held.conn
+        held = _Held(open_connection(self._path, self._config), pid)
+        _LIVE.add(held)
+        self._local.held = held
+        return held.conn
+
+    def check_open(self) -> None:
+        """Raise :class:`StorageError` if :meth:`close` was called."""
+        if self._closed:
+            raise StorageError(
+                f"the store on {self._path} is closed; open a new one with open_store"
+            )
+
+    def close(self) -> None:
+        """Close the calling thread's connection; free the other threads' ones."""
+        self._closed = True
+        held: _Held | None = getattr(self._local, "held", None)
+        if held is not None and held.pid == os.getpid():
+            held.conn.close()
+        # Other threads' connections cannot be closed from this one (check_same_thread);
+        # dropping the thread-local frees them, and freeing a connection closes it.
+        self._local = threading.local()
+
+
 @contextmanager
 def transaction(conn: sqlite3.Connection, op: str) -> Iterator[sqlite3.Connection]:
     """Run the body in one ``BEGIN IMMEDIATE`` transaction named ``op`` for failpoints.
@@ -97,7 +177,7 @@ def write(conn: sqlite3.Connection, op: str, clock: Clock) -> Iterator[float]:
     lock does not act on a time from before it waited.
     """
     with translated(op), transaction(conn, op):
-        yield clock()
+        yield float(clock())
 
 
 @contextmanager

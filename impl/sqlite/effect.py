@@ -34,6 +34,7 @@ from model.errors import (
 from model.key import Scalar, check_scalars, op_key
 from model.record import JSON, DoubtInfo, EffectContext, Event, Lease
 from model.store import EffectFn, OnDoubt
+from model.validate import encode_result
 
 
 @frozen
@@ -256,22 +257,18 @@ def _abort(conn: sqlite3.Connection, clock: Clock, the_op: _Op, token: int) -> N
 
 
 def _encoded(result: object, config: Config, the_op: _Op, source: str) -> str:
+    # The model's encoder is the one definition of a recordable result (JSON, str keys,
+    # no NaN, within the limit); the decision of what to do about it is made here.
     try:
-        text = text_of(result)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise EffectResultError(
-            f"effect {the_op.op!r} of job {the_op.job_id}: {source} returned a result that "
-            f"is not JSON ({exc}); return str-keyed dicts, lists, str, int, float (not NaN), "
-            "bool or None. The effect is now in doubt"
-        ) from None
-    size = len(text.encode("utf-8"))
-    if size > config.result_limit:
-        raise EffectResultError(
-            f"effect {the_op.op!r} of job {the_op.job_id}: {source} returned {size} bytes of "
-            f"JSON, over the result limit of {config.result_limit} bytes; store large data "
-            "elsewhere and return a reference to it. The effect is now in doubt"
-        )
-    return text
+        return encode_result(result, limit=config.result_limit)
+    except EffectResultError as exc:
+        why = str(exc)
+    except RecursionError:
+        why = "it is nested too deeply to encode"
+    raise EffectResultError(
+        f"effect {the_op.op!r} of job {the_op.job_id}: {source} returned a result that "
+        f"cannot be recorded: {why}. The effect is now in doubt"
+    )
 
 
 def _decoded(text: str) -> JSON:

@@ -15,8 +15,8 @@ from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import snapshot, translated, write
 from impl.sqlite.row import add_history, history_params
 from model.clock import Clock
-from model.memory import exhausted_message
 from model.record import Event, ReconcileReport, Stats
+from model.validate import exhausted_message
 from model.workflow import Workflow
 
 

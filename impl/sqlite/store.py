@@ -10,9 +10,7 @@ never runs while a transaction is open.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -22,12 +20,12 @@ import attrs
 from impl.sqlite import effect, maintenance, read
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import open_connection, translated, write
+from impl.sqlite.connection import ThreadConnections, translated, write
+from impl.sqlite.plan import plan_items
 from impl.sqlite.row import (
     JobRow,
     add_history,
     check_lease,
-    history_params,
     job_row,
     require_job,
     text_of,
@@ -36,13 +34,10 @@ from impl.sqlite.schema import migrate
 from model.clock import Clock, wall_clock
 from model.config import Config
 from model.errors import (
-    IdempotencyConflict,
     IllegalTransition,
     InvalidInput,
-    StorageError,
 )
-from model.key import Scalar, check_scalars, job_key
-from model.memory import check_int, check_seconds, encode_payload, exhausted_message
+from model.key import Scalar
 from model.record import (
     JSON,
     EffectInfo,
@@ -56,25 +51,8 @@ from model.record import (
     Stats,
 )
 from model.store import EffectFn, OnDoubt
+from model.validate import check_seconds, exhausted_message
 from model.workflow import DOWNLOAD, Workflow
-
-# Connections inherited across fork belong to the parent: closing (or freeing) one in the
-# child could checkpoint and unlink the parent's WAL. They are parked here for good.
-_INHERITED: list[sqlite3.Connection] = []
-
-
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-
-
-@attrs.frozen
-class _NewJob:
-    job_id: str
-    identity: str
-    payload: str
-    priority: int
-    max_attempts: int
-    run_at: float | None
 
 
 class SqliteStore:
@@ -97,8 +75,7 @@ class SqliteStore:
         self._path = Path(path)
         self._clock: Clock = clock if clock is not None else wall_clock
         self._config = config if config is not None else Config()
-        self._local = threading.local()
-        self._closed = False
+        self._connections = ThreadConnections(self._path, self._config)
         self._catalog = Catalog()
         try:
             conn = self._connection()
@@ -130,36 +107,25 @@ class SqliteStore:
         """The database file."""
         return self._path
 
+    def now(self) -> float:
+        """Return the store's current time in seconds (the clock leases are judged by).
+
+        Raises:
+            StorageError: if the store is closed.
+        """
+        self._connections.check_open()
+        return float(self._clock())
+
     def close(self) -> None:
         """Close the connections this store opened; the store cannot be used afterwards."""
-        self._closed = True
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
-            conn.close()
-        # Other threads' connections cannot be closed from here (check_same_thread);
-        # dropping the thread-local frees them, and freeing a connection closes it.
-        self._local = threading.local()
+        self._connections.close()
 
     def _connection(self) -> sqlite3.Connection:
         """Return this thread's connection in this process, opening it if needed.
 
         Not public API: tests use it to trace statements and inject faults.
         """
-        if self._closed:
-            raise StorageError(
-                f"the store on {self._path} is closed; open a new one with open_store"
-            )
-        local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        pid = os.getpid()
-        if conn is not None and local.pid == pid:
-            return conn
-        if conn is not None:
-            _INHERITED.append(conn)
-        conn = open_connection(self._path, self._config)
-        local.conn = conn
-        local.pid = pid
-        return conn
+        return self._connections.get()
 
     # -- workflows ------------------------------------------------------------------------
 
@@ -197,80 +163,26 @@ class SqliteStore:
         item = Plan(
             identity, payload=payload, priority=priority, max_attempts=max_attempts, run_at=run_at
         )
-        return self._plan("plan", kind, [item])[0]
+        return plan_items(
+            self._connection(),
+            self._clock,
+            self._config,
+            self._catalog,
+            op="plan",
+            kind=kind,
+            items=[item],
+        )[0]
 
     def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """Plan many jobs in one transaction; return their ids in item order."""
-        return self._plan("plan_many", kind, list(items))
-
-    def _plan(self, op: str, kind: str, items: list[Mapping[str, Scalar] | Plan]) -> list[str]:
-        conn = self._connection()
-        with translated(op):
-            self._catalog.get(conn, kind)
-        with write(conn, op, self._clock) as now:
-            workflow = self._catalog.get(conn, kind)
-            # Items are checked in order, each against the stored jobs and the items
-            # before it, so the first bad item decides the error, as in the model.
-            batch: dict[str, str] = {}
-            fresh: list[_NewJob] = []
-            ids: list[str] = []
-            for item in items:
-                new = self._prepare(kind, item)
-                ids.append(new.job_id)
-                stored = batch.get(new.job_id)
-                if stored is None:
-                    found = conn.execute(q.SELECT_PAYLOAD, (new.job_id,)).fetchone()
-                    stored = None if found is None else str(found[0])
-                if stored is not None and stored != new.payload:
-                    raise IdempotencyConflict(
-                        f"{op} of a {kind!r} job with identity {new.identity}: job "
-                        f"{new.job_id} is already planned with payload {stored}, not "
-                        f"{new.payload}; a job's payload is fixed at planning: plan a "
-                        "different identity, or keep the payload"
-                    )
-                if stored is None:
-                    fresh.append(new)
-                batch[new.job_id] = new.payload
-            conn.executemany(
-                q.INSERT_JOB,
-                [
-                    (
-                        p.job_id,
-                        kind,
-                        p.identity,
-                        p.payload,
-                        workflow.initial,
-                        p.max_attempts,
-                        p.priority,
-                        now if p.run_at is None else p.run_at,
-                        now,
-                        now,
-                    )
-                    for p in fresh
-                ],
-            )
-            conn.executemany(
-                q.INSERT_HISTORY,
-                [history_params(p.job_id, now, Event.PLANNED, 0, worker=None) for p in fresh],
-            )
-        return ids
-
-    def _prepare(self, kind: str, item: Mapping[str, Scalar] | Plan) -> _NewJob:
-        plan = item if isinstance(item, Plan) else Plan(item)
-        job_id = job_key(kind, plan.identity)
-        payload = encode_payload(plan.payload)
-        priority = _int64(check_int(plan.priority, name="priority"), "priority")
-        attempts = plan.max_attempts
-        if attempts is not None:
-            _int64(check_int(attempts, name="max_attempts", minimum=1), "max_attempts")
-        run_at = None if plan.run_at is None else check_seconds(plan.run_at, name="run_at")
-        return _NewJob(
-            job_id=job_id,
-            identity=text_of(check_scalars(plan.identity, what="identity")),
-            payload=payload,
-            priority=priority,
-            max_attempts=attempts if attempts is not None else self._config.max_attempts,
-            run_at=run_at,
+        return plan_items(
+            self._connection(),
+            self._clock,
+            self._config,
+            self._catalog,
+            op="plan_many",
+            kind=kind,
+            items=list(items),
         )
 
     # -- leases ---------------------------------------------------------------------------
@@ -593,15 +505,6 @@ def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRo
         expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, params).fetchone()
     rows = [job_row(found) for found in (unleased, expired) if found is not None]
     return min(rows, key=lambda r: (-r.priority, r.run_at, r.seq), default=None)
-
-
-def _int64(value: int, name: str) -> int:
-    # SQLite integers are 64-bit; a larger Python int would fail in the driver.
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise InvalidInput(
-            f"{name} must fit in a signed 64-bit integer ({INT64_MIN} to {INT64_MAX}), got {value}"
-        )
-    return value
 
 
 def _kinds(kinds: Sequence[str]) -> list[str]:

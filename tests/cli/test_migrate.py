@@ -1,4 +1,4 @@
-"""``jobledger migrate [--check]`` on SQLite files."""
+"""``jobledger migrate [--check]`` on SQLite files (PostgreSQL: test_postgres.py)."""
 
 from __future__ import annotations
 
@@ -45,9 +45,3 @@ def test_check_writes_nothing(run: Callable[..., Outcome], tmp_path: Path) -> No
     assert run("--db", str(path), "migrate", "--check").code == 0
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before
-
-
-def test_check_of_postgres_target_is_bad_usage(run: Callable[..., Outcome]) -> None:
-    out = run("--db", "postgresql://nowhere/x", "migrate", "--check")
-    assert out.code == 2
-    assert "SQLite" in out.err

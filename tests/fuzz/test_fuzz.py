@@ -26,6 +26,14 @@ from impl.selftest import SelftestReport
 
 SECONDS_DEFAULT = 95.0
 MIN_KILLS = 100
+ZOMBIE_HEAVY: dict[str, float] = {
+    "seconds": 15.0,
+    "workers": 4,
+    "backlog": 2,
+    "jump_rate": 0.1,
+    "pause": 0.3,
+}
+"""Settings under which a worker whose lease expired often reaches the sink late."""
 
 
 def _seed() -> int:
@@ -44,10 +52,13 @@ def _report(result: FuzzResult, rerun: str) -> str:
     return SelftestReport(result, rerun).render(max_violations=40)
 
 
+SECONDS = float(os.environ.get("JOBLEDGER_FUZZ_SECONDS", SECONDS_DEFAULT))
+
+
 @pytest.mark.xdist_group("fuzz")
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(2 * SECONDS + 600)
 def test_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
-    seconds = float(os.environ.get("JOBLEDGER_FUZZ_SECONDS", SECONDS_DEFAULT))
+    seconds = SECONDS
     seed = _seed()
     result = run_fuzz(
         tmp_path,
@@ -59,6 +70,19 @@ def test_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
     assert result.kills >= MIN_KILLS, text
     assert result.jobs > 0, text
     assert sum(result.by_state.values()) == result.jobs, text
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_zombie_heavy_run_is_clean(tmp_path: Path) -> None:
+    """Long effects, frequent TTL jumps and idle workers: many zombies racing their
+    successors to the sink. The correct build must stay clean under it (the same settings
+    catch a sink without fencing, see below)."""
+    seed = _seed()
+    result = run_fuzz(tmp_path, FuzzSettings(seed=seed, **ZOMBIE_HEAVY))
+    text = _report(result, _rerun(seed, 15.0, "test_zombie_heavy_run_is_clean"))
+    print(text)
+    assert result.ok, text
 
 
 @pytest.mark.xdist_group("fuzz")
@@ -82,10 +106,10 @@ def test_selftest_short_run_reports_figures_and_cleans_up(tmp_path: Path) -> Non
 
 def _broken(tmp_path: Path, mode: str, **changes: object) -> FuzzResult:
     seed = _seed()
+    changes.setdefault("seconds", 8.0)
+    changes.setdefault("workers", 3)
     settings = FuzzSettings(
-        seconds=8.0,
         seed=seed,
-        workers=3,
         child_module="tests.fuzz.broken_child",
         child_env={"FUZZ_BROKEN": mode},
         **changes,  # type: ignore[arg-type]
@@ -138,6 +162,8 @@ def test_checker_catches_an_effect_run_after_lease_lost(tmp_path: Path) -> None:
 @pytest.mark.xdist_group("fuzz")
 @pytest.mark.timeout(300)
 def test_checker_catches_a_sink_without_fencing(tmp_path: Path) -> None:
-    result = _broken(tmp_path, "unfenced-sink", jump_rate=0.05, pause=0.2)
+    # A zombie must reach the sink after its successor did: long effects, a clock that
+    # jumps past the TTL, and idle workers ready to take an expired job make that common.
+    result = _broken(tmp_path, "unfenced-sink", **ZOMBIE_HEAVY)
     assert not result.ok
     assert c.STALE_EXECUTION in {v.rule for v in result.violations}

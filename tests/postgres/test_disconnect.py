@@ -1,6 +1,7 @@
 """A worker's session killed from the server side (``pg_terminate_backend``): the call
 that was using it fails with a typed ``StorageError``, the pool reconnects, the next call
-works, and no effect result is ever recorded twice."""
+works, and no effect result is ever recorded twice. A row lock held past the busy timeout
+is ``DatabaseLocked``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from psycopg import sql
 
 import impl
 from impl.postgres.store import PostgresStore
-from model import EffectStatus, Event, ManualClock, StorageError
+from model import Config, DatabaseLocked, EffectStatus, Event, ManualClock, StorageError
 from tests.pg import PG_URL
 from tests.postgres.conftest import OpenStore
 
@@ -175,3 +176,15 @@ def test_a_kill_around_an_effect_never_records_it_twice(
         )
     ).fetchall()
     assert rows == [("HEAD", 1), ("STREAM", 1)]
+
+
+def test_a_row_locked_past_the_busy_timeout_is_database_locked(
+    open_pg: OpenStore, pg_schema: str
+) -> None:
+    store = open_pg(clock=ManualClock(), config=Config(postgres_schema=pg_schema, busy_timeout=0.2))
+    job_id = store.plan("download", IDENTITY)
+    lease = store.lease_next("w", ttl=30)
+    assert lease is not None
+    with row_locked(pg_schema, job_id), pytest.raises(DatabaseLocked, match="busy_timeout"):
+        store.renew(lease)
+    assert store.renew(lease).token == lease.token

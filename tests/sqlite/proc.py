@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import traceback
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from attrs import frozen
@@ -21,15 +23,22 @@ class WorkerReport:
     error: str | None
 
 
-def drain(path: str, name: str) -> WorkerReport:
+def drain(path: str, name: str, start: Barrier, reports: Queue[WorkerReport]) -> None:
     """Open a store on ``path`` and work ``proc_flow`` jobs until none is eligible.
 
-    The child never registers the workflow: it must learn it from the database.
+    Every worker opens its store, then waits at ``start`` so that they all contend for
+    the same jobs from the first claim. The child never registers the workflow: it must
+    learn it from the database. The report goes to ``reports``.
     """
+    reports.put(_drain(path, name, start))
+
+
+def _drain(path: str, name: str, start: Barrier) -> WorkerReport:
     grants: list[tuple[str, int]] = []
     try:
         with SqliteStore(Path(path)) as store:
             flow = store.workflow(PROC_FLOW_NAME)
+            start.wait(30)
             while True:
                 lease = store.lease_next(name, ttl=60.0, kinds=[PROC_FLOW_NAME])
                 if lease is None:
@@ -43,3 +52,15 @@ def drain(path: str, name: str) -> WorkerReport:
     except BaseException:
         return WorkerReport(name, grants, traceback.format_exc())
     return WorkerReport(name, grants, None)
+
+
+def open_and_plan(path: str, start: Barrier, reports: Queue[str | None]) -> None:
+    """Open a store on a fresh ``path`` at the same moment as others, and plan one job."""
+    try:
+        start.wait(30)
+        with SqliteStore(Path(path)) as store:
+            store.plan("download", {"url": "same"})
+    except BaseException:
+        reports.put(traceback.format_exc())
+        return
+    reports.put(None)

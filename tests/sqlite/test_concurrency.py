@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import threading
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import pytest
 
+from impl.sqlite.schema import MIGRATIONS
 from impl.sqlite.store import SqliteStore
 from model import Event, Workflow
-from tests.sqlite.proc import PROC_FLOW_NAME, drain
+from tests.sqlite.proc import PROC_FLOW_NAME, WorkerReport, drain, open_and_plan
 
 PROC_FLOW = Workflow(
     name=PROC_FLOW_NAME,
@@ -34,13 +36,26 @@ def test_processes_share_one_file_without_busy_errors_or_shared_jobs(tmp_path: P
     path = tmp_path / "db.sqlite"
     with SqliteStore(path) as store:
         store.register(PROC_FLOW)
-        ids = store.plan_many(PROC_FLOW_NAME, [{"n": n} for n in range(60)])
+        ids = store.plan_many(PROC_FLOW_NAME, [{"n": n} for n in range(120)])
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
-        futures = [pool.submit(drain, str(path), f"proc{i}") for i in range(3)]
-        reports = [f.result(timeout=90) for f in futures]
+    start = context.Barrier(3)
+    queue: Queue[WorkerReport] = context.Queue()
+    workers = [
+        context.Process(target=drain, args=(str(path), f"proc{i}", start, queue)) for i in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        reports = [queue.get(timeout=90) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
     for report in reports:
         assert report.error is None, f"{report.name} failed:\n{report.error}"
+    assert all(r.grants for r in reports), "a worker got no job: the test did not contend"
     grants = [g for r in reports for g in r.grants]
     assert sorted(j for j, _ in grants) == sorted(ids), "a job was lost or leased twice"
     with SqliteStore(path) as store:
@@ -98,22 +113,73 @@ def test_threads_of_one_store_never_share_a_live_lease(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.timeout(60)
 def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
-    """A connection carried across fork would share the parent's locks and file state."""
+    """A connection carried across fork would share the parent's locks and file state;
+    the child must neither use nor free any of the parent's connections (freeing closes,
+    and closing can checkpoint and unlink the parent's WAL)."""
+    from impl.sqlite import connection
+
     path = tmp_path / "db.sqlite"
     with SqliteStore(path) as store:
         parent_conn = store._connection()
         first = store.plan("download", {"url": "parent"})
+        opened = threading.Event()
+        leave = threading.Event()
+
+        def hold_a_connection() -> None:
+            store._connection()
+            opened.set()
+            leave.wait(30)
+
+        holder = threading.Thread(target=hold_a_connection)
+        holder.start()
+        assert opened.wait(10)
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the child reports through its exit code)
             code = 1
             try:
+                pinned = {id(h.conn) for h in connection._PINNED}
                 fresh = store._connection() is not parent_conn
                 store.plan("download", {"url": "child"})
-                code = 0 if fresh and store.state(first) == "PLANNED" else 2
+                ok = fresh and id(parent_conn) in pinned and len(pinned) >= 2
+                code = 0 if ok and store.state(first) == "PLANNED" else 2
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
+        leave.set()
+        holder.join(10)
         assert os.waitstatus_to_exitcode(status) == 0
+        assert connection._PINNED == []
         assert store._connection() is parent_conn
         assert len(store.jobs()) == 2
         assert parent_conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.xdist_group("processes")
+@pytest.mark.timeout(120)
+def test_processes_opening_a_fresh_file_together_migrate_it_once(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    queue: Queue[str | None] = context.Queue()
+    openers = [
+        context.Process(target=open_and_plan, args=(str(path), start, queue)) for _ in range(3)
+    ]
+    for opener in openers:
+        opener.start()
+    try:
+        errors = [queue.get(timeout=90) for _ in openers]
+    finally:
+        for opener in openers:
+            opener.join(10)
+            if opener.is_alive():
+                opener.kill()
+                opener.join()
+    assert errors == [None, None, None], "\n".join(e for e in errors if e)
+    conn = sqlite3.connect(path)
+    try:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+        assert versions == [m.version for m in MIGRATIONS]
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 1
+    finally:
+        conn.close()

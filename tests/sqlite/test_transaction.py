@@ -7,6 +7,7 @@ per connection, so every connection (each thread has its own) must carry them.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from impl.sqlite import queries as q
 from impl.sqlite.store import SqliteStore
-from model import Config, EffectResultError, ManualClock, Plan, Workflow
+from model import Config, EffectResultError, ManualClock, Plan, StorageError, Workflow
 
 FLOW = Workflow(
     name="flow",
@@ -138,18 +139,33 @@ def _plan_of(store: SqliteStore, sql: str, params: dict[str, object]) -> str:
 def test_lease_next_walks_the_claim_index_without_sorting(tmp_path: Path) -> None:
     """The unleased half of a claim is an ordered walk of the partial index at any size,
     and the expired half reads only the expired range of the lease index."""
-    kinds = {"now": 0.0, "kinds": '["download"]'}
+    kinds: dict[str, object] = {"now": 0.0, "kinds": '["download"]'}
+    plain: dict[str, object] = {"now": 0.0}
     with SqliteStore(tmp_path / "db.sqlite") as store:
         for sql, params in (
-            (q.SELECT_CANDIDATE, {"now": 0.0}),
+            (q.SELECT_CANDIDATE, plain),
             (q.SELECT_CANDIDATE_OF_KINDS, kinds),
         ):
             plan = _plan_of(store, sql, params)
             assert "USING INDEX jobs_claim" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
         for sql, params in (
-            (q.SELECT_EXPIRED_CANDIDATE, {"now": 0.0}),
+            (q.SELECT_EXPIRED_CANDIDATE, plain),
             (q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, kinds),
         ):
             plan = _plan_of(store, sql, params)
             assert "USING INDEX jobs_lease (lease_expires_at<?)" in plan, plan
+
+
+def test_close_closes_the_connection_and_refuses_further_calls(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite")
+    conn = store._connection()
+    job_id = store.plan("download", {"url": "u"})
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        conn.execute("SELECT 1")
+    with pytest.raises(StorageError, match="closed"):
+        store.state(job_id)
+    store.close()  # idempotent
+    with SqliteStore(tmp_path / "db.sqlite") as again:
+        assert again.state(job_id) == "PLANNED"

@@ -1,0 +1,69 @@
+"""Read-only queries of a PostgreSQL ledger: jobs, leases, effects, history, stats.
+
+Each runs inside one read-only snapshot transaction opened by the store, so a report
+that takes several statements (``stats``) is still consistent with itself.
+"""
+
+from __future__ import annotations
+
+from psycopg.rows import DictRow
+
+from impl.postgres import queries as q
+from impl.postgres.database import Tx
+from impl.postgres.registry import stored
+from impl.postgres.rows import effect_info, history_event, job_info, lease_row
+from model.errors import UnknownJob
+from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow, Stats
+
+
+def job_row(tx: Tx, job_id: str, *, lock: bool = False) -> DictRow:
+    """Return the job's row (locked for update if ``lock``), or raise ``UnknownJob``."""
+    query = q.JOB_FOR_UPDATE if lock else q.JOB
+    row = tx.one(query, {"job_id": job_id}) if isinstance(job_id, str) else None
+    if row is None:
+        raise UnknownJob(job_id)
+    return row
+
+
+def jobs(
+    tx: Tx, *, state: str | None, kind: str | None, limit: int | None, newest_first: bool
+) -> list[JobInfo]:
+    """Return jobs in planned order (or newest first), filtered."""
+    query = q.JOBS_NEWEST if newest_first else q.JOBS
+    rows = tx.all(query, {"state": state, "kind": kind, "limit": limit})
+    return [job_info(r, tx.now) for r in rows]
+
+
+def leases(tx: Tx) -> list[LeaseRow]:
+    """Return the leases that are set, soonest expiry first."""
+    return [lease_row(r, tx.now) for r in tx.all(q.LEASES)]
+
+
+def effects(tx: Tx, job_id: str) -> list[EffectInfo]:
+    """Return the job's effects in the order they were first started."""
+    job_row(tx, job_id)
+    return [effect_info(r) for r in tx.all(q.EFFECTS, {"job_id": job_id})]
+
+
+def history(tx: Tx, job_id: str) -> list[HistoryEvent]:
+    """Return the job's history, oldest first."""
+    job_row(tx, job_id)
+    return [history_event(r) for r in tx.all(q.HISTORY, {"job_id": job_id})]
+
+
+def stats(tx: Tx) -> Stats:
+    """Return counts by kind and state, leases, in-doubt effects, failures and lag."""
+    by_state = {f.name: dict.fromkeys(f.states, 0) for f in stored(tx)}
+    for row in tx.all(q.COUNTS):
+        by_state[row["kind"]][row["state"]] = row["count"]
+    summary = tx.one(q.SUMMARY, {"now": tx.now})
+    assert summary is not None
+    oldest = summary["oldest_run_at"]
+    return Stats(
+        by_state=by_state,
+        leases_live=summary["leases_live"],
+        leases_expired=summary["leases_expired"],
+        in_doubt=summary["in_doubt"],
+        failed=summary["failed"],
+        oldest_eligible_age=None if oldest is None else tx.now - oldest,
+    )
