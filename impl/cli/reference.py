@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from impl.cli import readme as readme_block
 from impl.cli.main import cli
 
 START = "<!-- cli-reference:start -->"
@@ -50,25 +51,13 @@ def render() -> str:
 
 
 def embedded(readme: str) -> str | None:
-    """Return the text between the reference markers of ``readme``, or None if absent."""
-    start = readme.find(START)
-    end = readme.find(END)
-    if start < 0 or end < start:
-        return None
-    return readme[start + len(START) : end]
+    """Return the text between this block's markers in ``readme``, or None if absent."""
+    return readme_block.embedded(readme, START, END)
 
 
 def replace_block(readme: str, reference: str) -> str:
-    """Return ``readme`` with the text between the markers replaced by ``reference``.
-
-    Raises:
-        ValueError: the markers are missing.
-    """
-    if embedded(readme) is None:
-        raise ValueError(f"the README has no {START} ... {END} markers")
-    start = readme.find(START) + len(START)
-    end = readme.find(END)
-    return readme[:start] + "\n" + reference.strip() + "\n" + readme[end:]
+    """Return ``readme`` with this block's text replaced by ``reference``."""
+    return readme_block.replace_block(readme, reference, START, END)
 
 
 def main(argv: list[str] | None = None) -> int:
