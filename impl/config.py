@@ -23,7 +23,14 @@ COMMAND_LINE_SOURCE = "command line"
 
 ENV_CONFIG_FILE = "JOBLEDGER_CONFIG"
 NON_CONFIG_ENV = frozenset(
-    {ENV_CONFIG_FILE, "JOBLEDGER_FAILPOINTS", "JOBLEDGER_FUZZ_SECONDS", "JOBLEDGER_TEST_PG"}
+    {
+        ENV_CONFIG_FILE,
+        "JOBLEDGER_FAILPOINTS",
+        "JOBLEDGER_FUZZ_SECONDS",
+        "JOBLEDGER_FUZZ_SEED",
+        "JOBLEDGER_FUZZ_BROKEN",
+        "JOBLEDGER_TEST_PG",
+    }
 )
 """``JOBLEDGER_*`` variables that are not configuration keys but are still expected."""
 

@@ -78,11 +78,16 @@ def test_sigkilled_writer_leaves_the_sink_consistent(tmp_path: Path) -> None:
     path = tmp_path / "sink.sqlite"
     FencedSink(path).close()
     proc = subprocess.Popen([sys.executable, "-c", HAMMER, str(path)], env=child_env())
+    watcher = FencedSink(path)
     try:
-        time.sleep(1.0)
+        # Kill it mid-stream, once it has written plenty, however slowly it started.
+        deadline = time.monotonic() + 60
+        while len(watcher.executions()) < 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
     finally:
+        watcher.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
@@ -90,7 +95,7 @@ def test_sigkilled_writer_leaves_the_sink_consistent(tmp_path: Path) -> None:
     sink = FencedSink(path)
     try:
         executions = sink.executions()
-        assert len(executions) > 10
+        assert len(executions) >= 200
         high: dict[str, int] = {}
         for x in executions:
             top = high.get(x.job_id)
