@@ -13,6 +13,8 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
+from hypothesis import settings
+
 from impl.sqlite.store import SqliteStore
 from model import Store
 from tests.stateful.machine import WORKERS, LedgerMachine
@@ -54,3 +56,4 @@ class SqliteMachine(LedgerMachine):
 
 
 TestSqliteAgreement = SqliteMachine.TestCase
+TestSqliteAgreement.settings = settings(settings.default, stateful_step_count=50)
