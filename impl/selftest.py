@@ -5,6 +5,10 @@ worker processes on one SQLite file in ``directory``, SIGKILLed at random times 
 failpoints, a simulated clock that jumps past lease TTLs, then a drain and a
 Jepsen-style history check. Run it on the disk or network file system you mean to use:
 SQLite on a file system with broken locking loses data, and this shows it.
+
+With ``db`` set to a ``postgresql://`` URL the ledger lives in a fresh schema on that
+server instead (the sink and histories stay in ``directory``), and the run also
+terminates random workers' sessions from the server side with ``pg_terminate_backend``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from attrs import frozen
 
@@ -56,11 +61,15 @@ class SelftestReport:
             "reexecutions": r.reexecutions,
             "fenced_out": r.fenced_out,
             "in_doubt": r.in_doubt,
+            "backend": r.backend,
+            "disconnects": r.disconnects,
+            "storage_errors": r.storage_errors,
             "torn_lines": r.torn_lines,
             "drain_steps": r.drain_steps,
             "liveness_steps": r.liveness_steps,
             "violations": [str(v) for v in r.violations],
             "kept": None if r.folder is None else str(r.folder),
+            "schema_kept": r.schema_kept,
             "rerun": self.rerun,
         }
 
@@ -68,12 +77,23 @@ class SelftestReport:
         """The report for humans: the figures, then the verdict and what to do."""
         r = self.result
         states = ", ".join(f"{s} {n}" for s, n in sorted(r.by_state.items()))
+        on = "" if r.backend == "sqlite" else f" on {r.backend}"
         lines = [
-            f"jobledger crash fuzz: seed {r.seed}, {r.workers} worker processes, {r.runtime:.1f} s",
+            f"jobledger crash fuzz{on}: seed {r.seed}, {r.workers} worker processes, "
+            f"{r.runtime:.1f} s",
             f"  jobs          {r.jobs} planned; {states}",
             f"  kills         {r.kills} SIGKILLs ({r.kills_random} at random times, "
             f"{r.kills_failpoint} at failpoints); {r.spawned} workers started",
             f"  clock         {r.clock_jumps} jumps past the lease TTL",
+            *(
+                [
+                    f"  disconnects   {r.disconnects} worker sessions terminated by the server "
+                    f"(pg_terminate_backend); {r.storage_errors} handler calls failed with "
+                    "StorageError and the workers went on"
+                ]
+                if r.backend != "sqlite"
+                else []
+            ),
             f"  leases        {r.leases} granted, {r.leases_lost} lost by their holder",
             f"  effects       {r.effects} recorded once each; {r.executions} executions; "
             f"{r.reexecutions} re-executed after a crash or lost lease (in-doubt retries); "
@@ -87,7 +107,10 @@ class SelftestReport:
         if len(r.violations) > max_violations:
             lines.append(f"    ... and {len(r.violations) - max_violations} more")
         if r.folder is not None:
-            lines.append(f"  kept          {r.folder} (database, histories, sink)")
+            held = "database, histories, sink" if r.schema_kept is None else "histories, sink"
+            lines.append(f"  kept          {r.folder} ({held})")
+        if r.schema_kept is not None:
+            lines.append(f"  kept ledger   {r.ledger}")
         if not r.ok:
             lines.append(f"  rerun         {self.rerun}")
             lines.append(
@@ -111,6 +134,7 @@ def run(
     jobs: int | None = None,
     min_kills: int = 0,
     keep: bool = False,
+    db: str | None = None,
 ) -> SelftestReport:
     """Run the crash fuzz in a new folder under ``directory`` and check its history.
 
@@ -124,13 +148,23 @@ def run(
         jobs: the most jobs to plan; default a steady backlog for the whole run.
         min_kills: go on past ``seconds`` (up to twice as long) until this many kills.
         keep: keep the run's folder even when it passes.
+        db: None for a SQLite ledger in the run's folder, or a ``postgresql://`` URL:
+            the ledger then lives in a fresh schema there (dropped when the run passes,
+            kept and named in the report when it fails), and workers' sessions are
+            also terminated from the server side.
 
     Returns:
         The report; ``report.ok`` is the verdict and ``report.render()`` the text.
     """
     used = new_seed() if seed is None else seed
     settings = FuzzSettings(
-        seconds=seconds, seed=used, workers=workers, jobs=jobs, min_kills=min_kills, keep=keep
+        seconds=seconds,
+        seed=used,
+        workers=workers,
+        jobs=jobs,
+        min_kills=min_kills,
+        keep=keep,
+        db=db,
     )
     result = run_fuzz(Path(directory), settings)
     rerun = (
@@ -141,4 +175,16 @@ def run(
         rerun += f" --workers {workers}"
     if jobs is not None:
         rerun += f" --jobs {jobs}"
+    if db is not None:
+        rerun += f" --db {shlex.quote(without_password(db))}"
     return SelftestReport(result, rerun)
+
+
+def without_password(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (for printed commands)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()

@@ -40,6 +40,14 @@ from impl.cli import output
     show_default=True,
     help="Worker processes kept running (and killed).",
 )
+@click.option(
+    "--db",
+    "db",
+    metavar="URL",
+    default=None,
+    help="Run the ledger on PostgreSQL (postgresql://...) in a fresh schema that a passing "
+    "run drops; default a SQLite file under --dir.",
+)
 @click.option("--keep", is_flag=True, help="Keep the run's folder even when it passes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def selftest(
@@ -48,6 +56,7 @@ def selftest(
     seconds: float,
     seed: int | None,
     workers: int,
+    db: str | None,
     keep: bool,
     as_json: bool,
 ) -> None:
@@ -61,7 +70,7 @@ def selftest(
     run's folder is then kept, with the command that reruns its seed).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    report = engine.run(directory, seconds=seconds, seed=seed, workers=workers, keep=keep)
+    report = engine.run(directory, seconds=seconds, seed=seed, workers=workers, keep=keep, db=db)
     if as_json:
         output.print_json(report.as_dict())
     else:

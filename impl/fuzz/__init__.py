@@ -9,7 +9,9 @@ histories, the sink and the database against the contract's invariants.
 Modules: :mod:`~impl.fuzz.clock` (the shared clock), :mod:`~impl.fuzz.history` (history
 logs), :mod:`~impl.fuzz.sink` (the fenced sink), :mod:`~impl.fuzz.workload` (the workflow
 and its handler), :mod:`~impl.fuzz.child` (the worker process), :mod:`~impl.fuzz.checker`
-(the history check) and :mod:`~impl.fuzz.engine` (the parent that runs it all).
+(the history check), :mod:`~impl.fuzz.ledger` (where the ledger lives: a SQLite file, or
+a fresh PostgreSQL schema with server-side disconnects, :mod:`~impl.fuzz.postgres`) and
+:mod:`~impl.fuzz.engine` (the parent that runs it all).
 """
 
 from __future__ import annotations

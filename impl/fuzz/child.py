@@ -16,16 +16,19 @@ import threading
 import time
 from pathlib import Path
 
-from attrs import asdict, frozen
+from attrs import asdict, evolve, frozen
 
 from impl.failpoint import ENV_VAR
 from impl.fuzz.clock import ClockReader
 from impl.fuzz.history import HistoryWriter
+from impl.fuzz.ledger import is_postgres
 from impl.fuzz.sink import FencedSink
 from impl.fuzz.workload import KIND, WORKFLOW, Tools, make_handler
 from impl.store import open_store
 from impl.worker import Worker
 from model.config import Config
+from model.errors import StorageError
+from model.store import Store
 
 
 @frozen(kw_only=True)
@@ -47,6 +50,7 @@ class ChildSpec:
     busy_timeout: float
     pause: float
     yield_rate: float
+    schema: str | None = None
 
     def to_json(self) -> str:
         """Encode for the command line."""
@@ -60,16 +64,20 @@ class ChildSpec:
 
     def config(self) -> Config:
         """The store configuration every process of the run shares."""
-        return Config(
+        cfg = Config(
             lease_ttl=self.ttl,
             max_attempts=self.max_attempts,
             backoff_base=self.backoff_base,
             backoff_cap=self.backoff_cap,
             busy_timeout=self.busy_timeout,
         )
+        return cfg if self.schema is None else evolve(cfg, postgres_schema=self.schema)
 
 
 ORPHAN_POLL = 0.5
+OPEN_ATTEMPTS = 5
+"""How often a worker tries to open the store before giving up (a server-side
+disconnect can land on the migration check or the registration at start-up)."""
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -81,6 +89,26 @@ def _exit_when_orphaned(parent: int) -> None:
             os._exit(3)
 
 
+def _open(spec: ChildSpec, clock: ClockReader, log: HistoryWriter) -> Store:
+    # A real deployment restarts a worker that could not start; here the worker retries
+    # itself, so a disconnect at start-up is survived rather than counted as a crash.
+    attempt = 0
+    while True:
+        attempt += 1
+        store: Store | None = None
+        try:
+            store = open_store(spec.db, clock=clock, config=spec.config())
+            store.register(WORKFLOW)
+            return store
+        except StorageError as exc:
+            log.write("open-failed", attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+            if store is not None:
+                store.close()
+            if attempt == OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one fuzz worker until stopped; return its exit status."""
     args = sys.argv[1:] if argv is None else argv
@@ -88,13 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         target=_exit_when_orphaned, args=(os.getppid(),), name="orphan-watch", daemon=True
     ).start()
     spec = ChildSpec.from_json(args[0])
+    if is_postgres(spec.db):
+        # Loaded before the start is logged: the parent times its kills from there, and
+        # a kill inside the import of psycopg tests nothing.
+        import impl.postgres.store  # noqa: F401, PLC0415
     clock = ClockReader(Path(spec.clock))
     log = HistoryWriter(Path(spec.log), spec.name, clock)
     log.write("start", failpoints=os.environ.get(ENV_VAR, ""))
     sink = FencedSink(Path(spec.sink))
-    store = open_store(spec.db, clock=clock, config=spec.config())
+    store = _open(spec, clock, log)
     try:
-        store.register(WORKFLOW)
         tools = Tools(
             worker=spec.name,
             sink=sink,

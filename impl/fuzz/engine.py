@@ -6,15 +6,22 @@ expire under their holders), SIGKILLs workers at random times and arms ``N*kill`
 failpoints in the environment of others, and respawns every dead worker under a new
 name. *Drain*: no more kills or failpoints; the parent reconciles, moves the clock past
 every TTL and keeps stepping it until every job is terminal or the liveness bound is
-spent. Then it stops the workers, reads the database, the histories and the sink, and
-hands them to the checker. Every decision comes from one seeded random source; the
-operating system's scheduling does not, so a seed replays the schedule, not the timing.
+spent. Then it stops the workers, reads the ledger (through the Store API, whichever the
+backend), the histories and the sink, and hands them to the checker. Every decision
+comes from one seeded random source; the operating system's scheduling does not, so a
+seed replays the schedule, not the timing.
+
+The ledger is a SQLite file in the run's folder, or a fresh schema on a PostgreSQL server
+(see :mod:`impl.fuzz.ledger`); the sink, the clock and the histories stay in the folder
+either way. On PostgreSQL the chaos also cuts a random worker's sessions from the server
+side (``pg_terminate_backend``) now and then; the worker must live through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +34,7 @@ from pathlib import Path
 from random import Random
 from typing import IO
 
+import attrs
 from attrs import define, field, frozen
 
 import impl
@@ -35,6 +43,7 @@ from impl.fuzz.checker import Evidence, Violation, check
 from impl.fuzz.child import ChildSpec
 from impl.fuzz.clock import SharedClock
 from impl.fuzz.evidence import collect_evidence
+from impl.fuzz.ledger import Ledger, open_ledger
 from impl.fuzz.sink import FencedSink
 from impl.fuzz.workload import KIND, WORKFLOW
 from impl.store import open_store
@@ -55,6 +64,8 @@ WORKER_OPERATIONS = (
 )
 FAILPOINTS = tuple(name for name in ALL if name.startswith(WORKER_OPERATIONS))
 """The failpoints a fuzz worker hits, so an armed kill has a chance to fire."""
+
+log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 15.0
 KILL_TIMEOUT = 10.0
@@ -87,6 +98,11 @@ class FuzzSettings:
         child_module: the worker process's module (tests swap in deliberately broken ones).
         child_env: extra environment for worker processes.
         keep: keep the run's folder even when the run passes.
+        db: where the ledger lives: None for a SQLite file in the run's folder, or a
+            ``postgresql://`` URL, in which case the run uses a fresh schema there.
+        disconnect_every: on PostgreSQL, real seconds (uniform range) between two
+            server-side disconnects of a random worker's sessions during the chaos.
+        min_disconnects: like ``min_kills``, for the server-side disconnects.
     """
 
     seconds: float = 100.0
@@ -110,6 +126,9 @@ class FuzzSettings:
     child_module: str = "impl.fuzz.child"
     child_env: Mapping[str, str] = field(factory=dict)
     keep: bool = False
+    db: str | None = None
+    disconnect_every: tuple[float, float] = (0.5, 3.0)
+    min_disconnects: int = 0
 
 
 @frozen(kw_only=True)
@@ -138,6 +157,11 @@ class FuzzResult:
     liveness_steps: int
     violations: tuple[Violation, ...]
     folder: Path | None
+    backend: str = "sqlite"
+    ledger: str = ""
+    disconnects: int = 0
+    storage_errors: int = 0
+    schema_kept: str | None = None
 
     @property
     def kills(self) -> int:
@@ -168,19 +192,17 @@ class _Run:
     rng: Random
     clock: SharedClock
     store: Store
+    ledger: Ledger
     children: dict[str, _Child] = field(factory=dict)
     planned: list[str] = field(factory=list)
     spawned: int = 0
     kills_random: int = 0
     kills_failpoint: int = 0
     jumps: int = 0
+    disconnects: int = 0
     killed: set[str] = field(factory=set)
     worker_errors: list[str] = field(factory=list)
     draining: bool = False
-
-    @property
-    def db(self) -> Path:
-        return self.folder / "ledger.sqlite"
 
     @property
     def sink(self) -> Path:
@@ -197,7 +219,7 @@ class _Run:
         spec = ChildSpec(
             name=name,
             seed=self.rng.randrange(2**32),
-            db=str(self.db),
+            db=self.ledger.target(name),
             sink=str(self.sink),
             clock=str(self.clock.path),
             log=str(self.logs / f"{name}.jsonl"),
@@ -210,6 +232,7 @@ class _Run:
             busy_timeout=30.0,
             pause=s.pause,
             yield_rate=0.1,
+            schema=self.ledger.schema,
         )
         env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
         root = str(Path(impl.__file__).resolve().parent.parent)
@@ -264,6 +287,12 @@ class _Run:
                 child.kill_at = None
                 child.doomed = False
 
+    def disconnect(self, rng: Random) -> None:
+        """Cut one random working worker's sessions from the server side."""
+        working = sorted(c.name for c in self.children.values() if c.log.exists())
+        if working:
+            self.disconnects += self.ledger.disconnect(rng.choice(working))
+
     def top_up(self) -> int:
         """Plan more jobs when the backlog runs low; return the non-terminal count."""
         s = self.settings
@@ -291,10 +320,18 @@ class _Run:
         deadline = begin + s.seconds
         hard = begin + (s.max_seconds if s.max_seconds is not None else 2 * s.seconds)
         next_plan = next_reconcile = 0.0
+        # A random source of its own, so a seed's kills and clock are the same on every
+        # backend, with or without disconnects.
+        cuts = Random(f"disconnect-{s.seed}")
+        next_disconnect = begin + cuts.uniform(*s.disconnect_every)
         for _ in range(s.workers):
             self.spawn()
         while (now := time.monotonic()) < deadline or (
-            now < hard and self.kills_random + self.kills_failpoint < s.min_kills
+            now < hard
+            and (
+                self.kills_random + self.kills_failpoint < s.min_kills
+                or (self.ledger.can_disconnect and self.disconnects < s.min_disconnects)
+            )
         ):
             time.sleep(s.tick)
             self.clock.advance(s.step * self.rng.uniform(0.5, 1.5))
@@ -311,6 +348,9 @@ class _Run:
             if now >= next_reconcile:
                 self.store.reconcile()
                 next_reconcile = now + self.rng.uniform(1.0, 3.0)
+            if self.ledger.can_disconnect and now >= next_disconnect:
+                self.disconnect(cuts)
+                next_disconnect = now + cuts.uniform(*s.disconnect_every)
 
     def drain(self) -> tuple[float, int]:
         """Run the drain; return when it began (simulated) and the steps it took."""
@@ -369,6 +409,7 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
 
     The folder (database, histories, sink, worker stderr) is removed when the run
     passes and kept, for the post-mortem, when it does not (or when ``keep`` is set).
+    A PostgreSQL ledger's schema (``settings.db``) goes or stays with the folder.
     """
     s = settings
     started = time.monotonic()
@@ -377,9 +418,20 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
     (folder / "histories").mkdir()
     rng = Random(s.seed)
     clock = SharedClock(folder / "clock.bin")
-    store = open_store(folder / "ledger.sqlite", clock=clock, config=_config(s))
-    run = _Run(settings=s, folder=folder, rng=rng, clock=clock, store=store)
     passed = False
+    ledger: Ledger | None = None
+    try:
+        ledger = open_ledger(folder, s.db, seed=s.seed)
+        store = open_store(ledger.target("parent"), clock=clock, config=_config(s, ledger))
+    except BaseException:
+        # Nothing ran yet: nothing to keep.
+        clock.close()
+        if ledger is not None:
+            with contextlib.suppress(JobledgerError):
+                ledger.close(discard=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    run = _Run(settings=s, folder=folder, rng=rng, clock=clock, store=store, ledger=ledger)
     try:
         store.register(WORKFLOW)
         FencedSink(run.sink).close()
@@ -393,7 +445,7 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
             planned=run.planned,
             logs=run.logs,
             sink=run.sink,
-            db=run.db,
+            integrity=ledger.integrity(),
             drain_started_at=drain_started_at,
             step=s.step,
             liveness_steps=s.liveness_steps,
@@ -408,6 +460,7 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
             # For the post-mortem: what was planned, and what the checker found.
             (folder / "planned.json").write_text(json.dumps(run.planned, indent=0))
             (folder / "violations.txt").write_text("".join(f"{v}\n" for v in violations))
+            (folder / "ledger.txt").write_text(f"{ledger.backend} {ledger.where()}\n")
         return _result(
             run,
             ev=evidence,
@@ -423,18 +476,25 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
         with contextlib.suppress(JobledgerError):
             store.close()
         clock.close()
-        if passed and not s.keep:
+        discard = passed and not s.keep
+        try:
+            ledger.close(discard=discard)
+        except JobledgerError as exc:
+            # The verdict is in; a server gone by now must not turn a green run red.
+            log.warning("fuzz run %s: %s", s.seed, exc)
+        if discard:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _config(s: FuzzSettings) -> impl.Config:
-    return impl.Config(
+def _config(s: FuzzSettings, ledger: Ledger) -> impl.Config:
+    cfg = impl.Config(
         lease_ttl=s.ttl,
         max_attempts=s.max_attempts,
         backoff_base=s.step,
         backoff_cap=s.step * 10,
         busy_timeout=30.0,
     )
+    return cfg if ledger.schema is None else attrs.evolve(cfg, postgres_schema=ledger.schema)
 
 
 def _result(
@@ -476,4 +536,12 @@ def _result(
         liveness_steps=run.settings.liveness_steps,
         violations=violations,
         folder=None if passed and not run.settings.keep else run.folder,
+        backend=run.ledger.backend,
+        ledger=run.ledger.where(),
+        disconnects=run.disconnects,
+        storage_errors=sum(
+            e.get("ev") == "error" and str(e.get("error")).startswith("StorageError")
+            for e in ev.entries
+        ),
+        schema_kept=None if passed and not run.settings.keep else run.ledger.schema,
     )

@@ -7,7 +7,7 @@ multi-process fuzz or an in-process test that built a history by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from impl.fuzz.checker import Evidence
@@ -25,6 +25,7 @@ def collect_evidence(
     logs: Path,
     sink: Path,
     db: Path | None = None,
+    integrity: Mapping[str, str] | None = None,
     drain_started_at: float | None = None,
     step: float = 1.0,
     liveness_steps: int = 1000,
@@ -37,7 +38,9 @@ def collect_evidence(
         planned: every job id the run planned.
         logs: the folder of history logs.
         sink: the fenced sink's file.
-        db: the database file, checked with ``integrity_check`` when given.
+        db: a SQLite ledger file, checked with ``integrity_check`` when given.
+        integrity: further verdicts by name ("ok" when intact), computed by the caller
+            (a PostgreSQL ledger has none: it is read through the Store API only).
     """
     jobs: dict[str, JobInfo] = {}
     history: dict[str, list[HistoryEvent]] = {}
@@ -60,9 +63,9 @@ def collect_evidence(
         executions = fenced.executions()
     finally:
         fenced.close()
-    integrity = {"sink": integrity_of(sink)}
+    verdicts = {"sink": integrity_of(sink), **(integrity or {})}
     if db is not None:
-        integrity["ledger"] = integrity_of(db)
+        verdicts["ledger"] = integrity_of(db)
     evidence = Evidence(
         workflow=WORKFLOW,
         planned=frozenset(planned),
@@ -74,7 +77,7 @@ def collect_evidence(
         drain_started_at=drain_started_at,
         step=step,
         liveness_steps=liveness_steps,
-        integrity=integrity,
+        integrity=verdicts,
         worker_errors=errors,
     )
     return evidence, torn

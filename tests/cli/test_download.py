@@ -76,7 +76,7 @@ def test_download_missing_manifest_exits_2(run: Callable[..., Outcome], tmp_path
     assert "nope.txt" in out.err
 
 
-@pytest.mark.xdist_group("subprocess")
+@pytest.mark.xdist_group("processes")
 def test_demo_kills_resumes_and_verifies(run: Callable[..., Outcome], tmp_path: Path) -> None:
     out = run(
         "demo",

@@ -319,7 +319,7 @@ def test_worker_exits_1_when_jobs_failed(
 # -- a real process --------------------------------------------------------------------
 
 
-@pytest.mark.xdist_group("subprocess")
+@pytest.mark.xdist_group("processes")
 def test_real_process(run_process: Callable[..., Outcome], pg: Pg, tmp_path: Path) -> None:
     folder = tmp_path / "handlers"
     folder.mkdir()

@@ -25,7 +25,7 @@ from tests.cli.conftest import (
     process_env,
 )
 
-pytestmark = pytest.mark.xdist_group("subprocess")
+pytestmark = pytest.mark.xdist_group("processes")
 
 
 def test_read_commands(run_process: Callable[..., Outcome], ledger: Ledger) -> None:

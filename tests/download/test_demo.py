@@ -8,7 +8,7 @@ import pytest
 
 from impl.download.demo import run_demo
 
-pytestmark = pytest.mark.xdist_group("download-processes")
+pytestmark = pytest.mark.xdist_group("processes")
 
 
 def test_demo_survives_kills_and_verifies_every_file(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from impl.worker import JobContext
 from model import Config, Event
 from tests.download.conftest import write_manifest
 
-pytestmark = pytest.mark.xdist_group("download-processes")
+pytestmark = pytest.mark.xdist_group("processes")
 
 
 def _stored_ok(out: Path, body: bytes) -> None:
