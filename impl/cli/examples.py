@@ -391,6 +391,18 @@ def _deploy(shell: _Shell, workdir: Path) -> None:
         "migrate",
     )
     shell.run(
+        "`selftest` runs the multi-process crash fuzz on a disk of your choice (here a few "
+        "seconds of it) and checks the recorded history; exit 1 with the violations if any:",
+        "selftest",
+        "--dir",
+        "selftest",
+        "--seconds",
+        "3",
+        "--workers",
+        "2",
+        stable=False,
+    )
+    shell.run(
         "`demo` shows the crash safety end to end with its own ledger: it serves files on "
         "127.0.0.1, SIGKILLs worker processes mid-stream, resumes, and checks every byte:",
         "demo",

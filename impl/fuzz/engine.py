@@ -413,6 +413,9 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
     """
     s = settings
     started = time.monotonic()
+    # Workers run with the run's folder as their working directory, so every path they
+    # are handed must be absolute.
+    directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"jobledger-fuzz-{s.seed}-", dir=directory))
     (folder / "histories").mkdir()

@@ -1,14 +1,24 @@
 """The connection pool, the transaction helper, the clock rule and error translation.
 
-**The one clock rule.** With no injected clock, ``now`` is the database server's clock,
-read once at the start of each transaction (``extract(epoch FROM clock_timestamp())``),
-so workers on machines with skewed clocks still agree on when a lease expires. With an
-injected clock, that clock is read once at the start of each transaction instead and its
-value is passed as a bound parameter to every statement; the server's clock is then not
-used at all. Either way, one transaction uses one ``now`` throughout.
+**The one clock rule.** With no injected clock, ``now`` is the database server's clock:
+the transaction's timestamp (``now()``, fixed when the transaction starts), used inside
+the statements themselves, so workers on machines with skewed clocks still agree on when
+a lease expires and no round trip is spent reading it. With an injected clock, that clock
+is read once at the start of each transaction instead and its value is bound to every
+statement (the ``clock`` parameter of :data:`queries.NOW`); the server's clock is then
+not used at all. Either way, one transaction uses one ``now`` throughout, in SQL and in
+Python (:attr:`Tx.now`) alike.
+
+**Telemetry.** Each transaction collects the history entries it appends; once its COMMIT
+has succeeded they are passed to :func:`impl.telemetry.emit_history`, in order. A
+transaction that rolls back (a crash at ``{op}.before_commit``, an error, a dry run)
+reports nothing.
 
 **Transactions.** Every writing operation runs through :meth:`Database.write`, which hits
-the failpoints ``{op}.before_tx``, ``{op}.before_commit`` and ``{op}.after_commit``. No
+the failpoints ``{op}.before_tx``, ``{op}.before_commit`` and ``{op}.after_commit``. A
+writing transaction runs in pipeline mode: ``BEGIN`` travels with its first statement
+and ``COMMIT`` with the final Sync, so a transaction of one statement costs two round
+trips, with ``before_commit`` between the write and the commit as ever. No
 transaction is ever held open while user code runs. A transaction is re-run (a bounded
 number of times) when the server reports a deadlock or a serialization failure, and when
 its connection turns out to be dead before anything was sent (an idle pooled connection
@@ -24,6 +34,7 @@ trigger's refusal :class:`IllegalTransition`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -32,12 +43,12 @@ from typing import TypeVar
 
 import psycopg
 import psycopg.errors
-from attrs import frozen
+from attrs import define, field
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, TupleRow, dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from impl import failpoint
+from impl import failpoint, telemetry
 from impl.postgres import queries as q
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
@@ -57,7 +68,7 @@ from model.errors import (
     JobledgerError,
     StorageError,
 )
-from model.record import Detail, Event
+from model.record import Detail, Event, HistoryEvent
 
 T = TypeVar("T")
 
@@ -72,26 +83,53 @@ _RETRY_PAUSE = 0.02
 _CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 
 
-@frozen
+@define
 class Tx:
-    """One open transaction: its cursor and the one ``now`` it uses throughout."""
+    """One open transaction: its cursor, its one ``now``, and the history it appended.
+
+    ``clock`` is the injected clock's reading for this transaction, or None for the
+    server's transaction timestamp. Every statement run through :meth:`one`, :meth:`all`
+    and :meth:`run` with parameters gets it bound as ``clock``.
+    """
 
     cur: psycopg.Cursor[DictRow]
-    now: float
+    clock: float | None
+    pipeline: psycopg.Pipeline | None = None
+    events: list[HistoryEvent] = field(factory=list)
+    _server_now: float | None = field(default=None, init=False)
+
+    @property
+    def now(self) -> float:
+        """This transaction's ``now`` (asks the server once, only if Python needs it)."""
+        if self.clock is not None:
+            return self.clock
+        if self._server_now is None:
+            self.cur.execute(q.SERVER_NOW)
+            row = self.cur.fetchone()
+            assert row is not None
+            self._server_now = float(next(iter(row.values())))
+        return self._server_now
+
+    def _bind(self, params: Mapping[str, object] | None) -> Mapping[str, object] | None:
+        return None if params is None else {**params, "clock": self.clock}
 
     def one(self, query: str, params: Mapping[str, object] | None = None) -> DictRow | None:
         """Run ``query`` and return its first row, or None."""
-        self.cur.execute(query, params)
+        self.cur.execute(query, self._bind(params))
         return self.cur.fetchone()
 
     def all(self, query: str, params: Mapping[str, object] | None = None) -> list[DictRow]:
         """Run ``query`` and return every row."""
-        self.cur.execute(query, params)
+        self.cur.execute(query, self._bind(params))
         return self.cur.fetchall()
 
     def run(self, query: str, params: Mapping[str, object] | None = None) -> int:
         """Run ``query`` and return how many rows it touched."""
-        self.cur.execute(query, params)
+        self.cur.execute(query, self._bind(params))
+        if self.pipeline is not None:
+            # A statement without rows is only queued: sync to learn its count (and its
+            # error, if any) now; a Sync inside a transaction block commits nothing.
+            self.pipeline.sync()
         return self.cur.rowcount
 
     def log(
@@ -104,17 +142,23 @@ class Tx:
         detail: Mapping[str, Detail] | None = None,
     ) -> None:
         """Append ``event`` to the job's history at this transaction's ``now``."""
-        self.cur.execute(
+        facts = dict(detail or {})
+        row = self.one(
             q.LOG,
             {
                 "job_id": job_id,
-                "now": self.now,
                 "event": event.value,
                 "token": token,
                 "worker": worker,
-                "detail": json.dumps(dict(detail or {}), sort_keys=True),
+                "detail": json.dumps(facts, sort_keys=True),
             },
         )
+        assert row is not None
+        self.events.append(HistoryEvent(job_id, row["at"], event, token, worker, facts))
+
+    def logged(self, event: HistoryEvent) -> None:
+        """Note a history entry that a statement appended by itself (for telemetry)."""
+        self.events.append(event)
 
 
 def describe(url: str) -> str:
@@ -192,6 +236,19 @@ def _retryable(exc: psycopg.Error, stage: str) -> bool:
     return _lost(exc) and stage in ("begin", "read")
 
 
+def _began(control: psycopg.Cursor[TupleRow]) -> bool:
+    """Whether the server answered the pipelined BEGIN (so the transaction had begun)."""
+    result = control.pgresult
+    return result is not None and result.status == psycopg.pq.ExecStatus.COMMAND_OK
+
+
+def _roll_back(conn: psycopg.Connection[TupleRow]) -> None:
+    """End a failed pipelined transaction; a dead connection is left to the pool."""
+    with contextlib.suppress(psycopg.Error):
+        if conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+
+
 class Database:
     """A pool of connections to one ledger schema and the transactions run on it.
 
@@ -242,6 +299,9 @@ class Database:
         set_search_path(conn, self.schema, local=False)
         conn.execute(q.SET_LOCK_TIMEOUT, {"timeout": self._lock_timeout})
 
+    def _clock_reading(self) -> float | None:
+        return None if self._clock is None else float(self._clock())
+
     def close(self) -> None:
         """Close every pooled connection; later calls raise ``StorageError``."""
         self._closed = True
@@ -271,14 +331,6 @@ class Database:
         """Run ``body`` in a transaction that is always rolled back."""
         return self._run(what, body, rollback=True)
 
-    def _now(self, tx_cur: psycopg.Cursor[DictRow]) -> float:
-        if self._clock is not None:
-            return float(self._clock())
-        tx_cur.execute(q.SERVER_NOW)
-        row = tx_cur.fetchone()
-        assert row is not None
-        return float(next(iter(row.values())))
-
     def _run(
         self,
         what: str,
@@ -293,22 +345,37 @@ class Database:
         while True:
             attempt += 1
             stage = "read" if read_only else "begin"
+            control: psycopg.Cursor[TupleRow] | None = None
             try:
-                with (
-                    self._pool.connection() as conn,
-                    conn.transaction(force_rollback=rollback),
-                ):
-                    cur = conn.cursor(row_factory=dict_row)
-                    if read_only:
-                        cur.execute(q.READ_ONLY)
-                    tx = Tx(cur, self._now(cur))
-                    if not read_only:
-                        stage = "body"
-                    out = body(tx)
-                    if commit_point is not None:
-                        failpoint.hit(commit_point)
-                    if not read_only:
-                        stage = "commit"
+                with self._pool.connection() as conn:
+                    if read_only or rollback:
+                        with conn.transaction(force_rollback=rollback):
+                            cur = conn.cursor(row_factory=dict_row)
+                            if read_only:
+                                cur.execute(q.READ_ONLY)
+                            tx = Tx(cur, self._clock_reading())
+                            if not read_only:
+                                stage = "body"
+                            out = body(tx)
+                        return out
+                    control = conn.cursor()
+                    try:
+                        with conn.pipeline() as pipe:
+                            control.execute(q.BEGIN)
+                            tx = Tx(conn.cursor(row_factory=dict_row), self._clock_reading(), pipe)
+                            out = body(tx)
+                            stage = "body"
+                            if commit_point is not None:
+                                failpoint.hit(commit_point)
+                            stage = "commit"
+                            control.execute(q.COMMIT)
+                        # Leaving the pipeline sent the Sync: COMMIT's answer is in.
+                    except BaseException:
+                        _roll_back(conn)
+                        raise
+                # Committed: only now may the world hear of what it recorded.
+                for event in tx.events:
+                    telemetry.emit_history(event)
                 return out
             except PoolTimeout as exc:
                 raise DatabaseLocked(
@@ -321,6 +388,8 @@ class Database:
                     f"{what}: this store is closed; open a new one with impl.open_store"
                 ) from exc
             except psycopg.Error as exc:
+                if stage == "begin" and control is not None and _began(control):
+                    stage = "body"  # BEGIN was answered: the loss came inside the body
                 if attempt < TX_ATTEMPTS and _retryable(exc, stage):
                     if _lost(exc):
                         # One dead session usually means all idle ones died with it (a

@@ -19,11 +19,25 @@ from attrs import frozen
 from impl import failpoint
 from impl.postgres import queries as q
 from impl.postgres.database import Database, Tx
-from impl.postgres.rows import locked_job
+from impl.postgres.rows import locked_job, plain
 from model.config import Config
-from model.errors import EffectInDoubt, EffectResultError, LeaseLost, StorageError
+from model.errors import (
+    EffectInDoubt,
+    EffectResultError,
+    JobledgerError,
+    LeaseLost,
+    StorageError,
+)
 from model.key import Scalar, canon, check_scalars, op_key
-from model.record import JSON, DoubtInfo, EffectContext, EffectStatus, Event, Lease
+from model.record import (
+    JSON,
+    DoubtInfo,
+    EffectContext,
+    EffectStatus,
+    Event,
+    HistoryEvent,
+    Lease,
+)
 from model.store import EffectFn, OnDoubt
 from model.validate import check_on_doubt, encode_result
 
@@ -103,6 +117,9 @@ class EffectRunner:
         *,
         probe: bool,
     ) -> _Begun:
+        fast = self._start_fast(tx, lease, op, extras)
+        if fast is not None:
+            return fast
         lease, row = locked_job(tx, lease, "run_effect")
         job_id = row["job_id"]
         key = op_key(job_id, op, extras)
@@ -154,7 +171,81 @@ class EffectRunner:
         )
         return _Begun(ctx)
 
+    def _start_fast(
+        self, tx: Tx, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
+    ) -> _Begun | None:
+        """Record the first start of an op key in one statement; None when that is not it.
+
+        None (the general code then decides, in the same transaction) when the lease or
+        the arguments are not right, or when the op key already has a row: a recorded
+        result to replay or a start in doubt.
+        """
+        if not plain(lease) or type(op) is not str:
+            return None
+        try:
+            key = op_key(lease.job_id, op, extras)
+            ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
+        except (JobledgerError, ValueError, TypeError):
+            return None  # the general code raises it, after the lease check as ever
+        row = tx.one(
+            q.EFFECT_START_NOW,
+            {
+                "job_id": lease.job_id,
+                "token": lease.token,
+                "op_key": key,
+                "op": op,
+                "extras": ext,
+                "worker": lease.worker,
+                "detail": json.dumps({"op": op}, sort_keys=True),
+            },
+        )
+        if row is None or row["started_at"] is None:
+            return None
+        tx.logged(
+            HistoryEvent(
+                lease.job_id,
+                row["started_at"],
+                Event.EFFECT_STARTED,
+                row["token"],
+                lease.worker,
+                {"op": op},
+            )
+        )
+        ctx = EffectContext(
+            job_id=lease.job_id, op=op, op_key=key, token=row["token"], attempt=row["attempts"]
+        )
+        return _Begun(ctx)
+
+    def _record_fast(self, tx: Tx, lease: Lease, ctx: EffectContext, text: str) -> bool:
+        """Record the result, fenced, in one statement; False when the fence refused it."""
+        done = tx.one(
+            q.EFFECT_RECORD_NOW,
+            {
+                "job_id": ctx.job_id,
+                "token": lease.token,
+                "op_key": ctx.op_key,
+                "result": text,
+                "worker": lease.worker,
+                "detail": json.dumps({"op": ctx.op}, sort_keys=True),
+            },
+        )
+        if done is None:
+            return False
+        tx.logged(
+            HistoryEvent(
+                ctx.job_id,
+                done["finished_at"],
+                Event.EFFECT_RECORDED,
+                lease.token,
+                lease.worker,
+                {"op": ctx.op},
+            )
+        )
+        return True
+
     def _record(self, tx: Tx, lease: Lease, ctx: EffectContext, text: str, *, probed: bool) -> JSON:
+        if not probed and plain(lease) and self._record_fast(tx, lease, ctx, text):
+            return json.loads(text)  # type: ignore[no-any-return]
         lease, row = locked_job(tx, lease, "run_effect")
         if probed:
             tx.log(

@@ -46,8 +46,8 @@ def plan_items(tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int) 
             "state": flow.initial,
             "max_attempts": item.max_attempts if item.max_attempts is not None else max_attempts,
             "priority": item.priority,
-            "run_at": float(item.run_at) if item.run_at is not None else tx.now,
-            "now": tx.now,
+            # None: the statement uses the transaction's now (the one clock rule).
+            "run_at": float(item.run_at) if item.run_at is not None else None,
         }
         if tx.one(q.INSERT_JOB, params) is not None:
             tx.log(jid, Event.PLANNED, token=0, worker=None)

@@ -11,13 +11,22 @@ from __future__ import annotations
 
 # -- sessions and time ----------------------------------------------------------------
 
-SERVER_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
-"""The server's clock, read once at the start of a transaction (the one clock rule)."""
+NOW = "coalesce(%(clock)s::double precision, extract(epoch FROM now())::double precision)"
+"""The transaction's ``now`` inside a statement (the one clock rule): the injected clock's
+reading (the ``clock`` parameter, bound by every :class:`~impl.postgres.database.Tx`
+statement) or, when it is NULL, the server's transaction timestamp, which is the same
+value for every statement of one transaction, so no separate query reads it."""
+
+SERVER_NOW = "SELECT extract(epoch FROM now())::double precision"
+"""The server's ``now`` for Python-side decisions: the transaction timestamp, so it equals
+:data:`NOW` in every statement of the same transaction."""
 
 SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', %(timeout)s, false)"
 """Per session: a row lock waited on longer than the busy timeout is DatabaseLocked."""
 
 READ_ONLY = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+BEGIN = "BEGIN"
+COMMIT = "COMMIT"
 
 # -- workflows -------------------------------------------------------------------------
 
@@ -54,32 +63,24 @@ JOB_STATE = "SELECT state FROM jobs WHERE job_id = %(job_id)s"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = %(job_id)s"
 JOB_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = %(job_id)s"
 
-INSERT_JOB = """
+INSERT_JOB = (
+    """
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at,
     token, created_at, updated_at
 ) VALUES (
     %(job_id)s, %(kind)s, %(identity)s, %(payload)s, %(state)s, 0, %(max_attempts)s,
-    %(priority)s, %(run_at)s, 0, %(now)s, %(now)s
+    %(priority)s, coalesce(%(run_at)s::double precision, """
+    + NOW
+    + "), 0, "
+    + NOW
+    + ", "
+    + NOW
+    + """
 )
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id
 """
-
-_ELIGIBLE = """
-active AND run_at <= %(now)s AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)
-"""
-_NEXT_ORDER = " ORDER BY priority DESC, run_at, seq LIMIT 1 FOR UPDATE SKIP LOCKED"
-
-NEXT_ANY = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE " + _ELIGIBLE + _NEXT_ORDER
-"""The first eligible job nobody else is locking (walks the ``jobs_ready`` index)."""
-NEXT_OF_KINDS = (
-    "SELECT "
-    + JOB_COLUMNS
-    + " FROM jobs WHERE "
-    + _ELIGIBLE
-    + " AND kind = ANY(%(kinds)s::text[])"
-    + _NEXT_ORDER
 )
 
 CLEAR_EXPIRED_LEASE = """
@@ -181,10 +182,15 @@ SELECT job_id, kind, state, lease_worker, token, lease_expires_at
 
 # -- history ---------------------------------------------------------------------------
 
-LOG = """
+LOG = (
+    """
 INSERT INTO history (job_id, at, event, token, worker, detail)
-VALUES (%(job_id)s, %(now)s, %(event)s, %(token)s, %(worker)s, %(detail)s)
+VALUES (%(job_id)s, """
+    + NOW
+    + """, %(event)s, %(token)s, %(worker)s, %(detail)s)
+RETURNING at
 """
+)
 HISTORY = """
 SELECT job_id, at, event, token, worker, detail FROM history
  WHERE job_id = %(job_id)s ORDER BY id
@@ -249,7 +255,7 @@ WITH dead AS (
 )
 INSERT INTO history (job_id, at, event, token, worker, detail)
 SELECT job_id, %(now)s, 'expired', token, lease_worker, '{}' FROM cleared ORDER BY seq
-RETURNING job_id
+RETURNING job_id, at, event, token, worker, detail
 """
 DOUBT_DEAD_STARTS = """
 WITH dead AS (
@@ -268,7 +274,7 @@ SELECT m.job_id, %(now)s, 'effect_in_doubt', j.token, m.started_by,
        json_build_object('op', m.op)::text
   FROM marked m JOIN jobs j ON j.job_id = m.job_id
  ORDER BY m.seq
-RETURNING job_id
+RETURNING job_id, at, event, token, worker, detail
 """
 EXHAUSTED = """
 SELECT j.job_id, j.kind, j.token, j.attempts, j.max_attempts
@@ -298,3 +304,190 @@ SELECT
       WHERE active AND run_at <= %(now)s AND attempts < max_attempts
         AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)) AS oldest_run_at
 """
+
+# -- the hot path: one statement per transaction ---------------------------------------
+#
+# Each statement below checks the fence, writes, and appends the history in one round
+# trip (data-modifying CTEs always run to completion, read or not). When one changes
+# nothing, the caller runs the general code in the same transaction, which reads the row
+# only to say why (LeaseLost, IllegalTransition) or to take the rare branch.
+
+FENCE_NOW = (
+    """
+job_id = %(job_id)s AND token = %(token)s
+AND lease_worker IS NOT NULL AND lease_expires_at > """
+    + NOW
+)
+"""The lease check inside a hot-path statement, at the statement's own :data:`NOW`."""
+
+_J_COLUMNS = ", ".join("j." + c.strip() for c in JOB_COLUMNS.split(","))
+
+
+def _claim(kinds_filter: str) -> str:
+    return (
+        """
+WITH cand AS (
+    SELECT job_id, token, lease_worker, attempts, max_attempts
+      FROM jobs
+     WHERE active AND run_at <= """
+        + NOW
+        + " AND (lease_worker IS NULL OR lease_expires_at <= "
+        + NOW
+        + ")"
+        + kinds_filter
+        + """
+     ORDER BY priority DESC, run_at, seq LIMIT 1
+       FOR UPDATE SKIP LOCKED
+), granted AS (
+    UPDATE jobs AS j
+       SET token = j.token + 1, attempts = j.attempts + 1, lease_worker = %(worker)s,
+           lease_expires_at = """
+        + NOW
+        + " + %(ttl)s, updated_at = "
+        + NOW
+        + """
+      FROM cand
+     WHERE j.job_id = cand.job_id AND cand.attempts < cand.max_attempts
+    RETURNING """
+        + _J_COLUMNS
+        + """, cand.token AS old_token, cand.lease_worker AS old_worker
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, updated_at, event, token, worker, '{}'
+      FROM (
+          SELECT job_id, updated_at, 'expired' AS event, old_token AS token,
+                 old_worker AS worker, 1 AS ord
+            FROM granted WHERE old_worker IS NOT NULL
+          UNION ALL
+          SELECT job_id, updated_at, 'leased', token, lease_worker, 2 FROM granted
+      ) AS e
+     ORDER BY ord
+)
+SELECT cand.job_id AS candidate, granted.* FROM cand LEFT JOIN granted ON true
+"""
+    )
+
+
+CLAIM_ANY = _claim("")
+"""Grant the first eligible job (EXPIRED and LEASED logged); ``candidate`` with NULL
+columns when that job has no attempts left (the caller fails it and claims again)."""
+CLAIM_OF_KINDS = _claim(" AND kind = ANY(%(kinds)s::text[])")
+
+RENEW_NOW = (
+    """
+WITH renewed AS (
+    UPDATE jobs SET lease_expires_at = """
+    + NOW
+    + " + %(ttl)s, updated_at = "
+    + NOW
+    + """
+     WHERE """
+    + FENCE_NOW
+    + """
+    RETURNING """
+    + JOB_COLUMNS
+    + """
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, updated_at, 'renewed', token, lease_worker, '{}' FROM renewed
+)
+SELECT * FROM renewed
+"""
+)
+
+RELEASE_NOW = (
+    """
+WITH released AS (
+    UPDATE jobs
+       SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at = NULL,
+           run_at = """
+    + NOW
+    + " + %(delay)s, updated_at = "
+    + NOW
+    + """
+     WHERE """
+    + FENCE_NOW
+    + """ AND lease_worker = %(worker)s
+    RETURNING job_id, token, updated_at
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, updated_at, 'released', token, %(worker)s::text, '{}' FROM released
+)
+SELECT * FROM released
+"""
+)
+"""Release a lease whose stored worker is the lease's (the one the history names)."""
+
+ADVANCE_NOW = (
+    """
+WITH moved AS (
+    UPDATE jobs
+       SET state = %(to_state)s,
+           lease_worker = CASE WHEN %(ends)s THEN NULL ELSE lease_worker END,
+           lease_expires_at = CASE WHEN %(ends)s THEN NULL ELSE lease_expires_at END,
+           updated_at = """
+    + NOW
+    + """
+     WHERE """
+    + FENCE_NOW
+    + """ AND lease_worker = %(worker)s AND kind = %(kind)s AND state = %(from_state)s
+    RETURNING job_id, token, updated_at
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, updated_at, 'advanced', token, %(worker)s::text, %(detail)s::text
+      FROM moved
+)
+SELECT * FROM moved
+"""
+)
+"""Follow the one edge from ``from_state``, the only state that can reach ``to_state``."""
+
+EFFECT_START_NOW = (
+    """
+WITH job AS (
+    SELECT job_id, token, attempts FROM jobs WHERE """
+    + FENCE_NOW
+    + """
+       FOR UPDATE
+), started AS (
+    INSERT INTO effects (op_key, job_id, op, extras, status, started_at, token, started_by)
+    SELECT %(op_key)s::text, job_id, %(op)s::text, %(extras)s::text, 'started', """
+    + NOW
+    + """,
+           token, %(worker)s::text
+      FROM job
+    ON CONFLICT (op_key) DO NOTHING
+    RETURNING job_id, token, started_at
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, started_at, 'effect_started', token, %(worker)s::text, %(detail)s::text
+      FROM started
+)
+SELECT job.token, job.attempts, started.started_at FROM job LEFT JOIN started ON true
+"""
+)
+"""Record the first start of an op key; a NULL ``started_at`` means a row exists."""
+
+EFFECT_RECORD_NOW = (
+    """
+WITH job AS (
+    SELECT job_id FROM jobs WHERE """
+    + FENCE_NOW
+    + """
+       FOR UPDATE
+), recorded AS (
+    UPDATE effects
+       SET status = 'done', result = %(result)s, finished_at = """
+    + NOW
+    + """, token = %(token)s
+     WHERE op_key = %(op_key)s AND status <> 'done' AND EXISTS (SELECT 1 FROM job)
+    RETURNING job_id, finished_at
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, finished_at, 'effect_recorded', %(token)s::bigint, %(worker)s::text,
+           %(detail)s::text
+      FROM recorded
+)
+SELECT * FROM recorded
+"""
+)

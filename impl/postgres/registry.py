@@ -49,6 +49,10 @@ class Registry:
         self._known[kind] = flow
         return flow
 
+    def cached(self, kind: object) -> Workflow | None:
+        """Return the workflow ``kind`` if this store has looked it up before, else None."""
+        return self._known.get(kind) if isinstance(kind, str) else None
+
     def register(self, tx: Tx, workflow: Workflow) -> None:
         """Store ``workflow`` unless the identical definition is there already.
 

@@ -45,6 +45,21 @@ def check_lease(lease: object, row: DictRow, now: float, op: str) -> Lease:
     return lease
 
 
+def plain(lease: object) -> bool:
+    """Whether ``lease`` is a Lease whose job id, token and worker have their exact types.
+
+    Only such a lease takes a one-statement hot path: the SQL compares these values as
+    the server's types, which agree with Python's comparisons only for str and int (not
+    bool); any other lease takes the general code, which decides exactly as before.
+    """
+    return (
+        isinstance(lease, Lease)
+        and type(lease.job_id) is str
+        and type(lease.token) is int
+        and type(lease.worker) is str
+    )
+
+
 def lease_of(row: DictRow) -> Lease:
     """Return the live lease stored on a job row."""
     return Lease(

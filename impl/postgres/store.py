@@ -1,21 +1,28 @@
 """``PostgresStore``: the job ledger on PostgreSQL, for workers on many machines.
 
 Same contract and semantics as the reference model (``model.memory.MemoryStore``), with
-every decision taken inside one transaction: the job row is locked (``FOR UPDATE``), the
-lease is checked, and the writing statement carries the fence again in its ``WHERE``.
-``lease_next`` claims with ``FOR UPDATE SKIP LOCKED`` over a partial index of active
-jobs, so many workers claim in parallel without waiting for each other.
+every decision taken inside one transaction. On the hot path (``lease_next``, ``renew``,
+``release``, ``advance``, and an effect's start and record) one statement is the whole
+transaction body: it carries the fence in its ``WHERE``, writes, and appends the history
+(``queries.CLAIM_ANY`` and the other ``*_NOW`` statements). Only when it changes nothing
+does the general code run, in the same transaction: it locks the job row
+(``FOR UPDATE``), checks the lease to say why (``LeaseLost``, ``IllegalTransition``),
+or takes the rare branch (a job with no attempts left, a workflow edge the single
+statement does not cover). ``lease_next`` claims with ``FOR UPDATE SKIP LOCKED`` over a
+partial index of active jobs, so many workers claim in parallel without waiting for
+each other.
 
 **The one clock rule.** With ``clock=None``, ``now`` comes from the database server's
-clock, read once at the start of every transaction, so workers on machines with skewed
-clocks agree on lease expiry. With an injected clock, that clock is used throughout
-(read once per transaction, passed as a bound parameter) and the server's clock is not
-consulted. Lease times (``expires_at``, ``run_at``) are seconds since the epoch in
-whichever clock is in use.
+clock (the transaction's timestamp, taken inside the statements), so workers on
+machines with skewed clocks agree on lease expiry. With an injected clock, that clock is
+used throughout (read once per transaction, passed as a bound parameter) and the
+server's clock is not consulted. Lease times (``expires_at``, ``run_at``) are seconds
+since the epoch in whichever clock is in use.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from psycopg.rows import DictRow
@@ -26,7 +33,7 @@ from impl.postgres.database import Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
 from impl.postgres.plan import plan_items
 from impl.postgres.registry import Registry, stored
-from impl.postgres.rows import job_info, lease_of, locked_job
+from impl.postgres.rows import history_event, job_info, lease_of, locked_job, plain
 from impl.postgres.schema import check_not_newer, pending
 from model.clock import Clock
 from model.config import Config
@@ -84,6 +91,9 @@ class PostgresStore:
             url, schema=self.config.postgres_schema, clock=clock, config=self.config
         )
         self._flows = Registry()
+        # (kind, to_state) -> the one state advance can leave for it; definitions never
+        # change once registered, so this is computed once per edge and store.
+        self._sources: dict[tuple[str, str], str | None] = {}
         self._effects = EffectRunner(self._db, self.config)
         try:
             self._db.write(
@@ -179,12 +189,36 @@ class PostgresStore:
         wanted = None if kinds is None else list(kinds)
 
         def body(tx: Tx) -> Lease | None:
-            params = {"now": tx.now, "kinds": wanted}
-            query = q.NEXT_ANY if wanted is None else q.NEXT_OF_KINDS
+            claim = q.CLAIM_ANY if wanted is None else q.CLAIM_OF_KINDS
+            params = {"kinds": wanted, "worker": worker, "ttl": float(seconds)}
             while True:
-                row = tx.one(query, params)
-                if row is None:
+                found = tx.one(claim, params)
+                if found is None:
                     return None
+                if found["job_id"] is not None:
+                    if found["old_worker"] is not None:
+                        tx.logged(
+                            HistoryEvent(
+                                found["job_id"],
+                                found["updated_at"],
+                                Event.EXPIRED,
+                                found["old_token"],
+                                found["old_worker"],
+                            )
+                        )
+                    tx.logged(
+                        HistoryEvent(
+                            found["job_id"],
+                            found["updated_at"],
+                            Event.LEASED,
+                            found["token"],
+                            worker,
+                        )
+                    )
+                    return lease_of(found)
+                # The candidate has no attempts left (it is locked by this transaction).
+                row = tx.one(q.JOB, {"job_id": found["candidate"]})
+                assert row is not None, "the candidate is locked by this transaction"
                 if row["lease_worker"] is not None:
                     tx.log(
                         row["job_id"], Event.EXPIRED, token=row["token"], worker=row["lease_worker"]
@@ -219,6 +253,19 @@ class PostgresStore:
         )
 
         def body(tx: Tx) -> Lease:
+            if plain(lease):
+                fast = tx.one(q.RENEW_NOW, {**_fence_now(lease), "ttl": float(seconds)})
+                if fast is not None:
+                    tx.logged(
+                        HistoryEvent(
+                            fast["job_id"],
+                            fast["updated_at"],
+                            Event.RENEWED,
+                            fast["token"],
+                            fast["lease_worker"],
+                        )
+                    )
+                    return lease_of(fast)
             lease_, row = locked_job(tx, lease, "renew")
             renewed = tx.one(q.RENEW, {**_fence(tx, lease_), "expires_at": tx.now + seconds})
             _fenced(renewed, lease_, row, "renew")
@@ -234,6 +281,22 @@ class PostgresStore:
         seconds = check_seconds(delay, name="delay")
 
         def body(tx: Tx) -> None:
+            if plain(lease):
+                fast = tx.one(
+                    q.RELEASE_NOW,
+                    {**_fence_now(lease), "worker": lease.worker, "delay": float(seconds)},
+                )
+                if fast is not None:
+                    tx.logged(
+                        HistoryEvent(
+                            fast["job_id"],
+                            fast["updated_at"],
+                            Event.RELEASED,
+                            fast["token"],
+                            lease.worker,
+                        )
+                    )
+                    return
             lease_, row = locked_job(tx, lease, "release")
             done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
             _fenced(done, lease_, row, "release")
@@ -252,6 +315,8 @@ class PostgresStore:
         self._db.check_open()
 
         def body(tx: Tx) -> bool:
+            if plain(lease) and self._advance_fast(tx, lease, to_state):
+                return True
             lease_, row = locked_job(tx, lease, "advance")
             flow = self._flows.get(tx, row["kind"])
             job_id, state = row["job_id"], row["state"]
@@ -293,6 +358,49 @@ class PostgresStore:
             return True
 
         return self._db.write("advance", body)
+
+    def _advance_fast(self, tx: Tx, lease: Lease, to_state: str) -> bool:
+        """Take the edge in one statement when exactly one state can take it; True if done.
+
+        The statement's conditions (the fence, the lease's worker and kind, the current
+        state being that one predecessor) make True the answer the general code would
+        give; anything else falls back to it.
+        """
+        flow = self._flows.cached(lease.kind)
+        if flow is None:
+            return False
+        edge = (flow.name, to_state)
+        if edge not in self._sources:
+            self._sources[edge] = flow_source(flow, to_state)
+        source = self._sources[edge]
+        if source is None:
+            return False
+        detail = {"from": source, "to": to_state}
+        moved = tx.one(
+            q.ADVANCE_NOW,
+            {
+                **_fence_now(lease),
+                "worker": lease.worker,
+                "kind": flow.name,
+                "to_state": to_state,
+                "from_state": source,
+                "ends": flow.is_terminal(to_state),
+                "detail": json.dumps(detail, sort_keys=True),
+            },
+        )
+        if moved is None:
+            return False
+        tx.logged(
+            HistoryEvent(
+                moved["job_id"],
+                moved["updated_at"],
+                Event.ADVANCED,
+                moved["token"],
+                lease.worker,
+                detail,
+            )
+        )
+        return True
 
     # -- effects -------------------------------------------------------------------
 
@@ -439,13 +547,17 @@ class PostgresStore:
         """
 
         def body(tx: Tx) -> ReconcileReport:
-            expired = len(tx.all(q.EXPIRE_DEAD_LEASES, {"now": tx.now}))
-            doubted = len(tx.all(q.DOUBT_DEAD_STARTS, {"now": tx.now}))
+            expired = tx.all(q.EXPIRE_DEAD_LEASES, {"now": tx.now})
+            doubted = tx.all(q.DOUBT_DEAD_STARTS, {"now": tx.now})
+            for logged in (*expired, *doubted):
+                tx.logged(history_event(logged))
             exhausted = tx.all(q.EXHAUSTED, {"now": tx.now})
             for row in exhausted:
                 self._exhaust(tx, row)
             return ReconcileReport(
-                leases_expired=expired, effects_in_doubt=doubted, jobs_failed=len(exhausted)
+                leases_expired=len(expired),
+                effects_in_doubt=len(doubted),
+                jobs_failed=len(exhausted),
             )
 
         if dry_run:
@@ -527,6 +639,28 @@ def pending_migrations(url: str, *, config: Config | None = None) -> list[tuple[
 
 def _key(row: DictRow) -> dict[str, object]:
     return {"job_id": row["job_id"], "token": row["token"]}
+
+
+def _fence_now(lease: Lease) -> dict[str, object]:
+    return {"job_id": lease.job_id, "token": lease.token}
+
+
+def flow_source(flow: Workflow, to_state: str) -> str | None:
+    """Return the one state from which ``advance`` to ``to_state`` moves, if only one can.
+
+    A state qualifies when it has a declared edge to ``to_state`` and the general rules
+    would take it (``to_state`` is neither the state itself, nor one it has passed, nor
+    the failed state). None when no state or several states qualify.
+    """
+    if to_state not in flow.states or to_state == flow.failed:
+        return None
+    ancestors = flow.ancestors()
+    sources = [
+        src
+        for src, dst in flow.transitions
+        if dst == to_state and src != to_state and to_state not in ancestors[src]
+    ]
+    return sources[0] if len(sources) == 1 else None
 
 
 def _fence(tx: Tx, lease: Lease) -> dict[str, object]:

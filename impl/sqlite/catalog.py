@@ -15,7 +15,7 @@ import sqlite3
 import threading
 
 from impl.sqlite import queries as q
-from impl.sqlite.connection import transaction
+from impl.sqlite.connection import Tx
 from impl.sqlite.row import text_of
 from model.errors import InvalidInput, UnknownWorkflow, WorkflowConflict
 from model.workflow import Workflow
@@ -80,7 +80,7 @@ class Catalog:
         # plain read settles them without taking the write lock.
         if self._settled(conn, workflow):
             return
-        with transaction(conn, "register"):
+        with Tx(conn, "register"):
             if self._settled(conn, workflow):
                 return
             name = workflow.name

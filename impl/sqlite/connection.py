@@ -1,7 +1,7 @@
 """SQLite connections: opening them, their pragmas, transactions and error translation.
 
 Pragmas are per connection, so :func:`open_connection` applies them to every connection
-it opens. Writes always run in :func:`transaction`, which issues ``BEGIN IMMEDIATE``
+it opens. Writes always run in a :class:`Tx`, which issues ``BEGIN IMMEDIATE``
 itself (the driver's implicit transactions are off): a deferred transaction that reads
 and then writes fails at once with ``SQLITE_BUSY_SNAPSHOT`` whatever the busy timeout,
 while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns every
@@ -10,6 +10,8 @@ while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns eve
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sqlite3
 import threading
@@ -17,8 +19,9 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import TracebackType
 
-from impl import failpoint
+from impl import failpoint, telemetry
 from impl.sqlite import queries as q
 from model.clock import Clock
 from model.config import Config
@@ -31,6 +34,7 @@ from model.errors import (
     JobledgerError,
     StorageError,
 )
+from model.record import Event, HistoryEvent
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
 _BUSY = 5
@@ -148,36 +152,116 @@ class ThreadConnections:
         self._local = threading.local()
 
 
-@contextmanager
-def transaction(conn: sqlite3.Connection, op: str) -> Iterator[sqlite3.Connection]:
-    """Run the body in one ``BEGIN IMMEDIATE`` transaction named ``op`` for failpoints.
+def _names(op: str) -> tuple[str, str, str]:
+    return (f"{op}.before_tx", f"{op}.before_commit", f"{op}.after_commit")
 
-    Hits ``{op}.before_tx``, ``{op}.before_commit`` and ``{op}.after_commit``; rolls back
-    on any exception (``BaseException`` too: a simulated crash must not leave a
-    transaction open on a connection that a test goes on using).
+
+# Failpoint names are formatted once per operation, not once per transaction.
+_NAMES: dict[str, tuple[str, str, str]] = {op: _names(op) for op in failpoint.OPERATIONS}
+
+# The loggers emit_history logs on; with none of them at DEBUG and no listener, the
+# history of a transaction is not even turned into HistoryEvent records.
+_HISTORY_LOGGERS = tuple(telemetry.logger(c) for c in ("job", "lease", "effect"))
+
+HistoryRow = tuple[str, float, str, int, str | None, str]
+"""The parameters of ``queries.INSERT_HISTORY``: job_id, at, event, token, worker, detail."""
+
+
+class Tx:
+    """One ``BEGIN IMMEDIATE`` write transaction named ``op`` (for failpoints and errors).
+
+    ``with Tx(conn, "advance", clock) as tx:`` hits ``{op}.before_tx``, begins, reads the
+    clock once into ``tx.now`` (after the write lock is held, so a call that waited for
+    the lock does not act on a time from before it waited), runs the body, hits
+    ``{op}.before_commit`` and commits, then hits ``{op}.after_commit``. Any exception
+    (``BaseException`` too: a simulated crash must not leave a transaction open on a
+    connection a test goes on using) rolls back, and ``sqlite3`` errors leave as the
+    typed errors of ``model.errors``. History entries written through :meth:`history`
+    are passed to :func:`impl.telemetry.emit_history` once the commit succeeded, and
+    never for a transaction that rolled back.
     """
-    failpoint.hit(f"{op}.before_tx")
-    conn.execute(q.BEGIN_IMMEDIATE)
-    try:
-        yield conn
-        failpoint.hit(f"{op}.before_commit")
-        conn.execute(q.COMMIT)
-    except BaseException:
+
+    __slots__ = ("_clock", "_names", "conn", "events", "now", "op")
+
+    def __init__(self, conn: sqlite3.Connection, op: str, clock: Clock | None = None) -> None:
+        self.conn = conn
+        self.op = op
+        self._clock = clock
+        names = _NAMES.get(op)
+        self._names = names if names is not None else _names(op)
+        self.now = 0.0
+        self.events: list[HistoryRow] = []
+
+    def __enter__(self) -> Tx:
+        failpoint.hit(self._names[0])
+        conn = self.conn
+        try:
+            conn.execute(q.BEGIN_IMMEDIATE)
+        except sqlite3.Error as exc:
+            raise translate(exc, self.op) from exc
+        if self._clock is not None:
+            try:
+                self.now = float(self._clock())
+            except BaseException:
+                _rollback_quietly(conn)
+                raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self.conn
+        if exc is None:
+            try:
+                failpoint.hit(self._names[1])
+                conn.execute(q.COMMIT)
+            except BaseException as err:
+                if conn.in_transaction:
+                    _rollback_quietly(conn)
+                if isinstance(err, sqlite3.Error):
+                    raise translate(err, self.op) from err
+                raise
+            if self.events:
+                _emit(self.events)
+            failpoint.hit(self._names[2])
+            return
         if conn.in_transaction:
             _rollback_quietly(conn)
-        raise
-    failpoint.hit(f"{op}.after_commit")
+        if isinstance(exc, sqlite3.Error):
+            raise translate(exc, self.op) from exc
+
+    def history(
+        self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
+    ) -> None:
+        """Append one entry (``detail`` as canonical JSON text) to the job's history."""
+        row: HistoryRow = (job_id, self.now, event, token, worker, detail)
+        self.conn.execute(q.INSERT_HISTORY, row)
+        self.events.append(row)
 
 
-@contextmanager
-def write(conn: sqlite3.Connection, op: str, clock: Clock) -> Iterator[float]:
-    """Run the body in :func:`transaction` with errors translated; yield ``now``.
-
-    The clock is read once, after the write lock is held, so a call that waited for the
-    lock does not act on a time from before it waited.
-    """
-    with translated(op), transaction(conn, op):
-        yield float(clock())
+def _emit(events: list[HistoryRow]) -> None:
+    if not telemetry.listeners():
+        job, lease, effect = _HISTORY_LOGGERS
+        if not (
+            job.isEnabledFor(logging.DEBUG)
+            or lease.isEnabledFor(logging.DEBUG)
+            or effect.isEnabledFor(logging.DEBUG)
+        ):
+            return
+    for job_id, at, event, token, worker, detail in events:
+        telemetry.emit_history(
+            HistoryEvent(
+                job_id=job_id,
+                at=at,
+                event=Event(event),
+                token=token,
+                worker=worker,
+                detail=json.loads(detail),
+            )
+        )
 
 
 @contextmanager

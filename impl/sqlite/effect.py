@@ -20,8 +20,8 @@ from attrs import frozen
 
 from impl import failpoint
 from impl.sqlite import queries as q
-from impl.sqlite.connection import write
-from impl.sqlite.row import add_history, check_lease, require_job, text_of
+from impl.sqlite.connection import Tx
+from impl.sqlite.row import fence, fenceable, op_detail, text_of
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -35,6 +35,13 @@ from model.key import Scalar, check_scalars, op_key
 from model.record import JSON, DoubtInfo, EffectContext, Event, Lease
 from model.store import EffectFn, OnDoubt
 from model.validate import encode_result
+
+_STARTED = Event.EFFECT_STARTED.value
+_RECORDED = Event.EFFECT_RECORDED.value
+_IN_DOUBT = Event.EFFECT_IN_DOUBT.value
+# The result of most effects, recorded without running the encoder.
+_NULL = "null"
+_NULL_SIZE = len(_NULL)
 
 
 @frozen
@@ -114,23 +121,20 @@ def run_effect(
         raise
     failpoint.hit("effect.before_record")
     try:
-        text = _encoded(result, config, the_op, "fn")
+        if result is None and config.result_limit >= _NULL_SIZE:
+            text = _NULL
+        else:
+            text = _encoded(result, config, the_op, "fn")
     except EffectResultError:
         # The effect happened but its result cannot be kept: the start stays, in doubt.
-        with write(conn, "effect_record", clock) as now:
+        with Tx(conn, "effect_record", clock) as tx:
             marked = conn.execute(
-                q.MARK_START_IN_DOUBT, {"op_key": key, "token": outcome.token}
+                q.MARK_START_IN_DOUBT,
+                {"job_id": the_op.job_id, "op_key": key, "token": outcome.token},
             ).rowcount
             if marked:
-                add_history(
-                    conn,
-                    the_op.job_id,
-                    now,
-                    Event.EFFECT_IN_DOUBT,
-                    require_job(conn, the_op.job_id).token,
-                    worker=lease.worker,
-                    detail={"op": op},
-                )
+                job_token = conn.execute(q.SELECT_FENCE, (the_op.job_id,)).fetchone()[0]
+                tx.history(the_op.job_id, _IN_DOUBT, job_token, lease.worker, op_detail(op))
         raise
     recorded = _record(conn, clock, lease, the_op, text, probed=False)
     failpoint.hit("effect.after_record")
@@ -146,102 +150,75 @@ def _start(
     *,
     mode: OnDoubt,
 ) -> _Started | _Recorded | _Doubt:
-    with write(conn, "effect_start", clock) as now:
-        row = check_lease(conn, lease, now, "run_effect")
-        key = op_key(row.job_id, op, extras)
-        the_op = _Op(row.job_id, op, key, text_of(check_scalars(extras or {}, what="extras")))
-        found = conn.execute(q.SELECT_EFFECT, (the_op.key,)).fetchone()
-        if found is not None and found[4] == "done":
-            return _Recorded(the_op, str(found[5]))
+    with Tx(conn, "effect_start", clock) as tx:
+        token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
+        job_id = lease.job_id
+        key = op_key(job_id, op, extras)
+        extras_text = text_of(check_scalars(extras, what="extras")) if extras else "{}"
+        the_op = _Op(job_id, op, key, extras_text)
         params = {
-            "op_key": the_op.key,
-            "job_id": the_op.job_id,
-            "op": the_op.op,
-            "extras": the_op.extras,
-            "now": now,
-            "token": row.token,
+            "op_key": key,
+            "job_id": job_id,
+            "op": op,
+            "extras": extras_text,
+            "now": tx.now,
+            "token": token,
             "worker": lease.worker,
         }
-        if found is not None:
-            info = DoubtInfo(
-                job_id=the_op.job_id,
-                op=the_op.op,
-                op_key=the_op.key,
-                started_at=float(found[6]),
-                started_token=int(found[8]),
-                started_by=str(found[9]),
-            )
-            if mode == "raise":
-                raise EffectInDoubt(
-                    info.job_id, info.op, info.op_key, info.started_token, info.started_by
-                )
-            if callable(mode):
-                return _Doubt(the_op, info)
-            add_history(
-                conn,
-                the_op.job_id,
-                now,
-                Event.EFFECT_IN_DOUBT,
-                row.token,
-                worker=lease.worker,
-                detail={"op": the_op.op},
-            )
-            conn.execute(q.RESTART_EFFECT, params)
-        else:
-            conn.execute(q.INSERT_EFFECT_START, params)
-        add_history(
-            conn,
-            the_op.job_id,
-            now,
-            Event.EFFECT_STARTED,
-            row.token,
-            worker=lease.worker,
-            detail={"op": the_op.op},
+        # The usual case first: no row yet, so the start is one insert.
+        if conn.execute(q.INSERT_EFFECT_START, params).rowcount:
+            tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
+            return _Started(the_op, token=token, attempt=attempt)
+        found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
+        if found[4] == "done":
+            return _Recorded(the_op, str(found[5]))
+        info = DoubtInfo(
+            job_id=job_id,
+            op=op,
+            op_key=key,
+            started_at=float(found[6]),
+            started_token=int(found[8]),
+            started_by=str(found[9]),
         )
-        return _Started(the_op, token=row.token, attempt=row.attempts)
+        if mode == "raise":
+            raise EffectInDoubt(
+                info.job_id, info.op, info.op_key, info.started_token, info.started_by
+            )
+        if callable(mode):
+            return _Doubt(the_op, info)
+        tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
+        conn.execute(q.RESTART_EFFECT, params)
+        tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
+        return _Started(the_op, token=token, attempt=attempt)
 
 
 def _record(
     conn: sqlite3.Connection, clock: Clock, lease: Lease, the_op: _Op, text: str, *, probed: bool
 ) -> str:
     """Record ``text`` as the op's result under a live lease; return the recorded text."""
-    with write(conn, "effect_record", clock) as now:
-        row = check_lease(conn, lease, now, "run_effect")
+    with Tx(conn, "effect_record", clock) as tx:
+        if not fenceable(lease):
+            fence(conn, lease, tx.now, "run_effect")  # raises the reason it is refused
+        token = lease.token
         params = {
-            "op_key": the_op.key,
             "job_id": the_op.job_id,
-            "op": the_op.op,
-            "extras": the_op.extras,
+            "op_key": the_op.key,
             "result": text,
-            "now": now,
-            "token": row.token,
-            "worker": lease.worker,
+            "now": tx.now,
+            "token": token,
         }
         if conn.execute(q.RECORD_EFFECT, params).rowcount == 0:
-            # Only a call under this same token could have recorded or removed the start
-            # since: another handle of the lease took the effect over.
+            # Either the lease is lost (fence says how), or only a call under this same
+            # token could have recorded or removed the start since: another handle of the
+            # lease took the effect over.
+            token = fence(conn, lease, tx.now, "run_effect")[0]
             raise LeaseLost(
-                the_op.job_id, lease.token, row.token, "the effect was taken over", "run_effect"
+                the_op.job_id, lease.token, token, "the effect was taken over", "run_effect"
             )
+        detail = op_detail(the_op.op)
         if probed:
-            add_history(
-                conn,
-                the_op.job_id,
-                now,
-                Event.EFFECT_IN_DOUBT,
-                row.token,
-                worker=lease.worker,
-                detail={"op": the_op.op},
-            )
-        add_history(
-            conn,
-            the_op.job_id,
-            now,
-            Event.EFFECT_RECORDED,
-            row.token,
-            worker=lease.worker,
-            detail={"op": the_op.op},
-        )
+            tx.history(the_op.job_id, _IN_DOUBT, token, lease.worker, detail)
+        tx.history(the_op.job_id, _RECORDED, token, lease.worker, detail)
     return text
 
 
@@ -250,8 +227,10 @@ def _abort(conn: sqlite3.Connection, clock: Clock, the_op: _Op, token: int) -> N
     # that fails the start stays and the op is merely in doubt; the caller's exception is
     # the one that matters, so a storage error here is not raised over it.
     try:
-        with write(conn, "effect_abort", clock):
-            conn.execute(q.DELETE_OWN_START, {"op_key": the_op.key, "token": token})
+        with Tx(conn, "effect_abort", clock):
+            conn.execute(
+                q.DELETE_OWN_START, {"job_id": the_op.job_id, "op_key": the_op.key, "token": token}
+            )
     except StorageError:
         pass
 
@@ -272,5 +251,7 @@ def _encoded(result: object, config: Config, the_op: _Op, source: str) -> str:
 
 
 def _decoded(text: str) -> JSON:
+    if text == _NULL:
+        return None
     value: JSON = json.loads(text)
     return value

@@ -12,30 +12,33 @@ import sqlite3
 
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import snapshot, translated, write
-from impl.sqlite.row import add_history, history_params
+from impl.sqlite.connection import Tx, snapshot, translated
+from impl.sqlite.row import op_detail, text_of
 from model.clock import Clock
 from model.record import Event, ReconcileReport, Stats
 from model.validate import exhausted_message
 from model.workflow import Workflow
 
+_FAILED = Event.FAILED.value
+_EXPIRED = Event.EXPIRED.value
+_EFFECT_IN_DOUBT = Event.EFFECT_IN_DOUBT.value
+
 
 def enter_failed(
-    conn: sqlite3.Connection,
+    tx: Tx,
     workflow: Workflow,
     job_id: str,
     token: int,
     error: str,
     *,
-    now: float,
     worker: str | None = None,
 ) -> None:
     """Move a non-terminal job into its failed state, keeping the token; record FAILED."""
-    conn.execute(
+    tx.conn.execute(
         q.ENTER_FAILED,
-        {"failed": workflow.failed, "error": error, "now": now, "job_id": job_id},
+        {"failed": workflow.failed, "error": error, "now": tx.now, "job_id": job_id},
     )
-    add_history(conn, job_id, now, Event.FAILED, token, worker=worker, detail={"error": error})
+    tx.history(job_id, _FAILED, token, worker, text_of({"error": error}))
 
 
 def reconcile(
@@ -51,43 +54,34 @@ def reconcile(
                 effects_in_doubt=_count(conn, q.COUNT_DEAD_STARTS, params),
                 jobs_failed=_count(conn, q.COUNT_EXHAUSTED, params),
             )
-    with write(conn, "reconcile", clock) as now:
+    with Tx(conn, "reconcile", clock) as tx:
+        now = tx.now
         params = {"now": now}
         expired = conn.execute(q.SELECT_EXPIRED_LEASES, params).fetchall()
         conn.executemany(
             q.EXPIRE_LEASE,
             [{"now": now, "job_id": job_id, "token": token} for job_id, token, _ in expired],
         )
-        conn.executemany(
-            q.INSERT_HISTORY,
-            [
-                history_params(job_id, now, Event.EXPIRED, token, worker=worker)
-                for job_id, token, worker in expired
-            ],
-        )
+        for job_id, token, worker in expired:
+            tx.history(job_id, _EXPIRED, token, worker)
         starts = conn.execute(q.SELECT_DEAD_STARTS, params).fetchall()
         conn.executemany(
             q.MARK_START_IN_DOUBT,
-            [{"op_key": key, "token": token} for key, _, _, token, _, _ in starts],
-        )
-        conn.executemany(
-            q.INSERT_HISTORY,
             [
-                history_params(
-                    job_id, now, Event.EFFECT_IN_DOUBT, job_token, worker=by, detail={"op": op}
-                )
-                for _, job_id, op, _, by, job_token in starts
+                {"job_id": job_id, "op_key": key, "token": token}
+                for key, job_id, _, token, _, _ in starts
             ],
         )
+        for _, job_id, op, _, by, job_token in starts:
+            tx.history(job_id, _EFFECT_IN_DOUBT, job_token, by, op_detail(op))
         exhausted = conn.execute(q.SELECT_EXHAUSTED, params).fetchall()
         for job_id, kind, token, attempts, max_attempts in exhausted:
             enter_failed(
-                conn,
+                tx,
                 catalog.get(conn, kind),
                 job_id,
                 token,
                 exhausted_message(attempts, max_attempts),
-                now=now,
             )
     return ReconcileReport(
         leases_expired=len(expired), effects_in_doubt=len(starts), jobs_failed=len(exhausted)

@@ -1,41 +1,46 @@
 """Planning jobs on SQLite: ``plan`` and ``plan_many`` in one transaction.
 
-Items are validated and checked against the stored jobs (and the items before them) in
-order, inside the write transaction, so the first bad item decides the error exactly as
-in the model and a failing batch plans nothing. New rows and their PLANNED history
-entries are written with ``executemany``; identity and payload JSON is encoded once.
+Items are validated in order, then checked against the stored jobs (one lookup for the
+whole batch) and the items before them, inside the write transaction, so the first bad
+item decides the error exactly as in the model and a failing batch plans nothing. Each
+identity is canonically encoded once, for its key and its stored text alike; new rows and
+their PLANNED history entries are written with ``executemany``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 from collections.abc import Mapping
-
-import attrs
+from typing import NamedTuple
 
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import translated, write
-from impl.sqlite.row import history_params, text_of
+from impl.sqlite.connection import HistoryRow, Tx, translated
 from model.clock import Clock
 from model.config import Config
-from model.errors import IdempotencyConflict, InvalidInput, InvalidPayload
-from model.key import Scalar, check_scalars, job_key
+from model.errors import IdempotencyConflict, InvalidPayload
+from model.key import KEY_VERSION, Scalar, canon, check_scalars
 from model.record import Event, Plan
-from model.validate import check_int, check_seconds, encode_payload
+from model.validate import INT64_MAX, INT64_MIN, check_int, check_seconds, encode_payload
 
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
+_PLANNED = Event.PLANNED.value
+_NULL = "null"
 
 
-@attrs.frozen
-class _NewJob:
+class _NewJob(NamedTuple):
     job_id: str
     identity: str
     payload: str
     priority: int
     max_attempts: int
     run_at: float | None
+
+
+# The value types an identity is made of, exactly: a dict of these needs no copy before
+# encoding (subclasses and other mappings go through model.key.check_scalars).
+_PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def plan_items(
@@ -57,30 +62,40 @@ def plan_items(
     """
     with translated(op):
         catalog.get(conn, kind)
-    with write(conn, op, clock) as now:
+    with Tx(conn, op, clock) as tx:
+        now = tx.now
         workflow = catalog.get(conn, kind)
-        # Items are checked in order, each against the stored jobs and the items
-        # before it, so the first bad item decides the error, as in the model.
-        batch: dict[str, str] = {}
-        fresh: list[_NewJob] = []
-        ids: list[str] = []
+        kind_text = canon(kind).decode("utf-8")
+        # Every item is validated first, in order, up to the first invalid one; then the
+        # items before it are checked against the stored jobs and the earlier items, so
+        # an earlier conflict still wins over a later invalid item, as in the model.
+        prepared: list[_NewJob] = []
+        invalid: Exception | None = None
         for item in items:
-            new = _prepare(config, kind, item)
-            ids.append(new.job_id)
-            stored = batch.get(new.job_id)
-            if stored is None:
-                found = conn.execute(q.SELECT_PAYLOAD, (new.job_id,)).fetchone()
-                stored = None if found is None else str(found[0])
-            if stored is not None and stored != new.payload:
+            try:
+                prepared.append(_prepare(config, kind, kind_text, item))
+            except Exception as exc:  # raised below, after any earlier conflict
+                invalid = exc
+                break
+        stored: dict[str, str] = dict(
+            conn.execute(q.SELECT_PAYLOADS, (json.dumps([p.job_id for p in prepared]),)).fetchall()
+        )
+        fresh: list[_NewJob] = []
+        for new in prepared:
+            found = stored.get(new.job_id)
+            if found is None:
+                fresh.append(new)
+                stored[new.job_id] = new.payload
+            elif found != new.payload:
                 raise IdempotencyConflict(
                     f"{op} of a {kind!r} job with identity {new.identity}: job "
-                    f"{new.job_id} is already planned with payload {stored}, not "
+                    f"{new.job_id} is already planned with payload {found}, not "
                     f"{new.payload}; a job's payload is fixed at planning: plan a "
                     "different identity, or keep the payload"
                 )
-            if stored is None:
-                fresh.append(new)
-            batch[new.job_id] = new.payload
+        if invalid is not None:
+            raise invalid
+        initial = workflow.initial
         conn.executemany(
             q.INSERT_JOB,
             [
@@ -89,7 +104,7 @@ def plan_items(
                     kind,
                     p.identity,
                     p.payload,
-                    workflow.initial,
+                    initial,
                     p.max_attempts,
                     p.priority,
                     now if p.run_at is None else p.run_at,
@@ -99,30 +114,51 @@ def plan_items(
                 for p in fresh
             ],
         )
-        conn.executemany(
-            q.INSERT_HISTORY,
-            [history_params(p.job_id, now, Event.PLANNED, 0, worker=None) for p in fresh],
-        )
-    return ids
+        history: list[HistoryRow] = [(p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh]
+        conn.executemany(q.INSERT_FIRST_HISTORY, history)
+        tx.events.extend(history)
+    return [p.job_id for p in prepared]
 
 
-def _prepare(config: Config, kind: str, item: Mapping[str, Scalar] | Plan) -> _NewJob:
-    plan = item if isinstance(item, Plan) else Plan(item)
-    job_id = job_key(kind, plan.identity)
-    try:
-        payload = encode_payload(plan.payload)
-    except RecursionError:
-        raise InvalidPayload(
-            f"payload of the {kind!r} job {job_id} is nested too deeply to encode as JSON"
-        ) from None
-    priority = _int64(check_int(plan.priority, name="priority"), "priority")
-    attempts = plan.max_attempts
+def job_key_of(kind_text: str, identity_text: str) -> str:
+    """Return the job key from the canonical texts of the kind and the identity.
+
+    The same as :func:`model.key.job_key` (the tests pin the two together), built from
+    the identity's canonical text so that each identity is encoded only once, for its
+    key and for its stored column: sorted keys put ``"id"`` first, then ``"kind"``,
+    then ``"v"``, with no white space.
+    """
+    text = f'{{"id":{identity_text},"kind":{kind_text},"v":{KEY_VERSION}}}'
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _prepare(
+    config: Config, kind: str, kind_text: str, item: Mapping[str, Scalar] | Plan
+) -> _NewJob:
+    if isinstance(item, Plan):
+        identity, payload_value = item.identity, item.payload
+        priority, attempts, run_at_value = item.priority, item.max_attempts, item.run_at
+    else:
+        identity, payload_value, priority, attempts, run_at_value = item, None, 0, None, None
+    identity_text = _identity_text(identity)
+    job_id = job_key_of(kind_text, identity_text)
+    if payload_value is None:
+        payload = _NULL
+    else:
+        try:
+            payload = encode_payload(payload_value)
+        except RecursionError:
+            raise InvalidPayload(
+                f"payload of the {kind!r} job {job_id} is nested too deeply to encode as JSON"
+            ) from None
+    if type(priority) is not int or not INT64_MIN <= priority <= INT64_MAX:
+        priority = check_int(priority, name="priority")
     if attempts is not None:
-        _int64(check_int(attempts, name="max_attempts", minimum=1), "max_attempts")
-    run_at = None if plan.run_at is None else check_seconds(plan.run_at, name="run_at")
+        check_int(attempts, name="max_attempts", minimum=1)
+    run_at = None if run_at_value is None else check_seconds(run_at_value, name="run_at")
     return _NewJob(
         job_id=job_id,
-        identity=text_of(check_scalars(plan.identity, what="identity")),
+        identity=identity_text,
         payload=payload,
         priority=priority,
         max_attempts=attempts if attempts is not None else config.max_attempts,
@@ -130,10 +166,12 @@ def _prepare(config: Config, kind: str, item: Mapping[str, Scalar] | Plan) -> _N
     )
 
 
-def _int64(value: int, name: str) -> int:
-    # SQLite integers are 64-bit; a larger Python int would fail in the driver.
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise InvalidInput(
-            f"{name} must fit in a signed 64-bit integer ({INT64_MIN} to {INT64_MAX}), got {value}"
-        )
-    return value
+def _identity_text(identity: object) -> str:
+    """The canonical text of a valid identity; ``InvalidIdentity`` for anything else."""
+    if type(identity) is dict:
+        for key, value in identity.items():
+            if type(key) is not str or type(value) not in _PLAIN:
+                break
+        else:
+            return canon(identity).decode("utf-8")
+    return canon(check_scalars(identity, what="identity")).decode("utf-8")

@@ -61,15 +61,25 @@ JOB_COLUMNS = (
 SELECT_JOB = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE job_id = ?"
 SELECT_JOB_STATE = "SELECT state FROM jobs WHERE job_id = ?"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = ?"
-SELECT_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = ?"
+# The stored payloads of a batch of job ids (a JSON array): one statement for a whole
+# plan_many instead of one lookup per item.
+SELECT_PAYLOADS = (
+    "SELECT job_id, payload FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
+)
 
+# seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
 INSERT_JOB = """
 INSERT INTO jobs (
-    job_id, seq, kind, identity, payload, state, terminal, attempts, max_attempts,
+    job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
     priority, run_at, token, created_at, updated_at
-) VALUES (
-    ?, (SELECT coalesce(max(seq), 0) + 1 FROM jobs), ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?
-)
+) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?)
+"""
+
+# What every lease-taking call reads to fence a lease (and to explain a refusal): the
+# few columns its decision needs, not the whole row.
+SELECT_FENCE = """
+SELECT token, lease_worker, lease_expires_at, attempts, max_attempts, state, kind
+FROM jobs WHERE job_id = ?
 """
 
 # lease_next's candidates, in two index-friendly halves (an OR of "no lease" and "expired
@@ -101,15 +111,51 @@ SELECT_EXPIRED_CANDIDATE_OF_KINDS = (
     " ORDER BY priority DESC, run_at, seq LIMIT 1"
 )
 
+# lease_next's fast path, one statement: grant the first unleased candidate (the walk of
+# jobs_claim that SELECT_CANDIDATE makes) when no lease anywhere has expired and the
+# candidate has attempts left. Whenever it updates nothing, the store takes the general
+# path (both halves, exhausted jobs failed on the way), which decides identically.
+CLAIM_FIRST = """
+UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
+    lease_expires_at = :expires_at, updated_at = :now
+WHERE seq = (
+    SELECT seq FROM jobs INDEXED BY jobs_claim
+    WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now
+    ORDER BY priority DESC, run_at, seq LIMIT 1)
+  AND attempts < max_attempts
+  AND NOT EXISTS (
+    SELECT 1 FROM jobs INDEXED BY jobs_lease
+    WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now)
+RETURNING job_id, kind, identity, payload, state, token, attempts
+"""
+CLAIM_FIRST_OF_KINDS = """
+UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
+    lease_expires_at = :expires_at, updated_at = :now
+WHERE seq = (
+    SELECT seq FROM jobs INDEXED BY jobs_claim
+    WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now
+      AND kind IN (SELECT value FROM json_each(:kinds))
+    ORDER BY priority DESC, run_at, seq LIMIT 1)
+  AND attempts < max_attempts
+  AND NOT EXISTS (
+    SELECT 1 FROM jobs INDEXED BY jobs_lease
+    WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now)
+RETURNING job_id, kind, identity, payload, state, token, attempts
+"""
+
 GRANT_LEASE = """
 UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
     lease_expires_at = :expires_at, updated_at = :now
 WHERE job_id = :job_id AND token = :token
 RETURNING token, attempts
 """
+# The fencing check is part of the update: it changes the row only under a live lease
+# of that token, and the store reads the row only to explain a refusal.
 RENEW_LEASE = """
 UPDATE jobs SET lease_expires_at = :expires_at, updated_at = :now
 WHERE job_id = :job_id AND token = :token
+  AND lease_worker IS NOT NULL AND lease_expires_at > :now
+RETURNING kind, identity, payload, state, attempts, lease_worker
 """
 RELEASE_LEASE = """
 UPDATE jobs SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at = NULL,
@@ -192,38 +238,54 @@ WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= ma
 EFFECT_COLUMNS = (
     "op_key, job_id, op, extras, status, result, started_at, finished_at, token, started_by"
 )
-SELECT_EFFECT = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE op_key = ?"
+SELECT_EFFECT = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = ? AND op_key = ?"
 SELECT_EFFECTS_OF_JOB = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = ? ORDER BY seq"
+# The usual start: no row for the op key yet. When one exists (recorded, or a start left
+# in doubt) nothing is inserted and the store reads it to decide. seq numbers a job's
+# effects in first-start order (a scan of that job's few rows, in the page being written).
 INSERT_EFFECT_START = """
 INSERT INTO effects (
-    op_key, job_id, op, extras, status, result, started_at, finished_at, token,
+    job_id, op_key, op, extras, status, result, started_at, finished_at, token,
     started_by, seq
 ) VALUES (
-    :op_key, :job_id, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
-    (SELECT coalesce(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id)
+    :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
+    (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id)
 )
+ON CONFLICT DO NOTHING
 """
 RESTART_EFFECT = """
 UPDATE effects SET status = 'started', result = NULL, started_at = :now,
     finished_at = NULL, token = :token, started_by = :worker
-WHERE op_key = :op_key AND status != 'done'
+WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
 """
 DELETE_OWN_START = """
-DELETE FROM effects WHERE op_key = :op_key AND status = 'started' AND token = :token
+DELETE FROM effects
+WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :token
 """
 MARK_START_IN_DOUBT = """
 UPDATE effects SET status = 'in_doubt'
-WHERE op_key = :op_key AND status = 'started' AND token = :token
+WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :token
 """
+# Recording is fenced in the update itself: it changes the row only while the job's
+# lease of that token is live; the store reads the job only to explain a refusal.
 RECORD_EFFECT = """
 UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token
-WHERE op_key = :op_key AND status != 'done'
+WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
+  AND EXISTS (
+    SELECT 1 FROM jobs WHERE job_id = :job_id AND token = :token
+      AND lease_worker IS NOT NULL AND lease_expires_at > :now)
 """
 
 # -- history ----------------------------------------------------------------------------
 
+# History ids count per job: the next one is a seek to the end of the job's own entries.
 INSERT_HISTORY = """
-INSERT INTO history (job_id, at, event, token, worker, detail) VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO history (job_id, id, at, event, token, worker, detail)
+VALUES (?1, (SELECT ifnull(max(id), 0) + 1 FROM history WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6)
+"""
+# A job just planned has no history yet: its PLANNED entry is its first.
+INSERT_FIRST_HISTORY = """
+INSERT INTO history (job_id, id, at, event, token, worker, detail) VALUES (?, 1, ?, ?, ?, ?, ?)
 """
 SELECT_HISTORY = (
     "SELECT job_id, at, event, token, worker, detail FROM history WHERE job_id = ? ORDER BY id"

@@ -1,16 +1,17 @@
 """Job rows as the SQLite backend reads them, the fencing check, and history entries.
 
-:class:`JobRow` is the typed image of one ``jobs`` row; the records callers receive
-(:class:`JobInfo`, :class:`Lease`, :class:`EffectInfo`, :class:`HistoryEvent`) are built
-from rows here. :func:`check_lease` is the one fencing decision every lease-taking call
-makes inside its write transaction.
+:class:`JobRow` is the typed image of one ``jobs`` row, for the reads and the slow
+paths; the records callers receive (:class:`JobInfo`, :class:`Lease`,
+:class:`EffectInfo`, :class:`HistoryEvent`) are built from rows here. :func:`fence` is
+the one fencing decision every lease-taking call makes inside its write transaction
+(or, where the update itself is fenced, the explanation of a refusal), on the few
+columns it needs rather than the whole row.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping
 
 from attrs import frozen
 
@@ -27,6 +28,7 @@ from model.record import (
     Lease,
     LeaseRow,
 )
+from model.validate import INT64_MAX, INT64_MIN
 
 
 @frozen
@@ -163,53 +165,76 @@ def require_job(conn: sqlite3.Connection, job_id: str) -> JobRow:
     return found
 
 
-def check_lease(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> JobRow:
-    """Return the job's row if ``lease`` is its live lease at ``now``.
+Fence = tuple[int, str | None, float | None, int, int, str, str]
+"""A row of ``queries.SELECT_FENCE``: token, lease_worker, lease_expires_at, attempts,
+max_attempts, state, kind."""
+
+
+def fence(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> Fence:
+    """Return the job's fencing columns if ``lease`` is its live lease at ``now``.
 
     Only ``lease.job_id`` and ``lease.token`` count: expiry is the stored one, so a
     renewal through any handle of the same token extends it for all.
 
     Raises:
+        InvalidInput: ``lease`` is not a :class:`Lease`.
         UnknownJob: no job has the lease's id.
         LeaseLost: the token is stale, or the lease expired by the store's clock.
     """
     if not isinstance(lease, Lease):
         raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
-    row = require_job(conn, lease.job_id)
-    if lease.token != row.token:
-        raise LeaseLost(lease.job_id, lease.token, row.token, "the token is stale", op)
-    if not row.live(now):
-        raise LeaseLost(lease.job_id, lease.token, row.token, "the lease expired", op)
+    job_id = lease.job_id
+    row: Fence | None = (
+        conn.execute(q.SELECT_FENCE, (job_id,)).fetchone() if isinstance(job_id, str) else None
+    )
+    if row is None:
+        raise UnknownJob(job_id)
+    if lease.token != row[0]:
+        raise LeaseLost(job_id, lease.token, row[0], "the token is stale", op)
+    expires_at = row[2]
+    if row[1] is None or expires_at is None or not now < expires_at:
+        raise LeaseLost(job_id, lease.token, row[0], "the lease expired", op)
     return row
 
 
-def history_params(
-    job_id: str,
-    at: float,
-    event: Event,
-    token: int,
-    *,
-    worker: str | None,
-    detail: Mapping[str, Scalar | float] | None = None,
-) -> tuple[object, ...]:
-    """Return the parameters of ``queries.INSERT_HISTORY`` for one entry."""
-    return (job_id, at, event.value, token, worker, text_of(dict(detail or {})))
-
-
-def add_history(
-    conn: sqlite3.Connection,
-    job_id: str,
-    at: float,
-    event: Event,
-    token: int,
-    *,
-    worker: str | None,
-    detail: Mapping[str, Scalar | float] | None = None,
-) -> None:
-    """Append one entry to the job's history (inside the caller's transaction)."""
-    conn.execute(
-        q.INSERT_HISTORY, history_params(job_id, at, event, token, worker=worker, detail=detail)
+def fenceable(lease: object) -> bool:
+    """True if ``lease`` can be fenced inside an update (a Lease with a bindable id and
+    token); anything else goes through :func:`fence` first, which explains the refusal."""
+    return (
+        isinstance(lease, Lease)
+        and isinstance(lease.job_id, str)
+        and type(lease.token) is int
+        and INT64_MIN <= lease.token <= INT64_MAX
     )
+
+
+# History details are canonical JSON; the few distinct ones on hot paths are encoded once.
+_DETAILS: dict[tuple[str, ...], str] = {}
+_DETAILS_MAX = 4096
+
+
+def op_detail(op: str) -> str:
+    """Return the detail text ``{"op": op}`` of an effect's history entry."""
+    found = _DETAILS.get(("op", op))
+    if found is None:
+        found = _remember_detail(("op", op), {"op": op})
+    return found
+
+
+def move_detail(src: str, dst: str) -> str:
+    """Return the detail text ``{"from": src, "to": dst}`` of a state change."""
+    found = _DETAILS.get(("move", src, dst))
+    if found is None:
+        found = _remember_detail(("move", src, dst), {"from": src, "to": dst})
+    return found
+
+
+def _remember_detail(key: tuple[str, ...], detail: dict[str, str]) -> str:
+    text = text_of(detail)
+    if len(_DETAILS) >= _DETAILS_MAX:
+        _DETAILS.clear()  # op names are the caller's: keep the cache bounded
+    _DETAILS[key] = text
+    return text
 
 
 def history_event(row: sqlite3.Row | tuple[object, ...]) -> HistoryEvent:

@@ -32,6 +32,31 @@ class Migration:
     statements: tuple[str, ...]
 
 
+# The state machine and the fencing token, enforced by the database itself (every
+# schema version keeps them).
+_STATE_TRIGGER = """
+    CREATE TRIGGER jobs_state_follows_edges BEFORE UPDATE OF state ON jobs
+    WHEN NEW.state IS NOT OLD.state
+     AND NOT EXISTS (
+        SELECT 1 FROM workflow_edges
+        WHERE kind = OLD.kind AND src = OLD.state AND dst = NEW.state)
+     AND NOT (OLD.terminal = 0
+        AND NEW.state IS (SELECT failed FROM workflows WHERE name = OLD.kind))
+     AND NOT (OLD.state IS (SELECT failed FROM workflows WHERE name = OLD.kind)
+        AND NEW.state IS OLD.failed_from AND NEW.token > OLD.token)
+    BEGIN
+        SELECT RAISE(ABORT, 'jobledger: illegal state transition: not a declared edge');
+    END
+    """
+
+_FENCING_TRIGGER = """
+    CREATE TRIGGER jobs_token_never_decreases BEFORE UPDATE OF token ON jobs
+    WHEN NEW.token < OLD.token
+    BEGIN
+        SELECT RAISE(ABORT, 'jobledger: a job''s fencing token never decreases');
+    END
+    """
+
 _V1 = (
     """
     CREATE TABLE workflows (
@@ -121,30 +146,126 @@ _V1 = (
     )
     """,
     "CREATE INDEX history_job ON history (job_id, id)",
-    """
-    CREATE TRIGGER jobs_state_follows_edges BEFORE UPDATE OF state ON jobs
-    WHEN NEW.state IS NOT OLD.state
-     AND NOT EXISTS (
-        SELECT 1 FROM workflow_edges
-        WHERE kind = OLD.kind AND src = OLD.state AND dst = NEW.state)
-     AND NOT (OLD.terminal = 0
-        AND NEW.state IS (SELECT failed FROM workflows WHERE name = OLD.kind))
-     AND NOT (OLD.state IS (SELECT failed FROM workflows WHERE name = OLD.kind)
-        AND NEW.state IS OLD.failed_from AND NEW.token > OLD.token)
-    BEGIN
-        SELECT RAISE(ABORT, 'jobledger: illegal state transition: not a declared edge');
-    END
-    """,
-    """
-    CREATE TRIGGER jobs_token_never_decreases BEFORE UPDATE OF token ON jobs
-    WHEN NEW.token < OLD.token
-    BEGIN
-        SELECT RAISE(ABORT, 'jobledger: a job''s fencing token never decreases');
-    END
-    """,
+    _STATE_TRIGGER,
+    _FENCING_TRIGGER,
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+# Version 2 rebuilds the three hot tables for fewer page writes per transaction (each
+# page a commit dirties is one WAL frame, and frames are what a commit costs):
+# - jobs: ``seq`` becomes the rowid (no separate seq index, no max(seq) lookup per plan);
+#   the redundant ``jobs_state`` index is gone (``jobs_kind_state`` serves the counts);
+# - effects: WITHOUT ROWID, keyed by (job_id, op_key), so a start or a result touches one
+#   b-tree page for the row (every caller knows the job of an op key: it is hashed in);
+# - history: WITHOUT ROWID, keyed by (job_id, id) with ``id`` counting per job, so an entry
+#   lands beside the job's other entries instead of in a table and an index.
+# Foreign keys from jobs, effects and history are dropped: checking them was a lookup per
+# insert on the hot path. Integrity holds by construction instead: jobs are never deleted,
+# effects and history rows are written only in a transaction that has just read (and
+# fenced) their job's row, and jobs are planned only for a kind the catalog just found.
+_V2 = (
+    """
+    CREATE TABLE jobs_v2 (
+        seq INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        identity TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        state TEXT NOT NULL,
+        terminal INTEGER NOT NULL DEFAULT 0 CHECK (terminal IN (0, 1)),
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+        priority INTEGER NOT NULL,
+        run_at REAL NOT NULL,
+        token INTEGER NOT NULL CHECK (token >= 0),
+        lease_worker TEXT,
+        lease_expires_at REAL,
+        last_error TEXT,
+        failed_from TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        CHECK ((lease_worker IS NULL) = (lease_expires_at IS NULL)),
+        CHECK (attempts <= max_attempts)
+    )
+    """,
+    """
+    INSERT INTO jobs_v2 (
+        seq, job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
+        priority, run_at, token, lease_worker, lease_expires_at, last_error, failed_from,
+        created_at, updated_at
+    )
+    SELECT seq, job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
+        priority, run_at, token, lease_worker, lease_expires_at, last_error, failed_from,
+        created_at, updated_at
+    FROM jobs ORDER BY seq
+    """,
+    """
+    CREATE TABLE effects_v2 (
+        job_id TEXT NOT NULL,
+        op_key TEXT NOT NULL,
+        op TEXT NOT NULL,
+        extras TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('started', 'in_doubt', 'done')),
+        result TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        token INTEGER NOT NULL,
+        started_by TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        CHECK ((status = 'done') = (result IS NOT NULL)),
+        PRIMARY KEY (job_id, op_key)
+    ) WITHOUT ROWID
+    """,
+    """
+    INSERT INTO effects_v2 (
+        job_id, op_key, op, extras, status, result, started_at, finished_at, token,
+        started_by, seq
+    )
+    SELECT job_id, op_key, op, extras, status, result, started_at, finished_at, token,
+        started_by, seq
+    FROM effects
+    """,
+    """
+    CREATE TABLE history_v2 (
+        job_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        worker TEXT,
+        detail TEXT NOT NULL,
+        PRIMARY KEY (job_id, id)
+    ) WITHOUT ROWID
+    """,
+    # The old ids were global and increasing, so within a job they keep their order.
+    """
+    INSERT INTO history_v2 (job_id, id, at, event, token, worker, detail)
+    SELECT job_id, id, at, event, token, worker, detail FROM history
+    """,
+    # Children first: dropping jobs while rows still referenced it would fail.
+    "DROP TABLE history",
+    "DROP TABLE effects",
+    "DROP TABLE jobs",
+    "ALTER TABLE jobs_v2 RENAME TO jobs",
+    "ALTER TABLE effects_v2 RENAME TO effects",
+    "ALTER TABLE history_v2 RENAME TO history",
+    # The claim index: only active (non-terminal), unleased rows, in exactly lease_next's
+    # order, so a claim is one ordered walk that live leases never slow down. Rows whose
+    # lease expired are found through jobs_lease instead (see queries.SELECT_CANDIDATE).
+    """
+    CREATE INDEX jobs_claim ON jobs (priority DESC, run_at, seq)
+    WHERE terminal = 0 AND lease_worker IS NULL
+    """,
+    "CREATE INDEX jobs_kind_state ON jobs (kind, state)",
+    "CREATE INDEX jobs_lease ON jobs (lease_expires_at) WHERE lease_worker IS NOT NULL",
+    "CREATE INDEX effects_open ON effects (status) WHERE status != 'done'",
+    _STATE_TRIGGER,
+    _FENCING_TRIGGER,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _V1),
+    Migration(2, "leaner hot tables: fewer pages written per transaction", _V2),
+)
 """Every migration, in version order. Append only; never edit a shipped one."""
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -15,18 +15,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-import attrs
-
-from impl.sqlite import effect, maintenance, read
+from impl.sqlite import claim, effect, maintenance, read
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import ThreadConnections, translated, write
+from impl.sqlite.connection import ThreadConnections, Tx, translated
 from impl.sqlite.plan import plan_items
 from impl.sqlite.row import (
-    JobRow,
-    add_history,
-    check_lease,
-    job_row,
+    fence,
+    fenceable,
+    identity_of,
+    json_of,
+    move_detail,
     require_job,
     text_of,
 )
@@ -51,8 +50,14 @@ from model.record import (
     Stats,
 )
 from model.store import EffectFn, OnDoubt
-from model.validate import check_seconds, exhausted_message
+from model.validate import check_seconds
 from model.workflow import DOWNLOAD, Workflow
+
+# History event names, as stored.
+_RENEWED = Event.RENEWED.value
+_RELEASED = Event.RELEASED.value
+_ADVANCED = Event.ADVANCED.value
+_FAILED = Event.FAILED.value
 
 
 class SqliteStore:
@@ -199,112 +204,97 @@ class SqliteStore:
             raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
         span = self._ttl(ttl)
         kinds_text = None if kinds is None else text_of(_kinds(kinds))
-        conn = self._connection()
-        with write(conn, "lease_next", self._clock) as now:
-            while True:
-                row = _candidate(conn, now, kinds_text)
-                if row is None:
-                    return None
-                if row.lease_worker is not None:
-                    add_history(
-                        conn, row.job_id, now, Event.EXPIRED, row.token, worker=row.lease_worker
-                    )
-                if row.attempts >= row.max_attempts:
-                    maintenance.enter_failed(
-                        conn,
-                        self._catalog.get(conn, row.kind),
-                        row.job_id,
-                        row.token,
-                        exhausted_message(row.attempts, row.max_attempts),
-                        now=now,
-                    )
-                    continue
-                granted = conn.execute(
-                    q.GRANT_LEASE,
-                    {
-                        "worker": worker,
-                        "expires_at": now + span,
-                        "now": now,
-                        "job_id": row.job_id,
-                        "token": row.token,
-                    },
-                ).fetchone()
-                token, attempts = int(granted[0]), int(granted[1])
-                add_history(conn, row.job_id, now, Event.LEASED, token, worker=worker)
-                lease = attrs.evolve(
-                    row,
-                    token=token,
-                    attempts=attempts,
-                    lease_worker=worker,
-                    lease_expires_at=now + span,
-                ).lease()
-                break
-        return lease
+        return claim.lease_next(
+            self._connection(),
+            self._clock,
+            self._catalog,
+            worker=worker,
+            span=span,
+            kinds_text=kinds_text,
+        )
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend a live lease to now + ttl (default: the configured lease TTL)."""
         span = self._ttl(ttl)
         conn = self._connection()
-        with write(conn, "renew", self._clock) as now:
-            row = check_lease(conn, lease, now, "renew")
-            expires_at = now + span
-            conn.execute(
+        with Tx(conn, "renew", self._clock) as tx:
+            if not fenceable(lease):
+                fence(conn, lease, tx.now, "renew")  # raises the reason it is refused
+            expires_at = tx.now + span
+            renewed = conn.execute(
                 q.RENEW_LEASE,
-                {"expires_at": expires_at, "now": now, "job_id": row.job_id, "token": row.token},
-            )
-            add_history(conn, row.job_id, now, Event.RENEWED, row.token, worker=row.lease_worker)
-        return attrs.evolve(row, lease_expires_at=expires_at).lease()
+                {
+                    "expires_at": expires_at,
+                    "now": tx.now,
+                    "job_id": lease.job_id,
+                    "token": lease.token,
+                },
+            ).fetchone()
+            if renewed is None:
+                fence(conn, lease, tx.now, "renew")  # raises the reason it was refused
+                raise AssertionError("a fenced renew updated nothing")  # pragma: no cover
+            kind, identity, payload, state, attempts, holder = renewed
+            tx.history(lease.job_id, _RENEWED, lease.token, holder)
+        return Lease(
+            job_id=lease.job_id,
+            kind=kind,
+            token=lease.token,
+            worker=holder,
+            expires_at=expires_at,
+            attempt=attempts,
+            state=state,
+            identity=identity_of(identity),
+            payload=json_of(payload),
+        )
 
     def release(self, lease: Lease, *, delay: float = 0.0) -> None:
         """Give the job back (and the attempt); eligible again after ``delay`` seconds."""
         delay = check_seconds(delay, name="delay")
         conn = self._connection()
-        with write(conn, "release", self._clock) as now:
-            row = check_lease(conn, lease, now, "release")
+        with Tx(conn, "release", self._clock) as tx:
+            row = fence(conn, lease, tx.now, "release")
             conn.execute(
                 q.RELEASE_LEASE,
-                {"run_at": now + delay, "now": now, "job_id": row.job_id, "token": row.token},
+                {
+                    "run_at": tx.now + delay,
+                    "now": tx.now,
+                    "job_id": lease.job_id,
+                    "token": row[0],
+                },
             )
-            add_history(conn, row.job_id, now, Event.RELEASED, row.token, worker=row.lease_worker)
+            tx.history(lease.job_id, _RELEASED, row[0], row[1])
 
     def advance(self, lease: Lease, to_state: str) -> bool:
         """Follow one declared edge; False for a replay of the current or a passed state."""
         conn = self._connection()
-        with write(conn, "advance", self._clock) as now:
-            row = check_lease(conn, lease, now, "advance")
-            workflow = self._catalog.get(conn, row.kind)
+        with Tx(conn, "advance", self._clock) as tx:
+            token, holder, _, _, _, state, kind = fence(conn, lease, tx.now, "advance")
+            job_id = lease.job_id
+            workflow = self._catalog.get(conn, kind)
             if to_state not in workflow.states:
                 raise IllegalTransition(
-                    f"advance of job {row.job_id} to {to_state!r}: not a state of workflow "
+                    f"advance of job {job_id} to {to_state!r}: not a state of workflow "
                     f"{workflow.name!r} (states: {list(workflow.states)}); use a declared state"
                 )
             if to_state == workflow.failed:
                 raise IllegalTransition(
-                    f"advance of job {row.job_id} to {to_state!r}: the failed state is entered "
+                    f"advance of job {job_id} to {to_state!r}: the failed state is entered "
                     "only through fail(lease, error) or the operator's cancel"
                 )
-            if to_state == row.state or to_state in self._catalog.ancestors(workflow)[row.state]:
+            if to_state == state or to_state in self._catalog.ancestors(workflow)[state]:
                 return False
-            if (row.state, to_state) not in workflow.transitions:
+            if (state, to_state) not in workflow.transitions:
                 raise IllegalTransition(
-                    f"advance of job {row.job_id} from {row.state!r} to {to_state!r}: not a "
+                    f"advance of job {job_id} from {state!r} to {to_state!r}: not a "
                     f"declared edge of workflow {workflow.name!r}; next states from "
-                    f"{row.state!r}: {sorted(workflow.successors()[row.state])}"
+                    f"{state!r}: {sorted(workflow.successors()[state])}"
                 )
-            params = {"state": to_state, "now": now, "job_id": row.job_id, "token": row.token}
+            params = {"state": to_state, "now": tx.now, "job_id": job_id, "token": token}
             if workflow.is_terminal(to_state):
                 conn.execute(q.ADVANCE_TO_TERMINAL, params)
             else:
                 conn.execute(q.ADVANCE_KEEP_LEASE, params)
-            add_history(
-                conn,
-                row.job_id,
-                now,
-                Event.ADVANCED,
-                row.token,
-                worker=row.lease_worker,
-                detail={"from": row.state, "to": to_state},
-            )
+            tx.history(job_id, _ADVANCED, token, holder, move_detail(state, to_state))
         return True
 
     def fail(
@@ -316,38 +306,28 @@ class SqliteStore:
         if delay is not None:
             delay = check_seconds(delay, name="delay")
         conn = self._connection()
-        with write(conn, "fail", self._clock) as now:
-            row = check_lease(conn, lease, now, "fail")
-            if retryable and row.attempts < row.max_attempts:
-                run_at = now + (delay if delay is not None else self._config.backoff(row.attempts))
+        with Tx(conn, "fail", self._clock) as tx:
+            token, holder, _, attempts, max_attempts, _, kind = fence(conn, lease, tx.now, "fail")
+            job_id = lease.job_id
+            now = tx.now
+            if retryable and attempts < max_attempts:
+                run_at = now + (delay if delay is not None else self._config.backoff(attempts))
                 conn.execute(
                     q.RETRY_LATER,
                     {
                         "run_at": run_at,
                         "error": error,
                         "now": now,
-                        "job_id": row.job_id,
-                        "token": row.token,
+                        "job_id": job_id,
+                        "token": token,
                     },
                 )
-                add_history(
-                    conn,
-                    row.job_id,
-                    now,
-                    Event.FAILED,
-                    row.token,
-                    worker=row.lease_worker,
-                    detail={"error": error, "retry_at": run_at},
+                tx.history(
+                    job_id, _FAILED, token, holder, text_of({"error": error, "retry_at": run_at})
                 )
             else:
                 maintenance.enter_failed(
-                    conn,
-                    self._catalog.get(conn, row.kind),
-                    row.job_id,
-                    row.token,
-                    error,
-                    now=now,
-                    worker=row.lease_worker,
+                    tx, self._catalog.get(conn, kind), job_id, token, error, worker=holder
                 )
 
     # -- operator actions -----------------------------------------------------------------
@@ -357,7 +337,7 @@ class SqliteStore:
         if not isinstance(reason, str):
             raise InvalidInput(f"cancel reason must be a str, got {type(reason).__name__}")
         conn = self._connection()
-        with write(conn, "cancel", self._clock) as now:
+        with Tx(conn, "cancel", self._clock) as tx:
             row = require_job(conn, job_id)
             workflow = self._catalog.get(conn, row.kind)
             if row.state == workflow.failed:
@@ -369,22 +349,14 @@ class SqliteStore:
                 )
             token = conn.execute(
                 q.CANCEL_JOB,
-                {"failed": workflow.failed, "error": reason, "now": now, "job_id": job_id},
+                {"failed": workflow.failed, "error": reason, "now": tx.now, "job_id": job_id},
             ).fetchone()[0]
-            add_history(
-                conn,
-                job_id,
-                now,
-                Event.CANCELLED,
-                int(token),
-                worker=None,
-                detail={"reason": reason},
-            )
+            tx.history(job_id, Event.CANCELLED.value, int(token), None, text_of({"reason": reason}))
 
     def retry(self, job_id: str) -> None:
         """Operator: move a failed job back to the state it failed in, attempts reset."""
         conn = self._connection()
-        with write(conn, "retry", self._clock) as now:
+        with Tx(conn, "retry", self._clock) as tx:
             row = require_job(conn, job_id)
             workflow = self._catalog.get(conn, row.kind)
             if row.state != workflow.failed:
@@ -393,16 +365,14 @@ class SqliteStore:
                     f"state {workflow.failed!r}; only failed jobs can be retried"
                 )
             token, state = conn.execute(
-                q.RETRY_JOB, {"now": now, "job_id": job_id, "failed": workflow.failed}
+                q.RETRY_JOB, {"now": tx.now, "job_id": job_id, "failed": workflow.failed}
             ).fetchone()
-            add_history(
-                conn,
+            tx.history(
                 job_id,
-                now,
-                Event.RETRIED,
+                Event.RETRIED.value,
                 int(token),
-                worker=None,
-                detail={"from": workflow.failed, "to": str(state)},
+                None,
+                move_detail(workflow.failed, str(state)),
             )
 
     # -- effects --------------------------------------------------------------------------
@@ -491,20 +461,6 @@ class SqliteStore:
         return check_seconds(
             self._config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
-
-
-def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRow | None:
-    """Return the eligible job that comes first by (priority desc, run_at, seq)."""
-    if kinds is None:
-        params: dict[str, object] = {"now": now}
-        unleased = conn.execute(q.SELECT_CANDIDATE, params).fetchone()
-        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE, params).fetchone()
-    else:
-        params = {"now": now, "kinds": kinds}
-        unleased = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, params).fetchone()
-        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, params).fetchone()
-    rows = [job_row(found) for found in (unleased, expired) if found is not None]
-    return min(rows, key=lambda r: (-r.priority, r.run_at, r.seq), default=None)
 
 
 def _kinds(kinds: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ from tests.pg import PG_URL
 from tests.postgres import children
 from tests.postgres.conftest import OpenStore
 
-pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("subprocess")]
+pytestmark = [pytest.mark.postgres, pytest.mark.xdist_group("processes")]
 
 WATCHDOG = 60.0
 """Seconds a child may take before the test kills it and fails."""

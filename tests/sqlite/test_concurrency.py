@@ -36,7 +36,7 @@ def test_processes_share_one_file_without_busy_errors_or_shared_jobs(tmp_path: P
     path = tmp_path / "db.sqlite"
     with SqliteStore(path) as store:
         store.register(PROC_FLOW)
-        ids = store.plan_many(PROC_FLOW_NAME, [{"n": n} for n in range(120)])
+        ids = store.plan_many(PROC_FLOW_NAME, [{"n": n} for n in range(360)])
     context = multiprocessing.get_context("spawn")
     start = context.Barrier(3)
     queue: Queue[WorkerReport] = context.Queue()

@@ -18,6 +18,7 @@ from model import (
     SchemaVersionError,
     Workflow,
 )
+from model.key import canon
 
 FLOW = Workflow(
     name="flow",
@@ -128,3 +129,90 @@ def test_everything_survives_a_reopen(tmp_path: Path) -> None:
         ]
         # The recorded effect replays from disk without calling fn.
         assert again.run_effect(lease, "op", lambda ctx: 1 / 0, extras={"x": 1}) == {"r": "é"}
+
+
+def _v1_database(path: Path) -> None:
+    """Write a database as version 1 of the schema left it, with one job in use."""
+    conn = _raw(path)
+    try:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at REAL NOT NULL)"
+        )
+        for statement in MIGRATIONS[0].statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
+        conn.execute("INSERT INTO workflows VALUES ('flow', ?, 'A', 'FAILED')", (FLOW_TEXT,))
+        conn.executemany(
+            "INSERT INTO workflow_states VALUES ('flow', ?, ?)",
+            [("A", 0), ("B", 0), ("C", 1), ("FAILED", 1)],
+        )
+        conn.executemany(
+            "INSERT INTO workflow_edges VALUES ('flow', ?, ?)", [("A", "B"), ("B", "C")]
+        )
+        conn.execute(
+            "INSERT INTO jobs (job_id, seq, kind, identity, payload, state, terminal, attempts,"
+            " max_attempts, priority, run_at, token, lease_worker, lease_expires_at,"
+            " created_at, updated_at) VALUES (?, 7, 'flow', '{\"n\":1}', 'null', 'B', 0, 1, 5,"
+            " 0, 10.0, 1, 'w', 1e12, 10.0, 11.0)",
+            (JOB,),
+        )
+        conn.execute(
+            "INSERT INTO effects VALUES ('k1', ?, 'op', '{}', 'done', '1', 10.5, 10.6, 1, 'w', 1)",
+            (JOB,),
+        )
+        conn.executemany(
+            "INSERT INTO history (id, job_id, at, event, token, worker, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (3, JOB, 10.0, "planned", 0, None, "{}"),
+                (8, JOB, 10.1, "leased", 1, "w", "{}"),
+                (9, JOB, 11.0, "advanced", 1, "w", '{"from":"A","to":"B"}'),
+            ],
+        )
+    finally:
+        conn.close()
+
+
+JOB = "f" * 64
+FLOW_TEXT = canon(FLOW.definition()).decode("utf-8")
+
+
+def test_a_version_1_database_upgrades_and_keeps_everything(tmp_path: Path) -> None:
+    """Migrations are forward-only: a ledger written by the first schema opens, is
+    rebuilt in place, and goes on working with its jobs, effects and history intact."""
+    path = tmp_path / "db.sqlite"
+    _v1_database(path)
+    clock = ManualClock(20.0)
+    with SqliteStore(path, clock=clock) as store:
+        assert store.workflow("flow").definition() == FLOW.definition()
+        job = store.job(JOB)
+        assert (job.state, job.attempts, job.token, job.lease_worker) == ("B", 1, 1, "w")
+        assert [(e.op_key, e.result) for e in store.effects(JOB)] == [("k1", 1)]
+        assert [h.event for h in store.history(JOB)] == [
+            Event.PLANNED,
+            Event.LEASED,
+            Event.ADVANCED,
+        ]
+        new = store.plan("flow", {"n": 2})
+        assert [j.job_id for j in store.jobs()] == [JOB, new], "planned order is kept"
+        lease = store.lease_next("w2")
+        assert lease is not None
+        assert lease.job_id == new
+        assert store.run_effect(lease, "op", lambda ctx: 5) == 5
+        assert store.advance(lease, "B")
+        assert [h.event for h in store.history(new)] == [
+            Event.PLANNED,
+            Event.LEASED,
+            Event.EFFECT_STARTED,
+            Event.EFFECT_RECORDED,
+            Event.ADVANCED,
+        ]
+        with pytest.raises(sqlite3.IntegrityError, match="illegal state transition"):
+            store._connection().execute("UPDATE jobs SET state = 'A' WHERE job_id = ?", (new,))
+    conn = _raw(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 2
+    finally:
+        conn.close()

@@ -169,3 +169,17 @@ def test_close_closes_the_connection_and_refuses_further_calls(tmp_path: Path) -
     store.close()  # idempotent
     with SqliteStore(tmp_path / "db.sqlite") as again:
         assert again.state(job_id) == "PLANNED"
+
+
+def test_the_one_statement_claim_walks_the_claim_index_without_sorting(tmp_path: Path) -> None:
+    """lease_next's fast path keeps the two-query claim's property: live leases never slow
+    it (it walks jobs_claim), and the expired-lease probe reads only the expired range."""
+    params: dict[str, object] = {"now": 0.0, "worker": "w", "expires_at": 1.0}
+    kinds: dict[str, object] = {**params, "kinds": '["download"]'}
+    with SqliteStore(tmp_path / "db.sqlite") as store:
+        for sql, args in ((q.CLAIM_FIRST, params), (q.CLAIM_FIRST_OF_KINDS, kinds)):
+            plan = _plan_of(store, sql, args)
+            assert "USING INDEX jobs_claim" in plan, plan
+            assert "USING INDEX jobs_lease (lease_expires_at<?)" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan
+            assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_claim", ""), plan

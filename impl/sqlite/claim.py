@@ -1,0 +1,121 @@
+"""Claiming on SQLite: how ``lease_next`` finds and grants the next eligible job.
+
+The usual claim is one statement (``queries.CLAIM_FIRST``): walk the partial index
+``jobs_claim`` to the first unleased candidate and grant it, provided no lease anywhere
+has expired and the candidate has attempts left. Otherwise the general path decides:
+the first candidate of the two index-friendly halves (unleased rows, expired leases);
+an exhausted job met on the way enters its failed state and the walk goes on. Both
+paths take the same job, so the fast one is purely an optimisation; neither slows down
+with the number of live leases or finished jobs.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import attrs
+
+from impl.sqlite import maintenance
+from impl.sqlite import queries as q
+from impl.sqlite.catalog import Catalog
+from impl.sqlite.connection import Tx
+from impl.sqlite.row import JobRow, identity_of, job_row, json_of
+from model.clock import Clock
+from model.record import Event, Lease
+from model.validate import exhausted_message
+
+_LEASED = Event.LEASED.value
+_EXPIRED = Event.EXPIRED.value
+
+
+def lease_next(
+    conn: sqlite3.Connection,
+    clock: Clock,
+    catalog: Catalog,
+    *,
+    worker: str,
+    span: float,
+    kinds_text: str | None,
+) -> Lease | None:
+    """Lease the first eligible job to ``worker`` for ``span`` seconds, or return None.
+
+    ``kinds_text`` is the JSON list of kinds to consider, or None for every kind.
+    """
+    with Tx(conn, "lease_next", clock) as tx:
+        now = tx.now
+        params: dict[str, object] = {"worker": worker, "expires_at": now + span, "now": now}
+        if kinds_text is None:
+            granted = conn.execute(q.CLAIM_FIRST, params).fetchone()
+        else:
+            params["kinds"] = kinds_text
+            granted = conn.execute(q.CLAIM_FIRST_OF_KINDS, params).fetchone()
+        if granted is None:
+            return _lease_next_slowly(tx, catalog, worker, now + span, kinds_text)
+        job_id, kind, identity, payload, state, token, attempts = granted
+        tx.history(job_id, _LEASED, token, worker)
+    return Lease(
+        job_id=job_id,
+        kind=kind,
+        token=token,
+        worker=worker,
+        expires_at=now + span,
+        attempt=attempts,
+        state=state,
+        identity=identity_of(identity),
+        payload=json_of(payload),
+    )
+
+
+def _lease_next_slowly(
+    tx: Tx, catalog: Catalog, worker: str, expires_at: float, kinds_text: str | None
+) -> Lease | None:
+    """The general claim: an expired lease may come first, exhausted jobs fail."""
+    conn, now = tx.conn, tx.now
+    while True:
+        row = _candidate(conn, now, kinds_text)
+        if row is None:
+            return None
+        if row.lease_worker is not None:
+            tx.history(row.job_id, _EXPIRED, row.token, row.lease_worker)
+        if row.attempts >= row.max_attempts:
+            maintenance.enter_failed(
+                tx,
+                catalog.get(conn, row.kind),
+                row.job_id,
+                row.token,
+                exhausted_message(row.attempts, row.max_attempts),
+            )
+            continue
+        granted = conn.execute(
+            q.GRANT_LEASE,
+            {
+                "worker": worker,
+                "expires_at": expires_at,
+                "now": now,
+                "job_id": row.job_id,
+                "token": row.token,
+            },
+        ).fetchone()
+        token, attempts = int(granted[0]), int(granted[1])
+        tx.history(row.job_id, _LEASED, token, worker)
+        return attrs.evolve(
+            row,
+            token=token,
+            attempts=attempts,
+            lease_worker=worker,
+            lease_expires_at=expires_at,
+        ).lease()
+
+
+def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRow | None:
+    """Return the eligible job that comes first by (priority desc, run_at, seq)."""
+    if kinds is None:
+        params: dict[str, object] = {"now": now}
+        unleased = conn.execute(q.SELECT_CANDIDATE, params).fetchone()
+        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE, params).fetchone()
+    else:
+        params = {"now": now, "kinds": kinds}
+        unleased = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, params).fetchone()
+        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, params).fetchone()
+    rows = [job_row(found) for found in (unleased, expired) if found is not None]
+    return min(rows, key=lambda r: (-r.priority, r.run_at, r.seq), default=None)
