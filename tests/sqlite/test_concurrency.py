@@ -55,7 +55,12 @@ def test_processes_share_one_file_without_busy_errors_or_shared_jobs(tmp_path: P
                 worker.join()
     for report in reports:
         assert report.error is None, f"{report.name} failed:\n{report.error}"
-    assert all(r.grants for r in reports), "a worker got no job: the test did not contend"
+    # SQLite's busy handler is not fair: a process that keeps losing the race for the
+    # write lock sleeps longer each time and can end up with no job at all. Exclusivity
+    # and the absence of busy errors are what this test checks; it only needs to know
+    # that at least two processes really contended.
+    contended = [r.name for r in reports if r.grants]
+    assert len(contended) >= 2, f"only {contended} got jobs: the test did not contend"
     grants = [g for r in reports for g in r.grants]
     assert sorted(j for j, _ in grants) == sorted(ids), "a job was lost or leased twice"
     with SqliteStore(path) as store:
