@@ -206,3 +206,26 @@ def test_sigterm_stops_after_the_current_effect_and_releases(tmp_path: Path) -> 
         assert info.lease_worker is None
         (effect,) = store.effects(info.job_id)
         assert effect.status == "done"  # the current effect finished and was recorded
+
+
+def test_a_renewal_that_finds_the_lease_lost_stops_the_handler_s_writes() -> None:
+    """An operator cancel fences the holder; the background renewal notices and the
+    handler's next write raises LeaseLost before touching the store."""
+    store = MemoryStore(clock=ManualClock())
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    seen: list[bool] = []
+
+    def handler(ctx: impl.JobContext) -> None:
+        store.cancel(ctx.job_id, "operator stop")
+        deadline = time.monotonic() + 5.0
+        while not ctx._lost.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(ctx._lost.is_set())
+        ctx.advance("B")
+
+    report = impl.Worker(store, {"flow": handler}, renew_every=0.05).run(until_idle=True)
+    assert seen == [True]
+    assert report.lost == 1
+    assert store.state(jid) == "FAILED"
+    assert store.job(jid).last_error == "operator stop"
