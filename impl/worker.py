@@ -259,9 +259,13 @@ class Worker:
         self.name = name if name is not None else default_worker_name()
         self.ttl = ttl
         self.concurrency = concurrency
-        cfg = getattr(store, "cfg", None)
-        base_ttl = ttl if ttl is not None else getattr(cfg, "lease_ttl", 30.0)
-        self.renew_every = renew_every if renew_every is not None else base_ttl / 3
+        if renew_every is not None:
+            self.renew_every = renew_every
+        elif ttl is not None:
+            self.renew_every = ttl / 3
+        else:
+            # The store's TTL, not a default: renewing less often than it expires loses it.
+            self.renew_every = store.config.renew_interval
         self.idle_poll = idle_poll
         self._stopping = threading.Event()
         self._report = RunReport()

@@ -83,6 +83,10 @@ def _atomic(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+def _config_or_default(config: Config | None) -> Config:
+    return config if config is not None else Config()
+
+
 @define
 class _Job:
     job_id: str
@@ -145,7 +149,7 @@ class MemoryStore:
     """
 
     clock: Clock | None = field(default=None, kw_only=True)
-    config: Config | None = field(default=None, kw_only=True)
+    config: Config = field(default=None, kw_only=True, converter=_config_or_default)
     _workflows: dict[str, Workflow] = field(factory=dict, init=False)
     _jobs: dict[str, _Job] = field(factory=dict, init=False)
     _effects: dict[str, _Effect] = field(factory=dict, init=False)
@@ -158,11 +162,6 @@ class MemoryStore:
         self._register(DOWNLOAD)
 
     # -- plumbing ------------------------------------------------------------------
-
-    @property
-    def cfg(self) -> Config:
-        """The effective configuration."""
-        return self.config if self.config is not None else Config()
 
     def _now(self) -> float:
         if self._closed:
@@ -365,7 +364,7 @@ class MemoryStore:
                     max_attempts=(
                         item.max_attempts
                         if item.max_attempts is not None
-                        else self.cfg.max_attempts
+                        else self.config.max_attempts
                     ),
                     priority=item.priority,
                     run_at=float(item.run_at) if item.run_at is not None else now,
@@ -392,7 +391,7 @@ class MemoryStore:
         if not isinstance(worker, str) or not worker:
             raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
         seconds = check_seconds(
-            self.cfg.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+            self.config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
         if isinstance(kinds, str):
             raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
@@ -433,7 +432,7 @@ class MemoryStore:
         """Extend the live lease to now + ttl (default TTL when None)."""
         now = self._now()
         seconds = check_seconds(
-            self.cfg.lease_ttl if ttl is None else ttl, name="ttl", positive=True
+            self.config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
         job = self._check(lease, now, "renew")
         job.lease_expires_at = now + seconds
@@ -582,7 +581,7 @@ class MemoryStore:
         return Started(ctx)
 
     def _record_probe(self, lease: Lease, ctx: EffectContext, probed: JSON) -> JSON:
-        text = encode_result(probed, limit=self.cfg.result_limit)
+        text = encode_result(probed, limit=self.config.result_limit)
         now = self._now()
         job = self._check(lease, now, "run_effect")
         effect = self._effects[ctx.op_key]
@@ -610,7 +609,7 @@ class MemoryStore:
     def finish_effect(self, lease: Lease, ctx: EffectContext, result: object) -> JSON:
         """The second half of ``run_effect``: record ``result``, fenced by the lease."""
         try:
-            text = encode_result(result, limit=self.cfg.result_limit)
+            text = encode_result(result, limit=self.config.result_limit)
         except EffectResultError:
             now = self._now()
             effect = self._effects.get(ctx.op_key)
@@ -653,7 +652,7 @@ class MemoryStore:
         job = self._check(lease, now, "fail")
         worker = job.lease_worker
         if retryable and job.attempts < job.max_attempts:
-            wait = self.cfg.backoff(job.attempts) if seconds is None else seconds
+            wait = self.config.backoff(job.attempts) if seconds is None else seconds
             self._end_lease(job)
             job.run_at = now + wait
             job.last_error = error

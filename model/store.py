@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
+from model.config import Config
 from model.key import Scalar
 from model.record import (
     JSON,
@@ -161,6 +162,11 @@ class Store(Protocol):
 
     def stats(self) -> Stats:
         """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+        ...
+
+    @property
+    def config(self) -> Config:
+        """The store's effective configuration (TTL, backoff, limits)."""
         ...
 
     def now(self) -> float:

@@ -42,6 +42,25 @@ def test_background_renewal_keeps_a_slow_handler_s_lease(tmp_path: Path) -> None
     store.close()
 
 
+def test_the_worker_renews_at_the_store_s_ttl_not_a_default(tmp_path: Path) -> None:
+    """With no ttl or renew_every given, the renewal follows the store's lease_ttl."""
+    store = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=0.6))
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+
+    def slow(ctx: impl.JobContext) -> None:
+        time.sleep(1.5)
+        ctx.advance("B")
+        ctx.advance("C")
+
+    worker = impl.Worker(store, {"flow": slow})
+    assert worker.renew_every == pytest.approx(0.2)
+    report = worker.run(until_idle=True)
+    assert (report.finished, report.lost) == (1, 0)
+    assert store.state(jid) == "C"
+    store.close()
+
+
 def test_an_exception_fails_the_attempt_with_backoff() -> None:
     clock = ManualClock()
     store = MemoryStore(clock=clock, config=Config(backoff_base=2.0))

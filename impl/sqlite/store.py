@@ -121,6 +121,11 @@ class SqliteStore:
         self._connections.check_open()
         return float(self._clock())
 
+    @property
+    def config(self) -> Config:
+        """The store's effective configuration."""
+        return self._config
+
     def close(self) -> None:
         """Close the connections this store opened; the store cannot be used afterwards."""
         self._connections.close()
