@@ -24,6 +24,7 @@ dead holder shortens nothing, but the user sees why the run waits.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -301,31 +302,20 @@ def download(
         raise InvalidInput(f"workers must be an integer >= 1, got {workers!r}")
     cfg = config if config is not None else Config()
     manifest = parse_manifest(manifest_path, skip_invalid=skip_invalid)
-    if isinstance(store, str | os.PathLike):
-        opened = open_store(store, config=cfg)
-        try:
-            return _download(
-                opened,
-                manifest=manifest,
-                out_dir=out_dir,
-                workers=workers,
-                cfg=cfg,
-                progress=progress,
-                client=client,
-                stop=stop,
-            )
-        finally:
-            opened.close()
-    return _download(
-        store,
-        manifest=manifest,
-        out_dir=out_dir,
-        workers=workers,
-        cfg=cfg,
-        progress=progress,
-        client=client,
-        stop=stop,
-    )
+    with contextlib.ExitStack() as owned:
+        if isinstance(store, str | os.PathLike):
+            # A target we open is ours to close; a store we were handed is the caller's.
+            store = owned.enter_context(open_store(store, config=cfg))
+        return _download(
+            store,
+            manifest=manifest,
+            out_dir=out_dir,
+            workers=workers,
+            cfg=cfg,
+            progress=progress,
+            client=client,
+            stop=stop,
+        )
 
 
 def _download(

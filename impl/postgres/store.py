@@ -46,6 +46,7 @@ from model.errors import (
 from model.key import Scalar
 from model.record import (
     JSON,
+    Detail,
     EffectInfo,
     Event,
     HistoryEvent,
@@ -443,33 +444,20 @@ class PostgresStore:
         def body(tx: Tx) -> None:
             lease_, row = locked_job(tx, lease, "fail")
             worker = row["lease_worker"]
+            detail: dict[str, Detail] = {"error": error}
             if retryable and row["attempts"] < row["max_attempts"]:
                 wait = self.config.backoff(row["attempts"]) if seconds is None else seconds
-                run_at = tx.now + wait
+                detail["retry_at"] = run_at = tx.now + wait
                 done = tx.one(
                     q.FAIL_LATER, {**_fence(tx, lease_), "run_at": run_at, "error": error}
                 )
-                _fenced(done, lease_, row, "fail")
-                tx.log(
-                    row["job_id"],
-                    Event.FAILED,
-                    token=row["token"],
-                    worker=worker,
-                    detail={"error": error, "retry_at": run_at},
+            else:
+                flow = self._flows.get(tx, row["kind"])
+                done = tx.one(
+                    q.FAIL_FINAL, {**_fence(tx, lease_), "failed": flow.failed, "error": error}
                 )
-                return
-            flow = self._flows.get(tx, row["kind"])
-            done = tx.one(
-                q.FAIL_FINAL, {**_fence(tx, lease_), "failed": flow.failed, "error": error}
-            )
             _fenced(done, lease_, row, "fail")
-            tx.log(
-                row["job_id"],
-                Event.FAILED,
-                token=row["token"],
-                worker=worker,
-                detail={"error": error},
-            )
+            tx.log(row["job_id"], Event.FAILED, token=row["token"], worker=worker, detail=detail)
 
         self._db.write("fail", body)
 
