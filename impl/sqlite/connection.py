@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -164,7 +165,16 @@ _NAMES: dict[str, tuple[str, str, str]] = {op: _names(op) for op in failpoint.OP
 _HISTORY_LOGGERS = tuple(telemetry.logger(c) for c in ("job", "lease", "effect"))
 
 HistoryRow = tuple[str, float, str, int, str | None, str]
-"""The parameters of ``queries.INSERT_HISTORY``: job_id, at, event, token, worker, detail."""
+"""One history entry as written: job_id, at, event, token, worker, detail text."""
+
+# A worker name as a JSON string inside an inline history line (canonical, like every
+# stored text).
+_WORKER_TEXT = json.JSONEncoder(ensure_ascii=False)
+
+
+def float_text(value: float) -> str:
+    """``value`` as JSON text that ``json.loads`` reads back exactly."""
+    return repr(value) if math.isfinite(value) else _WORKER_TEXT.encode(value)
 
 
 class Tx:
@@ -236,10 +246,35 @@ class Tx:
     def history(
         self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
     ) -> None:
-        """Append one entry (``detail`` as canonical JSON text) to the job's history."""
-        row: HistoryRow = (job_id, self.now, event, token, worker, detail)
-        self.conn.execute(q.INSERT_HISTORY, row)
-        self.events.append(row)
+        """Append one entry (``detail`` as canonical JSON text) to the job's history.
+
+        The entry goes inline into the job's row (which the transaction writes anyway)
+        while that text is short, and into the history table otherwise.
+        """
+        now = self.now
+        conn = self.conn
+        worker_text = "null" if worker is None else _WORKER_TEXT.encode(worker)
+        rest = f'{float_text(now)},"{event}",{token},{worker_text},{detail}]\n'
+        params = {"job_id": job_id, "rest": rest}
+        if not conn.execute(q.APPEND_HISTORY, params).rowcount:
+            conn.execute(
+                q.INSERT_HISTORY,
+                {
+                    "job_id": job_id,
+                    "at": now,
+                    "event": event,
+                    "token": token,
+                    "worker": worker,
+                    "detail": detail,
+                },
+            )
+        self.events.append((job_id, now, event, token, worker, detail))
+
+    def note(
+        self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
+    ) -> None:
+        """Report an entry the transaction stored in an effect's row (for telemetry)."""
+        self.events.append((job_id, self.now, event, token, worker, detail))
 
 
 def _emit(events: list[HistoryRow]) -> None:

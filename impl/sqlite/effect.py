@@ -167,7 +167,8 @@ def _start(
         }
         # The usual case first: no row yet, so the start is one insert.
         if conn.execute(q.INSERT_EFFECT_START, params).rowcount:
-            tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
+            # The STARTED entry is the new row's own (start_n).
+            tx.note(job_id, _STARTED, token, lease.worker, op_detail(op))
             return _Started(the_op, token=token, attempt=attempt)
         found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
         if found[4] == "done":
@@ -187,6 +188,7 @@ def _start(
         if callable(mode):
             return _Doubt(the_op, info)
         tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
+        _copy_entries_out(conn, the_op)
         conn.execute(q.RESTART_EFFECT, params)
         tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
         return _Started(the_op, token=token, attempt=attempt)
@@ -200,12 +202,18 @@ def _record(
         if not fenceable(lease):
             fence(conn, lease, tx.now, "run_effect")  # raises the reason it is refused
         token = lease.token
+        if probed:
+            # The start belongs to another token: its entry leaves the row, which now
+            # records this token's result.
+            _copy_entries_out(conn, the_op)
+            conn.execute(q.CLEAR_START_N, {"job_id": the_op.job_id, "op_key": the_op.key})
         params = {
             "job_id": the_op.job_id,
             "op_key": the_op.key,
             "result": text,
             "now": tx.now,
             "token": token,
+            "inline": not probed,
         }
         if conn.execute(q.RECORD_EFFECT, params).rowcount == 0:
             # Either the lease is lost (fence says how), or only a call under this same
@@ -218,7 +226,11 @@ def _record(
         detail = op_detail(the_op.op)
         if probed:
             tx.history(the_op.job_id, _IN_DOUBT, token, lease.worker, detail)
-        tx.history(the_op.job_id, _RECORDED, token, lease.worker, detail)
+            tx.history(the_op.job_id, _RECORDED, token, lease.worker, detail)
+        else:
+            # The RECORDED entry is the row's own (finish_n), under the token that
+            # started it, which is this one.
+            tx.note(the_op.job_id, _RECORDED, token, lease.worker, detail)
     return text
 
 
@@ -228,11 +240,25 @@ def _abort(conn: sqlite3.Connection, clock: Clock, the_op: _Op, token: int) -> N
     # the one that matters, so a storage error here is not raised over it.
     try:
         with Tx(conn, "effect_abort", clock):
-            conn.execute(
-                q.DELETE_OWN_START, {"job_id": the_op.job_id, "op_key": the_op.key, "token": token}
-            )
+            params = {"job_id": the_op.job_id, "op_key": the_op.key, "token": token}
+            # The start happened and stays in the history; only the row goes.
+            conn.execute(q.COPY_START_OUT, {**params, "detail": op_detail(the_op.op)})
+            conn.execute(q.DELETE_OWN_START, params)
     except StorageError:
         pass
+
+
+def _copy_entries_out(conn: sqlite3.Connection, the_op: _Op) -> None:
+    """Copy the entries the op's row carries to the history table, before it changes."""
+    params = {
+        "job_id": the_op.job_id,
+        "op_key": the_op.key,
+        "token": None,
+        "detail": op_detail(the_op.op),
+    }
+    conn.execute(q.COPY_START_OUT, params)
+    del params["token"]
+    conn.execute(q.COPY_FINISH_OUT, params)
 
 
 def _encoded(result: object, config: Config, the_op: _Op, source: str) -> str:

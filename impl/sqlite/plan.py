@@ -4,7 +4,7 @@ Items are validated in order, then checked against the stored jobs (one lookup f
 whole batch) and the items before them, inside the write transaction, so the first bad
 item decides the error exactly as in the model and a failing batch plans nothing. Each
 identity is canonically encoded once, for its key and its stored text alike; new rows and
-their PLANNED history entries are written with ``executemany``.
+their PLANNED history entries (inline, in the row) are written with one ``executemany``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import HistoryRow, Tx, translated
+from impl.sqlite.connection import Tx, float_text, translated
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
@@ -96,6 +96,7 @@ def plan_items(
         if invalid is not None:
             raise invalid
         initial = workflow.initial
+        planned = f'[1,{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
         conn.executemany(
             q.INSERT_JOB,
             [
@@ -110,13 +111,12 @@ def plan_items(
                     now if p.run_at is None else p.run_at,
                     now,
                     now,
+                    planned,
                 )
                 for p in fresh
             ],
         )
-        history: list[HistoryRow] = [(p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh]
-        conn.executemany(q.INSERT_FIRST_HISTORY, history)
-        tx.events.extend(history)
+        tx.events.extend((p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh)
     return [p.job_id for p in prepared]
 
 

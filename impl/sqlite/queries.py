@@ -68,11 +68,12 @@ SELECT_PAYLOADS = (
 )
 
 # seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
+# The PLANNED entry is the job's first history entry (n = 1), written inline.
 INSERT_JOB = """
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
-    priority, run_at, token, created_at, updated_at
-) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?)
+    priority, run_at, token, created_at, updated_at, hist, hist_n
+) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?, ?, 1)
 """
 
 # What every lease-taking call reads to fence a lease (and to explain a refusal): the
@@ -235,6 +236,16 @@ WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= ma
 
 # -- effects ----------------------------------------------------------------------------
 
+# The next history number of the job :job_id: one more than the largest in its row, its
+# effects' rows and the history table (schema version 3). Three short seeks, all reads.
+_NEXT_N = """(
+    SELECT 1 + max(
+        j.hist_n,
+        ifnull((SELECT max(max(ifnull(e.start_n, 0), ifnull(e.finish_n, 0)))
+                FROM effects AS e WHERE e.job_id = :job_id), 0),
+        ifnull((SELECT max(h.id) FROM history AS h WHERE h.job_id = :job_id), 0))
+    FROM jobs AS j WHERE j.job_id = :job_id)"""
+
 EFFECT_COLUMNS = (
     "op_key, job_id, op, extras, status, result, started_at, finished_at, token, started_by"
 )
@@ -243,19 +254,41 @@ SELECT_EFFECTS_OF_JOB = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id
 # The usual start: no row for the op key yet. When one exists (recorded, or a start left
 # in doubt) nothing is inserted and the store reads it to decide. seq numbers a job's
 # effects in first-start order (a scan of that job's few rows, in the page being written).
-INSERT_EFFECT_START = """
+INSERT_EFFECT_START = (
+    """
 INSERT INTO effects (
     job_id, op_key, op, extras, status, result, started_at, finished_at, token,
-    started_by, seq
+    started_by, seq, start_n
 ) VALUES (
     :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
-    (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id)
+    (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id),
+    """
+    + _NEXT_N
+    + """
 )
 ON CONFLICT DO NOTHING
 """
+)
+# The entries an effect row carries are copied to the history table before the row is
+# changed in a way that would lose them (see schema version 3). Each statement copies
+# from the rows the change that follows it will touch, under the same conditions.
+COPY_START_OUT = """
+INSERT INTO history (job_id, id, at, event, token, worker, detail)
+SELECT job_id, start_n, started_at, 'effect_started', token, started_by, :detail
+FROM effects
+WHERE job_id = :job_id AND op_key = :op_key AND start_n IS NOT NULL
+  AND (:token IS NULL OR (status = 'started' AND token = :token))
+"""
+COPY_FINISH_OUT = """
+INSERT INTO history (job_id, id, at, event, token, worker, detail)
+SELECT job_id, finish_n, finished_at, 'effect_recorded', token, started_by, :detail
+FROM effects
+WHERE job_id = :job_id AND op_key = :op_key AND finish_n IS NOT NULL
+"""
 RESTART_EFFECT = """
 UPDATE effects SET status = 'started', result = NULL, started_at = :now,
-    finished_at = NULL, token = :token, started_by = :worker
+    finished_at = NULL, token = :token, started_by = :worker, start_n = NULL,
+    finish_n = NULL
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
 """
 DELETE_OWN_START = """
@@ -267,29 +300,59 @@ UPDATE effects SET status = 'in_doubt'
 WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :token
 """
 # Recording is fenced in the update itself: it changes the row only while the job's
-# lease of that token is live; the store reads the job only to explain a refusal.
-RECORD_EFFECT = """
-UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token
+# lease of that token is live; the store reads the job only to explain a refusal. The
+# RECORDED entry is the row's own (finish_n) when the same token started it, which the
+# usual path guarantees; a probed result copies the start out and writes its entries.
+RECORD_EFFECT = (
+    """
+UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token,
+    finish_n = CASE WHEN :inline THEN """
+    + _NEXT_N
+    + """ END
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
   AND EXISTS (
     SELECT 1 FROM jobs WHERE job_id = :job_id AND token = :token
       AND lease_worker IS NOT NULL AND lease_expires_at > :now)
 """
+)
+CLEAR_START_N = """
+UPDATE effects SET start_n = NULL WHERE job_id = :job_id AND op_key = :op_key
+"""
 
 # -- history ----------------------------------------------------------------------------
 
-# History ids count per job: the next one is a seek to the end of the job's own entries.
-INSERT_HISTORY = """
-INSERT INTO history (job_id, id, at, event, token, worker, detail)
-VALUES (?1, (SELECT ifnull(max(id), 0) + 1 FROM history WHERE job_id = ?1), ?2, ?3, ?4, ?5, ?6)
+# An entry is appended to the job's inline text while it is shorter than this many
+# characters, and goes to the history table otherwise, so a job renewed for hours keeps
+# a short row (each write of a row rewrites all of it).
+INLINE_HISTORY_LIMIT = 2048
+# One entry inline: ``[n,`` is built here, the rest of the JSON line by the caller.
+APPEND_HISTORY = (
+    """
+UPDATE jobs SET hist_n = """
+    + _NEXT_N
+    + """,
+    hist = hist || '[' || """
+    + _NEXT_N
+    + """ || ',' || :rest
+WHERE job_id = :job_id AND length(hist) < """
+    + str(INLINE_HISTORY_LIMIT)
+    + """
 """
-# A job just planned has no history yet: its PLANNED entry is its first.
-INSERT_FIRST_HISTORY = """
-INSERT INTO history (job_id, id, at, event, token, worker, detail) VALUES (?, 1, ?, ?, ?, ?, ?)
-"""
-SELECT_HISTORY = (
-    "SELECT job_id, at, event, token, worker, detail FROM history WHERE job_id = ? ORDER BY id"
 )
+INSERT_HISTORY = (
+    """
+INSERT INTO history (job_id, id, at, event, token, worker, detail)
+VALUES (:job_id, """
+    + _NEXT_N
+    + """, :at, :event, :token, :worker, :detail)
+"""
+)
+SELECT_HISTORY = "SELECT id, at, event, token, worker, detail FROM history WHERE job_id = ?"
+SELECT_INLINE_HISTORY = "SELECT hist FROM jobs WHERE job_id = ?"
+SELECT_EFFECT_ENTRIES = """
+SELECT start_n, started_at, finish_n, finished_at, token, started_by, op FROM effects
+WHERE job_id = ? AND (start_n IS NOT NULL OR finish_n IS NOT NULL)
+"""
 
 # -- listings and stats -----------------------------------------------------------------
 

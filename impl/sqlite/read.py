@@ -10,7 +10,14 @@ import sqlite3
 
 from impl.sqlite import queries as q
 from impl.sqlite.connection import snapshot
-from impl.sqlite.row import effect_info, history_event, job_row, lease_row
+from impl.sqlite.row import (
+    effect_entries,
+    effect_info,
+    history_event,
+    inline_entries,
+    job_row,
+    lease_row,
+)
 from model.errors import InvalidInput, UnknownJob
 from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow
 
@@ -55,10 +62,24 @@ def effects(conn: sqlite3.Connection, job_id: str) -> list[EffectInfo]:
 
 
 def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
-    """Return the job's history oldest first, or raise :class:`UnknownJob`."""
+    """Return the job's history oldest first, or raise :class:`UnknownJob`.
+
+    The entries are merged by number from the job's row, its effects' rows and the
+    history table (see schema version 3).
+    """
     with snapshot(conn):
-        _require(conn, job_id)
-        return [history_event(row) for row in conn.execute(q.SELECT_HISTORY, (job_id,))]
+        found = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
+        if found is None:
+            raise UnknownJob(job_id)
+        entries = [
+            (int(row[0]), history_event(job_id, row[1:]))
+            for row in conn.execute(q.SELECT_HISTORY, (job_id,))
+        ]
+        entries.extend(inline_entries(job_id, str(found[0])))
+        for row in conn.execute(q.SELECT_EFFECT_ENTRIES, (job_id,)):
+            entries.extend(effect_entries(job_id, row))
+    entries.sort(key=lambda entry: entry[0])
+    return [event for _, event in entries]
 
 
 def _require(conn: sqlite3.Connection, job_id: str) -> None:

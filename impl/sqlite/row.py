@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 
 from attrs import frozen
 
@@ -237,18 +238,68 @@ def _remember_detail(key: tuple[str, ...], detail: dict[str, str]) -> str:
     return text
 
 
-def history_event(row: sqlite3.Row | tuple[object, ...]) -> HistoryEvent:
-    """Decode a row selected by ``queries.SELECT_HISTORY``."""
-    detail = json.loads(str(row[5]))
+def history_event(job_id: str, row: Sequence[object]) -> HistoryEvent:
+    """Decode ``(at, event, token, worker, detail text)`` of one of ``job_id``'s entries."""
+    detail = json.loads(str(row[4]))
     assert isinstance(detail, dict)
     return HistoryEvent(
-        job_id=str(row[0]),
-        at=_float(row[1]),
-        event=Event(str(row[2])),
-        token=_int(row[3]),
-        worker=None if row[4] is None else str(row[4]),
+        job_id=job_id,
+        at=_float(row[0]),
+        event=Event(str(row[1])),
+        token=_int(row[2]),
+        worker=None if row[3] is None else str(row[3]),
         detail=detail,
     )
+
+
+Entry = tuple[int, HistoryEvent]
+"""A history entry and its number (its place in the job's history)."""
+
+
+def inline_entries(job_id: str, text: str) -> list[Entry]:
+    """Decode the entries kept inline in a job's row (``jobs.hist``, JSON lines)."""
+    out: list[Entry] = []
+    for line in text.splitlines():
+        n, at, event, token, worker, detail = json.loads(line)
+        out.append(
+            (
+                int(n),
+                HistoryEvent(
+                    job_id=job_id,
+                    at=float(at),
+                    event=Event(event),
+                    token=int(token),
+                    worker=worker,
+                    detail=detail,
+                ),
+            )
+        )
+    return out
+
+
+def effect_entries(job_id: str, row: Sequence[object]) -> list[Entry]:
+    """Decode the entries an effect's row carries (``queries.SELECT_EFFECT_ENTRIES``)."""
+    start_n, started_at, finish_n, finished_at, token, worker, op = row
+    out: list[Entry] = []
+    for n, at, event in (
+        (start_n, started_at, Event.EFFECT_STARTED),
+        (finish_n, finished_at, Event.EFFECT_RECORDED),
+    ):
+        if n is not None:
+            out.append(
+                (
+                    _int(n),
+                    HistoryEvent(
+                        job_id=job_id,
+                        at=_float(at),
+                        event=event,
+                        token=_int(token),
+                        worker=str(worker),
+                        detail={"op": str(op)},
+                    ),
+                )
+            )
+    return out
 
 
 def effect_info(row: sqlite3.Row | tuple[object, ...]) -> EffectInfo:

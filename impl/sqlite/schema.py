@@ -262,9 +262,31 @@ _V2 = (
     _FENCING_TRIGGER,
 )
 
+# Version 3 keeps most of a job's history out of the history table, because a history
+# row was one more b-tree page written by every transaction, and pages written are what
+# a commit costs. Every entry has a number ``n`` counting per job; the entries live in
+# three places and a read merges them by ``n``:
+# - ``jobs.hist``: entries of the transactions that write the job's row anyway (planned,
+#   leased, advanced, ...), appended inline as JSON lines ``[n, at, event, token, worker,
+#   detail]`` while the text is short; ``jobs.hist_n`` is the last ``n`` written there;
+# - ``effects.start_n`` / ``effects.finish_n``: an effect's started and recorded entries,
+#   read from the effect's own row (its time, token, worker and op), which the start and
+#   the result write anyway. Before a row is changed in a way that would lose an entry
+#   (a restart after doubt, an abort, a probed result) the entry is copied to ``history``;
+# - ``history``: everything else (renewals once the inline text is long, entries copied
+#   out of effect rows, and all entries written before version 3).
+# The next ``n`` is one more than the largest in any of the three places.
+_V3 = (
+    "ALTER TABLE jobs ADD COLUMN hist TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE jobs ADD COLUMN hist_n INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE effects ADD COLUMN start_n INTEGER",
+    "ALTER TABLE effects ADD COLUMN finish_n INTEGER",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "leaner hot tables: fewer pages written per transaction", _V2),
+    Migration(3, "history inline in the rows each transaction writes anyway", _V3),
 )
 """Every migration, in version order. Append only; never edit a shipped one."""
 

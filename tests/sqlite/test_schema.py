@@ -210,9 +210,18 @@ def test_a_version_1_database_upgrades_and_keeps_everything(tmp_path: Path) -> N
         ]
         with pytest.raises(sqlite3.IntegrityError, match="illegal state transition"):
             store._connection().execute("UPDATE jobs SET state = 'A' WHERE job_id = ?", (new,))
+        # Entries written after the upgrade come after the ones written before it.
+        store.cancel(JOB, "upgraded")
+        assert [h.event for h in store.history(JOB)] == [
+            Event.PLANNED,
+            Event.LEASED,
+            Event.ADVANCED,
+            Event.CANCELLED,
+        ]
     conn = _raw(path)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0] == 2
+        version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        assert version == SCHEMA_VERSION
     finally:
         conn.close()
