@@ -1,12 +1,12 @@
 """Claiming on SQLite: how ``lease_next`` finds and grants the next eligible job.
 
-The usual claim is one statement (``queries.CLAIM_FIRST``): walk the partial index
-``jobs_claim`` to the first unleased candidate and grant it, provided no lease anywhere
-has expired and the candidate has attempts left. Otherwise the general path decides:
-the first candidate of the two index-friendly halves (unleased rows, expired leases);
-an exhausted job met on the way enters its failed state and the walk goes on. Both
-paths take the same job, so the fast one is purely an optimisation; neither slows down
-with the number of live leases or finished jobs.
+The candidate is the first eligible job in lease_next's order, found by walking the
+partial index ``jobs_active`` (see ``queries.SELECT_CANDIDATE``). The usual claim is one
+statement (``queries.CLAIM_FIRST``) that grants it when it is unleased and has attempts
+left. Otherwise the general path decides: an expired lease on the candidate is ended
+(and recorded), an exhausted candidate enters its failed state and the walk goes on.
+Both paths start from the same candidate, so the fast one is purely an optimisation;
+neither slows down with the number of finished jobs.
 """
 
 from __future__ import annotations
@@ -110,12 +110,7 @@ def _lease_next_slowly(
 def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRow | None:
     """Return the eligible job that comes first by (priority desc, run_at, seq)."""
     if kinds is None:
-        params: dict[str, object] = {"now": now}
-        unleased = conn.execute(q.SELECT_CANDIDATE, params).fetchone()
-        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE, params).fetchone()
+        found = conn.execute(q.SELECT_CANDIDATE, {"now": now}).fetchone()
     else:
-        params = {"now": now, "kinds": kinds}
-        unleased = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, params).fetchone()
-        expired = conn.execute(q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, params).fetchone()
-    rows = [job_row(found) for found in (unleased, expired) if found is not None]
-    return min(rows, key=lambda r: (-r.priority, r.run_at, r.seq), default=None)
+        found = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, {"now": now, "kinds": kinds}).fetchone()
+    return None if found is None else job_row(found)

@@ -83,66 +83,45 @@ SELECT token, lease_worker, lease_expires_at, attempts, max_attempts, state, kin
 FROM jobs WHERE job_id = ?
 """
 
-# lease_next's candidates, in two index-friendly halves (an OR of "no lease" and "expired
-# lease" would defeat both indexes): the first unleased row, walking the partial index
-# jobs_claim in lease_next's own order; and the first row whose lease expired, from the
-# (usually tiny) expired range of jobs_lease. The store takes the earlier of the two.
+# lease_next's candidate: the first eligible row (no lease, or an expired one), walking
+# the partial index jobs_active (every non-terminal job) in lease_next's own order. The
+# index does not hold the lease columns, so granting or ending a lease never writes it:
+# live leases are skipped by reading their rows, and there are at most as many of those
+# ahead of the first eligible job as there are live workers.
+_FIRST_ELIGIBLE = """
+    SELECT seq FROM jobs INDEXED BY jobs_active
+    WHERE terminal = 0 AND run_at <= :now
+      AND (lease_worker IS NULL OR lease_expires_at <= :now)"""
+_OF_KINDS = """
+      AND kind IN (SELECT value FROM json_each(:kinds))"""
+_IN_ORDER = """
+    ORDER BY priority DESC, run_at, seq LIMIT 1"""
 SELECT_CANDIDATE = (
-    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_claim"
-    " WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now"
-    " ORDER BY priority DESC, run_at, seq LIMIT 1"
-)
-SELECT_EXPIRED_CANDIDATE = (
-    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_lease"
-    " WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now"
-    " AND terminal = 0 AND run_at <= :now"
-    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+    "SELECT " + JOB_COLUMNS + " FROM jobs WHERE seq = (" + _FIRST_ELIGIBLE + _IN_ORDER + ")"
 )
 SELECT_CANDIDATE_OF_KINDS = (
-    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_claim"
-    " WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now"
-    " AND kind IN (SELECT value FROM json_each(:kinds))"
-    " ORDER BY priority DESC, run_at, seq LIMIT 1"
-)
-SELECT_EXPIRED_CANDIDATE_OF_KINDS = (
-    "SELECT " + JOB_COLUMNS + " FROM jobs INDEXED BY jobs_lease"
-    " WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now"
-    " AND terminal = 0 AND run_at <= :now"
-    " AND kind IN (SELECT value FROM json_each(:kinds))"
-    " ORDER BY priority DESC, run_at, seq LIMIT 1"
+    "SELECT "
+    + JOB_COLUMNS
+    + " FROM jobs WHERE seq = ("
+    + _FIRST_ELIGIBLE
+    + _OF_KINDS
+    + _IN_ORDER
+    + ")"
 )
 
-# lease_next's fast path, one statement: grant the first unleased candidate (the walk of
-# jobs_claim that SELECT_CANDIDATE makes) when no lease anywhere has expired and the
-# candidate has attempts left. Whenever it updates nothing, the store takes the general
-# path (both halves, exhausted jobs failed on the way), which decides identically.
-CLAIM_FIRST = """
+# lease_next's fast path, one statement: grant the first eligible job when it is unleased
+# and has attempts left. Whenever it updates nothing, the store takes the general path
+# (an expired lease is ended and recorded, an exhausted job failed), which starts from
+# the same candidate.
+_CLAIM = """
 UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
     lease_expires_at = :expires_at, updated_at = :now
-WHERE seq = (
-    SELECT seq FROM jobs INDEXED BY jobs_claim
-    WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now
-    ORDER BY priority DESC, run_at, seq LIMIT 1)
-  AND attempts < max_attempts
-  AND NOT EXISTS (
-    SELECT 1 FROM jobs INDEXED BY jobs_lease
-    WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now)
+WHERE seq = ({candidate})
+  AND lease_worker IS NULL AND attempts < max_attempts
 RETURNING job_id, kind, identity, payload, state, token, attempts
 """
-CLAIM_FIRST_OF_KINDS = """
-UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
-    lease_expires_at = :expires_at, updated_at = :now
-WHERE seq = (
-    SELECT seq FROM jobs INDEXED BY jobs_claim
-    WHERE terminal = 0 AND lease_worker IS NULL AND run_at <= :now
-      AND kind IN (SELECT value FROM json_each(:kinds))
-    ORDER BY priority DESC, run_at, seq LIMIT 1)
-  AND attempts < max_attempts
-  AND NOT EXISTS (
-    SELECT 1 FROM jobs INDEXED BY jobs_lease
-    WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now)
-RETURNING job_id, kind, identity, payload, state, token, attempts
-"""
+CLAIM_FIRST = _CLAIM.format(candidate=_FIRST_ELIGIBLE + _IN_ORDER)
+CLAIM_FIRST_OF_KINDS = _CLAIM.format(candidate=_FIRST_ELIGIBLE + _OF_KINDS + _IN_ORDER)
 
 GRANT_LEASE = """
 UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
@@ -203,13 +182,13 @@ WHERE job_id = :job_id AND token = :token
 # -- reconcile --------------------------------------------------------------------------
 
 SELECT_EXPIRED_LEASES = """
-SELECT job_id, token, lease_worker FROM jobs INDEXED BY jobs_lease
-WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now
+SELECT job_id, token, lease_worker FROM jobs INDEXED BY jobs_active
+WHERE terminal = 0 AND lease_worker IS NOT NULL AND lease_expires_at <= :now
 ORDER BY lease_expires_at, seq
 """
 COUNT_EXPIRED_LEASES = """
-SELECT count(*) FROM jobs INDEXED BY jobs_lease
-WHERE lease_worker IS NOT NULL AND lease_expires_at <= :now
+SELECT count(*) FROM jobs INDEXED BY jobs_active
+WHERE terminal = 0 AND lease_worker IS NOT NULL AND lease_expires_at <= :now
 """
 # A start is dead when its token is no longer the job's, or the job has no live lease.
 SELECT_DEAD_STARTS = """
@@ -367,13 +346,13 @@ SELECT_JOBS_NEWEST_FIRST = (
     " ORDER BY seq DESC LIMIT :limit"
 )
 SELECT_LEASES = """
-SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs
-WHERE lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
+SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs INDEXED BY jobs_active
+WHERE terminal = 0 AND lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
 """
 SELECT_STATE_COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
 COUNT_LEASES = """
 SELECT ifnull(sum(lease_expires_at > :now), 0), ifnull(sum(lease_expires_at <= :now), 0)
-FROM jobs WHERE lease_worker IS NOT NULL
+FROM jobs INDEXED BY jobs_active WHERE terminal = 0 AND lease_worker IS NOT NULL
 """
 COUNT_IN_DOUBT = """
 SELECT count(*) FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id

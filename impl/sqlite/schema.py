@@ -281,6 +281,13 @@ _V3 = (
     "ALTER TABLE jobs ADD COLUMN hist_n INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE effects ADD COLUMN start_n INTEGER",
     "ALTER TABLE effects ADD COLUMN finish_n INTEGER",
+    # One index of the active jobs in lease_next's order replaces the claim index of
+    # unleased rows and the index of leased ones: both were written twice per job (when
+    # its lease began and when it ended). Leases are found by walking the active jobs
+    # (leased jobs are never terminal); see queries.SELECT_CANDIDATE.
+    "DROP INDEX jobs_claim",
+    "DROP INDEX jobs_lease",
+    "CREATE INDEX jobs_active ON jobs (priority DESC, run_at, seq) WHERE terminal = 0",
 )
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -136,9 +136,9 @@ def _plan_of(store: SqliteStore, sql: str, params: dict[str, object]) -> str:
     return " | ".join(str(row[3]) for row in rows)
 
 
-def test_lease_next_walks_the_claim_index_without_sorting(tmp_path: Path) -> None:
-    """The unleased half of a claim is an ordered walk of the partial index at any size,
-    and the expired half reads only the expired range of the lease index."""
+def test_lease_next_walks_the_active_index_without_sorting(tmp_path: Path) -> None:
+    """A claim is an ordered walk of the partial index of active jobs at any size: no
+    sort, no scan of the table (finished jobs are not even in the index)."""
     kinds: dict[str, object] = {"now": 0.0, "kinds": '["download"]'}
     plain: dict[str, object] = {"now": 0.0}
     with SqliteStore(tmp_path / "db.sqlite") as store:
@@ -147,14 +147,23 @@ def test_lease_next_walks_the_claim_index_without_sorting(tmp_path: Path) -> Non
             (q.SELECT_CANDIDATE_OF_KINDS, kinds),
         ):
             plan = _plan_of(store, sql, params)
-            assert "USING INDEX jobs_claim" in plan, plan
+            assert "USING INDEX jobs_active" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
-        for sql, params in (
-            (q.SELECT_EXPIRED_CANDIDATE, plain),
-            (q.SELECT_EXPIRED_CANDIDATE_OF_KINDS, kinds),
+            assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_active", ""), plan
+
+
+def test_leases_are_found_among_the_active_jobs_only(tmp_path: Path) -> None:
+    """Reconcile, the lease listing and the stats read the active jobs, never all jobs."""
+    with SqliteStore(tmp_path / "db.sqlite") as store:
+        for sql in (
+            q.SELECT_EXPIRED_LEASES,
+            q.COUNT_EXPIRED_LEASES,
+            q.SELECT_LEASES,
+            q.COUNT_LEASES,
         ):
-            plan = _plan_of(store, sql, params)
-            assert "USING INDEX jobs_lease (lease_expires_at<?)" in plan, plan
+            plan = _plan_of(store, sql, {"now": 0.0})
+            assert "USING INDEX jobs_active" in plan, plan
+            assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_active", ""), plan
 
 
 def test_close_closes_the_connection_and_refuses_further_calls(tmp_path: Path) -> None:
@@ -171,15 +180,13 @@ def test_close_closes_the_connection_and_refuses_further_calls(tmp_path: Path) -
         assert again.state(job_id) == "PLANNED"
 
 
-def test_the_one_statement_claim_walks_the_claim_index_without_sorting(tmp_path: Path) -> None:
-    """lease_next's fast path keeps the two-query claim's property: live leases never slow
-    it (it walks jobs_claim), and the expired-lease probe reads only the expired range."""
+def test_the_one_statement_claim_walks_the_active_index_without_sorting(tmp_path: Path) -> None:
+    """lease_next's fast path makes the same ordered walk as the general one."""
     params: dict[str, object] = {"now": 0.0, "worker": "w", "expires_at": 1.0}
     kinds: dict[str, object] = {**params, "kinds": '["download"]'}
     with SqliteStore(tmp_path / "db.sqlite") as store:
         for sql, args in ((q.CLAIM_FIRST, params), (q.CLAIM_FIRST_OF_KINDS, kinds)):
             plan = _plan_of(store, sql, args)
-            assert "USING INDEX jobs_claim" in plan, plan
-            assert "USING INDEX jobs_lease (lease_expires_at<?)" in plan, plan
+            assert "USING INDEX jobs_active" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
-            assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_claim", ""), plan
+            assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_active", ""), plan
