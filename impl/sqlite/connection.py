@@ -16,6 +16,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -67,13 +68,36 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
             check_same_thread=True,
         )
         try:
-            conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall()
+            _switch_to_wal(conn, config.busy_timeout)
             conn.execute(q.PRAGMA_SYNCHRONOUS[config.sqlite_synchronous])
             conn.execute(q.PRAGMA_FOREIGN_KEYS_ON)
         except BaseException:
             conn.close()
             raise
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> None:
+    """Put the database in WAL mode, waiting up to ``timeout`` for other openers.
+
+    Switching needs an exclusive lock, and SQLite does not call the busy handler for it
+    (waiting while holding a shared lock could deadlock), so a process opening a new
+    file while another one is switching or migrating it would fail at once with "database
+    is locked". The switch is retried with short sleeps instead, like the busy handler.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            busy = isinstance(code, int) and code & 0xFF in (_BUSY, _LOCKED)
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 class _Held:

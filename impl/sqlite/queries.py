@@ -191,18 +191,27 @@ SELECT count(*) FROM jobs INDEXED BY jobs_active
 WHERE terminal = 0 AND lease_worker IS NOT NULL AND lease_expires_at <= :now
 """
 # A start is dead when its token is no longer the job's, or the job has no live lease.
-SELECT_DEAD_STARTS = """
-SELECT e.op_key, e.job_id, e.op, e.token, e.started_by, j.token
-FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
-WHERE e.status = 'started'
-  AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now)
-ORDER BY j.seq, e.seq
+# Dead starts are found in two places, never by reading every effect: those whose lease
+# ended or whose token moved on carry doubt = 1 (the trigger effects_doubt_when_lease_ends
+# sets it), and those whose lease merely ran out are under an expired lease, among the
+# active jobs.
+_DEAD_STARTS = """
+SELECT e.op_key, e.job_id, e.op, e.token, e.started_by, j.token AS job_token,
+    j.seq AS job_seq, e.seq AS effect_seq
+FROM effects AS e INDEXED BY effects_doubt JOIN jobs AS j ON j.job_id = e.job_id
+WHERE e.doubt = 1 AND e.status = 'started'
+UNION ALL
+SELECT e.op_key, e.job_id, e.op, e.token, e.started_by, j.token, j.seq, e.seq
+FROM jobs AS j INDEXED BY jobs_active JOIN effects AS e ON e.job_id = j.job_id
+WHERE j.terminal = 0 AND j.lease_worker IS NOT NULL AND j.lease_expires_at <= :now
+  AND e.status = 'started' AND e.doubt = 0
 """
-COUNT_DEAD_STARTS = """
-SELECT count(*) FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
-WHERE e.status = 'started'
-  AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now)
-"""
+SELECT_DEAD_STARTS = (
+    "SELECT op_key, job_id, op, token, started_by, job_token FROM ("
+    + _DEAD_STARTS
+    + ") ORDER BY job_seq, effect_seq"
+)
+COUNT_DEAD_STARTS = "SELECT count(*) FROM (" + _DEAD_STARTS + ")"
 SELECT_EXHAUSTED = """
 SELECT job_id, kind, token, attempts, max_attempts FROM jobs
 WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= max_attempts
@@ -267,7 +276,7 @@ WHERE job_id = :job_id AND op_key = :op_key AND finish_n IS NOT NULL
 RESTART_EFFECT = """
 UPDATE effects SET status = 'started', result = NULL, started_at = :now,
     finished_at = NULL, token = :token, started_by = :worker, start_n = NULL,
-    finish_n = NULL
+    finish_n = NULL, doubt = 0
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
 """
 DELETE_OWN_START = """
@@ -275,7 +284,7 @@ DELETE FROM effects
 WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :token
 """
 MARK_START_IN_DOUBT = """
-UPDATE effects SET status = 'in_doubt'
+UPDATE effects SET status = 'in_doubt', doubt = 1
 WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :token
 """
 # Recording is fenced in the update itself: it changes the row only while the job's
@@ -285,7 +294,7 @@ WHERE job_id = :job_id AND op_key = :op_key AND status = 'started' AND token = :
 RECORD_EFFECT = (
     """
 UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token,
-    finish_n = CASE WHEN :inline THEN """
+    doubt = 0, finish_n = CASE WHEN :inline THEN """
     + _NEXT_N
     + """ END
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
@@ -354,12 +363,10 @@ COUNT_LEASES = """
 SELECT ifnull(sum(lease_expires_at > :now), 0), ifnull(sum(lease_expires_at <= :now), 0)
 FROM jobs INDEXED BY jobs_active WHERE terminal = 0 AND lease_worker IS NOT NULL
 """
-COUNT_IN_DOUBT = """
-SELECT count(*) FROM effects AS e JOIN jobs AS j ON j.job_id = e.job_id
-WHERE e.status = 'in_doubt'
-   OR (e.status = 'started'
-       AND (e.token != j.token OR ifnull(j.lease_expires_at, :now) <= :now))
-"""
+COUNT_IN_DOUBT = (
+    "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
+    " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
+)
 COUNT_FAILED = """
 SELECT count(*) FROM jobs AS j JOIN workflows AS w ON w.name = j.kind WHERE j.state = w.failed
 """

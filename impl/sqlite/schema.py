@@ -288,6 +288,29 @@ _V3 = (
     "DROP INDEX jobs_claim",
     "DROP INDEX jobs_lease",
     "CREATE INDEX jobs_active ON jobs (priority DESC, run_at, seq) WHERE terminal = 0",
+    # The index of open effects was written twice per effect (at its start and at its
+    # result). Only starts in doubt need finding: those marked in doubt, and those whose
+    # lease ended or whose token moved on, which the trigger below flags when it happens
+    # (at most one read of the job's few effect rows when a lease ends). Starts under a
+    # lease that merely ran out are found through the expired leases among active jobs.
+    "ALTER TABLE effects ADD COLUMN doubt INTEGER NOT NULL DEFAULT 0 CHECK (doubt IN (0, 1))",
+    """
+    UPDATE effects SET doubt = 1
+    WHERE status = 'in_doubt' OR (status = 'started' AND EXISTS (
+        SELECT 1 FROM jobs AS j WHERE j.job_id = effects.job_id
+          AND (j.token != effects.token OR j.lease_worker IS NULL)))
+    """,
+    "DROP INDEX effects_open",
+    "CREATE INDEX effects_doubt ON effects (job_id) WHERE doubt = 1",
+    """
+    CREATE TRIGGER effects_doubt_when_lease_ends AFTER UPDATE OF token, lease_worker ON jobs
+    WHEN OLD.lease_worker IS NOT NULL
+     AND (NEW.lease_worker IS NULL OR NEW.token IS NOT OLD.token)
+    BEGIN
+        UPDATE effects SET doubt = 1
+        WHERE job_id = NEW.job_id AND status = 'started' AND doubt = 0;
+    END
+    """,
 )
 
 MIGRATIONS: tuple[Migration, ...] = (

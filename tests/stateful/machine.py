@@ -113,8 +113,13 @@ def lease_view(value: object) -> object:
 
 
 def projection(store: Store, job_ids: list[str]) -> dict[str, Any]:
-    """Everything a backend must agree on: jobs, effects and history, by job."""
-    out: dict[str, Any] = {}
+    """Everything a backend must agree on: jobs, effects and history, by job, and the
+    operator's views (stats, leases, a reconcile dry run) of them all."""
+    out: dict[str, Any] = {
+        "stats": store.stats(),
+        "leases": store.leases(),
+        "reconcile": store.reconcile(dry_run=True),
+    }
     for jid in job_ids:
         try:
             info = store.job(jid)
