@@ -281,10 +281,12 @@ class Tx:
         rest = f'{float_text(now)},"{event}",{token},{worker_text},{detail}]\n'
         params = {"job_id": job_id, "rest": rest}
         if not conn.execute(q.APPEND_HISTORY, params).rowcount:
+            (position,) = conn.execute(q.NEXT_ROW_POSITION, params).fetchone()
             conn.execute(
                 q.INSERT_HISTORY,
                 {
                     "job_id": job_id,
+                    "id": position,
                     "at": now,
                     "event": event,
                     "token": token,

@@ -96,7 +96,7 @@ def plan_items(
         if invalid is not None:
             raise invalid
         initial = workflow.initial
-        planned = f'[1,{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
+        planned = f'[{q.HISTORY_GAP},{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
         conn.executemany(
             q.INSERT_JOB,
             [

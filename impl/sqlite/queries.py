@@ -68,7 +68,7 @@ SELECT_PAYLOADS = (
 )
 
 # seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
-# The PLANNED entry is the job's first history entry (n = 1), written inline.
+# The PLANNED entry is the job's first row entry (hist_n = 1), written inline.
 INSERT_JOB = """
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
@@ -224,15 +224,25 @@ WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= ma
 
 # -- effects ----------------------------------------------------------------------------
 
-# The next history number of the job :job_id: one more than the largest in its row, its
-# effects' rows and the history table (schema version 3). Three short seeks, all reads.
-_NEXT_N = """(
+# History positions (schema version 3): the job's n-th entry written through its row is at
+# n * HISTORY_GAP (``jobs.hist_n`` counts them); an effect's entries, which do not write
+# the job's row, take the next free position after the last of those, so they sort
+# between the row entries around them. HISTORY_GAP leaves room for 2**32 - 1 effect
+# entries between two row entries, and 2**31 row entries per job.
+HISTORY_GAP = 1 << 32
+_GAP = str(HISTORY_GAP)
+# The position of the job :job_id's next effect entry: three short seeks, all reads.
+_NEXT_EFFECT_POSITION = (
+    """(
     SELECT 1 + max(
-        j.hist_n,
+        j.hist_n * """
+    + _GAP
+    + """,
         ifnull((SELECT max(max(ifnull(e.start_n, 0), ifnull(e.finish_n, 0)))
                 FROM effects AS e WHERE e.job_id = :job_id), 0),
         ifnull((SELECT max(h.id) FROM history AS h WHERE h.job_id = :job_id), 0))
     FROM jobs AS j WHERE j.job_id = :job_id)"""
+)
 
 EFFECT_COLUMNS = (
     "op_key, job_id, op, extras, status, result, started_at, finished_at, token, started_by"
@@ -251,7 +261,7 @@ INSERT INTO effects (
     :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
     (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id),
     """
-    + _NEXT_N
+    + _NEXT_EFFECT_POSITION
     + """
 )
 ON CONFLICT DO NOTHING
@@ -295,7 +305,7 @@ RECORD_EFFECT = (
     """
 UPDATE effects SET status = 'done', result = :result, finished_at = :now, token = :token,
     doubt = 0, finish_n = CASE WHEN :inline THEN """
-    + _NEXT_N
+    + _NEXT_EFFECT_POSITION
     + """ END
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
   AND EXISTS (
@@ -313,28 +323,27 @@ UPDATE effects SET start_n = NULL WHERE job_id = :job_id AND op_key = :op_key
 # characters, and goes to the history table otherwise, so a job renewed for hours keeps
 # a short row (each write of a row rewrites all of it).
 INLINE_HISTORY_LIMIT = 2048
-# One entry inline: ``[n,`` is built here, the rest of the JSON line by the caller.
+# One entry inline, at the job's next row position: ``[position,`` is built here, the
+# rest of the JSON line by the caller. Nothing is written when the text is long.
 APPEND_HISTORY = (
     """
-UPDATE jobs SET hist_n = """
-    + _NEXT_N
-    + """,
-    hist = hist || '[' || """
-    + _NEXT_N
-    + """ || ',' || :rest
+UPDATE jobs SET hist_n = hist_n + 1,
+    hist = hist || '[' || ((hist_n + 1) * """
+    + _GAP
+    + """) || ',' || :rest
 WHERE job_id = :job_id AND length(hist) < """
     + str(INLINE_HISTORY_LIMIT)
     + """
 """
 )
-INSERT_HISTORY = (
-    """
-INSERT INTO history (job_id, id, at, event, token, worker, detail)
-VALUES (:job_id, """
-    + _NEXT_N
-    + """, :at, :event, :token, :worker, :detail)
-"""
+# When it is long: the entry takes the next row position in the history table instead.
+NEXT_ROW_POSITION = (
+    "UPDATE jobs SET hist_n = hist_n + 1 WHERE job_id = :job_id RETURNING hist_n * " + _GAP
 )
+INSERT_HISTORY = """
+INSERT INTO history (job_id, id, at, event, token, worker, detail)
+VALUES (:job_id, :id, :at, :event, :token, :worker, :detail)
+"""
 SELECT_HISTORY = "SELECT id, at, event, token, worker, detail FROM history WHERE job_id = ?"
 SELECT_INLINE_HISTORY = "SELECT hist FROM jobs WHERE job_id = ?"
 SELECT_EFFECT_ENTRIES = """

@@ -264,23 +264,47 @@ _V2 = (
 
 # Version 3 keeps most of a job's history out of the history table, because a history
 # row was one more b-tree page written by every transaction, and pages written are what
-# a commit costs. Every entry has a number ``n`` counting per job; the entries live in
-# three places and a read merges them by ``n``:
+# a commit costs. Every entry has a position (an integer, increasing in the order the
+# entries were written); the entries live in three places and a read merges them:
 # - ``jobs.hist``: entries of the transactions that write the job's row anyway (planned,
-#   leased, advanced, ...), appended inline as JSON lines ``[n, at, event, token, worker,
-#   detail]`` while the text is short; ``jobs.hist_n`` is the last ``n`` written there;
-# - ``effects.start_n`` / ``effects.finish_n``: an effect's started and recorded entries,
-#   read from the effect's own row (its time, token, worker and op), which the start and
-#   the result write anyway. Before a row is changed in a way that would lose an entry
-#   (a restart after doubt, an abort, a probed result) the entry is copied to ``history``;
-# - ``history``: everything else (renewals once the inline text is long, entries copied
-#   out of effect rows, and all entries written before version 3).
-# The next ``n`` is one more than the largest in any of the three places.
+#   leased, advanced, ...), appended inline as JSON lines ``[position, at, event, token,
+#   worker, detail]`` while the text is short. ``jobs.hist_n`` counts these row entries;
+#   the n-th is at n * 2**32 (queries.HISTORY_GAP);
+# - ``effects.start_n`` / ``effects.finish_n``: the positions of an effect's started and
+#   recorded entries, read from the effect's own row (its time, token, worker and op),
+#   which the start and the result write anyway. They take the next free position after
+#   the last row entry, so they sort between the row entries around them. Before a row
+#   is changed in a way that would lose an entry (a restart after doubt, an abort, a
+#   probed result) the entry is copied to ``history``;
+# - ``history``: everything else (row entries once the inline text is long, entries copied
+#   out of effect rows, and every entry written before version 3, renumbered here).
 _V3 = (
     "ALTER TABLE jobs ADD COLUMN hist TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE jobs ADD COLUMN hist_n INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE effects ADD COLUMN start_n INTEGER",
     "ALTER TABLE effects ADD COLUMN finish_n INTEGER",
+    """
+    CREATE TABLE history_v3 (
+        job_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        event TEXT NOT NULL,
+        token INTEGER NOT NULL,
+        worker TEXT,
+        detail TEXT NOT NULL,
+        PRIMARY KEY (job_id, id)
+    ) WITHOUT ROWID
+    """,
+    """
+    INSERT INTO history_v3 (job_id, id, at, event, token, worker, detail)
+    SELECT job_id, id * 4294967296, at, event, token, worker, detail FROM history
+    """,
+    "DROP TABLE history",
+    "ALTER TABLE history_v3 RENAME TO history",
+    """
+    UPDATE jobs SET hist_n = ifnull(
+        (SELECT max(h.id) FROM history AS h WHERE h.job_id = jobs.job_id), 0) / 4294967296
+    """,
     # One index of the active jobs in lease_next's order replaces the claim index of
     # unleased rows and the index of leased ones: both were written twice per job (when
     # its lease began and when it ended). Leases are found by walking the active jobs
