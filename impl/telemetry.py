@@ -34,7 +34,17 @@ import attrs
 from model.record import Event, HistoryEvent
 
 ROOT_LOGGER = "jobledger"
-CONCERNS = ("lease", "effect", "job", "reconcile", "worker", "download", "cli", "telemetry")
+CONCERNS = (
+    "lease",
+    "effect",
+    "job",
+    "reconcile",
+    "worker",
+    "download",
+    "cli",
+    "storage",
+    "telemetry",
+)
 """The concerns that have a logger of their own, ``jobledger.<concern>``."""
 
 TelemetryEvent = HistoryEvent | dict[str, object]

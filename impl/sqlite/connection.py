@@ -10,6 +10,7 @@ while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns eve
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from types import TracebackType
 
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
+from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -70,6 +72,8 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
         try:
             _switch_to_wal(conn, config.busy_timeout)
             conn.execute(q.PRAGMA_SYNCHRONOUS[config.sqlite_synchronous])
+            if checkpoints_in_background(config):
+                conn.execute(q.PRAGMA_WAL_AUTOCHECKPOINT)
             conn.execute(q.PRAGMA_FOREIGN_KEYS_ON)
         except BaseException:
             conn.close()
@@ -100,8 +104,8 @@ def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> None:
         pause = min(pause * 2, 0.05)
 
 
-class _Held:
-    """One thread's connection and the process that opened it."""
+class Held:
+    """A connection and the process that opened it (see :func:`open_held`)."""
 
     __slots__ = ("__weakref__", "conn", "pid")
 
@@ -115,8 +119,8 @@ class _Held:
 # thread-locals of the parent's other threads in the child before any after-fork hook
 # runs, so every live connection is pinned in _PINNED *before* the fork: the parent
 # unpins them afterwards, the child keeps them pinned (unused) for good.
-_LIVE: weakref.WeakSet[_Held] = weakref.WeakSet()
-_PINNED: list[_Held] = []
+_LIVE: weakref.WeakSet[Held] = weakref.WeakSet()
+_PINNED: list[Held] = []
 
 
 def _pin_before_fork() -> None:
@@ -128,6 +132,21 @@ def _unpin_in_parent() -> None:
 
 
 os.register_at_fork(before=_pin_before_fork, after_in_parent=_unpin_in_parent)
+
+
+def open_held(path: Path, config: Config) -> Held:
+    """Open a connection (:func:`open_connection`) that a forked child never frees.
+
+    Keep the returned holder for as long as the connection is used.
+    """
+    held = Held(open_connection(path, config), os.getpid())
+    _LIVE.add(held)
+    return held
+
+
+def _open_for_checkpoints(path: Path, config: Config) -> tuple[sqlite3.Connection, object]:
+    held = open_held(path, config)
+    return held.conn, held
 
 
 class ThreadConnections:
@@ -142,6 +161,14 @@ class ThreadConnections:
         self._config = config
         self._local = threading.local()
         self._closed = False
+        self._checkpointer: Checkpointer | None = None
+        if checkpoints_in_background(config):
+            checkpointer = Checkpointer(
+                path, functools.partial(_open_for_checkpoints, path, config)
+            )
+            # A store dropped without close() must not leave its thread running.
+            weakref.finalize(self, checkpointer.stop, wait=False)
+            self._checkpointer = checkpointer
 
     def get(self) -> sqlite3.Connection:
         """Return the calling thread's connection in this process, opening it if needed.
@@ -150,13 +177,14 @@ class ThreadConnections:
             StorageError: if closed, or the file cannot be opened.
         """
         self.check_open()
-        held: _Held | None = getattr(self._local, "held", None)
+        held: Held | None = getattr(self._local, "held", None)
         pid = os.getpid()
         if held is not None and held.pid == pid:
             return held.conn
-        held = _Held(open_connection(self._path, self._config), pid)
-        _LIVE.add(held)
+        held = open_held(self._path, self._config)
         self._local.held = held
+        if self._checkpointer is not None:
+            self._checkpointer.ensure_running()
         return held.conn
 
     def check_open(self) -> None:
@@ -169,7 +197,9 @@ class ThreadConnections:
     def close(self) -> None:
         """Close the calling thread's connection; free the other threads' ones."""
         self._closed = True
-        held: _Held | None = getattr(self._local, "held", None)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        held: Held | None = getattr(self._local, "held", None)
         if held is not None and held.pid == os.getpid():
             held.conn.close()
         # Other threads' connections cannot be closed from this one (check_same_thread);

@@ -26,6 +26,10 @@ PRAGMA_SYNCHRONOUS = {
     "EXTRA": "PRAGMA synchronous = EXTRA",
 }
 PRAGMA_BUSY_TIMEOUT_QUERY = "PRAGMA busy_timeout"
+# Writers checkpoint the WAL themselves only when it passes this many pages (40 MB at
+# the default page size); the store's checkpointer thread does it long before.
+PRAGMA_WAL_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint = 10000"
+CHECKPOINT_PASSIVE = "PRAGMA wal_checkpoint(PASSIVE)"
 
 # -- schema bookkeeping -----------------------------------------------------------------
 
