@@ -18,7 +18,7 @@ import attrs
 from impl.sqlite import maintenance
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import Tx
+from impl.sqlite.connection import Tx, float_text, worker_text
 from impl.sqlite.row import JobRow, identity_of, job_row, json_of
 from model.clock import Clock
 from model.record import Event, Lease
@@ -43,7 +43,13 @@ def lease_next(
     """
     with Tx(conn, "lease_next", clock) as tx:
         now = tx.now
-        params: dict[str, object] = {"worker": worker, "expires_at": now + span, "now": now}
+        params: dict[str, object] = {
+            "worker": worker,
+            "expires_at": now + span,
+            "now": now,
+            "at": float_text(now),
+            "worker_text": worker_text(worker),
+        }
         if kinds_text is None:
             granted = conn.execute(q.CLAIM_FIRST, params).fetchone()
         else:
@@ -51,8 +57,10 @@ def lease_next(
             granted = conn.execute(q.CLAIM_FIRST_OF_KINDS, params).fetchone()
         if granted is None:
             return _lease_next_slowly(tx, catalog, worker, now + span, kinds_text)
-        job_id, kind, identity, payload, state, token, attempts = granted
-        tx.history(job_id, _LEASED, token, worker)
+        job_id, kind, identity, payload, state, token, attempts, length = granted
+        # The grant wrote its LEASED entry itself.
+        tx.note(job_id, _LEASED, token, worker)
+        tx.spill_if_long(job_id, length)
     return Lease(
         job_id=job_id,
         kind=kind,

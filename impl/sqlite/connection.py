@@ -38,6 +38,7 @@ from model.errors import (
     JobledgerError,
     StorageError,
 )
+from model.key import canon
 from model.record import Event, HistoryEvent
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -226,6 +227,16 @@ HistoryRow = tuple[str, float, str, int, str | None, str]
 _WORKER_TEXT = json.JSONEncoder(ensure_ascii=False)
 
 
+def worker_text(worker: str | None) -> str:
+    """A worker name (or None) as JSON text, for an inline history line."""
+    return "null" if worker is None else _WORKER_TEXT.encode(worker)
+
+
+def text_of_detail(detail: object) -> str:
+    """A history detail as the canonical JSON text the history table stores."""
+    return canon(detail).decode("utf-8")
+
+
 def float_text(value: float) -> str:
     """``value`` as JSON text that ``json.loads`` reads back exactly."""
     return repr(value) if math.isfinite(value) else _WORKER_TEXT.encode(value)
@@ -302,29 +313,41 @@ class Tx:
     ) -> None:
         """Append one entry (``detail`` as canonical JSON text) to the job's history.
 
-        The entry goes inline into the job's row (which the transaction writes anyway)
-        while that text is short, and into the history table otherwise.
+        The entry goes inline into the job's row, which the transaction writes anyway
+        (see schema version 3); a statement that changes the row can carry the entry
+        itself instead: see :meth:`entry`.
+        """
+        rest = self.entry(job_id, event, token, worker, detail)
+        (length,) = self.conn.execute(q.APPEND_HISTORY, {"job_id": job_id, "rest": rest}).fetchone()
+        self.spill_if_long(job_id, length)
+
+    def entry(
+        self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
+    ) -> str:
+        """Note an entry the caller's statement appends inline; return its ``:rest`` text.
+
+        The statement must end its SET with ``queries.ROW_ENTRY`` and return the new
+        length of the text, for :meth:`spill_if_long`.
         """
         now = self.now
-        conn = self.conn
-        worker_text = "null" if worker is None else _WORKER_TEXT.encode(worker)
-        rest = f'{float_text(now)},"{event}",{token},{worker_text},{detail}]\n'
-        params = {"job_id": job_id, "rest": rest}
-        if not conn.execute(q.APPEND_HISTORY, params).rowcount:
-            (position,) = conn.execute(q.NEXT_ROW_POSITION, params).fetchone()
-            conn.execute(
-                q.INSERT_HISTORY,
-                {
-                    "job_id": job_id,
-                    "id": position,
-                    "at": now,
-                    "event": event,
-                    "token": token,
-                    "worker": worker,
-                    "detail": detail,
-                },
-            )
         self.events.append((job_id, now, event, token, worker, detail))
+        return f'{float_text(now)},"{event}",{token},{worker_text(worker)},{detail}]\n'
+
+    def spill_if_long(self, job_id: str, length: int) -> None:
+        """Move the job's inline entries to the history table once their text is long.
+
+        Entries keep their positions, so the history reads the same afterwards.
+        """
+        if length <= q.INLINE_HISTORY_LIMIT:
+            return
+        conn = self.conn
+        (text,) = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
+        rows = []
+        for line in str(text).splitlines():
+            position, at, event, token, worker, detail = json.loads(line)
+            rows.append((job_id, position, at, event, token, worker, text_of_detail(detail)))
+        conn.executemany(q.INSERT_HISTORY_ROW, rows)
+        conn.execute(q.CLEAR_INLINE_HISTORY, (job_id,))
 
     def note(
         self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"

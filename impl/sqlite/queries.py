@@ -87,6 +87,25 @@ SELECT token, lease_worker, lease_expires_at, attempts, max_attempts, state, kin
 FROM jobs WHERE job_id = ?
 """
 
+# History positions (schema version 3): the job's n-th entry written through its row is at
+# n * HISTORY_GAP (``jobs.hist_n`` counts them); an effect's entries, which do not write
+# the job's row, take the next free position after the last of those, so they sort
+# between the row entries around them. HISTORY_GAP leaves room for 2**32 - 1 effect
+# entries between two row entries, and 2**31 row entries per job.
+HISTORY_GAP = 1 << 32
+_GAP = str(HISTORY_GAP)
+# An entry appended inline to the job's row, at its next row position; ``{rest}`` is the
+# rest of the JSON line. Statements that end with this fragment return the new length of
+# the text, and the store moves the entries to the history table once it is long
+# (connection.Tx.spill_if_long), so a job renewed for hours keeps a short row.
+_ROW_ENTRY = (
+    """hist_n = hist_n + 1,
+    hist = hist || '[' || ((hist_n + 1) * """
+    + _GAP
+    + """) || ',' || {rest}"""
+)
+ROW_ENTRY = _ROW_ENTRY.format(rest=":rest")
+
 # lease_next's candidate: the first eligible row (no lease, or an expired one), walking
 # the partial index jobs_active (every non-terminal job) in lease_next's own order. The
 # index does not hold the lease columns, so granting or ending a lease never writes it:
@@ -117,13 +136,20 @@ SELECT_CANDIDATE_OF_KINDS = (
 # and has attempts left. Whenever it updates nothing, the store takes the general path
 # (an expired lease is ended and recorded, an exhausted job failed), which starts from
 # the same candidate.
-_CLAIM = """
+# The grant writes its own LEASED entry (the new token is only known in the statement).
+_CLAIM = (
+    """
 UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
-    lease_expires_at = :expires_at, updated_at = :now
+    lease_expires_at = :expires_at, updated_at = :now, """
+    + _ROW_ENTRY.format(
+        rest=":at || ',\"leased\",' || (token + 1) || ',' || :worker_text || ',{{}}]' || char(10)"
+    )
+    + """
 WHERE seq = ({candidate})
   AND lease_worker IS NULL AND attempts < max_attempts
-RETURNING job_id, kind, identity, payload, state, token, attempts
+RETURNING job_id, kind, identity, payload, state, token, attempts, length(hist)
 """
+)
 CLAIM_FIRST = _CLAIM.format(candidate=_FIRST_ELIGIBLE + _IN_ORDER)
 CLAIM_FIRST_OF_KINDS = _CLAIM.format(candidate=_FIRST_ELIGIBLE + _OF_KINDS + _IN_ORDER)
 
@@ -146,15 +172,25 @@ UPDATE jobs SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at =
     run_at = :run_at, updated_at = :now
 WHERE job_id = :job_id AND token = :token
 """
-ADVANCE_KEEP_LEASE = """
-UPDATE jobs SET state = :state, updated_at = :now
+ADVANCE_KEEP_LEASE = (
+    """
+UPDATE jobs SET state = :state, updated_at = :now, """
+    + ROW_ENTRY
+    + """
 WHERE job_id = :job_id AND token = :token
+RETURNING length(hist)
 """
-ADVANCE_TO_TERMINAL = """
+)
+ADVANCE_TO_TERMINAL = (
+    """
 UPDATE jobs SET state = :state, terminal = 1, lease_worker = NULL, lease_expires_at = NULL,
-    updated_at = :now
+    updated_at = :now, """
+    + ROW_ENTRY
+    + """
 WHERE job_id = :job_id AND token = :token
+RETURNING length(hist)
 """
+)
 RETRY_LATER = """
 UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, run_at = :run_at,
     last_error = :error, updated_at = :now
@@ -228,13 +264,6 @@ WHERE terminal = 0 AND ifnull(lease_expires_at, :now) <= :now AND attempts >= ma
 
 # -- effects ----------------------------------------------------------------------------
 
-# History positions (schema version 3): the job's n-th entry written through its row is at
-# n * HISTORY_GAP (``jobs.hist_n`` counts them); an effect's entries, which do not write
-# the job's row, take the next free position after the last of those, so they sort
-# between the row entries around them. HISTORY_GAP leaves room for 2**32 - 1 effect
-# entries between two row entries, and 2**31 row entries per job.
-HISTORY_GAP = 1 << 32
-_GAP = str(HISTORY_GAP)
 # The position of the job :job_id's next effect entry: three short seeks, all reads.
 _NEXT_EFFECT_POSITION = (
     """(
@@ -323,30 +352,12 @@ UPDATE effects SET start_n = NULL WHERE job_id = :job_id AND op_key = :op_key
 
 # -- history ----------------------------------------------------------------------------
 
-# An entry is appended to the job's inline text while it is shorter than this many
-# characters, and goes to the history table otherwise, so a job renewed for hours keeps
-# a short row (each write of a row rewrites all of it).
+# The inline text is moved to the history table once it is longer than this.
 INLINE_HISTORY_LIMIT = 2048
-# One entry inline, at the job's next row position: ``[position,`` is built here, the
-# rest of the JSON line by the caller. Nothing is written when the text is long.
-APPEND_HISTORY = (
-    """
-UPDATE jobs SET hist_n = hist_n + 1,
-    hist = hist || '[' || ((hist_n + 1) * """
-    + _GAP
-    + """) || ',' || :rest
-WHERE job_id = :job_id AND length(hist) < """
-    + str(INLINE_HISTORY_LIMIT)
-    + """
-"""
-)
-# When it is long: the entry takes the next row position in the history table instead.
-NEXT_ROW_POSITION = (
-    "UPDATE jobs SET hist_n = hist_n + 1 WHERE job_id = :job_id RETURNING hist_n * " + _GAP
-)
-INSERT_HISTORY = """
-INSERT INTO history (job_id, id, at, event, token, worker, detail)
-VALUES (:job_id, :id, :at, :event, :token, :worker, :detail)
+APPEND_HISTORY = "UPDATE jobs SET " + ROW_ENTRY + " WHERE job_id = :job_id RETURNING length(hist)"
+CLEAR_INLINE_HISTORY = "UPDATE jobs SET hist = '' WHERE job_id = ?"
+INSERT_HISTORY_ROW = """
+INSERT INTO history (job_id, id, at, event, token, worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_HISTORY = "SELECT id, at, event, token, worker, detail FROM history WHERE job_id = ?"
 SELECT_INLINE_HISTORY = "SELECT hist FROM jobs WHERE job_id = ?"

@@ -294,12 +294,16 @@ class SqliteStore:
                     f"declared edge of workflow {workflow.name!r}; next states from "
                     f"{state!r}: {sorted(workflow.successors()[state])}"
                 )
-            params = {"state": to_state, "now": tx.now, "job_id": job_id, "token": token}
-            if workflow.is_terminal(to_state):
-                conn.execute(q.ADVANCE_TO_TERMINAL, params)
-            else:
-                conn.execute(q.ADVANCE_KEEP_LEASE, params)
-            tx.history(job_id, _ADVANCED, token, holder, move_detail(state, to_state))
+            params = {
+                "state": to_state,
+                "now": tx.now,
+                "job_id": job_id,
+                "token": token,
+                "rest": tx.entry(job_id, _ADVANCED, token, holder, move_detail(state, to_state)),
+            }
+            sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
+            (length,) = conn.execute(sql, params).fetchone()
+            tx.spill_if_long(job_id, length)
         return True
 
     def fail(

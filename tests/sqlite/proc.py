@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -10,6 +11,7 @@ from pathlib import Path
 from attrs import frozen
 
 from impl.sqlite.store import SqliteStore
+from model import EffectContext
 
 PROC_FLOW_NAME = "proc_flow"
 
@@ -33,6 +35,14 @@ def drain(path: str, name: str, start: Barrier, reports: Queue[WorkerReport]) ->
     reports.put(_drain(path, name, start))
 
 
+def _work(ctx: EffectContext) -> dict[str, int]:
+    # A real effect takes a while outside any transaction. Without that, one process
+    # can re-take the write lock right after each commit while the others sleep in
+    # SQLite's busy handler (which is not fair), and drain every job alone.
+    time.sleep(0.0005)
+    return {"token": ctx.token}
+
+
 def _drain(path: str, name: str, start: Barrier) -> WorkerReport:
     grants: list[tuple[str, int]] = []
     try:
@@ -47,7 +57,7 @@ def _drain(path: str, name: str, start: Barrier) -> WorkerReport:
                 state = lease.state
                 while not flow.is_terminal(state):
                     state = sorted(flow.successors()[state])[0]
-                    store.run_effect(lease, f"to-{state}", lambda ctx: {"token": ctx.token})
+                    store.run_effect(lease, f"to-{state}", _work)
                     assert store.advance(lease, state)
     except BaseException:
         return WorkerReport(name, grants, traceback.format_exc())

@@ -182,7 +182,13 @@ def test_close_closes_the_connection_and_refuses_further_calls(tmp_path: Path) -
 
 def test_the_one_statement_claim_walks_the_active_index_without_sorting(tmp_path: Path) -> None:
     """lease_next's fast path makes the same ordered walk as the general one."""
-    params: dict[str, object] = {"now": 0.0, "worker": "w", "expires_at": 1.0}
+    params: dict[str, object] = {
+        "now": 0.0,
+        "worker": "w",
+        "expires_at": 1.0,
+        "at": "0.0",
+        "worker_text": '"w"',
+    }
     kinds: dict[str, object] = {**params, "kinds": '["download"]'}
     with SqliteStore(tmp_path / "db.sqlite") as store:
         for sql, args in ((q.CLAIM_FIRST, params), (q.CLAIM_FIRST_OF_KINDS, kinds)):
