@@ -227,8 +227,10 @@ HistoryRow = tuple[str, float, str, int, str | None, str]
 _WORKER_TEXT = json.JSONEncoder(ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=1024)
 def worker_text(worker: str | None) -> str:
     """A worker name (or None) as JSON text, for an inline history line."""
+    # Cached: a process has few worker names, and each writes most entries.
     return "null" if worker is None else _WORKER_TEXT.encode(worker)
 
 

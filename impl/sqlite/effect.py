@@ -12,7 +12,6 @@ that raised.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Mapping
 
@@ -21,7 +20,7 @@ from attrs import frozen
 from impl import failpoint
 from impl.sqlite import queries as q
 from impl.sqlite.connection import Tx
-from impl.sqlite.row import fence, fenceable, op_detail, text_of
+from impl.sqlite.row import fence, fenceable, json_of, op_detail, text_of
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -98,7 +97,7 @@ def run_effect(
     while True:
         outcome = _start(conn, clock, lease, op, extras, mode=mode)
         if isinstance(outcome, _Recorded):
-            return _decoded(outcome.text)
+            return json_of(outcome.text)
         the_op = outcome.op
         if isinstance(outcome, _Started):
             break
@@ -106,7 +105,7 @@ def run_effect(
         probed = mode(outcome.info)
         if probed is not None:
             text = _encoded(probed, config, the_op, "the on_doubt probe")
-            return _decoded(_record(conn, clock, lease, the_op, text, probed=True))
+            return json_of(_record(conn, clock, lease, the_op, text, probed=True))
         # The probe found nothing done: run fn again, as "retry" would.
         mode = "retry"
     failpoint.hit("effect.after_start")
@@ -138,7 +137,7 @@ def run_effect(
         raise
     recorded = _record(conn, clock, lease, the_op, text, probed=False)
     failpoint.hit("effect.after_record")
-    return _decoded(recorded)
+    return json_of(recorded)
 
 
 def _start(
@@ -274,10 +273,3 @@ def _encoded(result: object, config: Config, the_op: _Op, source: str) -> str:
         f"effect {the_op.op!r} of job {the_op.job_id}: {source} returned a result that "
         f"cannot be recorded: {why}. The effect is now in doubt"
     )
-
-
-def _decoded(text: str) -> JSON:
-    if text == _NULL:
-        return None
-    value: JSON = json.loads(text)
-    return value

@@ -143,6 +143,8 @@ def identity_of(text: str) -> dict[str, Scalar]:
 
 def json_of(text: str) -> JSON:
     """Decode stored JSON text (a payload, a result)."""
+    if text == "null":  # most payloads and results: no decoder needed
+        return None
     value: JSON = json.loads(text)
     return value
 

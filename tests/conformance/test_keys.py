@@ -13,6 +13,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import impl
 from model import Store
@@ -181,3 +183,25 @@ def test_bad_extras_are_rejected(store: Store, extras: object) -> None:
     assert store.effects(job_id) == []
     with pytest.raises(impl.InvalidIdentity):
         impl.op_key(job_id, "op", extras)  # type: ignore[arg-type]
+
+
+@given(job_id=st.text(), op=st.text(min_size=1), empty=st.sampled_from([None, {}]))
+def test_op_key_without_extras_is_the_formula_for_any_text(
+    job_id: str, op: str, empty: dict[str, object] | None
+) -> None:
+    """The op key of an effect without extras is built without the general encoder;
+    it must still be the contract's formula, whatever the text (quotes, escapes,
+    control characters, non-ASCII; lone surrogates fail alike)."""
+    try:
+        expected = by_hand_op_key(job_id, op, None)
+    except UnicodeEncodeError:
+        with pytest.raises(UnicodeEncodeError):
+            impl.op_key(job_id, op, empty)
+        return
+    assert impl.op_key(job_id, op, empty) == expected
+
+
+@pytest.mark.parametrize("extras", [[], "", 0, ()])
+def test_op_key_refuses_falsy_extras_that_are_not_mappings(extras: object) -> None:
+    with pytest.raises(impl.InvalidIdentity, match="extras"):
+        impl.op_key(ZERO_JOB, "HEAD", extras)  # type: ignore[arg-type]
