@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from model.errors import InvalidIdentity
 
@@ -30,6 +30,27 @@ _ENCODER = json.JSONEncoder(
 def canon(value: object) -> bytes:
     """Encode ``value`` as canonical JSON bytes (the contract's ``canon``)."""
     return _ENCODER.encode(value).encode("utf-8")
+
+
+def _flat_encoder() -> Callable[[object], str]:
+    # JSONEncoder.encode builds its C encoder anew on every call; for a dict already
+    # checked to hold only str keys and str/int/bool/None values (no nesting, hence no
+    # cycles to detect, no floats) the same C encoder can be made once.
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the C accelerator
+        return _ENCODER.encode
+    encode = make(
+        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+    )
+
+    def flat(value: object) -> str:
+        return "".join(encode(value, 0))
+
+    return flat
+
+
+canon_flat = _flat_encoder()
+"""``canon(value).decode()`` for a dict of str to str/int/bool/None (checked by the caller)."""
 
 
 def check_scalars(mapping: object, *, what: str) -> dict[str, Scalar]:

@@ -21,7 +21,7 @@ from impl.sqlite.connection import Tx, float_text, translated
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
-from model.key import KEY_VERSION, Scalar, canon, check_scalars
+from model.key import KEY_VERSION, Scalar, canon, canon_flat, check_scalars
 from model.record import Event, Plan
 from model.validate import INT64_MAX, INT64_MIN, check_int, check_seconds, encode_payload
 
@@ -77,47 +77,86 @@ def plan_items(
             except Exception as exc:  # raised below, after any earlier conflict
                 invalid = exc
                 break
-        stored: dict[str, str] = dict(
-            conn.execute(q.SELECT_PAYLOADS, (json.dumps([p.job_id for p in prepared]),)).fetchall()
-        )
-        fresh: list[_NewJob] = []
-        for new in prepared:
-            found = stored.get(new.job_id)
-            if found is None:
-                fresh.append(new)
-                stored[new.job_id] = new.payload
-            elif found != new.payload:
-                raise IdempotencyConflict(
-                    f"{op} of a {kind!r} job with identity {new.identity}: job "
-                    f"{new.job_id} is already planned with payload {found}, not "
-                    f"{new.payload}; a job's payload is fixed at planning: plan a "
-                    "different identity, or keep the payload"
-                )
-        if invalid is not None:
-            raise invalid
         initial = workflow.initial
         planned = f'[{q.HISTORY_GAP},{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
-        conn.executemany(
-            q.INSERT_JOB,
-            [
-                (
-                    p.job_id,
-                    kind,
-                    p.identity,
-                    p.payload,
-                    initial,
-                    p.max_attempts,
-                    p.priority,
-                    now if p.run_at is None else p.run_at,
-                    now,
-                    now,
-                    planned,
-                )
-                for p in fresh
-            ],
-        )
+        fresh = prepared
+        if invalid is None and len({p.job_id for p in prepared}) == len(prepared):
+            # The usual batch, all new: insert first (existing keys are skipped), and
+            # compare payloads only if some key was planned before.
+            (last_seq,) = conn.execute(q.SELECT_LAST_SEQ).fetchone()
+            changes = conn.total_changes
+            _insert(conn, prepared, kind=kind, initial=initial, now=now, planned=planned)
+            if conn.total_changes - changes != len(prepared):
+                stored = _stored_payloads(conn, prepared, last_seq)
+                fresh = _check_payloads(op, kind, prepared, stored)
+        else:
+            stored = _stored_payloads(conn, prepared, None)
+            fresh = _check_payloads(op, kind, prepared, stored)
+            if invalid is not None:
+                raise invalid
+            _insert(conn, fresh, kind=kind, initial=initial, now=now, planned=planned)
         tx.events.extend((p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh)
     return [p.job_id for p in prepared]
+
+
+def _stored_payloads(
+    conn: sqlite3.Connection, prepared: list[_NewJob], last_seq: int | None
+) -> dict[str, str]:
+    """The stored payloads of the batch's keys (only of rows up to ``last_seq``)."""
+    ids = json.dumps([p.job_id for p in prepared])
+    return dict(conn.execute(q.SELECT_PAYLOADS, {"ids": ids, "last_seq": last_seq}).fetchall())
+
+
+def _check_payloads(
+    op: str, kind: str, prepared: list[_NewJob], stored: dict[str, str]
+) -> list[_NewJob]:
+    """Raise for the first item whose key is planned (before it) with another payload;
+    return the items that are new, first occurrences only."""
+    seen = dict(stored)
+    fresh: list[_NewJob] = []
+    for new in prepared:
+        found = seen.get(new.job_id)
+        if found is None:
+            fresh.append(new)
+            seen[new.job_id] = new.payload
+        elif found != new.payload:
+            raise IdempotencyConflict(
+                f"{op} of a {kind!r} job with identity {new.identity}: job "
+                f"{new.job_id} is already planned with payload {found}, not "
+                f"{new.payload}; a job's payload is fixed at planning: plan a "
+                "different identity, or keep the payload"
+            )
+    return fresh
+
+
+def _insert(
+    conn: sqlite3.Connection,
+    jobs: list[_NewJob],
+    *,
+    kind: str,
+    initial: str,
+    now: float,
+    planned: str,
+) -> None:
+    conn.executemany(
+        q.INSERT_JOB,
+        [
+            (
+                p.job_id,
+                kind,
+                p.identity,
+                p.payload,
+                initial,
+                p.max_attempts,
+                p.priority,
+                now if p.run_at is None else p.run_at,
+                now,
+                now,
+                planned,
+            )
+            for p in jobs
+        ],
+    )
 
 
 def job_key_of(kind_text: str, identity_text: str) -> str:
@@ -173,5 +212,5 @@ def _identity_text(identity: object) -> str:
             if type(key) is not str or type(value) not in _PLAIN:
                 break
         else:
-            return canon(identity).decode("utf-8")
-    return canon(check_scalars(identity, what="identity")).decode("utf-8")
+            return canon_flat(identity)
+    return canon_flat(check_scalars(identity, what="identity"))

@@ -67,9 +67,13 @@ SELECT_JOB_STATE = "SELECT state FROM jobs WHERE job_id = ?"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = ?"
 # The stored payloads of a batch of job ids (a JSON array): one statement for a whole
 # plan_many instead of one lookup per item.
-SELECT_PAYLOADS = (
-    "SELECT job_id, payload FROM jobs WHERE job_id IN (SELECT value FROM json_each(?))"
-)
+# plan_many's fast path inserts first; ``:last_seq`` (the last row before it, or NULL for
+# no limit) tells the rows planned earlier from the ones it just inserted.
+SELECT_PAYLOADS = """
+SELECT job_id, payload FROM jobs
+WHERE job_id IN (SELECT value FROM json_each(:ids)) AND (:last_seq IS NULL OR seq <= :last_seq)
+"""
+SELECT_LAST_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
 
 # seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
 # The PLANNED entry is the job's first row entry (hist_n = 1), written inline.
@@ -78,6 +82,7 @@ INSERT INTO jobs (
     job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
     priority, run_at, token, created_at, updated_at, hist, hist_n
 ) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?, ?, 1)
+ON CONFLICT (job_id) DO NOTHING
 """
 
 # What every lease-taking call reads to fence a lease (and to explain a refusal): the

@@ -161,6 +161,21 @@ def test_plan_many_repeats_and_existing_jobs_return_the_same_id(store: Store) ->
     assert len(store.jobs()) == 2
 
 
+def test_plan_many_with_some_jobs_planned_before_plans_only_the_new_ones(
+    store: Store, clock: ManualClock
+) -> None:
+    setup(store)
+    existing = store.plan("linear", {"n": 1}, payload="a")
+    planned_at = store.job(existing).created_at
+    clock.advance(5.0)
+    ids = store.plan_many("linear", [{"n": 2}, Plan({"n": 1}, payload="a"), {"n": 3}])
+    assert ids[1] == existing
+    assert [j.job_id for j in store.jobs()] == [existing, ids[0], ids[2]]
+    assert store.job(existing).created_at == planned_at
+    assert [h.event for h in store.history(existing)] == [impl.Event.PLANNED]
+    assert [h.at for h in store.history(ids[2])] == [planned_at + 5.0]
+
+
 def test_plan_many_is_all_or_nothing_on_a_conflict_with_a_stored_job(store: Store) -> None:
     setup(store)
     existing = store.plan("linear", {"n": 1}, payload="a")
