@@ -225,3 +225,82 @@ def test_a_version_1_database_upgrades_and_keeps_everything(tmp_path: Path) -> N
         assert version == SCHEMA_VERSION
     finally:
         conn.close()
+
+
+def _v2_database(path: Path) -> tuple[str, str, str]:
+    """A version 2 database with three jobs whose effects are open in different ways:
+    a start whose lease ended (dead), a start under a live lease, and one in doubt."""
+    conn = _raw(path)
+    jobs = ("1" * 64, "2" * 64, "3" * 64)
+    try:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at REAL NOT NULL)"
+        )
+        for migration in MIGRATIONS[:2]:
+            for statement in migration.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations VALUES (?, ?, 0)",
+                (migration.version, migration.name),
+            )
+        conn.execute("INSERT INTO workflows VALUES ('flow', ?, 'A', 'FAILED')", (FLOW_TEXT,))
+        conn.executemany(
+            "INSERT INTO workflow_states VALUES ('flow', ?, ?)",
+            [("A", 0), ("B", 0), ("C", 1), ("FAILED", 1)],
+        )
+        conn.executemany(
+            "INSERT INTO workflow_edges VALUES ('flow', ?, ?)", [("A", "B"), ("B", "C")]
+        )
+        for n, (job_id, worker, expires) in enumerate(
+            zip(jobs, (None, "w", None), (None, 1e12, None), strict=True), start=1
+        ):
+            conn.execute(
+                "INSERT INTO jobs (seq, job_id, kind, identity, payload, state, terminal,"
+                " attempts, max_attempts, priority, run_at, token, lease_worker,"
+                " lease_expires_at, created_at, updated_at)"
+                " VALUES (?, ?, 'flow', ?, 'null', 'A', 0, 1, 5, 0, 10.0, 2, ?, ?, 10.0, 11.0)",
+                (n, job_id, f'{{"n":{n}}}', worker, expires),
+            )
+            conn.executemany(
+                "INSERT INTO history (job_id, id, at, event, token, worker, detail)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (job_id, 1, 10.0, "planned", 0, None, "{}"),
+                    (job_id, 2, 10.5, "leased", 2, "w", "{}"),
+                    (job_id, 3, 10.6, "effect_started", 2, "w", '{"op":"op"}'),
+                ],
+            )
+        for job_id, status in zip(jobs, ("started", "started", "in_doubt"), strict=True):
+            conn.execute(
+                "INSERT INTO effects (job_id, op_key, op, extras, status, result, started_at,"
+                " finished_at, token, started_by, seq)"
+                " VALUES (?, 'k', 'op', '{}', ?, NULL, 10.6, NULL, 2, 'w', 1)",
+                (job_id, status),
+            )
+    finally:
+        conn.close()
+    return jobs
+
+
+def test_a_version_2_database_keeps_its_open_effects_and_history(tmp_path: Path) -> None:
+    """Version 3 moves the history and finds dead starts differently: a ledger written by
+    version 2 must count and reconcile the same starts, and keep every entry in order."""
+    path = tmp_path / "db.sqlite"
+    dead, live, doubted = _v2_database(path)
+    with SqliteStore(path, clock=ManualClock(20.0)) as store:
+        assert store.stats().in_doubt == 2, "the dead start and the one in doubt"
+        assert store.reconcile(dry_run=True).effects_in_doubt == 1
+        assert store.reconcile().effects_in_doubt == 1
+        assert [e.status for e in store.effects(dead)] == [EffectStatus.IN_DOUBT]
+        assert [e.status for e in store.effects(live)] == [EffectStatus.STARTED]
+        assert [e.status for e in store.effects(doubted)] == [EffectStatus.IN_DOUBT]
+        assert [h.event for h in store.history(dead)] == [
+            Event.PLANNED,
+            Event.LEASED,
+            Event.EFFECT_STARTED,
+            Event.EFFECT_IN_DOUBT,
+        ]
+        # The live lease's start becomes dead when its lease ends, like any other.
+        store.cancel(live, "stop")
+        assert store.stats().in_doubt == 3
