@@ -1,10 +1,13 @@
 """Planning jobs on SQLite: ``plan`` and ``plan_many`` in one transaction.
 
-Items are validated in order, then checked against the stored jobs (one lookup for the
-whole batch) and the items before them, inside the write transaction, so the first bad
-item decides the error exactly as in the model and a failing batch plans nothing. Each
-identity is canonically encoded once, for its key and its stored text alike; new rows and
-their PLANNED history entries (inline, in the row) are written with one ``executemany``.
+Items are validated in order, inside the write transaction, and a failing batch plans
+nothing. A batch of valid items with distinct keys is inserted at once (keys already
+planned are skipped), and only if some were skipped are the stored payloads read, to
+raise for the first item in order whose payload differs. A batch with an invalid item or
+a repeated key is checked against the stored jobs and the items before it first, so the
+first bad item decides the error exactly as in the model. Each identity is canonically
+encoded once, for its key and its stored text alike; new rows carry their PLANNED
+history entry inline.
 """
 
 from __future__ import annotations

@@ -66,9 +66,9 @@ SELECT_JOB = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE job_id = ?"
 SELECT_JOB_STATE = "SELECT state FROM jobs WHERE job_id = ?"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = ?"
 # The stored payloads of a batch of job ids (a JSON array): one statement for a whole
-# plan_many instead of one lookup per item.
-# plan_many's fast path inserts first; ``:last_seq`` (the last row before it, or NULL for
-# no limit) tells the rows planned earlier from the ones it just inserted.
+# plan_many instead of one lookup per item. plan_many's fast path inserts first, and
+# ``:last_seq`` (the last row before it, or NULL for no limit) tells the rows planned
+# earlier from the ones it just inserted.
 SELECT_PAYLOADS = """
 SELECT job_id, payload FROM jobs
 WHERE job_id IN (SELECT value FROM json_each(:ids)) AND (:last_seq IS NULL OR seq <= :last_seq)

@@ -64,7 +64,7 @@ def effects(conn: sqlite3.Connection, job_id: str) -> list[EffectInfo]:
 def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
     """Return the job's history oldest first, or raise :class:`UnknownJob`.
 
-    The entries are merged by number from the job's row, its effects' rows and the
+    The entries are merged by position from the job's row, its effects' rows and the
     history table (see schema version 3).
     """
     with snapshot(conn):

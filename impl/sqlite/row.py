@@ -255,7 +255,7 @@ def history_event(job_id: str, row: Sequence[object]) -> HistoryEvent:
 
 
 Entry = tuple[int, HistoryEvent]
-"""A history entry and its number (its place in the job's history)."""
+"""A history entry and its position (its place in the job's history)."""
 
 
 def inline_entries(job_id: str, text: str) -> list[Entry]:
