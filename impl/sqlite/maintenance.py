@@ -96,8 +96,7 @@ def stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
         by_state = {w.name: dict.fromkeys(w.states, 0) for w in catalog.all(conn)}
         for kind, state, count in conn.execute(q.SELECT_STATE_COUNTS):
             by_state.setdefault(str(kind), {})[str(state)] = int(count)
-        live, expired = conn.execute(q.COUNT_LEASES, params).fetchone()
-        oldest = conn.execute(q.OLDEST_ELIGIBLE_RUN_AT, params).fetchone()[0]
+        live, expired, oldest = conn.execute(q.ACTIVE_SUMMARY, params).fetchone()
         return Stats(
             by_state=by_state,
             leases_live=int(live),

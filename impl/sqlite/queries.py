@@ -388,10 +388,6 @@ SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs INDE
 WHERE terminal = 0 AND lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
 """
 SELECT_STATE_COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
-COUNT_LEASES = """
-SELECT ifnull(sum(lease_expires_at > :now), 0), ifnull(sum(lease_expires_at <= :now), 0)
-FROM jobs INDEXED BY jobs_active WHERE terminal = 0 AND lease_worker IS NOT NULL
-"""
 COUNT_IN_DOUBT = (
     "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
     " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
@@ -399,8 +395,12 @@ COUNT_IN_DOUBT = (
 COUNT_FAILED = """
 SELECT count(*) FROM jobs AS j JOIN workflows AS w ON w.name = j.kind WHERE j.state = w.failed
 """
-OLDEST_ELIGIBLE_RUN_AT = """
-SELECT min(run_at) FROM jobs
-WHERE terminal = 0 AND run_at <= :now AND ifnull(lease_expires_at, :now) <= :now
-  AND attempts < max_attempts
+# The active jobs' part of the stats in one walk: live and expired leases, and the run_at
+# of the oldest eligible job.
+ACTIVE_SUMMARY = """
+SELECT ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
+    ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at <= :now), 0),
+    min(CASE WHEN run_at <= :now AND ifnull(lease_expires_at, :now) <= :now
+             AND attempts < max_attempts THEN run_at END)
+FROM jobs INDEXED BY jobs_active WHERE terminal = 0
 """

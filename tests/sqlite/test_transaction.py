@@ -159,7 +159,7 @@ def test_leases_are_found_among_the_active_jobs_only(tmp_path: Path) -> None:
             q.SELECT_EXPIRED_LEASES,
             q.COUNT_EXPIRED_LEASES,
             q.SELECT_LEASES,
-            q.COUNT_LEASES,
+            q.ACTIVE_SUMMARY,
         ):
             plan = _plan_of(store, sql, {"now": 0.0})
             assert "USING INDEX jobs_active" in plan, plan
