@@ -27,6 +27,7 @@ from types import TracebackType
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
+from impl.sqlite.row import inline_entries
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -319,21 +320,21 @@ class Tx:
         (see schema version 3); a statement that changes the row can carry the entry
         itself instead: see :meth:`entry`.
         """
-        rest = self.entry(job_id, event, token, worker, detail)
-        (length,) = self.conn.execute(q.APPEND_HISTORY, {"job_id": job_id, "rest": rest}).fetchone()
+        line = self.entry(job_id, event, token, worker, detail)
+        (length,) = self.conn.execute(q.APPEND_HISTORY, {"job_id": job_id, "line": line}).fetchone()
         self.spill_if_long(job_id, length)
 
     def entry(
         self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
     ) -> str:
-        """Note an entry the caller's statement appends inline; return its ``:rest`` text.
+        """Note an entry the caller's statement appends inline; return its ``:line``.
 
         The statement must end its SET with ``queries.ROW_ENTRY`` and return the new
         length of the text, for :meth:`spill_if_long`.
         """
         now = self.now
         self.events.append((job_id, now, event, token, worker, detail))
-        return f'{float_text(now)},"{event}",{token},{worker_text(worker)},{detail}]\n'
+        return f'[{float_text(now)},"{event}",{token},{worker_text(worker)},{detail}]\n'
 
     def spill_if_long(self, job_id: str, length: int) -> None:
         """Move the job's inline entries to the history table once their text is long.
@@ -343,11 +344,11 @@ class Tx:
         if length <= q.INLINE_HISTORY_LIMIT:
             return
         conn = self.conn
-        (text,) = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
-        rows = []
-        for line in str(text).splitlines():
-            position, at, event, token, worker, detail = json.loads(line)
-            rows.append((job_id, position, at, event, token, worker, text_of_detail(detail)))
+        text, hist_n = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
+        rows = [
+            (job_id, position, e.at, e.event.value, e.token, e.worker, text_of_detail(e.detail))
+            for position, e in inline_entries(job_id, str(text), int(hist_n))
+        ]
         conn.executemany(q.INSERT_HISTORY_ROW, rows)
         conn.execute(q.CLEAR_INLINE_HISTORY, (job_id,))
 

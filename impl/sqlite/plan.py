@@ -81,7 +81,7 @@ def plan_items(
                 invalid = exc
                 break
         initial = workflow.initial
-        planned = f'[{q.HISTORY_GAP},{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
+        planned = f'[{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
         fresh = prepared
         if invalid is None and len({p.job_id for p in prepared}) == len(prepared):
             # The usual batch, all new: insert first (existing keys are skipped), and

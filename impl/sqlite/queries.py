@@ -99,17 +99,14 @@ FROM jobs WHERE job_id = ?
 # entries between two row entries, and 2**31 row entries per job.
 HISTORY_GAP = 1 << 32
 _GAP = str(HISTORY_GAP)
-# An entry appended inline to the job's row, at its next row position; ``{rest}`` is the
-# rest of the JSON line. Statements that end with this fragment return the new length of
-# the text, and the store moves the entries to the history table once it is long
-# (connection.Tx.spill_if_long), so a job renewed for hours keeps a short row.
-_ROW_ENTRY = (
-    """hist_n = hist_n + 1,
-    hist = hist || '[' || ((hist_n + 1) * """
-    + _GAP
-    + """) || ',' || {rest}"""
-)
-ROW_ENTRY = _ROW_ENTRY.format(rest=":rest")
+# An entry appended inline to the job's row as the JSON line ``{line}`` (``[at, event,
+# token, worker, detail]``); its position is implied: the inline lines are the job's last
+# row entries, the last one at hist_n * HISTORY_GAP. Statements that end with this
+# fragment return the new length of the text, and the store moves the entries to the
+# history table once it is long (connection.Tx.spill_if_long), so a job renewed for hours
+# keeps a short row.
+_ROW_ENTRY = "hist_n = hist_n + 1, hist = hist || {line}"
+ROW_ENTRY = _ROW_ENTRY.format(line=":line")
 
 # lease_next's candidate: the first eligible row (no lease, or an expired one), walking
 # the partial index jobs_active (every non-terminal job) in lease_next's own order. The
@@ -147,7 +144,8 @@ _CLAIM = (
 UPDATE jobs SET token = token + 1, attempts = attempts + 1, lease_worker = :worker,
     lease_expires_at = :expires_at, updated_at = :now, """
     + _ROW_ENTRY.format(
-        rest=":at || ',\"leased\",' || (token + 1) || ',' || :worker_text || ',{{}}]' || char(10)"
+        line="'[' || :at || ',\"leased\",' || (token + 1) || ',' || :worker_text || ',{{}}]'"
+        " || char(10)"
     )
     + """
 WHERE seq = ({candidate})
@@ -365,7 +363,7 @@ INSERT_HISTORY_ROW = """
 INSERT INTO history (job_id, id, at, event, token, worker, detail) VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_HISTORY = "SELECT id, at, event, token, worker, detail FROM history WHERE job_id = ?"
-SELECT_INLINE_HISTORY = "SELECT hist FROM jobs WHERE job_id = ?"
+SELECT_INLINE_HISTORY = "SELECT hist, hist_n FROM jobs WHERE job_id = ?"
 SELECT_EFFECT_ENTRIES = """
 SELECT start_n, started_at, finish_n, finished_at, token, started_by, op FROM effects
 WHERE job_id = ? AND (start_n IS NOT NULL OR finish_n IS NOT NULL)

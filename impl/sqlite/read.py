@@ -75,7 +75,7 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
             (int(row[0]), history_event(job_id, row[1:]))
             for row in conn.execute(q.SELECT_HISTORY, (job_id,))
         ]
-        entries.extend(inline_entries(job_id, str(found[0])))
+        entries.extend(inline_entries(job_id, str(found[0]), int(found[1])))
         for row in conn.execute(q.SELECT_EFFECT_ENTRIES, (job_id,)):
             entries.extend(effect_entries(job_id, row))
     entries.sort(key=lambda entry: entry[0])

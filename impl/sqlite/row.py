@@ -258,14 +258,20 @@ Entry = tuple[int, HistoryEvent]
 """A history entry and its position (its place in the job's history)."""
 
 
-def inline_entries(job_id: str, text: str) -> list[Entry]:
-    """Decode the entries kept inline in a job's row (``jobs.hist``, JSON lines)."""
+def inline_entries(job_id: str, text: str, hist_n: int) -> list[Entry]:
+    """Decode the entries kept inline in a job's row (``jobs.hist``, JSON lines).
+
+    They are the job's last row entries, the last one the ``hist_n``-th, so their
+    positions follow from their count (see ``queries.HISTORY_GAP``).
+    """
+    lines = text.splitlines()
+    first = hist_n - len(lines) + 1
     out: list[Entry] = []
-    for line in text.splitlines():
-        n, at, event, token, worker, detail = json.loads(line)
+    for n, line in enumerate(lines, start=first):
+        at, event, token, worker, detail = json.loads(line)
         out.append(
             (
-                int(n),
+                n * q.HISTORY_GAP,
                 HistoryEvent(
                     job_id=job_id,
                     at=float(at),

@@ -267,9 +267,10 @@ _V2 = (
 # a commit costs. Every entry has a position (an integer, increasing in the order the
 # entries were written); the entries live in three places and a read merges them:
 # - ``jobs.hist``: entries of the transactions that write the job's row anyway (planned,
-#   leased, advanced, ...), appended inline as JSON lines ``[position, at, event, token,
-#   worker, detail]`` while the text is short. ``jobs.hist_n`` counts these row entries;
-#   the n-th is at n * 2**32 (queries.HISTORY_GAP);
+#   leased, advanced, ...), appended inline as JSON lines ``[at, event, token, worker,
+#   detail]``. ``jobs.hist_n`` counts these row entries and the n-th is at n * 2**32
+#   (queries.HISTORY_GAP); the inline lines are the last ones, moved to ``history`` with
+#   their positions once the text is long;
 # - ``effects.start_n`` / ``effects.finish_n``: the positions of an effect's started and
 #   recorded entries, read from the effect's own row (its time, token, worker and op),
 #   which the start and the result write anyway. They take the next free position after

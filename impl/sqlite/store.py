@@ -299,7 +299,7 @@ class SqliteStore:
                 "now": tx.now,
                 "job_id": job_id,
                 "token": token,
-                "rest": tx.entry(job_id, _ADVANCED, token, holder, move_detail(state, to_state)),
+                "line": tx.entry(job_id, _ADVANCED, token, holder, move_detail(state, to_state)),
             }
             sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
             (length,) = conn.execute(sql, params).fetchone()

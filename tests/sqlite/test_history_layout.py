@@ -58,7 +58,8 @@ def test_a_long_history_spills_to_the_table_and_reads_in_order(tmp_path: Path) -
         job_id = _each(stores, lambda s: s.plan("flow", {"n": 1}))[0]
         leases = _each(stores, lambda s: s.lease_next("w"))
         # Enough renewals that the inline text passes its limit.
-        for i in range(q.INLINE_HISTORY_LIMIT // 40):
+        # A renewal line is at least 20 characters: this passes the limit at least once.
+        for i in range(q.INLINE_HISTORY_LIMIT // 20 + 1):
             clock.advance(0.5)
             leases = [s.renew(lease) for s, lease in zip(stores, leases, strict=True)]
             if i % 7 == 0:
