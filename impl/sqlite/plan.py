@@ -177,6 +177,11 @@ def job_key_of(kind_text: str, identity_text: str) -> str:
 def _prepare(
     config: Config, kind: str, kind_text: str, item: Mapping[str, Scalar] | Plan
 ) -> _NewJob:
+    if type(item) is dict:
+        # A bare identity, the usual item of a big batch: only the identity to check.
+        identity_text = _identity_text(item)
+        job_id = job_key_of(kind_text, identity_text)
+        return _NewJob(job_id, identity_text, _NULL, 0, config.max_attempts, None)
     if isinstance(item, Plan):
         identity, payload_value = item.identity, item.payload
         priority, attempts, run_at_value = item.priority, item.max_attempts, item.run_at
