@@ -26,6 +26,7 @@ from model.config import Config
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
+    InvalidIdentity,
     InvalidInput,
     LeaseLost,
     StorageError,
@@ -150,6 +151,9 @@ def _start(
     mode: OnDoubt,
 ) -> _Started | _Recorded | _Doubt:
     with Tx(conn, "effect_start", clock) as tx:
+        started = _start_fenced(conn, tx, lease, op, extras) if fenceable(lease) else None
+        if started is not None:
+            return started
         token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
         job_id = lease.job_id
         key = op_key(job_id, op, extras)
@@ -163,6 +167,7 @@ def _start(
             "now": tx.now,
             "token": token,
             "worker": lease.worker,
+            "attempt": attempt,
         }
         # The usual case first: no row yet, so the start is one insert.
         if conn.execute(q.INSERT_EFFECT_START, params).rowcount:
@@ -191,6 +196,37 @@ def _start(
         conn.execute(q.RESTART_EFFECT, params)
         tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
         return _Started(the_op, token=token, attempt=attempt)
+
+
+def _start_fenced(
+    conn: sqlite3.Connection, tx: Tx, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
+) -> _Started | None:
+    """The usual start in one statement: no row for the op yet and the lease live.
+
+    None when it does not apply (a bad op or extras, a lost lease, an existing row): the
+    general path then decides, in the model's order (the lease is checked first).
+    """
+    job_id = lease.job_id
+    try:
+        key = op_key(job_id, op, extras)
+        extras_text = text_of(check_scalars(extras, what="extras")) if extras else "{}"
+    except InvalidIdentity:
+        return None
+    params = {
+        "op_key": key,
+        "job_id": job_id,
+        "op": op,
+        "extras": extras_text,
+        "now": tx.now,
+        "token": lease.token,
+        "worker": lease.worker,
+    }
+    row = conn.execute(q.START_EFFECT_FENCED, params).fetchone()
+    if row is None:
+        return None
+    # The STARTED entry is the new row's own (start_n).
+    tx.note(job_id, _STARTED, lease.token, lease.worker, op_detail(op))
+    return _Started(_Op(job_id, op, key, extras_text), token=lease.token, attempt=int(row[0]))
 
 
 def _record(

@@ -292,15 +292,39 @@ INSERT_EFFECT_START = (
     """
 INSERT INTO effects (
     job_id, op_key, op, extras, status, result, started_at, finished_at, token,
-    started_by, seq, start_n
+    started_by, seq, start_n, attempt
 ) VALUES (
     :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
     (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id),
     """
     + _NEXT_EFFECT_POSITION
-    + """
+    + """,
+    :attempt
 )
 ON CONFLICT DO NOTHING
+"""
+)
+# The usual start as one statement: the row is inserted only under the job's live lease of
+# :token, and returns the job's attempt for the effect's context (the fence read is not
+# needed). Nothing is inserted when the lease is not live or the op has a row already;
+# the store then takes the general path, which reads the fence to say why.
+START_EFFECT_FENCED = (
+    """
+INSERT INTO effects (
+    job_id, op_key, op, extras, status, result, started_at, finished_at, token,
+    started_by, seq, start_n, attempt
+)
+SELECT :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
+    (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id),
+    """
+    + _NEXT_EFFECT_POSITION
+    + """,
+    j.attempts
+FROM jobs AS j
+WHERE j.job_id = :job_id AND j.token = :token
+  AND j.lease_worker IS NOT NULL AND j.lease_expires_at > :now
+ON CONFLICT DO NOTHING
+RETURNING attempt
 """
 )
 # The entries an effect row carries are copied to the history table before the row is
@@ -322,7 +346,7 @@ WHERE job_id = :job_id AND op_key = :op_key AND finish_n IS NOT NULL
 RESTART_EFFECT = """
 UPDATE effects SET status = 'started', result = NULL, started_at = :now,
     finished_at = NULL, token = :token, started_by = :worker, start_n = NULL,
-    finish_n = NULL, doubt = 0
+    finish_n = NULL, doubt = 0, attempt = :attempt
 WHERE job_id = :job_id AND op_key = :op_key AND status != 'done'
 """
 DELETE_OWN_START = """

@@ -284,6 +284,8 @@ _V3 = (
     "ALTER TABLE jobs ADD COLUMN hist_n INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE effects ADD COLUMN start_n INTEGER",
     "ALTER TABLE effects ADD COLUMN finish_n INTEGER",
+    # The attempt of the job that started the effect (NULL for starts before version 3).
+    "ALTER TABLE effects ADD COLUMN attempt INTEGER",
     """
     CREATE TABLE history_v3 (
         job_id TEXT NOT NULL,

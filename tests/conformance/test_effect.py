@@ -304,6 +304,24 @@ def test_lost_lease_never_records_a_result(store: Store, clock: ManualClock) -> 
     assert store.stats().in_doubt == 1
 
 
+@pytest.mark.parametrize(("op", "extras"), [("", None), ("op", {"x": 1.5})])
+def test_a_dead_lease_is_reported_before_a_bad_op(
+    store: Store, clock: ManualClock, op: str, extras: dict[str, object] | None
+) -> None:
+    """The lease is checked first, as in the model: a caller whose lease died learns that,
+    whatever else is wrong with the call; with a live lease the bad op is refused."""
+    setup(store)
+    lease = plan_and_lease(store)
+    fn = Counter()
+    with pytest.raises(impl.InvalidIdentity):
+        store.run_effect(lease, op, fn, extras=extras)  # type: ignore[arg-type]
+    expire(clock, lease)
+    with pytest.raises(impl.LeaseLost):
+        store.run_effect(lease, op, fn, extras=extras)  # type: ignore[arg-type]
+    assert fn.calls == []
+    assert store.effects(lease.job_id) == []
+
+
 def test_bad_on_doubt_is_refused(store: Store) -> None:
     setup(store)
     lease = plan_and_lease(store)
