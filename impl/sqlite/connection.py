@@ -27,7 +27,7 @@ from types import TracebackType
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
-from impl.sqlite.row import inline_entries
+from impl.sqlite.row import inline_entries, text_of
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -39,7 +39,6 @@ from model.errors import (
     JobledgerError,
     StorageError,
 )
-from model.key import canon
 from model.record import Event, HistoryEvent
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -98,9 +97,7 @@ def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> None:
             conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall()
             return
         except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", None)
-            busy = isinstance(code, int) and code & 0xFF in (_BUSY, _LOCKED)
-            if not busy or time.monotonic() + pause > deadline:
+            if _primary(exc) not in (_BUSY, _LOCKED) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
@@ -223,26 +220,20 @@ _HISTORY_LOGGERS = tuple(telemetry.logger(c) for c in ("job", "lease", "effect")
 HistoryRow = tuple[str, float, str, int, str | None, str]
 """One history entry as written: job_id, at, event, token, worker, detail text."""
 
-# A worker name as a JSON string inside an inline history line (canonical, like every
-# stored text).
-_WORKER_TEXT = json.JSONEncoder(ensure_ascii=False)
+# Worker names and times inside an inline history line (canonical, like every stored text).
+_JSON_TEXT = json.JSONEncoder(ensure_ascii=False)
 
 
 @functools.lru_cache(maxsize=1024)
 def worker_text(worker: str | None) -> str:
     """A worker name (or None) as JSON text, for an inline history line."""
     # Cached: a process has few worker names, and each writes most entries.
-    return "null" if worker is None else _WORKER_TEXT.encode(worker)
-
-
-def text_of_detail(detail: object) -> str:
-    """A history detail as the canonical JSON text the history table stores."""
-    return canon(detail).decode("utf-8")
+    return "null" if worker is None else _JSON_TEXT.encode(worker)
 
 
 def float_text(value: float) -> str:
     """``value`` as JSON text that ``json.loads`` reads back exactly."""
-    return repr(value) if math.isfinite(value) else _WORKER_TEXT.encode(value)
+    return repr(value) if math.isfinite(value) else _JSON_TEXT.encode(value)
 
 
 class Tx:
@@ -346,7 +337,7 @@ class Tx:
         conn = self.conn
         text, hist_n = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
         rows = [
-            (job_id, position, e.at, e.event.value, e.token, e.worker, text_of_detail(e.detail))
+            (job_id, position, e.at, e.event.value, e.token, e.worker, text_of(e.detail))
             for position, e in inline_entries(job_id, str(text), int(hist_n))
         ]
         conn.executemany(q.INSERT_HISTORY_ROW, rows)
@@ -413,11 +404,16 @@ def translated(asked: str) -> Iterator[None]:
         raise translate(exc, asked) from exc
 
 
+def _primary(exc: sqlite3.Error) -> int | None:
+    """The primary result code of ``exc`` (the low byte of its extended code), if any."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def translate(exc: sqlite3.Error, asked: str) -> StorageError | IllegalTransition:
     """Return the typed error for the ``sqlite3`` exception ``exc`` raised by ``asked``."""
-    code = getattr(exc, "sqlite_errorcode", None)
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-    primary = code & 0xFF if isinstance(code, int) else None
+    primary = _primary(exc)
     text = str(exc)
     found = f"SQLite said {text!r} ({name})"
     if primary in (_BUSY, _LOCKED):

@@ -151,29 +151,27 @@ def _start(
     mode: OnDoubt,
 ) -> _Started | _Recorded | _Doubt:
     with Tx(conn, "effect_start", clock) as tx:
-        started = _start_fenced(conn, tx, lease, op, extras) if fenceable(lease) else None
-        if started is not None:
-            return started
+        # The usual case first, before any read: no row yet and the lease live, so the
+        # start is one fenced insert. A bad op or extras leaves the decision to the
+        # general path below, which checks the lease first, as the model does.
+        tried = False
+        if fenceable(lease):
+            try:
+                the_op = _op_of(lease.job_id, op, extras)
+            except InvalidIdentity:
+                pass
+            else:
+                tried = True
+                started = _insert_start(conn, tx, the_op, lease.token, lease.worker)
+                if started is not None:
+                    return started
         token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
-        job_id = lease.job_id
-        key = op_key(job_id, op, extras)
-        extras_text = text_of(check_scalars(extras, what="extras")) if extras else "{}"
-        the_op = _Op(job_id, op, key, extras_text)
-        params = {
-            "op_key": key,
-            "job_id": job_id,
-            "op": op,
-            "extras": extras_text,
-            "now": tx.now,
-            "token": token,
-            "worker": lease.worker,
-            "attempt": attempt,
-        }
-        # The usual case first: no row yet, so the start is one insert.
-        if conn.execute(q.INSERT_EFFECT_START, params).rowcount:
-            # The STARTED entry is the new row's own (start_n).
-            tx.note(job_id, _STARTED, token, lease.worker, op_detail(op))
-            return _Started(the_op, token=token, attempt=attempt)
+        the_op = _op_of(lease.job_id, op, extras)
+        if not tried:
+            started = _insert_start(conn, tx, the_op, token, lease.worker)
+            if started is not None:
+                return started
+        job_id, key = the_op.job_id, the_op.key
         found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
         if found[4] == "done":
             return _Recorded(the_op, str(found[5]))
@@ -193,40 +191,44 @@ def _start(
             return _Doubt(the_op, info)
         tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
         _copy_entries_out(conn, the_op)
-        conn.execute(q.RESTART_EFFECT, params)
+        params = _start_params(tx, the_op, token, lease.worker)
+        conn.execute(q.RESTART_EFFECT, {**params, "attempt": attempt})
         tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
         return _Started(the_op, token=token, attempt=attempt)
 
 
-def _start_fenced(
-    conn: sqlite3.Connection, tx: Tx, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
-) -> _Started | None:
-    """The usual start in one statement: no row for the op yet and the lease live.
+def _op_of(job_id: str, op: str, extras: Mapping[str, Scalar] | None) -> _Op:
+    """The op's key and extras text; ``InvalidIdentity`` for a bad op or extras."""
+    key = op_key(job_id, op, extras)
+    extras_text = text_of(check_scalars(extras, what="extras")) if extras else "{}"
+    return _Op(job_id, op, key, extras_text)
 
-    None when it does not apply (a bad op or extras, a lost lease, an existing row): the
-    general path then decides, in the model's order (the lease is checked first).
-    """
-    job_id = lease.job_id
-    try:
-        key = op_key(job_id, op, extras)
-        extras_text = text_of(check_scalars(extras, what="extras")) if extras else "{}"
-    except InvalidIdentity:
-        return None
-    params = {
-        "op_key": key,
-        "job_id": job_id,
-        "op": op,
-        "extras": extras_text,
+
+def _start_params(tx: Tx, the_op: _Op, token: int, worker: str) -> dict[str, object]:
+    return {
+        "op_key": the_op.key,
+        "job_id": the_op.job_id,
+        "op": the_op.op,
+        "extras": the_op.extras,
         "now": tx.now,
-        "token": lease.token,
-        "worker": lease.worker,
+        "token": token,
+        "worker": worker,
     }
-    row = conn.execute(q.START_EFFECT_FENCED, params).fetchone()
+
+
+def _insert_start(
+    conn: sqlite3.Connection, tx: Tx, the_op: _Op, token: int, worker: str
+) -> _Started | None:
+    """Insert the op's start under the job's live lease of ``token``, if it has no row.
+
+    None when nothing was inserted (the lease is not live, or the op has a row).
+    """
+    row = conn.execute(q.START_EFFECT_FENCED, _start_params(tx, the_op, token, worker)).fetchone()
     if row is None:
         return None
     # The STARTED entry is the new row's own (start_n).
-    tx.note(job_id, _STARTED, lease.token, lease.worker, op_detail(op))
-    return _Started(_Op(job_id, op, key, extras_text), token=lease.token, attempt=int(row[0]))
+    tx.note(the_op.job_id, _STARTED, token, worker, op_detail(the_op.op))
+    return _Started(the_op, token=token, attempt=int(row[0]))
 
 
 def _record(

@@ -285,29 +285,12 @@ EFFECT_COLUMNS = (
 )
 SELECT_EFFECT = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = ? AND op_key = ?"
 SELECT_EFFECTS_OF_JOB = "SELECT " + EFFECT_COLUMNS + " FROM effects WHERE job_id = ? ORDER BY seq"
-# The usual start: no row for the op key yet. When one exists (recorded, or a start left
-# in doubt) nothing is inserted and the store reads it to decide. seq numbers a job's
-# effects in first-start order (a scan of that job's few rows, in the page being written).
-INSERT_EFFECT_START = (
-    """
-INSERT INTO effects (
-    job_id, op_key, op, extras, status, result, started_at, finished_at, token,
-    started_by, seq, start_n, attempt
-) VALUES (
-    :job_id, :op_key, :op, :extras, 'started', NULL, :now, NULL, :token, :worker,
-    (SELECT ifnull(max(seq), 0) + 1 FROM effects WHERE job_id = :job_id),
-    """
-    + _NEXT_EFFECT_POSITION
-    + """,
-    :attempt
-)
-ON CONFLICT DO NOTHING
-"""
-)
-# The usual start as one statement: the row is inserted only under the job's live lease of
-# :token, and returns the job's attempt for the effect's context (the fence read is not
-# needed). Nothing is inserted when the lease is not live or the op has a row already;
-# the store then takes the general path, which reads the fence to say why.
+# An effect's start: the row is inserted only under the job's live lease of :token, and
+# returns the job's attempt for the effect's context, so the usual start needs no fence
+# read. Nothing is inserted when the lease is not live or the op has a row already
+# (recorded, or a start left in doubt); the store then reads the fence to say why, or the
+# row to replay or resolve it. seq numbers a job's effects in first-start order (a scan of
+# that job's few rows, in the page being written).
 START_EFFECT_FENCED = (
     """
 INSERT INTO effects (

@@ -131,25 +131,31 @@ def test_everything_survives_a_reopen(tmp_path: Path) -> None:
         assert again.run_effect(lease, "op", lambda ctx: 1 / 0, extras={"x": 1}) == {"r": "é"}
 
 
+def _schema_with_flow(conn: sqlite3.Connection, *, upto: int) -> None:
+    """Apply the migrations up to version ``upto`` as they shipped, and store FLOW."""
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+        " applied_at REAL NOT NULL)"
+    )
+    for migration in MIGRATIONS[:upto]:
+        for statement in migration.statements:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_migrations VALUES (?, ?, 0)", (migration.version, migration.name)
+        )
+    conn.execute("INSERT INTO workflows VALUES ('flow', ?, 'A', 'FAILED')", (FLOW_TEXT,))
+    conn.executemany(
+        "INSERT INTO workflow_states VALUES ('flow', ?, ?)",
+        [("A", 0), ("B", 0), ("C", 1), ("FAILED", 1)],
+    )
+    conn.executemany("INSERT INTO workflow_edges VALUES ('flow', ?, ?)", [("A", "B"), ("B", "C")])
+
+
 def _v1_database(path: Path) -> None:
     """Write a database as version 1 of the schema left it, with one job in use."""
     conn = _raw(path)
     try:
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-            " applied_at REAL NOT NULL)"
-        )
-        for statement in MIGRATIONS[0].statements:
-            conn.execute(statement)
-        conn.execute("INSERT INTO schema_migrations VALUES (1, 'initial schema', 0)")
-        conn.execute("INSERT INTO workflows VALUES ('flow', ?, 'A', 'FAILED')", (FLOW_TEXT,))
-        conn.executemany(
-            "INSERT INTO workflow_states VALUES ('flow', ?, ?)",
-            [("A", 0), ("B", 0), ("C", 1), ("FAILED", 1)],
-        )
-        conn.executemany(
-            "INSERT INTO workflow_edges VALUES ('flow', ?, ?)", [("A", "B"), ("B", "C")]
-        )
+        _schema_with_flow(conn, upto=1)
         conn.execute(
             "INSERT INTO jobs (job_id, seq, kind, identity, payload, state, terminal, attempts,"
             " max_attempts, priority, run_at, token, lease_worker, lease_expires_at,"
@@ -233,25 +239,7 @@ def _v2_database(path: Path) -> tuple[str, str, str]:
     conn = _raw(path)
     jobs = ("1" * 64, "2" * 64, "3" * 64)
     try:
-        conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-            " applied_at REAL NOT NULL)"
-        )
-        for migration in MIGRATIONS[:2]:
-            for statement in migration.statements:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO schema_migrations VALUES (?, ?, 0)",
-                (migration.version, migration.name),
-            )
-        conn.execute("INSERT INTO workflows VALUES ('flow', ?, 'A', 'FAILED')", (FLOW_TEXT,))
-        conn.executemany(
-            "INSERT INTO workflow_states VALUES ('flow', ?, ?)",
-            [("A", 0), ("B", 0), ("C", 1), ("FAILED", 1)],
-        )
-        conn.executemany(
-            "INSERT INTO workflow_edges VALUES ('flow', ?, ?)", [("A", "B"), ("B", "C")]
-        )
+        _schema_with_flow(conn, upto=2)
         for n, (job_id, worker, expires) in enumerate(
             zip(jobs, (None, "w", None), (None, 1e12, None), strict=True), start=1
         ):
