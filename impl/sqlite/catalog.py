@@ -47,6 +47,10 @@ class Catalog:
             )
         return self._remember(_decode(str(row[0])))
 
+    def cached(self, name: object) -> Workflow | None:
+        """Return the workflow ``name`` if this handle has read it already, else None."""
+        return self._cache.get(name) if isinstance(name, str) else None
+
     def all(self, conn: sqlite3.Connection) -> list[Workflow]:
         """Return every registered workflow, sorted by name."""
         out = []

@@ -323,9 +323,13 @@ class Tx:
         The statement must end its SET with ``queries.ROW_ENTRY`` and return the new
         length of the text, for :meth:`spill_if_long`.
         """
-        now = self.now
-        self.events.append((job_id, now, event, token, worker, detail))
-        return f'[{float_text(now)},"{event}",{token},{worker_text(worker)},{detail}]\n'
+        self.events.append((job_id, self.now, event, token, worker, detail))
+        return self.line(event, token, worker, detail)
+
+    def line(self, event: str, token: int, worker: str | None, detail: str = "{}") -> str:
+        """The inline text of an entry at ``now``, for a statement that may change nothing
+        (the caller then reports the entry with :meth:`note` only if it did)."""
+        return f'[{float_text(self.now)},"{event}",{token},{worker_text(worker)},{detail}]\n'
 
     def spill_if_long(self, job_id: str, length: int) -> None:
         """Move the job's inline entries to the history table once their text is long.

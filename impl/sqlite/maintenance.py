@@ -93,7 +93,8 @@ def stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
     with translated("stats"), snapshot(conn):
         now = clock()
         params = {"now": now}
-        by_state = {w.name: dict.fromkeys(w.states, 0) for w in catalog.all(conn)}
+        workflows = catalog.all(conn)
+        by_state = {w.name: dict.fromkeys(w.states, 0) for w in workflows}
         for kind, state, count in conn.execute(q.SELECT_STATE_COUNTS):
             by_state.setdefault(str(kind), {})[str(state)] = int(count)
         live, expired, oldest = conn.execute(q.ACTIVE_SUMMARY, params).fetchone()
@@ -102,7 +103,7 @@ def stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
             leases_live=int(live),
             leases_expired=int(expired),
             in_doubt=_count(conn, q.COUNT_IN_DOUBT, params),
-            failed=_count(conn, q.COUNT_FAILED, {}),
+            failed=sum(by_state[w.name][w.failed] for w in workflows),
             oldest_eligible_age=None if oldest is None else now - float(oldest),
         )
 

@@ -72,14 +72,7 @@ def plan_items(
         # Every item is validated first, in order, up to the first invalid one; then the
         # items before it are checked against the stored jobs and the earlier items, so
         # an earlier conflict still wins over a later invalid item, as in the model.
-        prepared: list[_NewJob] = []
-        invalid: Exception | None = None
-        for item in items:
-            try:
-                prepared.append(_prepare(config, kind, kind_text, item))
-            except Exception as exc:  # raised below, after any earlier conflict
-                invalid = exc
-                break
+        prepared, invalid = _prepare_all(config, kind, kind_text, items)
         initial = workflow.initial
         planned = f'[{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
         fresh = prepared
@@ -170,18 +163,54 @@ def job_key_of(kind_text: str, identity_text: str) -> str:
     key and for its stored column: sorted keys put ``"id"`` first, then ``"kind"``,
     then ``"v"``, with no white space.
     """
-    text = f'{{"id":{identity_text},"kind":{kind_text},"v":{KEY_VERSION}}}'
+    text = _KEY_HEAD + identity_text + _key_tail(kind_text)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_KEY_HEAD = '{"id":'
+
+
+def _key_tail(kind_text: str) -> str:
+    """What follows the identity in the text a job key hashes (see :func:`job_key_of`)."""
+    return f',"kind":{kind_text},"v":{KEY_VERSION}}}'
+
+
+def _prepare_all(
+    config: Config, kind: str, kind_text: str, items: list[Mapping[str, Scalar] | Plan]
+) -> tuple[list[_NewJob], Exception | None]:
+    """Prepare ``items`` in order up to the first invalid one; return them and its error.
+
+    The usual item of a big batch, a plain dict of str to str/int/bool/None, is handled
+    in the loop itself (the steps of :func:`_identity_text` and :func:`job_key_of`):
+    calls per item are much of what planning costs in Python.
+    """
+    prepared: list[_NewJob] = []
+    append = prepared.append
+    sha256 = hashlib.sha256
+    tail = _key_tail(kind_text)
+    attempts = config.max_attempts
+    plain = _PLAIN
+    for item in items:
+        if type(item) is dict:
+            for key, value in item.items():
+                if type(key) is not str or type(value) not in plain:
+                    break
+            else:
+                text = canon_flat(item)
+                job_id = sha256((_KEY_HEAD + text + tail).encode("utf-8")).hexdigest()
+                # tuple.__new__ skips NamedTuple's Python-level __new__ (same object).
+                append(tuple.__new__(_NewJob, (job_id, text, _NULL, 0, attempts, None)))
+                continue
+        try:
+            append(_prepare(config, kind, kind_text, item))
+        except Exception as exc:  # raised by the caller, after any earlier conflict
+            return prepared, exc
+    return prepared, None
 
 
 def _prepare(
     config: Config, kind: str, kind_text: str, item: Mapping[str, Scalar] | Plan
 ) -> _NewJob:
-    if type(item) is dict:
-        # A bare identity, the usual item of a big batch: only the identity to check.
-        identity_text = _identity_text(item)
-        job_id = job_key_of(kind_text, identity_text)
-        return _NewJob(job_id, identity_text, _NULL, 0, config.max_attempts, None)
     if isinstance(item, Plan):
         identity, payload_value = item.identity, item.payload
         priority, attempts, run_at_value = item.priority, item.max_attempts, item.run_at

@@ -175,24 +175,26 @@ UPDATE jobs SET attempts = attempts - 1, lease_worker = NULL, lease_expires_at =
     run_at = :run_at, updated_at = :now
 WHERE job_id = :job_id AND token = :token
 """
+# An advance changes the row only if the job is still in :from_state under the live lease
+# of :token held by :worker: the usual advance (from the state the job was leased in) is
+# then this one statement, and the general path passes what it has just read and fenced.
+_ADVANCE_WHERE = """
+WHERE job_id = :job_id AND token = :token AND kind = :kind AND state = :from_state
+  AND lease_worker = :worker AND lease_expires_at > :now
+RETURNING length(hist)
+"""
 ADVANCE_KEEP_LEASE = (
     """
 UPDATE jobs SET state = :state, updated_at = :now, """
     + ROW_ENTRY
-    + """
-WHERE job_id = :job_id AND token = :token
-RETURNING length(hist)
-"""
+    + _ADVANCE_WHERE
 )
 ADVANCE_TO_TERMINAL = (
     """
 UPDATE jobs SET state = :state, terminal = 1, lease_worker = NULL, lease_expires_at = NULL,
     updated_at = :now, """
     + ROW_ENTRY
-    + """
-WHERE job_id = :job_id AND token = :token
-RETURNING length(hist)
-"""
+    + _ADVANCE_WHERE
 )
 RETRY_LATER = """
 UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, run_at = :run_at,
@@ -397,9 +399,6 @@ COUNT_IN_DOUBT = (
     "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
     " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
 )
-COUNT_FAILED = """
-SELECT count(*) FROM jobs AS j JOIN workflows AS w ON w.name = j.kind WHERE j.state = w.failed
-"""
 # The active jobs' part of the stats in one walk: live and expired leases, and the run_at
 # of the oldest eligible job.
 ACTIVE_SUMMARY = """

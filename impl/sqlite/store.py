@@ -273,6 +273,8 @@ class SqliteStore:
         """Follow one declared edge; False for a replay of the current or a passed state."""
         conn = self._connection()
         with Tx(conn, "advance", self._clock) as tx:
+            if self._advance_as_leased(conn, tx, lease, to_state):
+                return True
             token, holder, _, _, _, state, kind = fence(conn, lease, tx.now, "advance")
             job_id = lease.job_id
             workflow = self._catalog.get(conn, kind)
@@ -294,17 +296,45 @@ class SqliteStore:
                     f"declared edge of workflow {workflow.name!r}; next states from "
                     f"{state!r}: {sorted(workflow.successors()[state])}"
                 )
-            params = {
-                "state": to_state,
-                "now": tx.now,
-                "job_id": job_id,
-                "token": token,
-                "line": tx.entry(job_id, _ADVANCED, token, holder, move_detail(state, to_state)),
-            }
-            sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
-            (length,) = conn.execute(sql, params).fetchone()
-            tx.spill_if_long(job_id, length)
+            moved = _advance_row(
+                conn,
+                tx,
+                workflow,
+                job_id=job_id,
+                token=token,
+                worker=holder,
+                from_state=state,
+                to_state=to_state,
+            )
+            if not moved:  # pragma: no cover - fence has just read exactly this row
+                raise AssertionError("a fenced advance along a declared edge updated nothing")
         return True
+
+    def _advance_as_leased(
+        self, conn: sqlite3.Connection, tx: Tx, lease: Lease, to_state: str
+    ) -> bool:
+        """The usual advance in one statement: from the state the job was leased in,
+        along a declared edge, under the live lease. False (nothing changed) leaves every
+        other case, refusals included, to the general path."""
+        if not fenceable(lease) or type(to_state) is not str or type(lease.state) is not str:
+            return False
+        workflow = self._catalog.cached(lease.kind)
+        if (
+            workflow is None
+            or (lease.state, to_state) not in workflow.transitions
+            or to_state == workflow.failed
+        ):
+            return False
+        return _advance_row(
+            conn,
+            tx,
+            workflow,
+            job_id=lease.job_id,
+            token=lease.token,
+            worker=lease.worker,
+            from_state=lease.state,
+            to_state=to_state,
+        )
 
     def fail(
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
@@ -478,3 +508,36 @@ def _kinds(kinds: Sequence[str]) -> list[str]:
             f"kinds must be a sequence of kind names, got the str {kinds!r}; pass [{kinds!r}]"
         )
     return [str(k) for k in kinds]
+
+
+def _advance_row(
+    conn: sqlite3.Connection,
+    tx: Tx,
+    workflow: Workflow,
+    *,
+    job_id: str,
+    token: int,
+    worker: str | None,
+    from_state: str,
+    to_state: str,
+) -> bool:
+    """Move the job from ``from_state`` to ``to_state`` (a declared edge) if it is still
+    there under the live lease of ``token`` held by ``worker``; False if it is not."""
+    detail = move_detail(from_state, to_state)
+    params = {
+        "state": to_state,
+        "now": tx.now,
+        "job_id": job_id,
+        "token": token,
+        "kind": workflow.name,
+        "from_state": from_state,
+        "worker": worker,
+        "line": tx.line(_ADVANCED, token, worker, detail),
+    }
+    sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
+    row = conn.execute(sql, params).fetchone()
+    if row is None:
+        return False
+    tx.note(job_id, _ADVANCED, token, worker, detail)
+    tx.spill_if_long(job_id, row[0])
+    return True

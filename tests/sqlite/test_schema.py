@@ -292,3 +292,36 @@ def test_a_version_2_database_keeps_its_open_effects_and_history(tmp_path: Path)
         # The live lease's start becomes dead when its lease ends, like any other.
         store.cancel(live, "stop")
         assert store.stats().in_doubt == 3
+
+
+def test_a_version_3_database_counts_the_same_without_the_state_index(tmp_path: Path) -> None:
+    """Version 4 drops the (kind, state) index: the counts by state and the failed count
+    of a ledger written by version 3 read the same from a scan, and new jobs count too."""
+    path = tmp_path / "db.sqlite"
+    conn = _raw(path)
+    try:
+        _schema_with_flow(conn, upto=3)
+        for n, state, terminal in ((1, "A", 0), (2, "B", 0), (3, "FAILED", 1), (4, "FAILED", 1)):
+            conn.execute(
+                "INSERT INTO jobs (seq, job_id, kind, identity, payload, state, terminal,"
+                " attempts, max_attempts, priority, run_at, token, created_at, updated_at,"
+                " hist, hist_n) VALUES (?, ?, 'flow', ?, 'null', ?, ?, 0, 5, 0, 10.0, 0, 10.0,"
+                " 10.0, '', 0)",
+                (n, str(n) * 64, f'{{"n":{n}}}', state, terminal),
+            )
+    finally:
+        conn.close()
+    with SqliteStore(path, clock=ManualClock(20.0)) as store:
+        stats = store.stats()
+        assert stats.by_state["flow"] == {"A": 1, "B": 1, "C": 0, "FAILED": 2}
+        assert stats.failed == 2
+        store.plan("flow", {"n": 5})
+        assert store.stats().by_state["flow"]["A"] == 2
+        indexes = {
+            row[0]
+            for row in store._connection().execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
+            )
+        }
+    assert "jobs_kind_state" not in indexes
+    assert "jobs_active" in indexes
