@@ -68,6 +68,8 @@ _EVENT_CONCERN: dict[Event, str] = {
 _LOGGERS: dict[str, logging.Logger] = {
     concern: logging.getLogger(f"{ROOT_LOGGER}.{concern}") for concern in CONCERNS
 }
+# The loggers history entries go to (see _EVENT_CONCERN).
+_HISTORY_LOGGERS = (_LOGGERS["job"], _LOGGERS["lease"], _LOGGERS["effect"])
 _listeners: tuple[Listener, ...] = ()
 _listeners_lock = threading.Lock()
 
@@ -101,6 +103,21 @@ def remove_listener(listener: Listener) -> None:
         if listener in remaining:
             remaining.remove(listener)
         _listeners = tuple(remaining)
+
+
+def history_wanted() -> bool:
+    """True if history entries go anywhere: a listener, or a history logger at DEBUG.
+
+    When False, a store need not even turn the entries it wrote into events.
+    """
+    if _listeners:
+        return True
+    job, lease, effect = _HISTORY_LOGGERS
+    return (
+        job.isEnabledFor(logging.DEBUG)
+        or lease.isEnabledFor(logging.DEBUG)
+        or effect.isEnabledFor(logging.DEBUG)
+    )
 
 
 def listeners() -> tuple[Listener, ...]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import os
 import sqlite3
@@ -130,7 +129,18 @@ def _unpin_in_parent() -> None:
     _PINNED.clear()
 
 
-os.register_at_fork(before=_pin_before_fork, after_in_parent=_unpin_in_parent)
+# This process's id, kept current across forks: asking the kernel on every call costs
+# more than the rest of finding the calling thread's connection.
+_PID = [os.getpid()]
+
+
+def _note_child_pid() -> None:
+    _PID[0] = os.getpid()
+
+
+os.register_at_fork(
+    before=_pin_before_fork, after_in_parent=_unpin_in_parent, after_in_child=_note_child_pid
+)
 
 
 def open_held(path: Path, config: Config) -> Held:
@@ -177,8 +187,7 @@ class ThreadConnections:
         """
         self.check_open()
         held: Held | None = getattr(self._local, "held", None)
-        pid = os.getpid()
-        if held is not None and held.pid == pid:
+        if held is not None and held.pid == _PID[0]:
             return held.conn
         held = open_held(self._path, self._config)
         self._local.held = held
@@ -212,10 +221,6 @@ def _names(op: str) -> tuple[str, str, str]:
 
 # Failpoint names are formatted once per operation, not once per transaction.
 _NAMES: dict[str, tuple[str, str, str]] = {op: _names(op) for op in failpoint.OPERATIONS}
-
-# The loggers emit_history logs on; with none of them at DEBUG and no listener, the
-# history of a transaction is not even turned into HistoryEvent records.
-_HISTORY_LOGGERS = tuple(telemetry.logger(c) for c in ("job", "lease", "effect"))
 
 HistoryRow = tuple[str, float, str, int, str | None, str]
 """One history entry as written: job_id, at, event, token, worker, detail text."""
@@ -262,7 +267,8 @@ class Tx:
         self.events: list[HistoryRow] = []
 
     def __enter__(self) -> Tx:
-        failpoint.hit(self._names[0])
+        if failpoint.ARMED:
+            failpoint.hit(self._names[0])
         conn = self.conn
         try:
             conn.execute(q.BEGIN_IMMEDIATE)
@@ -285,7 +291,8 @@ class Tx:
         conn = self.conn
         if exc is None:
             try:
-                failpoint.hit(self._names[1])
+                if failpoint.ARMED:
+                    failpoint.hit(self._names[1])
                 conn.execute(q.COMMIT)
             except BaseException as err:
                 if conn.in_transaction:
@@ -293,9 +300,10 @@ class Tx:
                 if isinstance(err, sqlite3.Error):
                     raise translate(err, self.op) from err
                 raise
-            if self.events:
+            if self.events and telemetry.history_wanted():
                 _emit(self.events)
-            failpoint.hit(self._names[2])
+            if failpoint.ARMED:
+                failpoint.hit(self._names[2])
             return
         if conn.in_transaction:
             _rollback_quietly(conn)
@@ -355,14 +363,6 @@ class Tx:
 
 
 def _emit(events: list[HistoryRow]) -> None:
-    if not telemetry.listeners():
-        job, lease, effect = _HISTORY_LOGGERS
-        if not (
-            job.isEnabledFor(logging.DEBUG)
-            or lease.isEnabledFor(logging.DEBUG)
-            or effect.isEnabledFor(logging.DEBUG)
-        ):
-            return
     for job_id, at, event, token, worker, detail in events:
         telemetry.emit_history(
             HistoryEvent(

@@ -109,7 +109,8 @@ def run_effect(
             return json_of(_record(conn, clock, lease, the_op, text, probed=True))
         # The probe found nothing done: run fn again, as "retry" would.
         mode = "retry"
-    failpoint.hit("effect.after_start")
+    if failpoint.ARMED:
+        failpoint.hit("effect.after_start")
     key = the_op.key
     context = EffectContext(
         job_id=the_op.job_id, op=op, op_key=key, token=outcome.token, attempt=outcome.attempt
@@ -119,7 +120,8 @@ def run_effect(
     except Exception:
         _abort(conn, clock, the_op, outcome.token)
         raise
-    failpoint.hit("effect.before_record")
+    if failpoint.ARMED:
+        failpoint.hit("effect.before_record")
     try:
         if result is None and config.result_limit >= _NULL_SIZE:
             text = _NULL
@@ -137,7 +139,8 @@ def run_effect(
                 tx.history(the_op.job_id, _IN_DOUBT, job_token, lease.worker, op_detail(op))
         raise
     recorded = _record(conn, clock, lease, the_op, text, probed=False)
-    failpoint.hit("effect.after_record")
+    if failpoint.ARMED:
+        failpoint.hit("effect.after_record")
     return json_of(recorded)
 
 

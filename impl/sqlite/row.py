@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from attrs import frozen
 
@@ -134,9 +135,15 @@ def _float(value: object) -> float:
     return float(value)
 
 
+# Stored JSON texts are jobledger's own canonical encodings (no white space around them),
+# so the decoder's scanner reads them directly, without json.loads' layers around it.
+# (typeshed does not declare the attribute, which JSONDecoder.__init__ sets.)
+_scan: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 def identity_of(text: str) -> dict[str, Scalar]:
     """Decode a stored identity."""
-    value = json.loads(text)
+    value, _ = _scan(text, 0)
     assert isinstance(value, dict)
     return value
 
@@ -145,8 +152,8 @@ def json_of(text: str) -> JSON:
     """Decode stored JSON text (a payload, a result)."""
     if text == "null":  # most payloads and results: no decoder needed
         return None
-    value: JSON = json.loads(text)
-    return value
+    value, _ = _scan(text, 0)
+    return cast(JSON, value)
 
 
 def text_of(value: object) -> str:
