@@ -70,6 +70,8 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
             check_same_thread=True,
         )
         try:
+            # Before the switch to WAL, which writes a new file's first page.
+            conn.execute(q.PRAGMA_PAGE_SIZE)
             _switch_to_wal(conn, config.busy_timeout)
             conn.execute(q.PRAGMA_SYNCHRONOUS[config.sqlite_synchronous])
             if checkpoints_in_background(config):

@@ -6,8 +6,8 @@ planned are skipped), and only if some were skipped are the stored payloads read
 raise for the first item in order whose payload differs. A batch with an invalid item or
 a repeated key is checked against the stored jobs and the items before it first, so the
 first bad item decides the error exactly as in the model. Each identity is canonically
-encoded once, for its key and its stored text alike; new rows carry their PLANNED
-history entry inline.
+encoded once, for its key and its stored text alike; a new row's PLANNED history entry
+is implied by its creation time (see ``read.history``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import sqlite3
 from collections.abc import Mapping
 from typing import NamedTuple
 
+from impl import telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import Tx, float_text, translated
+from impl.sqlite.connection import Tx, translated
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
@@ -74,14 +75,14 @@ def plan_items(
         # an earlier conflict still wins over a later invalid item, as in the model.
         prepared, invalid = _prepare_all(config, kind, kind_text, items)
         initial = workflow.initial
-        planned = f'[{float_text(now)},"{_PLANNED}",0,null,{{}}]\n'
         fresh = prepared
-        if invalid is None and len({p.job_id for p in prepared}) == len(prepared):
+        ids = [p[0] for p in prepared]  # each job_id, by position (see _insert)
+        if invalid is None and len(set(ids)) == len(ids):
             # The usual batch, all new: insert first (existing keys are skipped), and
             # compare payloads only if some key was planned before.
             (last_seq,) = conn.execute(q.SELECT_LAST_SEQ).fetchone()
             changes = conn.total_changes
-            _insert(conn, prepared, kind=kind, initial=initial, now=now, planned=planned)
+            _insert(conn, prepared, kind=kind, initial=initial, now=now)
             if conn.total_changes - changes != len(prepared):
                 stored = _stored_payloads(conn, prepared, last_seq)
                 fresh = _check_payloads(op, kind, prepared, stored)
@@ -90,9 +91,10 @@ def plan_items(
             fresh = _check_payloads(op, kind, prepared, stored)
             if invalid is not None:
                 raise invalid
-            _insert(conn, fresh, kind=kind, initial=initial, now=now, planned=planned)
-        tx.events.extend((p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh)
-    return [p.job_id for p in prepared]
+            _insert(conn, fresh, kind=kind, initial=initial, now=now)
+        if telemetry.history_wanted():  # else a big batch's entries go nowhere
+            tx.events.extend((p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh)
+    return ids
 
 
 def _stored_payloads(
@@ -132,23 +134,24 @@ def _insert(
     kind: str,
     initial: str,
     now: float,
-    planned: str,
 ) -> None:
+    # By position, not by name: a NamedTuple's field names are properties, and this loop
+    # runs once per planned job. Positions: job_id, identity, payload, priority,
+    # max_attempts, run_at.
     conn.executemany(
         q.INSERT_JOB,
         [
             (
-                p.job_id,
+                p[0],
                 kind,
-                p.identity,
-                p.payload,
+                p[1],
+                p[2],
                 initial,
-                p.max_attempts,
-                p.priority,
-                now if p.run_at is None else p.run_at,
+                p[4],
+                p[3],
+                now if p[5] is None else p[5],
                 now,
                 now,
-                planned,
             )
             for p in jobs
         ],

@@ -17,9 +17,10 @@ from impl.sqlite.row import (
     inline_entries,
     job_row,
     lease_row,
+    planned_entry,
 )
 from model.errors import InvalidInput, UnknownJob
-from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow
+from model.record import EffectInfo, Event, HistoryEvent, JobInfo, LeaseRow
 
 
 def state(conn: sqlite3.Connection, job_id: str) -> str:
@@ -68,7 +69,7 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
     history table (see schema version 3).
     """
     with snapshot(conn):
-        found = conn.execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()
+        found = conn.execute(q.SELECT_ROW_HISTORY, (job_id,)).fetchone()
         if found is None:
             raise UnknownJob(job_id)
         entries = [
@@ -78,6 +79,9 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
         entries.extend(inline_entries(job_id, str(found[0]), int(found[1])))
         for row in conn.execute(q.SELECT_EFFECT_ENTRIES, (job_id,)):
             entries.extend(effect_entries(job_id, row))
+    if not any(event.event is Event.PLANNED for _, event in entries):
+        # Planned from schema version 4 on: the first row entry is implied, not stored.
+        entries.append((q.HISTORY_GAP, planned_entry(job_id, float(found[2]))))
     entries.sort(key=lambda entry: entry[0])
     return [event for _, event in entries]
 

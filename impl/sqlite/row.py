@@ -292,6 +292,14 @@ def inline_entries(job_id: str, text: str, hist_n: int) -> list[Entry]:
     return out
 
 
+def planned_entry(job_id: str, created_at: float) -> HistoryEvent:
+    """The PLANNED entry of a job planned from schema version 4 on, which is implied by
+    its row (the first row entry, at its creation time) rather than stored."""
+    return HistoryEvent(
+        job_id=job_id, at=created_at, event=Event.PLANNED, token=0, worker=None, detail={}
+    )
+
+
 def effect_entries(job_id: str, row: Sequence[object]) -> list[Entry]:
     """Decode the entries an effect's row carries (``queries.SELECT_EFFECT_ENTRIES``)."""
     start_n, started_at, finish_n, finished_at, token, worker, op = row

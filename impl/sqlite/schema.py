@@ -343,6 +343,10 @@ _V3 = (
 # Version 4 drops the (kind, state) index: every planned job and every state change wrote
 # it, and only the operator's counts read it. Counting scans the table instead (about
 # 0.6 s per million jobs), and the failed count is read off the same counts.
+# From version 4 on, a new job's PLANNED entry is not written into ``jobs.hist``: it is
+# the row's first entry (position 1 * 2**32, ``hist_n`` counts it) at ``created_at``,
+# token 0, no worker, and a history that stores no PLANNED entry anywhere reads it from
+# there. Rows planned before keep theirs where they are (inline, or in ``history``).
 _V4 = ("DROP INDEX jobs_kind_state",)
 
 MIGRATIONS: tuple[Migration, ...] = (

@@ -127,3 +127,34 @@ def _start_only(real: SqliteStore, lease: object, op: str) -> None:
         "SELECT count(*) FROM effects WHERE job_id = ? AND op = ? AND status = 'started'",
         (lease.job_id, op),
     ).fetchone() == (1,)
+
+
+def test_the_planned_entry_is_implied_by_the_row_and_an_old_stored_one_is_not_doubled(
+    tmp_path: Path,
+) -> None:
+    """Planning writes no history text (schema version 4): the PLANNED entry is the row's
+    first entry at its creation time. A row planned by version 3, which wrote its PLANNED
+    line inline, reads that one entry, not a second, implied one."""
+    clock, model, real = _both(tmp_path)
+    with real:
+        new = _each((model, real), lambda s: s.plan("flow", {"n": 1}))[0]
+        conn = real._connection()
+        assert conn.execute(q.SELECT_INLINE_HISTORY, (new,)).fetchone() == ("", 1)
+        _same_history(model, real, new)
+        assert [(e.event.value, e.at) for e in real.history(new)] == [("planned", 100.0)]
+
+        # A job as version 3 planned it: its PLANNED line inline, at another time.
+        old = _each((model, real), lambda s: s.plan("flow", {"n": 2}))[0]
+        conn.execute(
+            "UPDATE jobs SET hist = ?, created_at = 1.0 WHERE job_id = ?",
+            ('[100.0,"planned",0,null,{}]\n', old),
+        )
+        clock.advance(1.0)
+        leases = _each((model, real), lambda s: s.lease_next("w"))
+        assert [lease.job_id for lease in leases if isinstance(lease, Lease)] == [new, new]
+        leases = _each((model, real), lambda s: s.lease_next("w"))
+        for store, lease in zip((model, real), leases, strict=True):
+            assert isinstance(lease, Lease)
+            assert store.advance(lease, "B")
+        _same_history(model, real, old)
+        assert [e.event.value for e in real.history(old)] == ["planned", "leased", "advanced"]

@@ -196,3 +196,38 @@ def test_the_one_statement_claim_walks_the_active_index_without_sorting(tmp_path
             assert "USING INDEX jobs_active" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
             assert "SCAN jobs" not in plan.replace("SCAN jobs USING INDEX jobs_active", ""), plan
+
+
+def _page_size(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        (size,) = conn.execute("PRAGMA page_size").fetchone()
+    finally:
+        conn.close()
+    assert isinstance(size, int)
+    return size
+
+
+def test_a_new_ledger_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Path) -> None:
+    """Commits write whole pages: a new file gets 2 KiB pages; a file created with
+    SQLite's default 4 KiB ones (by an older jobledger) keeps them and works as ever."""
+    new = tmp_path / "new.sqlite"
+    with SqliteStore(new) as store:
+        store.register(FLOW)
+        store.plan("flow", {"n": 1})
+    assert _page_size(new) == q.NEW_FILE_PAGE_SIZE == 2048
+
+    old = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE before (x)")
+    conn.close()
+    with SqliteStore(old, clock=ManualClock()) as store:
+        store.register(FLOW)
+        job_id = store.plan("flow", {"n": 1})
+        lease = store.lease_next("w")
+        assert lease is not None
+        assert store.advance(lease, "B")
+        assert store.job(job_id).state == "B"
+    assert _page_size(old) == 4096
