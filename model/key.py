@@ -25,6 +25,8 @@ KEY_VERSION = 1
 _ENCODER = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
+# What _ENCODER.encode does with a str (ensure_ascii=False), without the method around it.
+_string = json.encoder.encode_basestring
 
 
 def canon(value: object) -> bytes:
@@ -106,7 +108,7 @@ def op_key(job_id: str, op: str, extras: Mapping[str, Scalar] | None = None) -> 
     if extras is None or (type(extras) is dict and not extras):
         # The usual op key, spelled out: canon's sorted keys are job, op, v, x. Pinned to
         # the general encoding by the golden vectors and a property test.
-        job, name = _ENCODER.encode(job_id), _ENCODER.encode(op)
+        job, name = _string(job_id), _string(op)
         text = f'{{"job":{job},"op":{name},"v":{KEY_VERSION},"x":{{}}}}'
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
     ext = check_scalars(extras, what="extras")
