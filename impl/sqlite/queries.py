@@ -20,10 +20,11 @@ ROLLBACK = "ROLLBACK"
 PRAGMA_JOURNAL_WAL = "PRAGMA journal_mode = WAL"
 # The page size of a new database file (an existing file keeps its own: the pragma does
 # nothing there). Every commit writes whole pages to the WAL, and a job ledger's commits
-# change a row or two each: with 2 KiB pages the lease-effect-advance lifecycle ran about
-# 8% faster than with SQLite's default 4 KiB, and a lifecycle of bigger rows (URLs,
-# payloads, results of a few hundred bytes) about 10%; 1 KiB pages lost on the bigger
-# rows, whose cells no longer fit in a page (bench/README.md, "Page size").
+# change a row or two each: with 2 KiB pages instead of SQLite's default 4 KiB, the
+# lease-effect-advance lifecycle ran 5-9% faster and one of bigger rows (URLs, payloads,
+# results of a few hundred bytes) about 4%, for a 7% slower bulk insert; 1 KiB pages
+# lost on the bigger rows, whose cells no longer fit in a page. Measured by
+# `python -m bench --only page_size` (bench/README.md, "Page size").
 NEW_FILE_PAGE_SIZE = 2048
 PRAGMA_PAGE_SIZE = f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}"
 PRAGMA_FOREIGN_KEYS_ON = "PRAGMA foreign_keys = ON"
