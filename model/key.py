@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from model.errors import InvalidIdentity
 
@@ -34,25 +34,28 @@ def canon(value: object) -> bytes:
     return _ENCODER.encode(value).encode("utf-8")
 
 
-def _flat_encoder() -> Callable[[object], str]:
+def _flat_chunks() -> Callable[[object, int], Iterable[str]]:
     # JSONEncoder.encode builds its C encoder anew on every call; for a dict already
     # checked to hold only str keys and str/int/bool/None values (no nesting, hence no
     # cycles to detect, no floats) the same C encoder can be made once.
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # a Python without the C accelerator
-        return _ENCODER.encode
-    encode = make(
+        return lambda value, _level: (_ENCODER.encode(value),)
+    chunks: Callable[[object, int], Iterable[str]] = make(
         None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
     )
-
-    def flat(value: object) -> str:
-        return "".join(encode(value, 0))
-
-    return flat
+    return chunks
 
 
-canon_flat = _flat_encoder()
-"""``canon(value).decode()`` for a dict of str to str/int/bool/None (checked by the caller)."""
+canon_flat_chunks = _flat_chunks()
+"""The pieces of ``canon_flat(value)``, for a caller that joins them itself (the call is
+``canon_flat_chunks(value, 0)``)."""
+
+
+def canon_flat(value: object) -> str:
+    """``canon(value).decode()`` for a dict of str to str/int/bool/None (checked by the
+    caller)."""
+    return "".join(canon_flat_chunks(value, 0))
 
 
 def check_scalars(mapping: object, *, what: str) -> dict[str, Scalar]:

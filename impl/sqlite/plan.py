@@ -25,7 +25,7 @@ from impl.sqlite.connection import Tx, translated
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
-from model.key import KEY_VERSION, Scalar, canon, canon_flat, check_scalars
+from model.key import KEY_VERSION, Scalar, canon, canon_flat, canon_flat_chunks, check_scalars
 from model.record import Event, Plan
 from model.validate import INT64_MAX, INT64_MIN, check_int, check_seconds, encode_payload
 
@@ -193,13 +193,14 @@ def _prepare_all(
     tail = _key_tail(kind_text)
     attempts = config.max_attempts
     plain = _PLAIN
+    chunks, join = canon_flat_chunks, "".join  # canon_flat, without a call per item
     for item in items:
         if type(item) is dict:
             for key, value in item.items():
                 if type(key) is not str or type(value) not in plain:
                     break
             else:
-                text = canon_flat(item)
+                text = join(chunks(item, 0))
                 job_id = sha256((_KEY_HEAD + text + tail).encode("utf-8")).hexdigest()
                 # tuple.__new__ skips NamedTuple's Python-level __new__ (same object).
                 append(tuple.__new__(_NewJob, (job_id, text, _NULL, 0, attempts, None)))
