@@ -16,7 +16,7 @@ import hashlib
 import json
 import sqlite3
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from impl import telemetry
 from impl.sqlite import queries as q
@@ -33,13 +33,23 @@ _PLANNED = Event.PLANNED.value
 _NULL = "null"
 
 
-class _NewJob(NamedTuple):
-    job_id: str
-    identity: str
-    payload: str
-    priority: int
+_Row = tuple[str, str, str, str, str, int, int, float, float, float]
+"""A job to insert: the parameters of ``queries.INSERT_JOB`` in order (job_id, kind,
+identity, payload, state, max_attempts, priority, run_at, created_at, updated_at). A
+plain tuple, built once per job: ``sqlite3`` binds a plain tuple fastest."""
+_ID: Final = 0
+_IDENTITY: Final = 2
+_PAYLOAD: Final = 3
+
+
+class _Batch(NamedTuple):
+    """What every job of one planning call shares."""
+
+    kind: str
+    kind_text: str
+    state: str
+    now: float
     max_attempts: int
-    run_at: float | None
 
 
 # The value types an identity is made of, exactly: a dict of these needs no copy before
@@ -73,89 +83,57 @@ def plan_items(
         # Every item is validated first, in order, up to the first invalid one; then the
         # items before it are checked against the stored jobs and the earlier items, so
         # an earlier conflict still wins over a later invalid item, as in the model.
-        prepared, invalid = _prepare_all(config, kind, kind_text, items)
-        initial = workflow.initial
+        batch = _Batch(kind, kind_text, workflow.initial, now, config.max_attempts)
+        prepared, invalid = _prepare_all(batch, items)
         fresh = prepared
-        ids = [p[0] for p in prepared]  # each job_id, by position (see _insert)
+        ids = [p[_ID] for p in prepared]
         if invalid is None and len(set(ids)) == len(ids):
             # The usual batch, all new: insert first (existing keys are skipped), and
             # compare payloads only if some key was planned before.
             (last_seq,) = conn.execute(q.SELECT_LAST_SEQ).fetchone()
             changes = conn.total_changes
-            _insert(conn, prepared, kind=kind, initial=initial, now=now)
+            conn.executemany(q.INSERT_JOB, prepared)
             if conn.total_changes - changes != len(prepared):
-                stored = _stored_payloads(conn, prepared, last_seq)
+                stored = _stored_payloads(conn, ids, last_seq)
                 fresh = _check_payloads(op, kind, prepared, stored)
         else:
-            stored = _stored_payloads(conn, prepared, None)
+            stored = _stored_payloads(conn, ids, None)
             fresh = _check_payloads(op, kind, prepared, stored)
             if invalid is not None:
                 raise invalid
-            _insert(conn, fresh, kind=kind, initial=initial, now=now)
+            conn.executemany(q.INSERT_JOB, fresh)
         if telemetry.history_wanted():  # else a big batch's entries go nowhere
-            tx.events.extend((p.job_id, now, _PLANNED, 0, None, "{}") for p in fresh)
+            tx.events.extend((p[_ID], now, _PLANNED, 0, None, "{}") for p in fresh)
     return ids
 
 
 def _stored_payloads(
-    conn: sqlite3.Connection, prepared: list[_NewJob], last_seq: int | None
+    conn: sqlite3.Connection, ids: list[str], last_seq: int | None
 ) -> dict[str, str]:
     """The stored payloads of the batch's keys (only of rows up to ``last_seq``)."""
-    ids = json.dumps([p.job_id for p in prepared])
-    return dict(conn.execute(q.SELECT_PAYLOADS, {"ids": ids, "last_seq": last_seq}).fetchall())
+    found = conn.execute(q.SELECT_PAYLOADS, {"ids": json.dumps(ids), "last_seq": last_seq})
+    return dict(found.fetchall())
 
 
-def _check_payloads(
-    op: str, kind: str, prepared: list[_NewJob], stored: dict[str, str]
-) -> list[_NewJob]:
+def _check_payloads(op: str, kind: str, prepared: list[_Row], stored: dict[str, str]) -> list[_Row]:
     """Raise for the first item whose key is planned (before it) with another payload;
     return the items that are new, first occurrences only."""
     seen = dict(stored)
-    fresh: list[_NewJob] = []
+    fresh: list[_Row] = []
     for new in prepared:
-        found = seen.get(new.job_id)
+        job_id, payload = new[_ID], new[_PAYLOAD]
+        found = seen.get(job_id)
         if found is None:
             fresh.append(new)
-            seen[new.job_id] = new.payload
-        elif found != new.payload:
+            seen[job_id] = payload
+        elif found != payload:
             raise IdempotencyConflict(
-                f"{op} of a {kind!r} job with identity {new.identity}: job "
-                f"{new.job_id} is already planned with payload {found}, not "
-                f"{new.payload}; a job's payload is fixed at planning: plan a "
+                f"{op} of a {kind!r} job with identity {new[_IDENTITY]}: job "
+                f"{job_id} is already planned with payload {found}, not "
+                f"{payload}; a job's payload is fixed at planning: plan a "
                 "different identity, or keep the payload"
             )
     return fresh
-
-
-def _insert(
-    conn: sqlite3.Connection,
-    jobs: list[_NewJob],
-    *,
-    kind: str,
-    initial: str,
-    now: float,
-) -> None:
-    # By position, not by name: a NamedTuple's field names are properties, and this loop
-    # runs once per planned job. Positions: job_id, identity, payload, priority,
-    # max_attempts, run_at.
-    conn.executemany(
-        q.INSERT_JOB,
-        [
-            (
-                p[0],
-                kind,
-                p[1],
-                p[2],
-                initial,
-                p[4],
-                p[3],
-                now if p[5] is None else p[5],
-                now,
-                now,
-            )
-            for p in jobs
-        ],
-    )
 
 
 def job_key_of(kind_text: str, identity_text: str) -> str:
@@ -179,19 +157,19 @@ def _key_tail(kind_text: str) -> str:
 
 
 def _prepare_all(
-    config: Config, kind: str, kind_text: str, items: list[Mapping[str, Scalar] | Plan]
-) -> tuple[list[_NewJob], Exception | None]:
+    batch: _Batch, items: list[Mapping[str, Scalar] | Plan]
+) -> tuple[list[_Row], Exception | None]:
     """Prepare ``items`` in order up to the first invalid one; return them and its error.
 
     The usual item of a big batch, a plain dict of str to str/int/bool/None, is handled
     in the loop itself (the steps of :func:`_identity_text` and :func:`job_key_of`):
     calls per item are much of what planning costs in Python.
     """
-    prepared: list[_NewJob] = []
+    prepared: list[_Row] = []
     append = prepared.append
     sha256 = hashlib.sha256
-    tail = _key_tail(kind_text)
-    attempts = config.max_attempts
+    tail = _key_tail(batch.kind_text)
+    kind, state, now, attempts = batch.kind, batch.state, batch.now, batch.max_attempts
     plain = _PLAIN
     chunks, join = canon_flat_chunks, "".join  # canon_flat, without a call per item
     for item in items:
@@ -202,26 +180,23 @@ def _prepare_all(
             else:
                 text = join(chunks(item, 0))
                 job_id = sha256((_KEY_HEAD + text + tail).encode("utf-8")).hexdigest()
-                # tuple.__new__ skips NamedTuple's Python-level __new__ (same object).
-                append(tuple.__new__(_NewJob, (job_id, text, _NULL, 0, attempts, None)))
+                append((job_id, kind, text, _NULL, state, attempts, 0, now, now, now))
                 continue
         try:
-            append(_prepare(config, kind, kind_text, item))
+            append(_prepare(batch, item))
         except Exception as exc:  # raised by the caller, after any earlier conflict
             return prepared, exc
     return prepared, None
 
 
-def _prepare(
-    config: Config, kind: str, kind_text: str, item: Mapping[str, Scalar] | Plan
-) -> _NewJob:
+def _prepare(batch: _Batch, item: Mapping[str, Scalar] | Plan) -> _Row:
     if isinstance(item, Plan):
         identity, payload_value = item.identity, item.payload
         priority, attempts, run_at_value = item.priority, item.max_attempts, item.run_at
     else:
         identity, payload_value, priority, attempts, run_at_value = item, None, 0, None, None
     identity_text = _identity_text(identity)
-    job_id = job_key_of(kind_text, identity_text)
+    job_id = job_key_of(batch.kind_text, identity_text)
     if payload_value is None:
         payload = _NULL
     else:
@@ -229,20 +204,25 @@ def _prepare(
             payload = encode_payload(payload_value)
         except RecursionError:
             raise InvalidPayload(
-                f"payload of the {kind!r} job {job_id} is nested too deeply to encode as JSON"
+                f"payload of the {batch.kind!r} job {job_id} is nested too deeply to encode as JSON"
             ) from None
     if type(priority) is not int or not INT64_MIN <= priority <= INT64_MAX:
         priority = check_int(priority, name="priority")
     if attempts is not None:
         check_int(attempts, name="max_attempts", minimum=1)
-    run_at = None if run_at_value is None else check_seconds(run_at_value, name="run_at")
-    return _NewJob(
-        job_id=job_id,
-        identity=identity_text,
-        payload=payload,
-        priority=priority,
-        max_attempts=attempts if attempts is not None else config.max_attempts,
-        run_at=run_at,
+    now = batch.now
+    run_at = now if run_at_value is None else check_seconds(run_at_value, name="run_at")
+    return (
+        job_id,
+        batch.kind,
+        identity_text,
+        payload,
+        batch.state,
+        attempts if attempts is not None else batch.max_attempts,
+        priority,
+        run_at,
+        now,
+        now,
     )
 
 
