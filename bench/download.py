@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.harness import Result, Series, Settings, fmt, paired, stopwatch
+import attrs
+
+from bench.harness import Result, Settings, compare, fmt, overhead, stopwatch
 
 SIZE = 4096
 
@@ -74,21 +76,14 @@ def run(settings: Settings) -> list[Result]:
             return m / t[0]
 
         for workers in (1, 4):
-            subj, base, ratios = paired(
+            result = compare(
                 2 if settings.quick else 3,
-                lambda _i, w=workers: pipeline(w),  # type: ignore[misc]
-                lambda _i: plain(),
+                bench="download",
+                case=f"{m} files of {SIZE} B, {workers} worker thread{'s' if workers > 1 else ''}",
+                unit="files/s",
+                subject=("pipeline", lambda _i, w=workers: pipeline(w)),  # type: ignore[misc]
+                baseline=("sequential httpx", lambda _i: plain()),
             )
-            overhead = sorted((1 / s - 1 / b) * 1e3 for s, b in zip(subj, base, strict=True))
-            results.append(
-                Result(
-                    bench="download",
-                    case=f"{m} files of {SIZE} B, {workers} worker thread"
-                    f"{'s' if workers > 1 else ''}",
-                    subject=Series("pipeline", "files/s", tuple(subj)),
-                    baseline=Series("sequential httpx", "files/s", tuple(base)),
-                    ratio=Series("ratio", "x", tuple(ratios)),
-                    note=f"overhead about {fmt(overhead[len(overhead) // 2])} ms per file",
-                )
-            )
+            note = f"overhead about {fmt(overhead(result, 1e3))} ms per file"
+            results.append(attrs.evolve(result, note=note))
     return results

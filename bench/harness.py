@@ -143,6 +143,39 @@ def paired(
     return subj, base, [s / b for s, b in zip(subj, base, strict=True)]
 
 
+Side = tuple[str, Callable[[int], float]]
+"""A label and one run of it (takes the run index, returns a rate: higher is better)."""
+
+
+def compare(
+    runs: int,
+    *,
+    bench: str,
+    case: str,
+    unit: str,
+    subject: Side,
+    baseline: Side,
+    target: Target | None = None,
+) -> Result:
+    """Run ``subject`` and ``baseline`` :func:`paired` and make their line of the table."""
+    subj, base, ratios = paired(runs, subject[1], baseline[1])
+    return Result(
+        bench=bench,
+        case=case,
+        subject=Series(subject[0], unit, tuple(subj)),
+        baseline=Series(baseline[0], unit, tuple(base)),
+        ratio=Series("ratio", "x", tuple(ratios)),
+        target=target,
+    )
+
+
+def overhead(result: Result, scale: float) -> float:
+    """The median extra time per item of the subject over the baseline, times ``scale``."""
+    assert result.baseline is not None
+    pairs = zip(result.subject.values, result.baseline.values, strict=True)
+    return statistics.median((1 / s - 1 / b) * scale for s, b in pairs)
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Seconds one call of ``fn`` took."""
     start = time.perf_counter()

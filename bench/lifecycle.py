@@ -9,10 +9,11 @@ file with the same ``synchronous``. Planning is not timed on either side. Measur
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import impl
 from bench import ledger, rawsqlite, sqltrace
-from bench.harness import Result, Series, Settings, Target, paired, profile, stopwatch
+from bench.harness import Result, Settings, Target, compare, profile, stopwatch
 
 TARGET = Target(0.5)
 
@@ -24,8 +25,8 @@ def _sizes(settings: Settings, synchronous: str) -> int:
     return 30 if settings.quick else 150
 
 
-def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
-    path = settings.scratch("lifecycle-api") / "ledger.sqlite"
+def api_rate(path: Path, n: int, synchronous: str = "NORMAL") -> float:
+    """Plan ``n`` jobs in a store on ``path`` (untimed), then return the lifecycle's jobs/s."""
     with ledger.open_sqlite(path, synchronous) as store:
         store.plan_many(ledger.KIND, ledger.identities(n))
         with stopwatch() as t:
@@ -33,6 +34,10 @@ def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> flo
     if (done, busy, other) != (n, 0, 0):
         raise RuntimeError(f"lifecycle through the API: {done}/{n} done, {busy + other} errors")
     return n / t[0]
+
+
+def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
+    return api_rate(settings.scratch("lifecycle-api") / "ledger.sqlite", n, synchronous)
 
 
 def _raw_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
@@ -60,18 +65,17 @@ def run(settings: Settings) -> list[Result]:
     results = []
     for synchronous in ("NORMAL", "FULL"):
         n = _sizes(settings, synchronous)
-        subj, base, ratios = paired(
-            settings.runs,
-            functools.partial(_api_run, settings, synchronous, n),
-            functools.partial(_raw_run, settings, synchronous, n),
-        )
         results.append(
-            Result(
+            compare(
+                settings.runs,
                 bench="lifecycle",
                 case=f"synchronous={synchronous}, {n} jobs",
-                subject=Series("API", "jobs/s", tuple(subj)),
-                baseline=Series("raw SQL, 3 tx/job", "jobs/s", tuple(base)),
-                ratio=Series("ratio", "x", tuple(ratios)),
+                unit="jobs/s",
+                subject=("API", functools.partial(_api_run, settings, synchronous, n)),
+                baseline=(
+                    "raw SQL, 3 tx/job",
+                    functools.partial(_raw_run, settings, synchronous, n),
+                ),
                 target=TARGET if synchronous == "NORMAL" else None,
             )
         )

@@ -18,8 +18,8 @@ import sqlite3
 from pathlib import Path
 
 import impl
-from bench import ledger
-from bench.harness import Result, Series, Settings, paired, stopwatch
+from bench import ledger, lifecycle
+from bench.harness import Result, Settings, compare, stopwatch
 
 BIG = impl.Workflow(
     "fetch",
@@ -69,14 +69,7 @@ def _response(_ctx: impl.EffectContext) -> impl.JSON:
 
 
 def _small(settings: Settings, n: int, page_size: int | None, _run: int = 0) -> float:
-    path = _file(settings, f"pages-small-{page_size}", page_size)
-    with ledger.open_sqlite(path) as store:
-        store.plan_many(ledger.KIND, ledger.identities(n))
-        with stopwatch() as t:
-            done, busy, other = ledger.lifecycle(store)
-    if (done, busy, other) != (n, 0, 0):
-        raise RuntimeError(f"small rows: {done}/{n} done, {busy + other} errors")
-    return n / t[0]
+    return lifecycle.api_rate(_file(settings, f"pages-small-{page_size}", page_size), n)
 
 
 def _big(settings: Settings, n: int, page_size: int | None, _run: int = 0) -> float:
@@ -115,22 +108,16 @@ def run(settings: Settings) -> list[Result]:
             100 if settings.quick else 500,
             "jobs/s",
         ),
-        ("plan_many, 10,000 new jobs", _plan, 2000 if settings.quick else 10000, "rows/s"),
+        ("plan_many, new jobs in one call", _plan, 2000 if settings.quick else 10000, "rows/s"),
     )
-    results = []
-    for case, fn, n, unit in cases:
-        subj, base, ratios = paired(
+    return [
+        compare(
             settings.runs,
-            functools.partial(fn, settings, n, None),
-            functools.partial(fn, settings, n, DEFAULT_PAGE),
+            bench="page size",
+            case=f"{case}, {n}",
+            unit=unit,
+            subject=("2 KiB pages", functools.partial(fn, settings, n, None)),
+            baseline=("4 KiB pages", functools.partial(fn, settings, n, DEFAULT_PAGE)),
         )
-        results.append(
-            Result(
-                bench="page size",
-                case=f"{case}, {n}",
-                subject=Series("2 KiB pages", unit, tuple(subj)),
-                baseline=Series("4 KiB pages", unit, tuple(base)),
-                ratio=Series("ratio", "x", tuple(ratios)),
-            )
-        )
-    return results
+        for case, fn, n, unit in cases
+    ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import impl
 from bench import ledger, rawsqlite, sqltrace
-from bench.harness import Result, Series, Settings, Target, paired, profile, stopwatch
+from bench.harness import Result, Settings, Target, compare, profile, stopwatch
 from model.key import canon
 
 TARGET = Target(0.5)
@@ -47,8 +47,14 @@ def _raw_run(settings: Settings, n: int) -> float:
 
 def run(settings: Settings) -> list[Result]:
     n = _size(settings)
-    subj, base, ratios = paired(
-        settings.runs, lambda _i: _api_run(settings, n), lambda _i: _raw_run(settings, n)
+    result = compare(
+        settings.runs,
+        bench="plan_many",
+        case=f"{n} new jobs, one call",
+        unit="rows/s",
+        subject=("plan_many", lambda _i: _api_run(settings, n)),
+        baseline=("raw executemany", lambda _i: _raw_run(settings, n)),
+        target=TARGET,
     )
     if settings.profile:
         path = settings.scratch("plan-prof") / "ledger.sqlite"
@@ -62,13 +68,4 @@ def run(settings: Settings) -> list[Result]:
                 title=f"plan_many {n}",
             )
         )
-    return [
-        Result(
-            bench="plan_many",
-            case=f"{n} new jobs, one call",
-            subject=Series("plan_many", "rows/s", tuple(subj)),
-            baseline=Series("raw executemany", "rows/s", tuple(base)),
-            ratio=Series("ratio", "x", tuple(ratios)),
-            target=TARGET,
-        )
-    ]
+    return [result]

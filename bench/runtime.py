@@ -8,9 +8,11 @@ per job, is what the runtime costs (its context, the renewal thread, the bookkee
 
 from __future__ import annotations
 
+import attrs
+
 import impl
 from bench import ledger
-from bench.harness import Result, Series, Settings, fmt, paired, profile, stopwatch
+from bench.harness import Result, Settings, compare, fmt, overhead, profile, stopwatch
 
 
 def _size(settings: Settings) -> int:
@@ -43,22 +45,17 @@ def _hand_run(settings: Settings, n: int) -> float:
 
 def run(settings: Settings) -> list[Result]:
     n = _size(settings)
-    subj, base, ratios = paired(
-        settings.runs, lambda _i: _worker_run(settings, n), lambda _i: _hand_run(settings, n)
+    result = compare(
+        settings.runs,
+        bench="worker",
+        case=f"Worker.run vs primitives by hand, {n} jobs",
+        unit="jobs/s",
+        subject=("Worker", lambda _i: _worker_run(settings, n)),
+        baseline=("by hand", lambda _i: _hand_run(settings, n)),
     )
-    overhead = [(1 / s - 1 / b) * 1e6 for s, b in zip(subj, base, strict=True)]
     if settings.profile:
         with _fresh(settings, n) as store:
             worker = impl.Worker(store, {ledger.KIND: ledger.handler}, idle_poll=0.001)
             print(profile(lambda: worker.run(until_idle=True), title=f"Worker, {n} jobs"))
-    median_overhead = sorted(overhead)[len(overhead) // 2]
-    return [
-        Result(
-            bench="worker",
-            case=f"Worker.run vs primitives by hand, {n} jobs",
-            subject=Series("Worker", "jobs/s", tuple(subj)),
-            baseline=Series("by hand", "jobs/s", tuple(base)),
-            ratio=Series("ratio", "x", tuple(ratios)),
-            note=f"runtime overhead about {fmt(median_overhead)} us per job (median)",
-        )
-    ]
+    note = f"runtime overhead about {fmt(overhead(result, 1e6))} us per job (median)"
+    return [attrs.evolve(result, note=note)]
