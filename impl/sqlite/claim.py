@@ -11,21 +11,47 @@ neither slows down with the number of finished jobs.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 
 import attrs
+from attrs import frozen
 
 from impl.sqlite import maintenance
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import Tx, float_text, worker_text
-from impl.sqlite.row import JobRow, identity_of, job_row, json_of
+from impl.sqlite.row import identity_of, job_row, json_of, text_of
 from model.clock import Clock
 from model.record import Event, Lease
 from model.validate import exhausted_message
 
 _LEASED = Event.LEASED.value
 _EXPIRED = Event.EXPIRED.value
+
+
+@frozen
+class KindFilter:
+    """The kinds a claim considers: its two statements and the parameters they filter on."""
+
+    claim: str
+    candidate: str
+    params: tuple[tuple[str, str], ...] = ()
+
+
+EVERY_KIND = KindFilter(q.CLAIM_FIRST, q.SELECT_CANDIDATE)
+"""No filter: every kind."""
+
+
+@functools.lru_cache(maxsize=256)
+def kind_filter(kinds: tuple[str, ...]) -> KindFilter:
+    """The filter for ``kinds`` (computed once per list: a worker asks for the same one on
+    every claim)."""
+    if len(kinds) == 1:
+        return KindFilter(q.CLAIM_FIRST_OF_KIND, q.SELECT_CANDIDATE_OF_KIND, (("kind", kinds[0]),))
+    return KindFilter(
+        q.CLAIM_FIRST_OF_KINDS, q.SELECT_CANDIDATE_OF_KINDS, (("kinds", text_of(list(kinds))),)
+    )
 
 
 def lease_next(
@@ -35,12 +61,10 @@ def lease_next(
     *,
     worker: str,
     span: float,
-    kinds_text: str | None,
+    kinds: KindFilter,
 ) -> Lease | None:
-    """Lease the first eligible job to ``worker`` for ``span`` seconds, or return None.
-
-    ``kinds_text`` is the JSON list of kinds to consider, or None for every kind.
-    """
+    """Lease the first eligible job of ``kinds`` to ``worker`` for ``span`` seconds, or
+    return None."""
     with Tx(conn, "lease_next", clock) as tx:
         now = tx.now
         params: dict[str, object] = {
@@ -49,14 +73,11 @@ def lease_next(
             "now": now,
             "at": float_text(now),
             "worker_text": worker_text(worker),
+            **dict(kinds.params),
         }
-        if kinds_text is None:
-            granted = conn.execute(q.CLAIM_FIRST, params).fetchone()
-        else:
-            params["kinds"] = kinds_text
-            granted = conn.execute(q.CLAIM_FIRST_OF_KINDS, params).fetchone()
+        granted = conn.execute(kinds.claim, params).fetchone()
         if granted is None:
-            return _lease_next_slowly(tx, catalog, worker, now + span, kinds_text)
+            return _lease_next_slowly(tx, catalog, worker, now + span, kinds)
         job_id, kind, identity, payload, state, token, attempts, length = granted
         # The grant wrote its LEASED entry itself.
         tx.note(job_id, _LEASED, token, worker)
@@ -75,12 +96,13 @@ def lease_next(
 
 
 def _lease_next_slowly(
-    tx: Tx, catalog: Catalog, worker: str, expires_at: float, kinds_text: str | None
+    tx: Tx, catalog: Catalog, worker: str, expires_at: float, kinds: KindFilter
 ) -> Lease | None:
     """The general claim: an expired lease may come first, exhausted jobs fail."""
     conn, now = tx.conn, tx.now
     while True:
-        row = _candidate(conn, now, kinds_text)
+        found = conn.execute(kinds.candidate, {"now": now, **dict(kinds.params)}).fetchone()
+        row = None if found is None else job_row(found)
         if row is None:
             return None
         if row.lease_worker is not None:
@@ -113,12 +135,3 @@ def _lease_next_slowly(
             lease_worker=worker,
             lease_expires_at=expires_at,
         ).lease()
-
-
-def _candidate(conn: sqlite3.Connection, now: float, kinds: str | None) -> JobRow | None:
-    """Return the eligible job that comes first by (priority desc, run_at, seq)."""
-    if kinds is None:
-        found = conn.execute(q.SELECT_CANDIDATE, {"now": now}).fetchone()
-    else:
-        found = conn.execute(q.SELECT_CANDIDATE_OF_KINDS, {"now": now, "kinds": kinds}).fetchone()
-    return None if found is None else job_row(found)

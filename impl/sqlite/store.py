@@ -208,14 +208,13 @@ class SqliteStore:
         if not isinstance(worker, str) or not worker:
             raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
         span = self._ttl(ttl)
-        kinds_text = None if kinds is None else text_of(_kinds(kinds))
         return claim.lease_next(
             self._connection(),
             self._clock,
             self._catalog,
             worker=worker,
             span=span,
-            kinds_text=kinds_text,
+            kinds=claim.EVERY_KIND if kinds is None else claim.kind_filter(_kinds(kinds)),
         )
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
@@ -502,12 +501,12 @@ class SqliteStore:
         )
 
 
-def _kinds(kinds: Sequence[str]) -> list[str]:
+def _kinds(kinds: Sequence[str]) -> tuple[str, ...]:
     if isinstance(kinds, str):
         raise InvalidInput(
             f"kinds must be a sequence of kind names, got the str {kinds!r}; pass [{kinds!r}]"
         )
-    return [str(k) for k in kinds]
+    return tuple(str(k) for k in kinds)
 
 
 def _advance_row(

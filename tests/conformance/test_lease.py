@@ -88,6 +88,30 @@ def test_kinds_filter(store: Store) -> None:
     assert lease.job_id == linear
 
 
+@pytest.mark.parametrize("kinds", [["branch"], ["branch", "nothing-of-that-kind"]])
+def test_a_kinds_filter_ends_expired_leases_and_fails_exhausted_jobs_of_its_kinds_only(
+    store: Store, clock: ManualClock, kinds: list[str]
+) -> None:
+    """The general claim (an expired lease ahead, an exhausted job ahead) filters by kind
+    as the usual one does, with one kind and with several."""
+    setup(store, LINEAR, BRANCH)
+    other = plan_and_lease(store, {"n": 0}, kind="linear", max_attempts=1)
+    exhausted = plan_and_lease(store, {"n": 1}, kind="branch", max_attempts=1)
+    expired = plan_and_lease(store, {"n": 2}, kind="branch")
+    waiting = store.plan("branch", {"n": 3})
+    clock.advance(max(lease.expires_at for lease in (other, exhausted, expired)) - clock() + 1)
+    first = store.lease_next("w2", kinds=kinds)
+    assert first is not None
+    assert first.job_id == expired.job_id, "the exhausted job failed, the expired lease ended"
+    assert store.state(exhausted.job_id) == "FAILED"
+    assert store.state(other.job_id) != "FAILED", "a job of another kind is left alone"
+    assert store.job(other.job_id).token == other.token
+    second = store.lease_next("w2", kinds=kinds)
+    assert second is not None
+    assert second.job_id == waiting
+    assert store.lease_next("w2", kinds=kinds) is None
+
+
 def test_a_live_lease_is_exclusive(store: Store, clock: ManualClock) -> None:
     setup(store)
     lease = plan_and_lease(store)

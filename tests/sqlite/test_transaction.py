@@ -140,10 +140,12 @@ def test_lease_next_walks_the_active_index_without_sorting(tmp_path: Path) -> No
     """A claim is an ordered walk of the partial index of active jobs at any size: no
     sort, no scan of the table (finished jobs are not even in the index)."""
     kinds: dict[str, object] = {"now": 0.0, "kinds": '["download"]'}
+    kind: dict[str, object] = {"now": 0.0, "kind": "download"}
     plain: dict[str, object] = {"now": 0.0}
     with SqliteStore(tmp_path / "db.sqlite") as store:
         for sql, params in (
             (q.SELECT_CANDIDATE, plain),
+            (q.SELECT_CANDIDATE_OF_KIND, kind),
             (q.SELECT_CANDIDATE_OF_KINDS, kinds),
         ):
             plan = _plan_of(store, sql, params)
@@ -190,8 +192,13 @@ def test_the_one_statement_claim_walks_the_active_index_without_sorting(tmp_path
         "worker_text": '"w"',
     }
     kinds: dict[str, object] = {**params, "kinds": '["download"]'}
+    kind: dict[str, object] = {**params, "kind": "download"}
     with SqliteStore(tmp_path / "db.sqlite") as store:
-        for sql, args in ((q.CLAIM_FIRST, params), (q.CLAIM_FIRST_OF_KINDS, kinds)):
+        for sql, args in (
+            (q.CLAIM_FIRST, params),
+            (q.CLAIM_FIRST_OF_KIND, kind),
+            (q.CLAIM_FIRST_OF_KINDS, kinds),
+        ):
             plan = _plan_of(store, sql, args)
             assert "USING INDEX jobs_active" in plan, plan
             assert "TEMP B-TREE" not in plan, plan
