@@ -42,7 +42,7 @@ def _flat_chunks() -> Callable[[object, int], Iterable[str]]:
     if make is None:  # a Python without the C accelerator
         return lambda value, _level: (_ENCODER.encode(value),)
     chunks: Callable[[object, int], Iterable[str]] = make(
-        None, _ENCODER.default, json.encoder.encode_basestring, None, ":", ",", True, False, False
+        None, _ENCODER.default, _string, None, ":", ",", True, False, False
     )
     return chunks
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from collections.abc import Mapping
 
 import attrs
-from attrs import frozen
+from attrs import field, frozen
 
 from impl.sqlite import maintenance
 from impl.sqlite import queries as q
@@ -36,7 +37,7 @@ class KindFilter:
 
     claim: str
     candidate: str
-    params: tuple[tuple[str, str], ...] = ()
+    params: Mapping[str, str] = field(factory=dict)
 
 
 EVERY_KIND = KindFilter(q.CLAIM_FIRST, q.SELECT_CANDIDATE)
@@ -48,9 +49,9 @@ def kind_filter(kinds: tuple[str, ...]) -> KindFilter:
     """The filter for ``kinds`` (computed once per list: a worker asks for the same one on
     every claim)."""
     if len(kinds) == 1:
-        return KindFilter(q.CLAIM_FIRST_OF_KIND, q.SELECT_CANDIDATE_OF_KIND, (("kind", kinds[0]),))
+        return KindFilter(q.CLAIM_FIRST_OF_KIND, q.SELECT_CANDIDATE_OF_KIND, {"kind": kinds[0]})
     return KindFilter(
-        q.CLAIM_FIRST_OF_KINDS, q.SELECT_CANDIDATE_OF_KINDS, (("kinds", text_of(list(kinds))),)
+        q.CLAIM_FIRST_OF_KINDS, q.SELECT_CANDIDATE_OF_KINDS, {"kinds": text_of(list(kinds))}
     )
 
 
@@ -73,7 +74,7 @@ def lease_next(
             "now": now,
             "at": float_text(now),
             "worker_text": worker_text(worker),
-            **dict(kinds.params),
+            **kinds.params,
         }
         granted = conn.execute(kinds.claim, params).fetchone()
         if granted is None:
@@ -101,7 +102,7 @@ def _lease_next_slowly(
     """The general claim: an expired lease may come first, exhausted jobs fail."""
     conn, now = tx.conn, tx.now
     while True:
-        found = conn.execute(kinds.candidate, {"now": now, **dict(kinds.params)}).fetchone()
+        found = conn.execute(kinds.candidate, {"now": now, **kinds.params}).fetchone()
         row = None if found is None else job_row(found)
         if row is None:
             return None

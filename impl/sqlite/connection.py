@@ -150,7 +150,7 @@ def open_held(path: Path, config: Config) -> Held:
 
     Keep the returned holder for as long as the connection is used.
     """
-    held = Held(open_connection(path, config), os.getpid())
+    held = Held(open_connection(path, config), _PID[0])
     _LIVE.add(held)
     return held
 
@@ -210,7 +210,7 @@ class ThreadConnections:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         held: Held | None = getattr(self._local, "held", None)
-        if held is not None and held.pid == os.getpid():
+        if held is not None and held.pid == _PID[0]:
             held.conn.close()
         # Other threads' connections cannot be closed from this one (check_same_thread);
         # dropping the thread-local frees them, and freeing a connection closes it.
@@ -333,7 +333,7 @@ class Tx:
         The statement must end its SET with ``queries.ROW_ENTRY`` and return the new
         length of the text, for :meth:`spill_if_long`.
         """
-        self.events.append((job_id, self.now, event, token, worker, detail))
+        self.note(job_id, event, token, worker, detail)
         return self.line(event, token, worker, detail)
 
     def line(self, event: str, token: int, worker: str | None, detail: str = "{}") -> str:
@@ -360,7 +360,7 @@ class Tx:
     def note(
         self, job_id: str, event: str, token: int, worker: str | None, detail: str = "{}"
     ) -> None:
-        """Report an entry the transaction stored in an effect's row (for telemetry)."""
+        """Report an entry the transaction stored itself (for telemetry, after commit)."""
         self.events.append((job_id, self.now, event, token, worker, detail))
 
 
