@@ -15,7 +15,7 @@ import sqlite3
 import threading
 
 from impl.sqlite import queries as q
-from impl.sqlite.connection import Tx
+from impl.sqlite.connection import LedgerConnection, Tx
 from impl.sqlite.row import text_of
 from model.errors import InvalidInput, UnknownWorkflow, WorkflowConflict
 from model.workflow import Workflow
@@ -68,7 +68,7 @@ class Catalog:
                 self._ancestors[workflow.name] = found
         return found
 
-    def register(self, conn: sqlite3.Connection, workflow: Workflow) -> None:
+    def register(self, conn: LedgerConnection, workflow: Workflow) -> None:
         """Store ``workflow`` unless the identical definition is stored already.
 
         Raises:

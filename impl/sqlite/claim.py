@@ -12,7 +12,6 @@ neither slows down with the number of finished jobs.
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections.abc import Mapping
 
 import attrs
@@ -21,7 +20,13 @@ from attrs import field, frozen
 from impl.sqlite import maintenance
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import Tx, float_text, worker_text
+from impl.sqlite.connection import (
+    LedgerConnection,
+    NothingToWaitFor,
+    Tx,
+    float_text,
+    worker_text,
+)
 from impl.sqlite.row import identity_of, job_row, json_of, text_of
 from model.clock import Clock
 from model.record import Event, Lease
@@ -56,7 +61,7 @@ def kind_filter(kinds: tuple[str, ...]) -> KindFilter:
 
 
 def lease_next(
-    conn: sqlite3.Connection,
+    conn: LedgerConnection,
     clock: Clock,
     catalog: Catalog,
     *,
@@ -65,8 +70,33 @@ def lease_next(
     kinds: KindFilter,
 ) -> Lease | None:
     """Lease the first eligible job of ``kinds`` to ``worker`` for ``span`` seconds, or
-    return None."""
-    with Tx(conn, "lease_next", clock) as tx:
+    return None.
+
+    While another process holds the write lock, this asks between two tries whether any
+    job of ``kinds`` is eligible at all, and returns None at once if none is (a read sees
+    a committed state, so that answer was true during the call): a worker polling an
+    empty queue does not queue up for the lock.
+    """
+    try:
+        return _lease_next(conn, clock, catalog, worker=worker, span=span, kinds=kinds)
+    except NothingToWaitFor:
+        return None
+
+
+def _lease_next(
+    conn: LedgerConnection,
+    clock: Clock,
+    catalog: Catalog,
+    *,
+    worker: str,
+    span: float,
+    kinds: KindFilter,
+) -> Lease | None:
+    def none_eligible() -> bool:
+        found = conn.execute(kinds.candidate, {"now": float(clock()), **kinds.params})
+        return found.fetchone() is None
+
+    with Tx(conn, "lease_next", clock, pointless=none_eligible) as tx:
         now = tx.now
         params: dict[str, object] = {
             "worker": worker,

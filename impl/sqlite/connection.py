@@ -4,7 +4,8 @@ Pragmas are per connection, so :func:`open_connection` applies them to every con
 it opens. Writes always run in a :class:`Tx`, which issues ``BEGIN IMMEDIATE``
 itself (the driver's implicit transactions are off): a deferred transaction that reads
 and then writes fails at once with ``SQLITE_BUSY_SNAPSHOT`` whatever the busy timeout,
-while ``BEGIN IMMEDIATE`` waits for the write lock. :func:`translated` turns every
+while ``BEGIN IMMEDIATE`` can wait for the write lock. The waiting is jobledger's own
+(:mod:`impl.sqlite.waiting`), not SQLite's busy handler. :func:`translated` turns every
 ``sqlite3`` exception into the typed errors of ``model.errors``.
 """
 
@@ -16,17 +17,18 @@ import math
 import os
 import sqlite3
 import threading
-import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
 from impl.sqlite.row import inline_entries, text_of
+from impl.sqlite.waiting import BUSY, LOCKED, Patience, is_busy, patiently, primary_code
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -40,9 +42,9 @@ from model.errors import (
 )
 from model.record import Event, HistoryEvent
 
+T = TypeVar("T")
+
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
-_BUSY = 5
-_LOCKED = 6
 _READONLY = 8
 _INTERRUPT = 9
 _CORRUPT = 11
@@ -52,11 +54,20 @@ _CONSTRAINT = 19
 _NOTADB = 26
 
 
-def open_connection(path: Path, config: Config) -> sqlite3.Connection:
+class LedgerConnection(sqlite3.Connection):
+    """A connection that knows how long its callers may wait for a lock."""
+
+    __slots__ = ("wait_limit",)
+
+    wait_limit: float
+    """Seconds (the configured ``busy_timeout``)."""
+
+
+def open_connection(path: Path, config: Config) -> LedgerConnection:
     """Open a connection to ``path`` with jobledger's pragmas applied.
 
-    The busy timeout is set first (through the driver's ``timeout``) so that switching to
-    WAL waits for a concurrent opener instead of failing.
+    SQLite's own busy handler is off (timeout 0): every wait for a lock is jobledger's
+    (:mod:`impl.sqlite.waiting`), for up to ``config.busy_timeout`` seconds.
 
     Raises:
         StorageError: (a subclass where one fits) if the file cannot be opened or is not
@@ -65,14 +76,18 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
     with translated(f"open {path}"):
         conn = sqlite3.connect(
             path,
-            timeout=config.busy_timeout,
+            timeout=0.0,
             isolation_level=None,
             check_same_thread=True,
+            factory=LedgerConnection,
         )
+        conn.wait_limit = config.busy_timeout
         try:
             # Before the switch to WAL, which writes a new file's first page.
             conn.execute(q.PRAGMA_PAGE_SIZE)
-            _switch_to_wal(conn, config.busy_timeout)
+            # Switching needs an exclusive lock: a process opening a new file while
+            # another one switches or migrates it waits here.
+            patiently(config.busy_timeout, lambda: conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall())
             conn.execute(q.PRAGMA_SYNCHRONOUS[config.sqlite_synchronous])
             if checkpoints_in_background(config):
                 conn.execute(q.PRAGMA_WAL_AUTOCHECKPOINT)
@@ -83,33 +98,12 @@ def open_connection(path: Path, config: Config) -> sqlite3.Connection:
     return conn
 
 
-def _switch_to_wal(conn: sqlite3.Connection, timeout: float) -> None:
-    """Put the database in WAL mode, waiting up to ``timeout`` for other openers.
-
-    Switching needs an exclusive lock, and SQLite does not call the busy handler for it
-    (waiting while holding a shared lock could deadlock), so a process opening a new
-    file while another one is switching or migrating it would fail at once with "database
-    is locked". The switch is retried with short sleeps instead, like the busy handler.
-    """
-    deadline = time.monotonic() + timeout
-    pause = 0.001
-    while True:
-        try:
-            conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall()
-            return
-        except sqlite3.OperationalError as exc:
-            if _primary(exc) not in (_BUSY, _LOCKED) or time.monotonic() + pause > deadline:
-                raise
-        time.sleep(pause)
-        pause = min(pause * 2, 0.05)
-
-
 class Held:
     """A connection and the process that opened it (see :func:`open_held`)."""
 
     __slots__ = ("__weakref__", "conn", "pid")
 
-    def __init__(self, conn: sqlite3.Connection, pid: int) -> None:
+    def __init__(self, conn: LedgerConnection, pid: int) -> None:
         self.conn = conn
         self.pid = pid
 
@@ -155,7 +149,7 @@ def open_held(path: Path, config: Config) -> Held:
     return held
 
 
-def _open_for_checkpoints(path: Path, config: Config) -> tuple[sqlite3.Connection, object]:
+def _open_for_checkpoints(path: Path, config: Config) -> tuple[LedgerConnection, object]:
     held = open_held(path, config)
     return held.conn, held
 
@@ -181,7 +175,7 @@ class ThreadConnections:
             weakref.finalize(self, checkpointer.stop, wait=False)
             self._checkpointer = checkpointer
 
-    def get(self) -> sqlite3.Connection:
+    def get(self) -> LedgerConnection:
         """Return the calling thread's connection in this process, opening it if needed.
 
         Raises:
@@ -243,6 +237,10 @@ def float_text(value: float) -> str:
     return repr(value) if math.isfinite(value) else _JSON_TEXT.encode(value)
 
 
+class NothingToWaitFor(Exception):
+    """A :class:`Tx` stopped waiting for the write lock: it would change nothing."""
+
+
 class Tx:
     """One ``BEGIN IMMEDIATE`` write transaction named ``op`` (for failpoints and errors).
 
@@ -255,14 +253,28 @@ class Tx:
     typed errors of ``model.errors``. History entries written through :meth:`history`
     are passed to :func:`impl.telemetry.emit_history` once the commit succeeded, and
     never for a transaction that rolled back.
+
+    While another connection holds the write lock, beginning waits (see
+    :mod:`impl.sqlite.waiting`) up to the connection's ``wait_limit``, then raises
+    :class:`DatabaseLocked`. ``pointless``, if given, is asked between two tries whether
+    the transaction would change nothing anyway; if it says so, :class:`NothingToWaitFor`
+    is raised instead of waiting on.
     """
 
-    __slots__ = ("_clock", "_names", "conn", "events", "now", "op")
+    __slots__ = ("_clock", "_names", "_pointless", "conn", "events", "now", "op")
 
-    def __init__(self, conn: sqlite3.Connection, op: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        conn: LedgerConnection,
+        op: str,
+        clock: Clock | None = None,
+        *,
+        pointless: Callable[[], bool] | None = None,
+    ) -> None:
         self.conn = conn
         self.op = op
         self._clock = clock
+        self._pointless = pointless
         names = _NAMES.get(op)
         self._names = names if names is not None else _names(op)
         self.now = 0.0
@@ -275,7 +287,9 @@ class Tx:
         try:
             conn.execute(q.BEGIN_IMMEDIATE)
         except sqlite3.Error as exc:
-            raise translate(exc, self.op) from exc
+            if not is_busy(exc):
+                raise translate(exc, self.op) from exc
+            self._begin_when_free(exc)
         if self._clock is not None:
             try:
                 self.now = float(self._clock())
@@ -283,6 +297,30 @@ class Tx:
                 _rollback_quietly(conn)
                 raise
         return self
+
+    def _begin_when_free(self, busy: sqlite3.Error) -> None:
+        patience = Patience(self.conn.wait_limit)
+        while True:
+            if self._pointless is not None and self._asked_pointless():
+                raise NothingToWaitFor(self.op)
+            if not patience.wait():
+                raise translate(busy, self.op) from busy
+            try:
+                self.conn.execute(q.BEGIN_IMMEDIATE)
+                return
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise translate(exc, self.op) from exc
+                busy = exc
+
+    def _asked_pointless(self) -> bool:
+        assert self._pointless is not None
+        try:
+            return self._pointless()
+        except sqlite3.Error as exc:
+            if is_busy(exc):  # it cannot tell now: wait on
+                return False
+            raise translate(exc, self.op) from exc
 
     def __exit__(
         self,
@@ -396,6 +434,18 @@ def _rollback_quietly(conn: sqlite3.Connection) -> None:
         conn.execute(q.ROLLBACK)
 
 
+def reading(conn: LedgerConnection, asked: str, read: Callable[[], T]) -> T:
+    """Return ``read()``, tried again while a lock it needs is held elsewhere (for up to
+    the connection's ``wait_limit``); ``sqlite3`` errors leave as typed errors.
+
+    In WAL mode a read waits only while another connection recovers the WAL after a
+    crash. ``read`` must be safe to repeat: reads are; a step that writes must check under
+    the write lock what an earlier try did (``migrate`` and ``register`` do).
+    """
+    with translated(asked):
+        return patiently(conn.wait_limit, read)
+
+
 @contextmanager
 def translated(asked: str) -> Iterator[None]:
     """Translate ``sqlite3`` exceptions raised in the body into ``model.errors``.
@@ -410,19 +460,13 @@ def translated(asked: str) -> Iterator[None]:
         raise translate(exc, asked) from exc
 
 
-def _primary(exc: sqlite3.Error) -> int | None:
-    """The primary result code of ``exc`` (the low byte of its extended code), if any."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code & 0xFF if isinstance(code, int) else None
-
-
 def translate(exc: sqlite3.Error, asked: str) -> StorageError | IllegalTransition:
     """Return the typed error for the ``sqlite3`` exception ``exc`` raised by ``asked``."""
     name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
-    primary = _primary(exc)
+    primary = primary_code(exc)
     text = str(exc)
     found = f"SQLite said {text!r} ({name})"
-    if primary in (_BUSY, _LOCKED):
+    if primary in (BUSY, LOCKED):
         return DatabaseLocked(
             f"{asked}: the database stayed locked past the busy timeout; {found}. Another "
             "process holds a long write transaction: retry later or raise busy_timeout"

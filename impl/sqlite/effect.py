@@ -19,7 +19,7 @@ from attrs import frozen
 
 from impl import failpoint
 from impl.sqlite import queries as q
-from impl.sqlite.connection import Tx
+from impl.sqlite.connection import LedgerConnection, Tx
 from impl.sqlite.row import fence, fenceable, json_of, op_detail, text_of
 from model.clock import Clock
 from model.config import Config
@@ -72,7 +72,7 @@ class _Doubt:
 
 
 def run_effect(
-    conn: sqlite3.Connection,
+    conn: LedgerConnection,
     clock: Clock,
     config: Config,
     lease: Lease,
@@ -145,7 +145,7 @@ def run_effect(
 
 
 def _start(
-    conn: sqlite3.Connection,
+    conn: LedgerConnection,
     clock: Clock,
     lease: Lease,
     op: str,
@@ -235,7 +235,7 @@ def _insert_start(
 
 
 def _record(
-    conn: sqlite3.Connection, clock: Clock, lease: Lease, the_op: _Op, text: str, *, probed: bool
+    conn: LedgerConnection, clock: Clock, lease: Lease, the_op: _Op, text: str, *, probed: bool
 ) -> str:
     """Record ``text`` as the op's result under a live lease; return the recorded text."""
     with Tx(conn, "effect_record", clock) as tx:
@@ -274,7 +274,7 @@ def _record(
     return text
 
 
-def _abort(conn: sqlite3.Connection, clock: Clock, the_op: _Op, token: int) -> None:
+def _abort(conn: LedgerConnection, clock: Clock, the_op: _Op, token: int) -> None:
     # fn raised: the caller knows it did not finish, so its start is withdrawn. If even
     # that fails the start stays and the op is merely in doubt; the caller's exception is
     # the one that matters, so a storage error here is not raised over it.

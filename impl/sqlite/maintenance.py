@@ -12,7 +12,7 @@ import sqlite3
 
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import Tx, snapshot, translated
+from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
 from impl.sqlite.row import op_detail, text_of
 from model.clock import Clock
 from model.record import Event, ReconcileReport, Stats
@@ -42,18 +42,11 @@ def enter_failed(
 
 
 def reconcile(
-    conn: sqlite3.Connection, clock: Clock, catalog: Catalog, *, dry_run: bool = False
+    conn: LedgerConnection, clock: Clock, catalog: Catalog, *, dry_run: bool = False
 ) -> ReconcileReport:
     """Run one reconcile pass (or count what it would do) and report the counts."""
     if dry_run:
-        with translated("reconcile"), snapshot(conn):
-            now = clock()
-            params = {"now": now}
-            return ReconcileReport(
-                leases_expired=_count(conn, q.COUNT_EXPIRED_LEASES, params),
-                effects_in_doubt=_count(conn, q.COUNT_DEAD_STARTS, params),
-                jobs_failed=_count(conn, q.COUNT_EXHAUSTED, params),
-            )
+        return reading(conn, "reconcile", lambda: _would_reconcile(conn, clock))
     with Tx(conn, "reconcile", clock) as tx:
         now = tx.now
         params = {"now": now}
@@ -88,9 +81,23 @@ def reconcile(
     )
 
 
-def stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
+def _would_reconcile(conn: sqlite3.Connection, clock: Clock) -> ReconcileReport:
+    with snapshot(conn):
+        params = {"now": clock()}
+        return ReconcileReport(
+            leases_expired=_count(conn, q.COUNT_EXPIRED_LEASES, params),
+            effects_in_doubt=_count(conn, q.COUNT_DEAD_STARTS, params),
+            jobs_failed=_count(conn, q.COUNT_EXHAUSTED, params),
+        )
+
+
+def stats(conn: LedgerConnection, clock: Clock, catalog: Catalog) -> Stats:
     """Return counts by kind and state, leases, in-doubt effects and queue lag."""
-    with translated("stats"), snapshot(conn):
+    return reading(conn, "stats", lambda: _stats(conn, clock, catalog))
+
+
+def _stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
+    with snapshot(conn):
         now = clock()
         params = {"now": now}
         workflows = catalog.all(conn)

@@ -21,7 +21,7 @@ from typing import Final, NamedTuple
 from impl import telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import Tx, translated
+from impl.sqlite.connection import LedgerConnection, Tx, reading
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
@@ -58,7 +58,7 @@ _PLAIN = frozenset({str, int, bool, type(None)})
 
 
 def plan_items(
-    conn: sqlite3.Connection,
+    conn: LedgerConnection,
     clock: Clock,
     config: Config,
     catalog: Catalog,
@@ -74,8 +74,7 @@ def plan_items(
         IdempotencyConflict: for the first item in order that has a problem; then
         nothing is planned.
     """
-    with translated(op):
-        catalog.get(conn, kind)
+    reading(conn, op, lambda: catalog.get(conn, kind))
     with Tx(conn, op, clock) as tx:
         now = tx.now
         workflow = catalog.get(conn, kind)

@@ -18,7 +18,7 @@ from types import TracebackType
 from impl.sqlite import claim, effect, maintenance, read
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
-from impl.sqlite.connection import ThreadConnections, Tx, translated
+from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
 from impl.sqlite.plan import plan_items
 from impl.sqlite.row import (
     fence,
@@ -84,8 +84,9 @@ class SqliteStore:
         self._catalog = Catalog()
         try:
             conn = self._connection()
-            with translated(f"open {self._path}"):
-                migrate(conn, str(self._path), self._clock())
+            reading(
+                conn, f"open {self._path}", lambda: migrate(conn, str(self._path), self._clock())
+            )
             self.register(DOWNLOAD)
         except BaseException:
             self.close()
@@ -130,7 +131,7 @@ class SqliteStore:
         """Close the connections this store opened; the store cannot be used afterwards."""
         self._connections.close()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> LedgerConnection:
         """Return this thread's connection in this process, opening it if needed.
 
         Not public API: tests use it to trace statements and inject faults.
@@ -142,20 +143,17 @@ class SqliteStore:
     def register(self, workflow: Workflow) -> None:
         """Store ``workflow``; idempotent; a different definition of the name raises."""
         conn = self._connection()
-        with translated("register"):
-            self._catalog.register(conn, workflow)
+        reading(conn, "register", lambda: self._catalog.register(conn, workflow))
 
     def workflow(self, name: str) -> Workflow:
         """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
         conn = self._connection()
-        with translated("workflow"):
-            return self._catalog.get(conn, name)
+        return reading(conn, "workflow", lambda: self._catalog.get(conn, name))
 
     def workflows(self) -> list[Workflow]:
         """Return every registered workflow, by name."""
         conn = self._connection()
-        with translated("workflows"):
-            return self._catalog.all(conn)
+        return reading(conn, "workflows", lambda: self._catalog.all(conn))
 
     # -- planning -------------------------------------------------------------------------
 
@@ -441,14 +439,12 @@ class SqliteStore:
     def state(self, job_id: str) -> str:
         """Return the job's current state."""
         conn = self._connection()
-        with translated("state"):
-            return read.state(conn, job_id)
+        return reading(conn, "state", lambda: read.state(conn, job_id))
 
     def job(self, job_id: str) -> JobInfo:
         """Return a snapshot of the job."""
         conn = self._connection()
-        with translated("job"):
-            return require_job(conn, job_id).info(self._clock())
+        return reading(conn, "job", lambda: require_job(conn, job_id).info(self._clock()))
 
     def jobs(
         self,
@@ -460,28 +456,28 @@ class SqliteStore:
     ) -> list[JobInfo]:
         """List jobs in planned order (or newest first), optionally filtered."""
         conn = self._connection()
-        with translated("jobs"):
-            return read.jobs(
+        return reading(
+            conn,
+            "jobs",
+            lambda: read.jobs(
                 conn, self._clock(), state=state, kind=kind, limit=limit, newest_first=newest_first
-            )
+            ),
+        )
 
     def leases(self) -> list[LeaseRow]:
         """List the leases that are set: live ones and expired ones not yet reconciled."""
         conn = self._connection()
-        with translated("leases"):
-            return read.leases(conn, self._clock())
+        return reading(conn, "leases", lambda: read.leases(conn, self._clock()))
 
     def effects(self, job_id: str) -> list[EffectInfo]:
         """List the job's effects in the order they were first started."""
         conn = self._connection()
-        with translated("effects"):
-            return read.effects(conn, job_id)
+        return reading(conn, "effects", lambda: read.effects(conn, job_id))
 
     def history(self, job_id: str) -> list[HistoryEvent]:
         """Return the job's history, oldest first."""
         conn = self._connection()
-        with translated("history"):
-            return read.history(conn, job_id)
+        return reading(conn, "history", lambda: read.history(conn, job_id))
 
     def reconcile(self, *, dry_run: bool = False) -> ReconcileReport:
         """Expire dead leases, mark their starts in doubt, fail exhausted jobs."""

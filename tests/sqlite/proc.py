@@ -37,8 +37,8 @@ def drain(path: str, name: str, start: Barrier, reports: Queue[WorkerReport]) ->
 
 def _work(ctx: EffectContext) -> dict[str, int]:
     # A real effect takes a while outside any transaction. Without that, one process
-    # can re-take the write lock right after each commit while the others sleep in
-    # SQLite's busy handler (which is not fair), and drain every job alone.
+    # can re-take the write lock right after each commit while the others sleep between
+    # tries (waiting is not fair, see impl.sqlite.waiting), and drain every job alone.
     time.sleep(0.0005)
     return {"token": ctx.token}
 

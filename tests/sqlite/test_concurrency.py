@@ -55,8 +55,8 @@ def test_processes_share_one_file_without_busy_errors_or_shared_jobs(tmp_path: P
                 worker.join()
     for report in reports:
         assert report.error is None, f"{report.name} failed:\n{report.error}"
-    # SQLite's busy handler is not fair: a process that keeps losing the race for the
-    # write lock sleeps longer each time and can end up with no job at all. Exclusivity
+    # Waiting for the write lock is not fair (impl.sqlite.waiting): a process that keeps
+    # losing the race for it can end up with no job at all. Exclusivity
     # and the absence of busy errors are what this test checks; it only needs to know
     # that at least two processes really contended.
     contended = [r.name for r in reports if r.grants]

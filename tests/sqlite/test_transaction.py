@@ -101,7 +101,10 @@ def _pragmas(store: SqliteStore) -> tuple[object, ...]:
         conn.execute("PRAGMA journal_mode").fetchone()[0],
         conn.execute("PRAGMA synchronous").fetchone()[0],
         conn.execute("PRAGMA foreign_keys").fetchone()[0],
+        # SQLite's own busy handler is off: jobledger waits (impl.sqlite.waiting), for
+        # the configured busy_timeout.
         conn.execute("PRAGMA busy_timeout").fetchone()[0],
+        conn.wait_limit,
         conn.isolation_level,
     )
 
@@ -109,7 +112,7 @@ def _pragmas(store: SqliteStore) -> tuple[object, ...]:
 def test_pragmas_apply_to_every_threads_connection(tmp_path: Path) -> None:
     config = Config(sqlite_synchronous="FULL", busy_timeout=2.5)
     with SqliteStore(tmp_path / "db.sqlite", config=config) as store:
-        expected = ("wal", 2, 1, 2500, None)
+        expected = ("wal", 2, 1, 0, 2.5, None)
         assert _pragmas(store) == expected
         seen: list[object] = []
 
