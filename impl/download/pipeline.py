@@ -135,6 +135,10 @@ class DownloadHandler:
         self.client = client if client is not None else HttpClient(config)
         self.on_bytes = on_bytes
 
+    def close(self) -> None:
+        """Close the index connections the workers opened; call it once they stopped."""
+        self.index.close()
+
     def __call__(self, ctx: Context) -> None:
         """Drive the leased job as far as it goes; a permanent error fails it at once."""
         try:

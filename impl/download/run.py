@@ -372,9 +372,14 @@ def _download(
             thread.join(STOP_JOIN_SECONDS)
             if client is None:
                 http.close()
+    if not thread.is_alive():  # else its connections are left to the garbage collector
+        handler.close()
     if errors and isinstance(errors[0], JobledgerError):
         raise errors[0]
-    export = index.export_jsonl()
+    try:
+        export = index.export_jsonl()
+    finally:
+        index.close()
     return _summary(
         store,
         ids=ids,

@@ -67,6 +67,8 @@ def test_downloads_index_and_export(
     entries = [_entry(server.add(p, b), p) for p, b in bodies.items()]
     summary = _run(tmp_path, db, out, cfg, entries)
     assert (summary.succeeded, summary.failed, summary.exit_code) == (3, 0, 0)
+    # The run closed every index connection it opened: the last one took the WAL along.
+    assert not (out / "index.sqlite-wal").exists()
     for body in bodies.values():
         _stored(out, body)
     rows = {r.artifact_id: r for r in ArtifactIndex(out).all()}
