@@ -77,42 +77,31 @@ def lease_next(
     a committed state, so that answer was true during the call): a worker polling an
     empty queue does not queue up for the lock.
     """
-    try:
-        return _lease_next(conn, clock, catalog, worker=worker, span=span, kinds=kinds)
-    except NothingToWaitFor:
-        return None
 
-
-def _lease_next(
-    conn: LedgerConnection,
-    clock: Clock,
-    catalog: Catalog,
-    *,
-    worker: str,
-    span: float,
-    kinds: KindFilter,
-) -> Lease | None:
     def none_eligible() -> bool:
         found = conn.execute(kinds.candidate, {"now": float(clock()), **kinds.params})
         return found.fetchone() is None
 
-    with Tx(conn, "lease_next", clock, pointless=none_eligible) as tx:
-        now = tx.now
-        params: dict[str, object] = {
-            "worker": worker,
-            "expires_at": now + span,
-            "now": now,
-            "at": float_text(now),
-            "worker_text": worker_text(worker),
-            **kinds.params,
-        }
-        granted = conn.execute(kinds.claim, params).fetchone()
-        if granted is None:
-            return _lease_next_slowly(tx, catalog, worker, now + span, kinds)
-        job_id, kind, identity, payload, state, token, attempts, length = granted
-        # The grant wrote its LEASED entry itself.
-        tx.note(job_id, _LEASED, token, worker)
-        tx.spill_if_long(job_id, length)
+    try:
+        with Tx(conn, "lease_next", clock, pointless=none_eligible) as tx:
+            now = tx.now
+            params: dict[str, object] = {
+                "worker": worker,
+                "expires_at": now + span,
+                "now": now,
+                "at": float_text(now),
+                "worker_text": worker_text(worker),
+                **kinds.params,
+            }
+            granted = conn.execute(kinds.claim, params).fetchone()
+            if granted is None:
+                return _lease_next_slowly(tx, catalog, worker, now + span, kinds)
+            job_id, kind, identity, payload, state, token, attempts, length = granted
+            # The grant wrote its LEASED entry itself.
+            tx.note(job_id, _LEASED, token, worker)
+            tx.spill_if_long(job_id, length)
+    except NothingToWaitFor:
+        return None
     return Lease(
         job_id=job_id,
         kind=kind,
