@@ -28,7 +28,7 @@ from impl import failpoint, telemetry
 from impl.sqlite import queries as q
 from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
 from impl.sqlite.row import inline_entries, text_of
-from impl.sqlite.waiting import BUSY, LOCKED, Patience, is_busy, patiently, primary_code
+from impl.sqlite.waiting import BUSY, LOCKED, is_busy, patiently, primary_code
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -289,7 +289,10 @@ class Tx:
         except sqlite3.Error as exc:
             if not is_busy(exc):
                 raise translate(exc, self.op) from exc
-            self._begin_when_free(exc)
+            try:
+                patiently(conn.wait_limit, self._begin_unless_pointless)
+            except sqlite3.Error as again:
+                raise translate(again, self.op) from again
         if self._clock is not None:
             try:
                 self.now = float(self._clock())
@@ -298,29 +301,11 @@ class Tx:
                 raise
         return self
 
-    def _begin_when_free(self, busy: sqlite3.Error) -> None:
-        patience = Patience(self.conn.wait_limit)
-        while True:
-            if self._pointless is not None and self._asked_pointless():
-                raise NothingToWaitFor(self.op)
-            if not patience.wait():
-                raise translate(busy, self.op) from busy
-            try:
-                self.conn.execute(q.BEGIN_IMMEDIATE)
-                return
-            except sqlite3.Error as exc:
-                if not is_busy(exc):
-                    raise translate(exc, self.op) from exc
-                busy = exc
-
-    def _asked_pointless(self) -> bool:
-        assert self._pointless is not None
-        try:
-            return self._pointless()
-        except sqlite3.Error as exc:
-            if is_busy(exc):  # it cannot tell now: wait on
-                return False
-            raise translate(exc, self.op) from exc
+    def _begin_unless_pointless(self) -> None:
+        # A probe that meets a busy lock cannot tell: it is waited on like the lock.
+        if self._pointless is not None and self._pointless():
+            raise NothingToWaitFor(self.op)
+        self.conn.execute(q.BEGIN_IMMEDIATE)
 
     def __exit__(
         self,

@@ -53,40 +53,25 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return primary_code(exc) in (BUSY, LOCKED)
 
 
-class Patience:
-    """How long one call may still wait for a lock, and the sleep before its next try."""
-
-    __slots__ = ("_deadline", "_pause")
-
-    def __init__(self, timeout: float) -> None:
-        self._deadline = time.monotonic() + timeout
-        self._pause = FIRST_PAUSE
-
-    def wait(self) -> bool:
-        """Sleep before the next try; False (without sleeping) once the time is up."""
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(left, self._pause * (0.5 + random.random())))
-        self._pause = min(self._pause * 2, LONGEST_PAUSE)
-        return True
-
-
 def patiently(timeout: float, attempt: Callable[[], T]) -> T:
     """Return ``attempt()``, tried again while it fails on a busy lock, for ``timeout``
-    seconds; then its last ``sqlite3`` error is raised.
+    seconds from the first failure; then its last ``sqlite3`` error is raised.
 
     ``attempt`` must be safe to repeat after a busy error: a read, or a step that checks
     under the write lock what an earlier try may have done (opening, migrating).
     """
-    patience: Patience | None = None
+    deadline = None
+    pause = FIRST_PAUSE
     while True:
         try:
             return attempt()
         except sqlite3.OperationalError as exc:
             if not is_busy(exc):
                 raise
-            if patience is None:
-                patience = Patience(timeout)
-            if not patience.wait():
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            if now >= deadline:
                 raise
+            time.sleep(min(deadline - now, pause * (0.5 + random.random())))
+            pause = min(pause * 2, LONGEST_PAUSE)
