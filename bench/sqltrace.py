@@ -17,7 +17,7 @@ from typing import Any
 from impl.sqlite import connection as backend_connection
 
 
-class _Timed(sqlite3.Connection):
+class _Timed(backend_connection.LedgerConnection):
     table: dict[str, list[float]]
 
     def execute(self, sql: str, params: Any = (), /) -> sqlite3.Cursor:
@@ -50,7 +50,8 @@ def traced(open_store: Callable[[], Any], body: Callable[[Any], object], *, titl
     real_connect = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        return real_connect(*args, **kwargs, factory=_Timed)
+        # The backend's own factory, timed (it carries the connection's wait limit).
+        return real_connect(*args, **{**kwargs, "factory": _Timed})
 
     backend_connection.sqlite3.connect = connect  # type: ignore[attr-defined]
     try:
