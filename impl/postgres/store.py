@@ -129,6 +129,12 @@ class PostgresStore:
 
     def workflow(self, name: str) -> Workflow:
         """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
+        self._db.check_open()
+        # A registered definition never changes, so one this store has read needs no
+        # transaction (a Worker asks for its job's workflow after every job).
+        known = self._flows.cached(name)
+        if known is not None:
+            return known
         return self._db.read("workflow", lambda tx: self._flows.get(tx, name))
 
     def workflows(self) -> list[Workflow]:

@@ -148,6 +148,11 @@ class SqliteStore:
     def workflow(self, name: str) -> Workflow:
         """Return the registered workflow ``name`` or raise ``UnknownWorkflow``."""
         conn = self._connection()
+        # A registered definition never changes, so one this handle has read is answered
+        # without a statement (a Worker asks for its job's workflow after every job).
+        known = self._catalog.cached(name)
+        if known is not None:
+            return known
         return reading(conn, "workflow", lambda: self._catalog.get(conn, name))
 
     def workflows(self) -> list[Workflow]:

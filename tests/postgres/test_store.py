@@ -4,6 +4,8 @@ migrations, and the one clock rule (server time when no clock is injected)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -11,7 +13,7 @@ from psycopg import sql
 
 import impl
 from impl.postgres import schema as pg_schema_mod
-from impl.postgres.database import read_schema_version
+from impl.postgres.database import Tx, read_schema_version
 from impl.postgres.schema import SCHEMA_VERSION
 from impl.postgres.store import PostgresStore
 from model import Config, Event, ManualClock, SchemaVersionError, StorageError, Workflow
@@ -19,6 +21,8 @@ from tests.pg import PG_URL
 from tests.postgres.conftest import OpenStore
 
 pytestmark = pytest.mark.postgres
+
+T = TypeVar("T")
 
 Admin = psycopg.Connection[tuple[object, ...]]
 
@@ -198,3 +202,24 @@ def test_without_a_clock_lease_times_come_from_the_server(
     assert (again.job_id, again.token) == (job_id, 2)
     with pytest.raises(impl.LeaseLost):
         store.renew(lease)
+
+
+def test_a_workflow_read_once_is_answered_without_a_transaction(
+    open_pg: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    open_pg().register(FLOW)
+    store = open_pg()  # a fresh handle: nothing cached yet
+    reads: list[str] = []
+    real_read = store._db.read
+
+    def counted(what: str, body: Callable[[Tx], T]) -> T:
+        reads.append(what)
+        return real_read(what, body)
+
+    monkeypatch.setattr(store._db, "read", counted)
+    assert store.workflow("flow") == FLOW
+    assert store.workflow("flow") == FLOW
+    assert reads == ["workflow"]
+    store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.workflow("flow")

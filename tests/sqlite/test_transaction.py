@@ -241,3 +241,23 @@ def test_a_new_ledger_has_small_pages_and_an_old_one_keeps_its_own(tmp_path: Pat
         assert store.advance(lease, "B")
         assert store.job(job_id).state == "B"
     assert _page_size(old) == 4096
+
+
+def test_a_workflow_read_once_is_answered_without_a_statement(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    with SqliteStore(path) as first:
+        first.register(FLOW)
+    store = SqliteStore(path)  # a fresh handle: nothing cached yet
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    try:
+        assert store.workflow("flow") == FLOW
+        assert any("workflows" in s for s in statements), "the first lookup reads the row"
+        statements.clear()
+        assert store.workflow("flow") == FLOW
+        assert statements == []
+    finally:
+        store._connection().set_trace_callback(None)
+        store.close()
+    with pytest.raises(StorageError, match="closed"):
+        store.workflow("flow")
