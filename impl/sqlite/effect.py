@@ -20,7 +20,7 @@ from attrs import frozen
 from impl import failpoint
 from impl.sqlite import queries as q
 from impl.sqlite.connection import LedgerConnection, Tx
-from impl.sqlite.row import fence, fenceable, json_of, op_detail, text_of
+from impl.sqlite.row import bindable, fence, fenceable, json_of, op_detail, text_of
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -155,25 +155,28 @@ def _start(
 ) -> _Started | _Recorded | _Doubt:
     with Tx(conn, "effect_start", clock) as tx:
         # The usual case first, before any read: no row yet and the lease live, so the
-        # start is one fenced insert. A bad op or extras leaves the decision to the
-        # general path below, which checks the lease first, as the model does.
-        tried = False
-        if fenceable(lease):
+        # start is one fenced insert, which also checks the lease's attempt (a caller's
+        # Lease object may say anything; the general path then reads the job's). A bad
+        # op or extras leaves the decision to the general path below, which checks the
+        # lease first, as the model does.
+        tried: int | None = None  # the attempt a fenced insert was tried with
+        if fenceable(lease) and bindable(lease.attempt):
             try:
                 the_op = _op_of(lease.job_id, op, extras)
             except InvalidIdentity:
                 pass
             else:
-                tried = True
-                started = _insert_start(conn, tx, the_op, lease.token, lease.worker)
-                if started is not None:
-                    return started
+                tried = lease.attempt
+                if _insert_start(
+                    conn, tx, the_op, token=lease.token, worker=lease.worker, attempt=tried
+                ):
+                    return _Started(the_op, token=lease.token, attempt=tried)
         token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
         the_op = _op_of(lease.job_id, op, extras)
-        if not tried:
-            started = _insert_start(conn, tx, the_op, token, lease.worker)
-            if started is not None:
-                return started
+        if tried != attempt and _insert_start(
+            conn, tx, the_op, token=token, worker=lease.worker, attempt=attempt
+        ):
+            return _Started(the_op, token=token, attempt=attempt)
         job_id, key = the_op.job_id, the_op.key
         found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
         if found[4] == "done":
@@ -220,18 +223,18 @@ def _start_params(tx: Tx, the_op: _Op, token: int, worker: str) -> dict[str, obj
 
 
 def _insert_start(
-    conn: sqlite3.Connection, tx: Tx, the_op: _Op, token: int, worker: str
-) -> _Started | None:
-    """Insert the op's start under the job's live lease of ``token``, if it has no row.
-
-    None when nothing was inserted (the lease is not live, or the op has a row).
-    """
-    row = conn.execute(q.START_EFFECT_FENCED, _start_params(tx, the_op, token, worker)).fetchone()
-    if row is None:
-        return None
+    conn: sqlite3.Connection, tx: Tx, the_op: _Op, *, token: int, worker: str, attempt: int
+) -> bool:
+    """Insert the op's start under the job's live lease of ``token`` in ``attempt``, if
+    the op has no row; False when nothing was inserted (the lease is not live, the job is
+    in another attempt, or the op has a row)."""
+    params = _start_params(tx, the_op, token, worker)
+    params["attempt"] = attempt
+    if conn.execute(q.START_EFFECT_FENCED, params).rowcount == 0:
+        return False
     # The STARTED entry is the new row's own (start_n).
     tx.note(the_op.job_id, _STARTED, token, worker, op_detail(the_op.op))
-    return _Started(the_op, token=token, attempt=int(row[0]))
+    return True
 
 
 def _record(

@@ -210,12 +210,12 @@ def fence(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> Fence:
 def fenceable(lease: object) -> bool:
     """True if ``lease`` can be fenced inside an update (a Lease with a bindable id and
     token); anything else goes through :func:`fence` first, which explains the refusal."""
-    return (
-        isinstance(lease, Lease)
-        and isinstance(lease.job_id, str)
-        and type(lease.token) is int
-        and INT64_MIN <= lease.token <= INT64_MAX
-    )
+    return isinstance(lease, Lease) and isinstance(lease.job_id, str) and bindable(lease.token)
+
+
+def bindable(value: object) -> bool:
+    """True if ``value`` is an int SQLite can bind (a 64-bit signed integer)."""
+    return type(value) is int and INT64_MIN <= value <= INT64_MAX
 
 
 # History details are canonical JSON; the few distinct ones on hot paths are encoded once.

@@ -535,9 +535,7 @@ def _advance_row(
         "line": tx.line(_ADVANCED, token, worker, detail),
     }
     sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
-    row = conn.execute(sql, params).fetchone()
-    if row is None:
+    if conn.execute(sql, params).rowcount == 0:
         return False
     tx.note(job_id, _ADVANCED, token, worker, detail)
-    tx.spill_if_long(job_id, row[0])
     return True

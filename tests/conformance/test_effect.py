@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 
 import impl
@@ -114,6 +115,23 @@ def test_effect_context_fields(store: Store, clock: ManualClock) -> None:
         )
     ]
     assert (lease.token, lease.attempt) == (3, 2)
+
+
+@pytest.mark.parametrize("claimed", [1, 7, -1, 2**70, "2", None])
+def test_the_effect_attempt_is_the_jobs_whatever_the_lease_object_says(
+    store: Store, claimed: object
+) -> None:
+    """The attempt comes from the ledger: a Lease edited by the caller (its token still
+    live) changes neither the context's attempt nor what is recorded."""
+    setup(store)
+    lease = plan_and_lease(store)
+    assert store.job(lease.job_id).attempts == lease.attempt == 1
+    edited = attrs.evolve(lease)
+    object.__setattr__(edited, "attempt", claimed)  # Lease is frozen; a caller could
+    fn = Counter("r")
+    assert store.run_effect(edited, "op", fn) == "r"
+    (ctx,) = fn.calls
+    assert (ctx.token, ctx.attempt) == (lease.token, lease.attempt)
 
 
 def test_extras_make_distinct_ops(store: Store) -> None:

@@ -10,6 +10,7 @@ require the same history, entry for entry, and that each storage place was reall
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,37 @@ def test_a_long_history_spills_to_the_table_and_reads_in_order(tmp_path: Path) -
         assert inline > 1, "entries inline"
         assert table > 1, "entries spilled to the history table"
         assert carried > 1, "entries carried by effect rows"
+
+
+def test_advances_add_a_bounded_few_lines_and_the_next_check_spills_them(
+    tmp_path: Path,
+) -> None:
+    """Advances do not check the inline text's length (a job takes each edge at most once
+    between two claims); the next entry that checks, a renewal here, moves it out."""
+    states = tuple(f"S{i:02}" for i in range(60))
+    chain = Workflow("chain", states, tuple(pairwise(states)), states[0], (states[-1],))
+    clock, model, real = _both(tmp_path)
+    with real:
+        stores = (model, real)
+        for store in stores:
+            store.register(chain)
+        job_id = _each(stores, lambda s: s.plan("chain", {"n": 1}))[0]
+        leases = _each(stores, lambda s: s.lease_next("w"))
+        for state in states[1:-1]:
+            clock.advance(0.5)
+            for s, lease in zip(stores, leases, strict=True):
+                assert isinstance(lease, Lease)
+                assert s.advance(lease, state)
+        inline, table, _ = _places(real, job_id)
+        text = real._connection().execute(q.SELECT_INLINE_HISTORY, (job_id,)).fetchone()[0]
+        assert (inline, table) == (len(states) - 1, 0), "every advance stayed inline"
+        assert len(text) > q.INLINE_HISTORY_LIMIT
+        leases = [s.renew(lease) for s, lease in zip(stores, leases, strict=True)]
+        inline, table, _ = _places(real, job_id)
+        assert (inline, table) == (0, len(states)), "the renewal moved them all out"
+        for s, lease in zip(stores, leases, strict=True):
+            assert s.advance(lease, states[-1])
+        _same_history(model, real, job_id)
 
 
 def test_entries_copied_out_of_effect_rows_keep_their_place(tmp_path: Path) -> None:
