@@ -12,7 +12,7 @@ import functools
 from pathlib import Path
 
 import impl
-from bench import ledger, rawsqlite, sqltrace
+from bench import floor, ledger, rawsqlite, sqltrace
 from bench.harness import Result, Settings, Target, compare, profile, stopwatch
 
 TARGET = Target(0.5)
@@ -38,6 +38,16 @@ def api_rate(path: Path, n: int, synchronous: str = "NORMAL") -> float:
 
 def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
     return api_rate(settings.scratch("lifecycle-api") / "ledger.sqlite", n, synchronous)
+
+
+def _floor_run(settings: Settings, n: int, _run: int = 0) -> float:
+    with ledger.open_sqlite(settings.scratch("lifecycle-floor") / "ledger.sqlite") as store:
+        store.plan_many(ledger.KIND, ledger.identities(n))
+        with stopwatch() as t:
+            done = floor.lifecycle(store)
+    if done != n:
+        raise RuntimeError(f"floor lifecycle: {done}/{n} done")
+    return n / t[0]
 
 
 def _raw_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:
@@ -79,6 +89,21 @@ def run(settings: Settings) -> list[Result]:
                 target=TARGET if synchronous == "NORMAL" else None,
             )
         )
+        if synchronous == "NORMAL":
+            # Where the gap lies: the same statements with no API around them.
+            results.append(
+                compare(
+                    settings.runs,
+                    bench="lifecycle",
+                    case=f"jobledger's own statements, no API (the design floor), {n} jobs",
+                    unit="jobs/s",
+                    subject=("statements only", functools.partial(_floor_run, settings, n)),
+                    baseline=(
+                        "raw SQL, 3 tx/job",
+                        functools.partial(_raw_run, settings, synchronous, n),
+                    ),
+                )
+            )
         if settings.profile and synchronous == "NORMAL":
             print(_profile(settings, n))
     return results

@@ -51,7 +51,9 @@ def traced(open_store: Callable[[], Any], body: Callable[[Any], object], *, titl
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
         # The backend's own factory, timed (it carries the connection's wait limit).
-        return real_connect(*args, **{**kwargs, "factory": _Timed})
+        kwargs["factory"] = _Timed
+        conn: sqlite3.Connection = real_connect(*args, **kwargs)
+        return conn
 
     backend_connection.sqlite3.connect = connect  # type: ignore[attr-defined]
     try:
