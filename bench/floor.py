@@ -55,6 +55,7 @@ def lifecycle(store: SqliteStore, worker: str = "floor", ttl: float = 30.0) -> i
                 "job_id": job_id,
                 "op": "noop",
                 "extras": "{}",
+                "now": time.time(),
                 "token": token,
                 "worker": worker,
                 "attempt": attempts,
@@ -63,7 +64,14 @@ def lifecycle(store: SqliteStore, worker: str = "floor", ttl: float = 30.0) -> i
         _one(
             conn,
             q.RECORD_EFFECT,
-            {"job_id": job_id, "op_key": key, "result": "null", "token": token, "inline": True},
+            {
+                "job_id": job_id,
+                "op_key": key,
+                "result": "null",
+                "now": time.time(),
+                "token": token,
+                "inline": True,
+            },
         )
         now = time.time()
         _one(
@@ -71,6 +79,7 @@ def lifecycle(store: SqliteStore, worker: str = "floor", ttl: float = 30.0) -> i
             q.ADVANCE_TO_TERMINAL,
             {
                 "state": "DONE",
+                "now": now,
                 "job_id": job_id,
                 "token": token,
                 "kind": kind,
@@ -78,17 +87,13 @@ def lifecycle(store: SqliteStore, worker: str = "floor", ttl: float = 30.0) -> i
                 "worker": worker,
                 "line": f'[{float_text(now)},"advanced",{token},{who},{_ADVANCED_DETAIL}]\n',
             },
-            now,
         )
         done += 1
 
 
-def _one(
-    conn: sqlite3.Connection, sql: str, params: dict[str, object], now: float | None = None
-) -> None:
+def _one(conn: sqlite3.Connection, sql: str, params: dict[str, object]) -> None:
     """Run ``sql`` in its own write transaction; it must change exactly one row."""
     conn.execute(q.BEGIN_IMMEDIATE)
-    params["now"] = time.time() if now is None else now
     changed = conn.execute(sql, params).rowcount
     conn.execute(q.COMMIT)
     if changed != 1:

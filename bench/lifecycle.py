@@ -9,6 +9,7 @@ file with the same ``synchronous``. Planning is not timed on either side. Measur
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import impl
@@ -27,12 +28,26 @@ def _sizes(settings: Settings, synchronous: str) -> int:
 
 def api_rate(path: Path, n: int, synchronous: str = "NORMAL") -> float:
     """Plan ``n`` jobs in a store on ``path`` (untimed), then return the lifecycle's jobs/s."""
+    return _rate(path, n, synchronous, "lifecycle through the API", _api_lifecycle)
+
+
+def _api_lifecycle(store: ledger.SqliteStore) -> int:
+    done, busy, other = ledger.lifecycle(store)
+    if busy or other:
+        raise RuntimeError(f"lifecycle through the API: {busy + other} errors")
+    return done
+
+
+def _rate(
+    path: Path, n: int, synchronous: str, what: str, drive: Callable[[ledger.SqliteStore], int]
+) -> float:
+    """Plan ``n`` jobs in a store on ``path`` (untimed); return the jobs/s ``drive`` runs."""
     with ledger.open_sqlite(path, synchronous) as store:
         store.plan_many(ledger.KIND, ledger.identities(n))
         with stopwatch() as t:
-            done, busy, other = ledger.lifecycle(store)
-    if (done, busy, other) != (n, 0, 0):
-        raise RuntimeError(f"lifecycle through the API: {done}/{n} done, {busy + other} errors")
+            done = drive(store)
+    if done != n:
+        raise RuntimeError(f"{what}: {done}/{n} done")
     return n / t[0]
 
 
@@ -41,13 +56,8 @@ def _api_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> flo
 
 
 def _floor_run(settings: Settings, n: int, _run: int = 0) -> float:
-    with ledger.open_sqlite(settings.scratch("lifecycle-floor") / "ledger.sqlite") as store:
-        store.plan_many(ledger.KIND, ledger.identities(n))
-        with stopwatch() as t:
-            done = floor.lifecycle(store)
-    if done != n:
-        raise RuntimeError(f"floor lifecycle: {done}/{n} done")
-    return n / t[0]
+    path = settings.scratch("lifecycle-floor") / "ledger.sqlite"
+    return _rate(path, n, "NORMAL", "floor lifecycle", floor.lifecycle)
 
 
 def _raw_run(settings: Settings, synchronous: str, n: int, _run: int = 0) -> float:

@@ -79,8 +79,7 @@ def lease_next(
     """
 
     def none_eligible() -> bool:
-        found = conn.execute(kinds.candidate, {"now": float(clock()), **kinds.params})
-        return found.fetchone() is None
+        return _candidate(conn, kinds, float(clock())) is None
 
     try:
         with Tx(conn, "lease_next", clock, pointless=none_eligible) as tx:
@@ -121,10 +120,10 @@ def _lease_next_slowly(
     """The general claim: an expired lease may come first, exhausted jobs fail."""
     conn, now = tx.conn, tx.now
     while True:
-        found = conn.execute(kinds.candidate, {"now": now, **kinds.params}).fetchone()
-        row = None if found is None else job_row(found)
-        if row is None:
+        found = _candidate(conn, kinds, now)
+        if found is None:
             return None
+        row = job_row(found)
         if row.lease_worker is not None:
             tx.history(row.job_id, _EXPIRED, row.token, row.lease_worker)
         if row.attempts >= row.max_attempts:
@@ -155,3 +154,11 @@ def _lease_next_slowly(
             lease_worker=worker,
             lease_expires_at=expires_at,
         ).lease()
+
+
+def _candidate(conn: LedgerConnection, kinds: KindFilter, now: float) -> tuple[object, ...] | None:
+    """The row of the eligible job of ``kinds`` that comes first at ``now``, or None."""
+    found: tuple[object, ...] | None = conn.execute(
+        kinds.candidate, {"now": now, **kinds.params}
+    ).fetchone()
+    return found

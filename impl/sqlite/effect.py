@@ -197,8 +197,10 @@ def _start(
             return _Doubt(the_op, info)
         tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
         _copy_entries_out(conn, the_op)
-        params = _start_params(tx, the_op, token, lease.worker)
-        conn.execute(q.RESTART_EFFECT, {**params, "attempt": attempt})
+        conn.execute(
+            q.RESTART_EFFECT,
+            _start_params(tx, the_op, token=token, worker=lease.worker, attempt=attempt),
+        )
         tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
         return _Started(the_op, token=token, attempt=attempt)
 
@@ -210,7 +212,9 @@ def _op_of(job_id: str, op: str, extras: Mapping[str, Scalar] | None) -> _Op:
     return _Op(job_id, op, key, extras_text)
 
 
-def _start_params(tx: Tx, the_op: _Op, token: int, worker: str) -> dict[str, object]:
+def _start_params(
+    tx: Tx, the_op: _Op, *, token: int, worker: str, attempt: int
+) -> dict[str, object]:
     return {
         "op_key": the_op.key,
         "job_id": the_op.job_id,
@@ -219,6 +223,7 @@ def _start_params(tx: Tx, the_op: _Op, token: int, worker: str) -> dict[str, obj
         "now": tx.now,
         "token": token,
         "worker": worker,
+        "attempt": attempt,
     }
 
 
@@ -228,8 +233,7 @@ def _insert_start(
     """Insert the op's start under the job's live lease of ``token`` in ``attempt``, if
     the op has no row; False when nothing was inserted (the lease is not live, the job is
     in another attempt, or the op has a row)."""
-    params = _start_params(tx, the_op, token, worker)
-    params["attempt"] = attempt
+    params = _start_params(tx, the_op, token=token, worker=worker, attempt=attempt)
     if conn.execute(q.START_EFFECT_FENCED, params).rowcount == 0:
         return False
     # The STARTED entry is the new row's own (start_n).
