@@ -9,6 +9,7 @@ exactly-once recorded effects. This is the package production code imports.
 
 from __future__ import annotations
 
+from impl.outcome import RetryLater
 from impl.reconciler import Reconciler
 from impl.store import open_store
 from impl.worker import JobContext, RunReport, StopRequested, Worker
@@ -91,6 +92,7 @@ __all__ = [
     "Plan",
     "ReconcileReport",
     "Reconciler",
+    "RetryLater",
     "RunReport",
     "Scalar",
     "SchemaVersionError",
