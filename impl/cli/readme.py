@@ -1,4 +1,4 @@
-"""Marked blocks in README.md that are generated from the command itself.
+"""Marked blocks of a Markdown page (specs/cli.md) that are generated from the command itself.
 
 The CLI reference and the examples each own one block between HTML comment markers;
 regenerating a block replaces only the text between its markers.
@@ -23,7 +23,7 @@ def replace_block(readme: str, block: str, start: str, end: str) -> str:
         ValueError: the markers are missing.
     """
     if embedded(readme, start, end) is None:
-        raise ValueError(f"the README has no {start} ... {end} markers")
+        raise ValueError(f"the page has no {start} ... {end} markers")
     first = readme.find(start) + len(start)
     last = readme.find(end)
     return readme[:first] + "\n" + block.strip() + "\n" + readme[last:]

@@ -1,10 +1,10 @@
-"""The README's command-line reference, generated from the click command tree.
+"""The command-line reference of specs/cli.md, generated from the click command tree.
 
 ``render()`` returns Markdown: one section per command with its ``--help`` text, at a
-fixed width so the output does not depend on the terminal. The README embeds it between
+fixed width so the output does not depend on the terminal. specs/cli.md embeds it between
 the markers below, and a test fails when the two drift apart; regenerate with::
 
-    python -m impl.cli.reference --write README.md
+    python -m impl.cli.reference --write specs/cli.md
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ def replace_block(readme: str, reference: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m impl.cli.reference [--write README.md]``: print or update the reference."""
+    """``python -m impl.cli.reference [--write specs/cli.md]``: print or update the reference."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--write"] and len(args) == 2:
         path = Path(args[1])
         path.write_text(replace_block(path.read_text(encoding="utf-8"), render()), "utf-8")
         return 0
     if args:
-        print("usage: python -m impl.cli.reference [--write README.md]", file=sys.stderr)
+        print("usage: python -m impl.cli.reference [--write specs/cli.md]", file=sys.stderr)
         return 2
     sys.stdout.write(render())
     return 0

@@ -1,4 +1,4 @@
-"""The README's CLI reference is generated from the command tree and must not drift."""
+"""The CLI reference in specs/cli.md is generated from the command tree and must not drift."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from impl.cli import reference
 from impl.cli.main import cli
 from tests.cli.conftest import ROOT
 
-README = ROOT / "README.md"
+PAGE = ROOT / "specs" / "cli.md"
 
 
 def test_readme_reference_matches_the_commands() -> None:
-    block = reference.embedded(README.read_text(encoding="utf-8"))
+    block = reference.embedded(PAGE.read_text(encoding="utf-8"))
     assert block is not None, (
-        f"README.md lost its {reference.START} ... {reference.END} markers; put them back "
-        "and run `python -m impl.cli.reference --write README.md`"
+        f"specs/cli.md lost its {reference.START} ... {reference.END} markers; put them back "
+        "and run `python -m impl.cli.reference --write specs/cli.md`"
     )
     assert block.strip() == reference.render().strip(), (
-        "README.md's CLI reference is stale: run `python -m impl.cli.reference --write README.md`"
+        "specs/cli.md's CLI reference is stale: "
+        "run `python -m impl.cli.reference --write specs/cli.md`"
     )
 
 

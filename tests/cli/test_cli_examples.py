@@ -1,12 +1,12 @@
-"""The README's command-line examples are real output of the commands and must not drift.
+"""The command-line examples in specs/cli.md are real output of the commands and must not drift.
 
 The examples are regenerated once per module (``impl.cli.examples.build``: a fresh ledger
 on a fixed clock, every command run through click's runner) and compared with what the
-README shows: the same commands in the same order, the same exit codes, the same output
+the page shows: the same commands in the same order, the same exit codes, the same output
 byte for byte where the output is deterministic, and the same shape (numbers, ids and
 timings aside) for ``download`` and ``demo``, which talk to a real local server. When this
 fails after an intended change, regenerate with
-``python -m impl.cli.examples --write README.md``.
+``python -m impl.cli.examples --write specs/cli.md``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from impl.cli.examples import Example
 from impl.cli.main import cli
 from tests.cli.conftest import ROOT
 
-README = ROOT / "README.md"
-REGENERATE = "regenerate with `python -m impl.cli.examples --write README.md`"
+PAGE = ROOT / "specs" / "cli.md"
+REGENERATE = "regenerate with `python -m impl.cli.examples --write specs/cli.md`"
 CONSOLE = re.compile(r"^```console\n(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 
 # The demo kills real processes and builds a ledger; one xdist worker runs such tests.
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.xdist_group("processes")
 
 @frozen
 class Shown:
-    """One example as the README shows it."""
+    """One example as specs/cli.md shows it."""
 
     command: str
     code: int
@@ -83,11 +83,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> list[Example]:
 
 @pytest.fixture(scope="module")
 def shown() -> list[Shown]:
-    """The examples as the README shows them."""
-    block = examples.embedded(README.read_text(encoding="utf-8"))
-    assert block is not None, f"README.md lacks {examples.START} ... {examples.END}; {REGENERATE}"
+    """The examples as specs/cli.md shows them."""
+    block = examples.embedded(PAGE.read_text(encoding="utf-8"))
+    assert block is not None, (
+        f"specs/cli.md lacks {examples.START} ... {examples.END}; {REGENERATE}"
+    )
     found = parse(block)
-    assert found, f"README.md's examples block is empty; {REGENERATE}"
+    assert found, f"specs/cli.md's examples block is empty; {REGENERATE}"
     return found
 
 
@@ -128,7 +130,7 @@ def test_download_and_demo_outputs_keep_their_shape(
 
 
 def test_every_command_has_an_example(built: list[Example]) -> None:
-    """A new command without a README example fails here."""
+    """A new command without an example in specs/cli.md fails here."""
     ran = {arg for e in built for arg in e.args if arg in cli.commands}
     assert ran == set(cli.commands)
     assert any(e.args[-2:] == ("config", "show") for e in built)
