@@ -40,11 +40,21 @@ CHILD_TIMEOUT = 300.0
 # -- children (run in spawned processes) --------------------------------------------------
 
 
-def _child(
-    mode: str, target: str, name: str, barrier: Barrier, out: mp.Queue[tuple[Any, ...]]
+Opener = Callable[[str, str], Callable[[str], tuple[int, int, int]]]
+"""Given (mode, target), open what one child runs: a function of its worker name that
+drains jobs and returns (jobs done, busy errors, other errors)."""
+
+
+def _child(  # noqa: PLR0917 - multiprocessing passes a child's arguments by position
+    mode: str,
+    target: str,
+    name: str,
+    barrier: Barrier,
+    out: mp.Queue[tuple[Any, ...]],
+    opener: Opener,
 ) -> None:
     try:
-        work = _open(mode, target)
+        work = opener(mode, target)
     except BaseException as exc:  # reported, never hung on: the barrier is aborted
         barrier.abort()
         out.put(("error", f"{name}: {type(exc).__name__}: {exc}"))
@@ -85,7 +95,9 @@ def _raw_sqlite(conn: sqlite3.Connection, name: str) -> tuple[int, int, int]:
 # -- the parent ---------------------------------------------------------------------------
 
 
-def drain(mode: str, target: str, processes: int, jobs: int) -> tuple[float, int, int]:
+def drain(
+    mode: str, target: str, processes: int, jobs: int, *, opener: Opener = _open
+) -> tuple[float, int, int]:
     """Run ``processes`` children over ``target``; return (jobs/s, busy errors, other)."""
     # fork starts a child in milliseconds, and the parent holds no open connection or
     # thread at this point (every store used to plan is closed); spawn elsewhere.
@@ -93,7 +105,11 @@ def drain(mode: str, target: str, processes: int, jobs: int) -> tuple[float, int
     barrier = ctx.Barrier(processes + 1)
     out: mp.Queue[tuple[Any, ...]] = ctx.Queue()
     children = [
-        ctx.Process(target=_child, args=(mode, target, f"bench-{i}", barrier, out), daemon=True)
+        ctx.Process(
+            target=_child,
+            args=(mode, target, f"bench-{i}", barrier, out, opener),
+            daemon=True,
+        )
         for i in range(processes)
     ]
     for child in children:
@@ -120,7 +136,7 @@ def drain(mode: str, target: str, processes: int, jobs: int) -> tuple[float, int
     return jobs / elapsed, busy, other
 
 
-def _sqlite_target(settings: Settings, mode: str, jobs: int) -> str:
+def sqlite_target(settings: Settings, mode: str, jobs: int) -> str:
     path = settings.scratch(f"procs-{mode}") / "ledger.sqlite"
     idents = ledger.identities(jobs)
     if mode == "sqlite-api":
@@ -137,7 +153,7 @@ def _sqlite_target(settings: Settings, mode: str, jobs: int) -> str:
     return str(path)
 
 
-def _pg_target(url: str, mode: str, jobs: int) -> str:
+def pg_target(url: str, mode: str, jobs: int) -> str:
     schema = f"bench_{mode.replace('-', '_')}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     idents = ledger.identities(jobs)
     if mode == "pg-api":
@@ -153,7 +169,7 @@ def _pg_target(url: str, mode: str, jobs: int) -> str:
     return f"{url}#{schema}"
 
 
-def _pg_drop(target: str) -> None:
+def pg_drop(target: str) -> None:
     from bench import rawpg
 
     url, schema = target.split("#", 1)
@@ -191,10 +207,10 @@ def run_sqlite(settings: Settings) -> list[Result]:
     jobs = 400 if settings.quick else 3000
     results = []
     api, busy, other = _sweep(
-        settings, "sqlite-api", jobs, lambda: _sqlite_target(settings, "sqlite-api", jobs), _noop
+        settings, "sqlite-api", jobs, lambda: sqlite_target(settings, "sqlite-api", jobs), _noop
     )
     raw, raw_busy, _ = _sweep(
-        settings, "sqlite-raw", jobs, lambda: _sqlite_target(settings, "sqlite-raw", jobs), _noop
+        settings, "sqlite-raw", jobs, lambda: sqlite_target(settings, "sqlite-raw", jobs), _noop
     )
     for p in PROCESSES[1:]:
         results.append(
@@ -237,10 +253,10 @@ def run_postgres(settings: Settings) -> list[Result]:
     api_jobs = 100 if settings.quick else 600
     raw_jobs = 300 if settings.quick else 1800
     api, busy, other = _sweep(
-        settings, "pg-api", api_jobs, lambda: _pg_target(url, "pg-api", api_jobs), _pg_drop
+        settings, "pg-api", api_jobs, lambda: pg_target(url, "pg-api", api_jobs), pg_drop
     )
     raw, _, _ = _sweep(
-        settings, "pg-raw", raw_jobs, lambda: _pg_target(url, "pg-raw", raw_jobs), _pg_drop
+        settings, "pg-raw", raw_jobs, lambda: pg_target(url, "pg-raw", raw_jobs), pg_drop
     )
     results = []
     for p in PROCESSES:

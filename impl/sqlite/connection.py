@@ -17,6 +17,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -57,10 +58,41 @@ _NOTADB = 26
 class LedgerConnection(sqlite3.Connection):
     """A connection that knows how long its callers may wait for a lock."""
 
-    __slots__ = ("wait_limit",)
+    __slots__ = ("gate", "wait_limit")
 
     wait_limit: float
     """Seconds (the configured ``busy_timeout``)."""
+
+    gate: threading.Lock
+    """The writers' gate of this process for this file (see :func:`writer_gate`)."""
+
+
+_GATES: dict[str, threading.Lock] = {}
+_GATES_LOCK = threading.Lock()
+GATE_FIRST_PROBE = 0.002
+GATE_LONGEST_PROBE = 0.05
+"""Seconds between two idle probes of a transaction waiting at the gate (see Tx): the
+pause doubles from the first to the longest, so that dozens of threads queued behind
+busy writers do not spend the interpreter on probes that find work every time."""
+
+
+def writer_gate(path: Path) -> threading.Lock:
+    """The one lock that every write transaction of this process on ``path`` holds.
+
+    SQLite admits one writer per file. Threads of one process that met the write lock
+    would each wait in :mod:`impl.sqlite.waiting`'s sleeps (1 to 8 ms) and poll it; with
+    dozens of handler threads most of a job's time went to those sleeps. Queued on a lock
+    instead, a thread is handed the write lock the moment the previous writer of its
+    process commits. Other processes still meet SQLite's lock and wait as before.
+    A forked child starts with fresh gates: a gate copied while a parent's thread held it
+    would never be released in the child.
+    """
+    key = os.path.realpath(path)
+    with _GATES_LOCK:
+        gate = _GATES.get(key)
+        if gate is None:
+            gate = _GATES[key] = threading.Lock()
+        return gate
 
 
 def open_connection(path: Path, config: Config) -> LedgerConnection:
@@ -82,6 +114,7 @@ def open_connection(path: Path, config: Config) -> LedgerConnection:
             factory=LedgerConnection,
         )
         conn.wait_limit = config.busy_timeout
+        conn.gate = writer_gate(path)
         try:
             # Before the switch to WAL, which writes a new file's first page.
             conn.execute(q.PRAGMA_PAGE_SIZE)
@@ -132,6 +165,9 @@ _PID = [os.getpid()]
 
 def _note_child_pid() -> None:
     _PID[0] = os.getpid()
+    _GATES.clear()
+    global _GATES_LOCK  # noqa: PLW0603 - a lock held at fork time is replaced, not reused
+    _GATES_LOCK = threading.Lock()
 
 
 os.register_at_fork(
@@ -284,22 +320,53 @@ class Tx:
         if failpoint.ARMED:
             failpoint.hit(self._names[0])
         conn = self.conn
+        if not conn.gate.acquire(blocking=False):
+            self._wait_at_gate()
         try:
-            conn.execute(q.BEGIN_IMMEDIATE)
-        except sqlite3.Error as exc:
-            if not is_busy(exc):
-                raise translate(exc, self.op) from exc
             try:
-                patiently(conn.wait_limit, self._begin_unless_pointless)
-            except sqlite3.Error as again:
-                raise translate(again, self.op) from again
-        if self._clock is not None:
-            try:
-                self.now = float(self._clock())
-            except BaseException:
-                _rollback_quietly(conn)
-                raise
+                conn.execute(q.BEGIN_IMMEDIATE)
+            except sqlite3.Error as exc:
+                if not is_busy(exc):
+                    raise translate(exc, self.op) from exc
+                try:
+                    patiently(conn.wait_limit, self._begin_unless_pointless)
+                except sqlite3.Error as again:
+                    raise translate(again, self.op) from again
+            if self._clock is not None:
+                try:
+                    self.now = float(self._clock())
+                except BaseException:
+                    _rollback_quietly(conn)
+                    raise
+        except BaseException:
+            conn.gate.release()
+            raise
         return self
+
+    def _wait_at_gate(self) -> None:
+        """Wait for another thread of this process to finish writing, as for the lock."""
+        gate = self.conn.gate
+        limit = self.conn.wait_limit
+        if self._pointless is None:
+            if gate.acquire(timeout=limit):
+                return
+        else:
+            deadline = time.monotonic() + limit
+            pause = GATE_FIRST_PROBE
+            while True:
+                if self._pointless():
+                    raise NothingToWaitFor(self.op)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if gate.acquire(timeout=min(left, pause)):
+                    return
+                pause = min(pause * 2, GATE_LONGEST_PROBE)
+        raise DatabaseLocked(
+            f"{self.op}: another thread of this process held the ledger's write lock for "
+            f"more than the busy timeout ({limit:g} s); raise busy_timeout, or find the "
+            "transaction that stays open"
+        )
 
     def _begin_unless_pointless(self) -> None:
         # A probe that meets a busy lock cannot tell: it is waited on like the lock.
@@ -322,9 +389,11 @@ class Tx:
             except BaseException as err:
                 if conn.in_transaction:
                     _rollback_quietly(conn)
+                conn.gate.release()
                 if isinstance(err, sqlite3.Error):
                     raise translate(err, self.op) from err
                 raise
+            conn.gate.release()
             if self.events and telemetry.history_wanted():
                 _emit(self.events)
             if failpoint.ARMED:
@@ -332,6 +401,7 @@ class Tx:
             return
         if conn.in_transaction:
             _rollback_quietly(conn)
+        conn.gate.release()
         if isinstance(exc, sqlite3.Error):
             raise translate(exc, self.op) from exc
 
