@@ -313,19 +313,20 @@ def _attempt(store: Store, slot: str, value: object) -> tuple[Outcome, Written |
         return ("err", type(exc).__name__), None
 
 
-def check_round_trip(subject: Subject, slot: str, value: object) -> None:
-    """The property: the model decides, the subject agrees on every read path."""
+def check_round_trip(subject: Subject, slot: str, value: object) -> Outcome:
+    """The property: the model decides, the subject agrees on every read path.
+
+    Returns the model's outcome (for the statistics)."""
     model = MemoryStore(clock=subject.clock, config=subject.config)
     expected, model_written = _attempt(model, slot, value)
     got, written = _attempt(subject.store, slot, value)
-    event(f"{slot}: {expected[0]} {expected[1]}".strip())
     assert got == expected, (
         f"{slot} {value!r:.200}: the model gave {expected}, {subject.backend} gave {got}"
     )
     job_ids = [j.job_id for j in model.jobs()]
     assert projection(subject.store, job_ids) == projection(model, job_ids)
     if written is None:
-        return
+        return expected
     assert model_written is not None
     ordered = slot in ORDERED
     # The model keeps what was written (payloads and results come back in the canonical
@@ -347,6 +348,7 @@ def check_round_trip(subject: Subject, slot: str, value: object) -> None:
                 f"{path.name} on {subject.backend} returned the {slot} changed: "
                 f"{item!r:.300} instead of {reference[0]!r:.300}"
             )
+    return expected
 
 
 def values_for(slot: str, config: Config) -> st.SearchStrategy[object]:
@@ -370,7 +372,8 @@ def test_every_value_round_trips_exactly_or_is_refused_as_the_model_refuses(
     slot = data.draw(st.sampled_from(SLOTS), label="slot")
     value = data.draw(values_for(slot, config), label=slot)
     with open_subject(backend, config, tmp_path / "stores") as subject:
-        check_round_trip(subject, slot, value)
+        outcome = check_round_trip(subject, slot, value)
+    event(f"{slot}: {' '.join(outcome).strip()}")
 
 
 # -- the edges, one by one ----------------------------------------------------------------
