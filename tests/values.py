@@ -246,6 +246,7 @@ def payloads(*, depth_limit: int) -> st.SearchStrategy[object]:
         json_values(refused=False),
         _many_keys(_json_scalars(refused=False)),
         _at_depth_limit(depth_limit),
+        _at_depth_limit(depth_limit),  # twice: the edge is where off-by-ones hide
     )
 
 
