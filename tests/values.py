@@ -21,9 +21,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from attrs import frozen
 from hypothesis import strategies as st
 
 from model.key import canon
+
+
+@frozen
+class Sizes:
+    """How big the big values get (the stateful machine reads every job's values back at
+    every step, so it draws them smaller than the round-trip tests do)."""
+
+    long_texts: tuple[int, ...] = (255, 256, 1000, 4096, 70_000)
+    many_keys: tuple[int, ...] = (100, 1000, 3000)
+
+
+FULL = Sizes()
+COMPACT = Sizes(long_texts=(255, 256, 1000, 4096), many_keys=(64,))
 
 # -- text ---------------------------------------------------------------------------------
 
@@ -55,20 +69,20 @@ _chars = st.one_of(st.sampled_from(SPECIAL_CHARS), st.characters(codec="utf-8"))
 
 
 @st.composite
-def _long_text(draw: st.DrawFn) -> str:
+def _long_text(draw: st.DrawFn, sizes: Sizes) -> str:
     """A long string cheaply: a short drawn piece repeated to a few to tens of thousands
     of characters (a backend that cuts strings past some length shows it)."""
     piece = draw(st.text(_chars, min_size=1, max_size=8))
-    count = draw(st.sampled_from([255, 256, 1000, 4096, 70_000]))
+    count = draw(st.sampled_from(sizes.long_texts))
     return (piece * (count // len(piece) + 1))[:count]
 
 
-def texts(*, max_size: int = 40) -> st.SearchStrategy[str]:
+def texts(*, max_size: int = 40, sizes: Sizes = FULL) -> st.SearchStrategy[str]:
     """Valid Unicode text (every store must keep it exactly), short or long."""
     return st.one_of(
         st.text(_chars, max_size=max_size),
         st.sampled_from(["", " ", "null", "0", "true", "[]", "{}", '"x"', "1.0"]),
-        _long_text(),
+        _long_text(sizes),
     )
 
 
@@ -80,11 +94,14 @@ def _with_surrogate(draw: st.DrawFn) -> str:
     return text[:at] + draw(st.sampled_from(LONE_SURROGATES)) + text[at:]
 
 
-def error_texts() -> st.SearchStrategy[str]:
+def error_texts(*, sizes: Sizes = FULL) -> st.SearchStrategy[str]:
     """Texts for ``fail(error)`` and ``cancel(reason)``: mostly storable, some refused
     (a NUL or a lone surrogate: ``InvalidInput``)."""
     return st.one_of(
-        texts(), texts(), _with_surrogate(), st.text(_chars, max_size=8).map(lambda t: t + "\x00")
+        texts(sizes=sizes),
+        texts(sizes=sizes),
+        _with_surrogate(),
+        st.text(_chars, max_size=8).map(lambda t: t + "\x00"),
     )
 
 
@@ -128,36 +145,38 @@ def floats() -> st.SearchStrategy[float]:
     return st.one_of(st.sampled_from(FLOAT_EDGES), st.floats(allow_nan=False, allow_infinity=False))
 
 
-def scalars() -> st.SearchStrategy[object]:
+def scalars(*, sizes: Sizes = FULL) -> st.SearchStrategy[object]:
     """Identity and extras values: str, int, bool or None (all storable)."""
-    return st.one_of(st.none(), st.booleans(), ints(), texts(max_size=20))
+    return st.one_of(st.none(), st.booleans(), ints(), texts(max_size=20, sizes=sizes))
 
 
 # -- flat mappings: identities and extras ---------------------------------------------------
 
 
-def identities() -> st.SearchStrategy[dict[str, object]]:
+def identities(*, sizes: Sizes = FULL) -> st.SearchStrategy[dict[str, object]]:
     """Identities and extras: mostly valid, a share refused (a lone surrogate in a key
     or value, a float: ``InvalidIdentity``)."""
-    keys = texts(max_size=12)
+    keys = st.text(_chars, max_size=12)
     good = st.one_of(
-        st.dictionaries(keys, scalars(), max_size=6),
-        _many_keys(scalars()),
+        st.dictionaries(keys, scalars(sizes=sizes), max_size=6),
+        _many_keys(scalars(sizes=sizes), sizes),
     )
     bad_value = st.one_of(_with_surrogate(), st.sampled_from([1.0, -0.0, math.nan]))
     bad = st.builds(
         lambda base, key, value: {**base, key: value},
-        st.dictionaries(keys, scalars(), max_size=3),
+        st.dictionaries(keys, scalars(sizes=sizes), max_size=3),
         st.one_of(keys, _with_surrogate()),
-        st.one_of(scalars(), bad_value),
+        st.one_of(scalars(sizes=sizes), bad_value),
     )
     return st.one_of(good, good, good, bad)
 
 
 @st.composite
-def _many_keys(draw: st.DrawFn, values: st.SearchStrategy[object]) -> dict[str, object]:
+def _many_keys(
+    draw: st.DrawFn, values: st.SearchStrategy[object], sizes: Sizes
+) -> dict[str, object]:
     """A mapping with hundreds to thousands of keys (drawn cheaply: numbered keys)."""
-    count = draw(st.sampled_from([100, 1000, 3000]))
+    count = draw(st.sampled_from(sizes.many_keys))
     value = draw(values)
     return {f"k{i:05d}": value for i in range(count)}
 
@@ -165,21 +184,21 @@ def _many_keys(draw: st.DrawFn, values: st.SearchStrategy[object]) -> dict[str, 
 # -- JSON: payloads and effect results ---------------------------------------------------
 
 
-def _json_scalars(*, refused: bool) -> st.SearchStrategy[object]:
-    base = st.one_of(st.none(), st.booleans(), ints(), floats(), texts())
+def _json_scalars(*, refused: bool, sizes: Sizes = FULL) -> st.SearchStrategy[object]:
+    base = st.one_of(st.none(), st.booleans(), ints(), floats(), texts(sizes=sizes))
     if not refused:
         return base
     return st.one_of(base, base, base, st.sampled_from(BAD_FLOATS), _with_surrogate())
 
 
-def json_values(*, refused: bool = True) -> st.SearchStrategy[object]:
+def json_values(*, refused: bool = True, sizes: Sizes = FULL) -> st.SearchStrategy[object]:
     """Nested JSON; with ``refused`` some leaves are NaN, infinities or lone surrogates,
     and some mappings have non-str keys (the model refuses them)."""
-    keys: st.SearchStrategy[object] = texts(max_size=12)
+    keys: st.SearchStrategy[object] = st.text(_chars, max_size=12)
     if refused:
         keys = st.one_of(keys, keys, keys, st.integers(0, 3))
     return st.recursive(
-        _json_scalars(refused=refused),
+        _json_scalars(refused=refused, sizes=sizes),
         lambda inner: st.one_of(
             st.lists(inner, max_size=5),
             st.dictionaries(keys, inner, max_size=5),  # type: ignore[arg-type]
@@ -239,20 +258,20 @@ def _at_depth_limit(draw: st.DrawFn, depth_limit: int) -> object:
     return nest(leaf, max(depth, 0), as_list=draw(st.booleans()))
 
 
-def payloads(*, depth_limit: int) -> st.SearchStrategy[object]:
+def payloads(*, depth_limit: int, sizes: Sizes = FULL) -> st.SearchStrategy[object]:
     """Payloads: nested JSON, many keys, long strings, nesting at the depth limit."""
     return st.one_of(
-        json_values(),
-        json_values(refused=False),
-        _many_keys(_json_scalars(refused=False)),
+        json_values(sizes=sizes),
+        json_values(refused=False, sizes=sizes),
+        _many_keys(_json_scalars(refused=False, sizes=sizes), sizes),
         _at_depth_limit(depth_limit),
         _at_depth_limit(depth_limit),  # twice: the edge is where off-by-ones hide
     )
 
 
-def results(*, limit: int, depth_limit: int) -> st.SearchStrategy[object]:
+def results(*, limit: int, depth_limit: int, sizes: Sizes = FULL) -> st.SearchStrategy[object]:
     """Effect results: as payloads, plus sizes one byte under, at and over ``limit``."""
-    return st.one_of(payloads(depth_limit=depth_limit), _at_size_limit(limit))
+    return st.one_of(payloads(depth_limit=depth_limit, sizes=sizes), _at_size_limit(limit))
 
 
 # -- exact comparison -----------------------------------------------------------------------
