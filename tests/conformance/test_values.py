@@ -125,6 +125,7 @@ def open_subject(backend: str, config: Config, root: Path) -> Iterator[Subject]:
         def make() -> Store:
             return SqliteStore(path, clock=clock, config=config)
 
+        first = make()
         cli = ["--db", str(path)]
     else:
         from tests.pg import PG_URL, postgres_factory
@@ -138,9 +139,7 @@ def open_subject(backend: str, config: Config, root: Path) -> Iterator[Subject]:
         first = make()
         schema = first.config.postgres_schema  # type: ignore[attr-defined]
         cli = ["--db", PG_URL, "--set", f"postgres_schema={schema}"]
-    store = first if backend == "postgres" else make()
-    subject = Subject(backend, store, config, clock, make, cli)
-    subject.handles.append(subject.store)
+    subject = Subject(backend, first, config, clock, make, cli, handles=[first])
     try:
         yield subject
     finally:
