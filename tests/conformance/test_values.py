@@ -240,17 +240,40 @@ def read_replay(subject: Subject, written: Written) -> View:
     return View(result=[subject.store.run_effect(written.lease, OP, _never)])
 
 
-def read_show_json(subject: Subject, written: Written) -> View:
-    """``jobledger show JOB_ID --json``, the real command run in process."""
+def read_lease(subject: Subject, written: Written) -> View:
+    """The identity and payload on the lease ``lease_next`` granted."""
+    assert written.lease is not None
+    return View(identity=[written.lease.identity], payload=[written.lease.payload])
+
+
+def _command(subject: Subject, *args: str) -> object:
+    """Run ``jobledger ARGS`` in process on the subject's database; its JSON output."""
     from impl.cli.main import cli
 
     assert subject.cli is not None
     env = {name: None for name in os.environ if name.startswith("JOBLEDGER_")}
-    run = CliRunner().invoke(
-        cli, [*subject.cli, "show", written.job_id, "--json"], env=env, catch_exceptions=False
-    )
+    run = CliRunner().invoke(cli, [*subject.cli, *args], env=env, catch_exceptions=False)
     assert run.exit_code == 0, run.output
-    shown = json.loads(run.stdout)
+    return json.loads(run.stdout)
+
+
+def read_jobs_json(subject: Subject, written: Written) -> View:
+    """``jobledger jobs --json``: the job's entry in the list."""
+    listed = _command(subject, "jobs", "--json")
+    assert isinstance(listed, list)
+    (job,) = [j for j in listed if j["job_id"] == written.job_id]
+    return View(
+        identity=[job["identity"]],
+        payload=[job["payload"]],
+        error=[job["last_error"]],
+        reason=[job["last_error"]],
+    )
+
+
+def read_show_json(subject: Subject, written: Written) -> View:
+    """``jobledger show JOB_ID --json``, the real command run in process."""
+    shown = _command(subject, "show", written.job_id, "--json")
+    assert isinstance(shown, dict)
     events = [(h["event"], h["detail"]) for h in shown["history"]]
     return View(
         identity=[shown["identity"]],
@@ -293,8 +316,10 @@ ALL = frozenset(SLOTS)
 READ_PATHS: list[ReadPath] = [
     ReadPath("run_effect's first return", read_first_return, frozenset({"result"})),
     ReadPath("run_effect's replay", read_replay, frozenset({"result"})),
+    ReadPath("lease_next's lease", read_lease, frozenset({"identity", "payload"})),
     ReadPath("job(), effects(), history()", read_api, ALL),
     ReadPath("show --json", read_show_json, ALL, needs_disk=True),
+    ReadPath("jobs --json", read_jobs_json, ALL - {"result", "extras"}, needs_disk=True),
     ReadPath("after a reopen from disk", read_reopened, ALL, needs_disk=True),
     # Later: ReadPath("impl.aio", read_async, ALL, needs_disk=True), and last (it removes
     # the job): ReadPath("prune --archive", read_archive, ALL, needs_disk=True).
