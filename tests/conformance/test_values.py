@@ -106,6 +106,9 @@ class Subject:
     """A new handle on the same data (None for the model, which has no disk)."""
     cli: list[str] | None
     """The command line's options that select this database (None for the model)."""
+    target: str | None = None
+    """What ``open_store`` opens (a path or URL; with ``config``, which names the
+    PostgreSQL schema), for read paths that open the data their own way."""
     handles: list[Store] = attrs.field(factory=list)
 
 
@@ -139,7 +142,10 @@ def open_subject(backend: str, config: Config, root: Path) -> Iterator[Subject]:
         first = make()
         schema = first.config.postgres_schema  # type: ignore[attr-defined]
         cli = ["--db", PG_URL, "--set", f"postgres_schema={schema}"]
-    subject = Subject(backend, first, config, clock, make, cli, handles=[first])
+    target = cli[1]
+    if backend == "postgres":
+        config = first.config  # type: ignore[attr-defined]  # with the schema's name
+    subject = Subject(backend, first, config, clock, make, cli, target, handles=[first])
     try:
         yield subject
     finally:
