@@ -24,6 +24,7 @@ from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
 from model.key import Scalar
 from model.record import JSON, Lease
 from model.store import EffectFn, OnDoubt, Store
+from model.validate import storable_text
 
 log = logging.getLogger("jobledger.worker")
 
@@ -328,7 +329,9 @@ class Worker:
             renewer.unwatch()
             # An exception may say it is permanent (a 404 will not heal with a retry).
             retryable = bool(getattr(exc, "retryable", True))
-            self._fail(ctx, f"{type(exc).__name__}: {exc}", retryable=retryable)
+            # An exception's text may hold what no store accepts (a NUL, the lone
+            # surrogates of an undecodable file name): escaped, the failure is recorded.
+            self._fail(ctx, storable_text(f"{type(exc).__name__}: {exc}"), retryable=retryable)
             return True
         renewer.unwatch()
         if ctx.is_terminal():

@@ -19,6 +19,12 @@ MAX_ATTEMPTS_DEFAULT = 5
 BACKOFF_BASE_DEFAULT = 1.0
 BACKOFF_CAP_DEFAULT = 300.0
 RESULT_LIMIT_DEFAULT = 1024 * 1024
+# How deeply payloads and effect results may nest containers. Python's json encodes and
+# decodes nesting by recursion, so without a limit of its own the deepest value that
+# works depends on how deep the caller's stack is: a value stored from a shallow stack
+# could fail to decode on a deeper one. 128 leaves a wide margin under Python's default
+# recursion limit of 1000 (serde_json's default is the same).
+JSON_DEPTH_LIMIT_DEFAULT = 128
 BUSY_TIMEOUT_DEFAULT = 5.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -71,6 +77,7 @@ class Config:
     backoff_cap: float = field(default=BACKOFF_CAP_DEFAULT, validator=_non_negative)
     backoff_jitter: float = field(default=0.0, validator=_fraction)
     result_limit: int = field(default=RESULT_LIMIT_DEFAULT, validator=_positive_int)
+    json_depth_limit: int = field(default=JSON_DEPTH_LIMIT_DEFAULT, validator=_positive_int)
     sqlite_synchronous: str = field(default="NORMAL", validator=_synchronous)
     busy_timeout: float = field(default=BUSY_TIMEOUT_DEFAULT, validator=_non_negative)
     postgres_schema: str = field(default="jobledger", validator=_optional_str)

@@ -84,6 +84,16 @@ def check_scalars(mapping: object, *, what: str) -> dict[str, Scalar]:
     return out
 
 
+def not_unicode(what: str, exc: UnicodeEncodeError) -> InvalidIdentity:
+    """The error for a key's text that holds a lone surrogate (no UTF-8 encoding exists,
+    so no key can be computed and no backend could store it)."""
+    found = exc.object[exc.start : exc.end]
+    return InvalidIdentity(
+        f"{what} holds the lone surrogate {found!r}, which is not Unicode text, so it has "
+        "no canonical encoding; decode bytes with errors='replace' or 'backslashreplace'"
+    )
+
+
 def job_key(kind: str, identity: Mapping[str, Scalar]) -> str:
     """Return the job key: SHA-256 hex of ``canon({"v": 1, "kind": kind, "id": identity})``.
 
@@ -94,7 +104,11 @@ def job_key(kind: str, identity: Mapping[str, Scalar]) -> str:
     if not isinstance(kind, str) or not kind:
         raise InvalidIdentity(f"kind must be a non-empty str, got {kind!r}")
     ident = check_scalars(identity, what="identity")
-    return hashlib.sha256(canon({"v": KEY_VERSION, "kind": kind, "id": ident})).hexdigest()
+    try:
+        data = canon({"v": KEY_VERSION, "kind": kind, "id": ident})
+    except UnicodeEncodeError as exc:
+        raise not_unicode("the kind or identity", exc) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def op_key(job_id: str, op: str, extras: Mapping[str, Scalar] | None = None) -> str:
@@ -113,6 +127,13 @@ def op_key(job_id: str, op: str, extras: Mapping[str, Scalar] | None = None) -> 
         # the general encoding by the golden vectors and a property test.
         job, name = _string(job_id), _string(op)
         text = f'{{"job":{job},"op":{name},"v":{KEY_VERSION},"x":{{}}}}'
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        try:
+            return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        except UnicodeEncodeError as exc:
+            raise not_unicode("the job id or op", exc) from None
     ext = check_scalars(extras, what="extras")
-    return hashlib.sha256(canon({"v": KEY_VERSION, "job": job_id, "op": op, "x": ext})).hexdigest()
+    try:
+        data = canon({"v": KEY_VERSION, "job": job_id, "op": op, "x": ext})
+    except UnicodeEncodeError as exc:
+        raise not_unicode("the job id, op or extras", exc) from None
+    return hashlib.sha256(data).hexdigest()

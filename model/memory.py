@@ -59,6 +59,7 @@ from model.validate import (
     check_int,
     check_on_doubt,
     check_seconds,
+    check_text,
     encode_payload,
     encode_result,
     exhausted_message,
@@ -334,7 +335,7 @@ class MemoryStore:
         batch: dict[str, str] = {}
         for item in items:
             jid = job_key(kind, item.identity)
-            text = encode_payload(item.payload)
+            text = encode_payload(item.payload, depth_limit=self.config.json_depth_limit)
             check_int(item.priority, name="priority")
             if item.max_attempts is not None:
                 check_int(item.max_attempts, name="max_attempts", minimum=1)
@@ -581,7 +582,9 @@ class MemoryStore:
         return Started(ctx)
 
     def _record_probe(self, lease: Lease, ctx: EffectContext, probed: JSON) -> JSON:
-        text = encode_result(probed, limit=self.config.result_limit)
+        text = encode_result(
+            probed, limit=self.config.result_limit, depth_limit=self.config.json_depth_limit
+        )
         now = self._now()
         job = self._check(lease, now, "run_effect")
         effect = self._effects[ctx.op_key]
@@ -609,7 +612,11 @@ class MemoryStore:
     def finish_effect(self, lease: Lease, ctx: EffectContext, result: object) -> JSON:
         """The second half of ``run_effect``: record ``result``, fenced by the lease."""
         try:
-            text = encode_result(result, limit=self.config.result_limit)
+            text = encode_result(
+                result,
+                limit=self.config.result_limit,
+                depth_limit=self.config.json_depth_limit,
+            )
         except EffectResultError:
             now = self._now()
             effect = self._effects.get(ctx.op_key)
@@ -646,8 +653,7 @@ class MemoryStore:
         """Record a failed attempt: eligible again after a backoff while attempts remain,
         else the job enters its workflow's failed state with ``error`` kept."""
         now = self._now()
-        if not isinstance(error, str):
-            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        check_text(error, name="error")
         seconds = None if delay is None else check_seconds(delay, name="delay")
         job = self._check(lease, now, "fail")
         worker = job.lease_worker
@@ -672,8 +678,7 @@ class MemoryStore:
     def cancel(self, job_id: str, reason: str) -> None:
         """Operator: move the job into the failed state, fencing out any lease holder."""
         now = self._now()
-        if not isinstance(reason, str):
-            raise InvalidInput(f"reason must be a str, got {type(reason).__name__}")
+        check_text(reason, name="reason")
         job = self._get(job_id)
         flow = self._flow(job.kind)
         if job.state == flow.failed:

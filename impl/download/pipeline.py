@@ -47,6 +47,7 @@ from model.errors import InvalidInput, UnknownJob
 from model.key import Scalar, canon
 from model.record import JSON, EffectContext, Event, Lease
 from model.store import EffectFn, OnDoubt, Store
+from model.validate import storable_text
 
 KIND = "download"
 PLANNED = "PLANNED"
@@ -146,7 +147,8 @@ class DownloadHandler:
         except DownloadError as exc:
             if exc.retryable:
                 raise
-            ctx.store.fail(ctx.lease, f"{type(exc).__name__}: {exc}", retryable=False)
+            error = storable_text(f"{type(exc).__name__}: {exc}")  # see Worker
+            ctx.store.fail(ctx.lease, error, retryable=False)
 
     # -- the state machine -----------------------------------------------------------
 

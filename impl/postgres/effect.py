@@ -77,7 +77,11 @@ class EffectRunner:
             # The probe is user code: it runs between transactions, never inside one.
             probed = on_doubt(begun.doubt)
             if probed is not None:
-                text = encode_result(probed, limit=self.config.result_limit)
+                text = encode_result(
+                    probed,
+                    limit=self.config.result_limit,
+                    depth_limit=self.config.json_depth_limit,
+                )
                 return self.db.write(
                     "effect_record",
                     lambda tx: self._record(tx, lease, begun.context, text, probed=True),
@@ -97,7 +101,11 @@ class EffectRunner:
             raise
         failpoint.hit("effect.before_record")
         try:
-            text = encode_result(result, limit=self.config.result_limit)
+            text = encode_result(
+                result,
+                limit=self.config.result_limit,
+                depth_limit=self.config.json_depth_limit,
+            )
         except EffectResultError:
             self.db.write("effect_record", lambda tx: self._unrecordable(tx, lease, ctx))
             raise

@@ -17,11 +17,14 @@ from model.validate import check_int, check_seconds, encode_payload
 from model.workflow import Workflow
 
 
-def plan_items(tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int) -> list[str]:
+def plan_items(
+    tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int, depth_limit: int
+) -> list[str]:
     """Plan ``items`` of workflow ``flow``; return their ids in item order.
 
     Args:
         max_attempts: the default for items that give none.
+        depth_limit: the deepest nesting a payload may have (``json_depth_limit``).
 
     Raises:
         InvalidIdentity, InvalidPayload, InvalidInput: for the first bad item.
@@ -31,7 +34,7 @@ def plan_items(tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int) 
     ids = []
     for item in items:
         jid = job_key(kind, item.identity)
-        text = encode_payload(item.payload)
+        text = encode_payload(item.payload, depth_limit=depth_limit)
         check_int(item.priority, name="priority")
         if item.max_attempts is not None:
             check_int(item.max_attempts, name="max_attempts", minimum=1)

@@ -58,7 +58,7 @@ from model.record import (
     Stats,
 )
 from model.store import EffectFn, OnDoubt
-from model.validate import check_int, check_seconds, exhausted_message
+from model.validate import check_int, check_seconds, check_text, exhausted_message
 from model.workflow import DOWNLOAD, Workflow
 
 URL_PREFIXES = ("postgresql://", "postgres://")
@@ -172,7 +172,13 @@ class PostgresStore:
 
     def _plan(self, tx: Tx, kind: str, items: list[Plan]) -> list[str]:
         flow = self._flows.get(tx, kind)
-        return plan_items(tx, flow, items, max_attempts=self.config.max_attempts)
+        return plan_items(
+            tx,
+            flow,
+            items,
+            max_attempts=self.config.max_attempts,
+            depth_limit=self.config.json_depth_limit,
+        )
 
     # -- leases --------------------------------------------------------------------
 
@@ -443,8 +449,7 @@ class PostgresStore:
         """Record a failed attempt: eligible again after a backoff while attempts remain,
         else the job enters its workflow's failed state with ``error`` kept."""
         self._db.check_open()
-        if not isinstance(error, str):
-            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        check_text(error, name="error")
         seconds = None if delay is None else check_seconds(delay, name="delay")
 
         def body(tx: Tx) -> None:
@@ -470,8 +475,7 @@ class PostgresStore:
     def cancel(self, job_id: str, reason: str) -> None:
         """Operator: move the job into the failed state, fencing out any lease holder."""
         self._db.check_open()
-        if not isinstance(reason, str):
-            raise InvalidInput(f"reason must be a str, got {type(reason).__name__}")
+        check_text(reason, name="reason")
 
         def body(tx: Tx) -> None:
             row = read.job_row(tx, job_id, lock=True)

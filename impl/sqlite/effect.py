@@ -312,7 +312,7 @@ def _encoded(result: object, config: Config, the_op: _Op, source: str) -> str:
     # The model's encoder is the one definition of a recordable result (JSON, str keys,
     # no NaN, within the limit); the decision of what to do about it is made here.
     try:
-        return encode_result(result, limit=config.result_limit)
+        return encode_result(result, limit=config.result_limit, depth_limit=config.json_depth_limit)
     except EffectResultError as exc:
         why = str(exc)
     except RecursionError:

@@ -25,7 +25,15 @@ from impl.sqlite.connection import LedgerConnection, Tx, reading
 from model.clock import Clock
 from model.config import Config
 from model.errors import IdempotencyConflict, InvalidPayload
-from model.key import KEY_VERSION, Scalar, canon, canon_flat, canon_flat_chunks, check_scalars
+from model.key import (
+    KEY_VERSION,
+    Scalar,
+    canon,
+    canon_flat,
+    canon_flat_chunks,
+    check_scalars,
+    not_unicode,
+)
 from model.record import Event, Plan
 from model.validate import INT64_MAX, INT64_MIN, check_int, check_seconds, encode_payload
 
@@ -50,6 +58,7 @@ class _Batch(NamedTuple):
     state: str
     now: float
     max_attempts: int
+    depth_limit: int
 
 
 # The value types an identity is made of, exactly: a dict of these needs no copy before
@@ -82,7 +91,9 @@ def plan_items(
         # Every item is validated first, in order, up to the first invalid one; then the
         # items before it are checked against the stored jobs and the earlier items, so
         # an earlier conflict still wins over a later invalid item, as in the model.
-        batch = _Batch(kind, kind_text, workflow.initial, now, config.max_attempts)
+        batch = _Batch(
+            kind, kind_text, workflow.initial, now, config.max_attempts, config.json_depth_limit
+        )
         prepared, invalid = _prepare_all(batch, items)
         fresh = prepared
         ids = [p[_ID] for p in prepared]
@@ -144,7 +155,10 @@ def job_key_of(kind_text: str, identity_text: str) -> str:
     then ``"v"``, with no white space.
     """
     text = _KEY_HEAD + identity_text + _key_tail(kind_text)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    try:
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    except UnicodeEncodeError as exc:
+        raise not_unicode("the kind or identity", exc) from None
 
 
 _KEY_HEAD = '{"id":'
@@ -178,7 +192,10 @@ def _prepare_all(
                     break
             else:
                 text = join(chunks(item, 0))
-                job_id = sha256((_KEY_HEAD + text + tail).encode("utf-8")).hexdigest()
+                try:
+                    job_id = sha256((_KEY_HEAD + text + tail).encode("utf-8")).hexdigest()
+                except UnicodeEncodeError as exc:  # a lone surrogate: the model refuses it
+                    return prepared, not_unicode("the kind or identity", exc)
                 append((job_id, kind, text, _NULL, state, attempts, 0, now, now, now))
                 continue
         try:
@@ -200,7 +217,7 @@ def _prepare(batch: _Batch, item: Mapping[str, Scalar] | Plan) -> _Row:
         payload = _NULL
     else:
         try:
-            payload = encode_payload(payload_value)
+            payload = encode_payload(payload_value, depth_limit=batch.depth_limit)
         except RecursionError:
             raise InvalidPayload(
                 f"payload of the {batch.kind!r} job {job_id} is nested too deeply to encode as JSON"

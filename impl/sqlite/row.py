@@ -271,7 +271,11 @@ def inline_entries(job_id: str, text: str, hist_n: int) -> list[Entry]:
     They are the job's last row entries, the last one the ``hist_n``-th, so their
     positions follow from their count (see ``queries.HISTORY_GAP``).
     """
-    lines = text.splitlines()
+    # Split at "\n" only: the JSON of a detail escapes "\n" but not the other breaks
+    # str.splitlines knows (U+2028, U+0085, ...), which an error text may hold.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # each line ends with "\n"
     first = hist_n - len(lines) + 1
     out: list[Entry] = []
     for n, line in enumerate(lines, start=first):

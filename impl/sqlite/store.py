@@ -50,7 +50,7 @@ from model.record import (
     Stats,
 )
 from model.store import EffectFn, OnDoubt
-from model.validate import check_seconds
+from model.validate import check_seconds, check_text
 from model.workflow import DOWNLOAD, Workflow
 
 # History event names, as stored.
@@ -342,8 +342,7 @@ class SqliteStore:
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
     ) -> None:
         """Record a failed attempt: retry after a backoff, or enter the failed state."""
-        if not isinstance(error, str):
-            raise InvalidInput(f"error must be a str, got {type(error).__name__}")
+        check_text(error, name="error")
         if delay is not None:
             delay = check_seconds(delay, name="delay")
         conn = self._connection()
@@ -375,8 +374,7 @@ class SqliteStore:
 
     def cancel(self, job_id: str, reason: str) -> None:
         """Operator: move the job into the failed state, fencing out any holder."""
-        if not isinstance(reason, str):
-            raise InvalidInput(f"cancel reason must be a str, got {type(reason).__name__}")
+        check_text(reason, name="reason")
         conn = self._connection()
         with Tx(conn, "cancel", self._clock) as tx:
             row = require_job(conn, job_id)

@@ -39,6 +39,8 @@ from model import (
     Workflow,
     job_key,
 )
+from model.validate import check_text
+from tests.values import COMPACT, error_texts, payloads, results, typed
 
 FLOW = Workflow(
     name="flow",
@@ -53,6 +55,13 @@ STATES = ("A", "B", "C", "D", "FAILED", "Z")
 OPS = ("e1", "e2")
 TICKS = (0.0, 1.0, TTL - 1, TTL, TTL + 1, 100.0)
 MAX_ATTEMPTS = 3
+# Small limits, so the values drawn from tests/values.py reach them (one byte or one
+# level under, at and over) and the comparison covers refused values after crashes too.
+RESULT_LIMIT = 256
+DEPTH_LIMIT = 6
+PAYLOADS = st.one_of(
+    st.sampled_from([None, {"p": 1}]), payloads(depth_limit=DEPTH_LIMIT, sizes=COMPACT)
+)
 
 # (operation, failpoint) pairs a crash rule can pick, and whether the model should apply
 # the operation: True after the commit, False before it. For effects, "start" means the
@@ -96,7 +105,8 @@ def outcome(call: Callable[[], object]) -> Outcome:
 
 
 def lease_view(value: object) -> object:
-    """The comparable part of a returned value (leases compare without identity order)."""
+    """The comparable part of a returned value (leases compare without identity order),
+    exact as :func:`tests.values.typed` makes it (``1.0`` is not ``1``)."""
     if isinstance(value, Lease):
         return (
             value.job_id,
@@ -106,10 +116,10 @@ def lease_view(value: object) -> object:
             value.expires_at,
             value.attempt,
             value.state,
-            dict(value.identity),
-            value.payload,
+            typed(value.identity, ordered=False),
+            typed(value.payload),
         )
-    return value
+    return typed(value)
 
 
 def projection(store: Store, job_ids: list[str]) -> dict[str, Any]:
@@ -129,8 +139,8 @@ def projection(store: Store, job_ids: list[str]) -> dict[str, Any]:
         out[jid] = {
             "job": (
                 info.kind,
-                dict(info.identity),
-                info.payload,
+                typed(info.identity, ordered=False),
+                typed(info.payload),
                 info.state,
                 info.attempts,
                 info.max_attempts,
@@ -149,7 +159,7 @@ def projection(store: Store, job_ids: list[str]) -> dict[str, Any]:
                     e.op,
                     e.op_key,
                     str(e.status),
-                    e.result,
+                    typed(e.result),
                     e.started_at,
                     e.finished_at,
                     e.token,
@@ -158,7 +168,8 @@ def projection(store: Store, job_ids: list[str]) -> dict[str, Any]:
                 for e in store.effects(jid)
             ],
             "history": [
-                (str(h.event), h.at, h.token, h.worker, dict(h.detail)) for h in store.history(jid)
+                (str(h.event), h.at, h.token, h.worker, typed(h.detail, ordered=False))
+                for h in store.history(jid)
             ],
         }
     return out
@@ -188,7 +199,12 @@ class LedgerMachine(RuleBasedStateMachine):
     # -- subject hooks (the model-only machine has no subject) ---------------------
 
     def config(self) -> Config:
-        return Config(lease_ttl=TTL, max_attempts=MAX_ATTEMPTS, result_limit=256)
+        return Config(
+            lease_ttl=TTL,
+            max_attempts=MAX_ATTEMPTS,
+            result_limit=RESULT_LIMIT,
+            json_depth_limit=DEPTH_LIMIT,
+        )
 
     def subject(self, worker: str) -> Store | None:
         """The real store handle of ``worker`` (or of the operator, "op"), if any."""
@@ -229,14 +245,20 @@ class LedgerMachine(RuleBasedStateMachine):
             if grant is not None and (info.token != grant[0] or info.lease_worker is None):
                 self.grant[jid] = None
 
-    def with_lease(self, worker: str, call: Callable[[Store, Lease], object]) -> Outcome | None:
-        """Run a lease-taking call for ``worker``; check it against the oracle."""
+    def with_lease(
+        self, worker: str, call: Callable[[Store, Lease], object], *, invalid: bool = False
+    ) -> Outcome | None:
+        """Run a lease-taking call for ``worker``; check it against the oracle.
+
+        ``invalid``: an argument is refused (checked before the lease), live or not."""
         lease = self.leases[worker]
         if lease is None:
             return None
         was_live = self.live(lease)
         out = self.both(worker, lambda s: call(s, lease))
-        if not was_live:
+        if invalid:
+            assert out == ("err", "InvalidInput"), f"an invalid argument was accepted: {out}"
+        elif not was_live:
             assert out == ("err", "LeaseLost"), f"a dead lease was accepted: {out}"
         else:
             assert out != ("err", "LeaseLost"), "a live lease was refused"
@@ -246,7 +268,7 @@ class LedgerMachine(RuleBasedStateMachine):
         return out
 
     def effect_fn(
-        self, op: str, mode: str, ledger: list[str] | None, store: Store
+        self, op: str, mode: str, ledger: list[str] | None, store: Store, value: object = None
     ) -> Callable[[EffectContext], object]:
         def fn(ctx: EffectContext) -> object:
             if ledger is not None:
@@ -257,6 +279,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 raise RuntimeError("effect failed")
             if mode == "nonjson":
                 return {"bad": float("nan")}
+            if mode == "value":
+                return value
             return {"op": op, "token": ctx.token, "attempt": ctx.attempt}
 
         return fn
@@ -267,7 +291,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def setup(self) -> None:
         self.both("op", lambda s: s.register(FLOW))
 
-    @rule(n=st.integers(0, 3), payload=st.sampled_from([None, {"p": 1}]), prio=st.integers(0, 1))
+    @rule(n=st.integers(0, 3), payload=PAYLOADS, prio=st.integers(0, 1))
     def plan(self, n: int, payload: object, prio: int) -> None:
         out = self.both("op", lambda s: s.plan("flow", {"n": n}, payload=payload, priority=prio))
         jid = out[1]
@@ -314,10 +338,11 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(
         worker=st.sampled_from(WORKERS),
         op=st.sampled_from(OPS),
-        mode=st.sampled_from(["ok", "ok", "raise", "nonjson"]),
+        mode=st.sampled_from(["ok", "ok", "raise", "nonjson", "value", "value"]),
         doubt=st.sampled_from(["retry", "raise", "probe_value", "probe_none"]),
+        value=results(limit=RESULT_LIMIT, depth_limit=DEPTH_LIMIT, sizes=COMPACT),
     )
-    def run_effect(self, worker: str, op: str, mode: str, doubt: str) -> None:
+    def run_effect(self, worker: str, op: str, mode: str, doubt: str, value: object) -> None:
         def policy() -> OnDoubt:
             if doubt == "probe_value":
                 return lambda info: {"probed": info.op, "token": info.started_token}
@@ -333,7 +358,7 @@ class LedgerMachine(RuleBasedStateMachine):
             ledger = self.fn_calls if (store is not self.model) == real else None
             try:
                 return store.run_effect(
-                    lease, op, self.effect_fn(op, mode, ledger, store), on_doubt=policy()
+                    lease, op, self.effect_fn(op, mode, ledger, store, value), on_doubt=policy()
                 )
             except RuntimeError:
                 return "fn raised"
@@ -344,17 +369,20 @@ class LedgerMachine(RuleBasedStateMachine):
         worker=st.sampled_from(WORKERS),
         retryable=st.booleans(),
         delay=st.sampled_from([None, 0.0, 2.0]),
+        error=error_texts(sizes=COMPACT),
     )
-    def fail(self, worker: str, retryable: bool, delay: float | None) -> None:
+    def fail(self, worker: str, retryable: bool, delay: float | None, error: str) -> None:
         self.with_lease(
-            worker, lambda s, lease: s.fail(lease, "boom", retryable=retryable, delay=delay)
+            worker,
+            lambda s, lease: s.fail(lease, error, retryable=retryable, delay=delay),
+            invalid=outcome(lambda: check_text(error, name="error"))[0] == "err",
         )
 
     @precondition(lambda self: self.job_ids)
-    @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), reason=error_texts(sizes=COMPACT))
+    def cancel(self, data: st.DataObject, reason: str) -> None:
         jid = data.draw(st.sampled_from(self.job_ids))
-        self.both("op", lambda s: s.cancel(jid, "operator said so"))
+        self.both("op", lambda s: s.cancel(jid, reason))
         self.resync()
 
     @precondition(lambda self: self.job_ids)
@@ -521,8 +549,8 @@ class LedgerMachine(RuleBasedStateMachine):
                     granted.append(h.token)
             for e in self.model.effects(jid):
                 if e.status is EffectStatus.DONE:
-                    first = self.recorded.setdefault(e.op_key, e.result)
-                    assert first == e.result, "a recorded result changed"
+                    first = self.recorded.setdefault(e.op_key, typed(e.result))
+                    assert first == typed(e.result), "a recorded result changed"
 
     def teardown(self) -> None:
         """Liveness: with a live worker and an advancing clock every job ends, on the
