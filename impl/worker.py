@@ -358,7 +358,9 @@ class Worker:
         # The world is wrong, not the job: hand it back (the attempt too) with the reason
         # in its history. Without a delay, the backoff of a first failure: soon, not now.
         delay = exc.delay if exc.delay is not None else self.store.config.backoff(1)
-        log.warning("job %s: retry later in %.1f s: %s", ctx.job_id, delay, exc.reason)
+        # INFO, not WARNING: handing a job back is the expected answer to a known fault,
+        # and the caller (e.g. ``jobledger download``) reports the fault once.
+        log.info("job %s: retry later in %.1f s: %s", ctx.job_id, delay, exc.reason)
         try:
             self.store.release(ctx.lease, delay=delay, reason=exc.reason)
             self._count(released=1)

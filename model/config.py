@@ -83,6 +83,7 @@ class Config:
     download_per_host: int = field(default=4, validator=_positive_int)
     download_user_agent: str = field(default="jobledger/0.1 (+https://pypi.org/project/jobledger)")
     download_lease_ttl: float = field(default=10.0, validator=_positive)
+    download_world_delay: float = field(default=60.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.renew_every is not None:

@@ -29,7 +29,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from attrs import define, field, frozen
@@ -50,8 +50,9 @@ from impl.download.pipeline import (
 from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
+from impl.world import EnvironmentFault, Fault, fault_of
 from model.config import Config
-from model.errors import InvalidInput, JobledgerError
+from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, JobledgerError
 from model.store import Store
 
 POLL_SECONDS = 0.2
@@ -261,6 +262,19 @@ def _summary(
     )
 
 
+@contextlib.contextmanager
+def _world_faults(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a refusal of the machine (full disk, read-only mount, full or read-only
+    ledger) met anywhere in the run into one :class:`EnvironmentFault`."""
+    try:
+        yield
+    except (OSError, DatabaseFull, DatabaseReadOnly) as exc:
+        fault = fault_of(exc, path=out_dir if isinstance(exc, OSError) else None)
+        if fault is None:
+            raise
+        raise EnvironmentFault(fault) from exc
+
+
 def download(
     store: Store | str | os.PathLike[str],
     manifest_path: str | os.PathLike[str],
@@ -295,6 +309,9 @@ def download(
     Raises:
         ManifestError: a bad manifest line (nothing was planned).
         InvalidInput: ``workers`` < 1.
+        EnvironmentFault: the machine refused a write (a full disk or quota, a read-only
+            file system, no file handles, a full or read-only ledger). Every job in flight
+            was handed back without spending an attempt; run again once it is fixed.
         StorageError: the ledger cannot be used.
         KeyboardInterrupt: after releasing this run's leases (the CLI exits 130).
     """
@@ -302,7 +319,7 @@ def download(
         raise InvalidInput(f"workers must be an integer >= 1, got {workers!r}")
     cfg = config if config is not None else Config()
     manifest = parse_manifest(manifest_path, skip_invalid=skip_invalid)
-    with contextlib.ExitStack() as owned:
+    with contextlib.ExitStack() as owned, _world_faults(out_dir):
         if isinstance(store, str | os.PathLike):
             # A target we open is ours to close; a store we were handed is the caller's.
             store = owned.enter_context(open_store(store, config=cfg))
@@ -346,7 +363,23 @@ def _download(
         progress.on_start(len(dict.fromkeys(watch_ids)))
     own = default_worker_name()
     http = client if client is not None else HttpClient(cfg)
-    handler = DownloadHandler(str(layout.root), config=cfg, client=http, on_bytes=progress.on_bytes)
+    faults: list[Fault] = []
+
+    def on_fault(fault: Fault) -> None:
+        # Stop at once: every other job would meet the same full disk. The jobs are
+        # handed back eligible now (world_delay=0): the run ends here, and the next run
+        # (after the fix) should not wait.
+        faults.append(fault)
+        worker.stop()
+
+    handler = DownloadHandler(
+        str(layout.root),
+        config=cfg,
+        client=http,
+        on_bytes=progress.on_bytes,
+        on_fault=on_fault,
+        world_delay=0.0,
+    )
     worker = Worker(
         store, {KIND: handler}, name=own, ttl=cfg.download_lease_ttl, concurrency=workers
     )
@@ -364,7 +397,9 @@ def _download(
         thread.start()
         try:
             while not watch.tick():
-                if errors or (stop is not None and stop.is_set()):
+                # A fault of the world stops the run: every other job would meet the
+                # same full disk, and each would only be handed back again.
+                if errors or faults or (stop is not None and stop.is_set()):
                     break
                 time.sleep(POLL_SECONDS)
         finally:
@@ -376,6 +411,9 @@ def _download(
         handler.close()
     if errors and isinstance(errors[0], JobledgerError):
         raise errors[0]
+    if faults:
+        index.close()
+        raise EnvironmentFault(faults[0])
     try:
         export = index.export_jsonl()
     finally:
