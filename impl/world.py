@@ -27,6 +27,9 @@ from attrs import frozen
 from impl.outcome import RetryLater
 from model.errors import DatabaseFull, DatabaseReadOnly, JobledgerError
 
+LEDGER = "the ledger"
+"""The path a ledger fault names when the caller does not know the database's."""
+
 WORLD_PAUSE_SECONDS = 60.0
 """How long a job waits after a fault of the world before a worker takes it again."""
 
@@ -137,7 +140,7 @@ def fault_of(
         return exc.fault
     if isinstance(exc, DatabaseFull | DatabaseReadOnly):
         full = isinstance(exc, DatabaseFull)
-        where = str(path) if path is not None else "the ledger"
+        where = str(path) if path is not None else LEDGER
         return Fault(
             what="database full" if full else "database read-only",
             path=where,
@@ -188,6 +191,7 @@ class WorldPaused(RetryLater):
 
 
 __all__ = [
+    "LEDGER",
     "WORLD_ERRNOS",
     "WORLD_PAUSE_SECONDS",
     "EnvironmentFault",

@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import attrs
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from impl.cli import output
 from impl.cli.session import Session, pass_session
+from impl.world import LEDGER, EnvironmentFault
 
 if TYPE_CHECKING:
     from impl.download import run as download_run
@@ -129,20 +131,28 @@ def download(
     of URLs (one per line; blank lines and # comments skipped). One job is planned per
     entry and workers run until every job is terminal. Run it again after any crash or
     Ctrl-C: finished artifacts are not fetched again and partial files resume. Exits 1
-    when some artifacts failed, 130 when interrupted."""
+    when some artifacts failed, 130 when interrupted, 4 when the machine refused a write
+    (disk full, read-only file system or ledger, no file handles): the run stops with one
+    line saying what to fix, spends no attempt and keeps every byte; run it again after."""
     from impl.download.run import download as run_download  # noqa: PLC0415 - see progress()
 
     display = _Display(Console(stderr=True, highlight=False))
-    with session.store(create=True) as store, display.bar:
-        summary = run_download(
-            store,
-            manifest,
-            out_dir,
-            workers=workers,
-            config=session.config,
-            progress=display.progress(),
-            skip_invalid=skip_invalid,
-        )
+    try:
+        with session.store(create=True) as store, display.bar:
+            summary = run_download(
+                store,
+                manifest,
+                out_dir,
+                workers=workers,
+                config=session.config,
+                progress=display.progress(),
+                skip_invalid=skip_invalid,
+            )
+    except EnvironmentFault as exc:
+        if exc.fault.path != LEDGER:
+            raise
+        # The pipeline knows the store, not where it lives: name the database.
+        raise EnvironmentFault(attrs.evolve(exc.fault, path=session.target)) from exc
     if as_json:
         data = output.plain(summary)
         assert isinstance(data, dict)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import random
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,6 +66,16 @@ class Request:
     at: float
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that goes away mid-request (a stopped run, a killed worker) is normal
+    here: no traceback on stderr for it."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class FileServer:
     """A threaded HTTP server on 127.0.0.1 serving :class:`Resource` objects.
 
@@ -93,7 +104,7 @@ class FileServer:
             def do_GET(self) -> None:
                 server._serve(self, head=False)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
