@@ -109,7 +109,9 @@ class _Display:
     default=4,
     show_default=True,
     metavar="N",
-    help="Handler threads of the one worker this process runs.",
+    help="Handler threads of the one worker this process runs, and connections per host "
+    "(unless download_per_host is set lower: then the summary says it held the run back; "
+    "raise it with --set download_per_host=N).",
 )
 @click.option(
     "--skip-invalid", is_flag=True, help="Plan the valid manifest lines and list the bad ones."
@@ -176,6 +178,8 @@ def _print_summary(summary: download_run.DownloadSummary) -> None:
         f"{summary.bytes_stored} stored in {summary.out_dir} ({output.duration(summary.elapsed)})"
     )
     con.print(f"index: {summary.index_path}")
+    for line in host_lines(summary):
+        con.print(line)
     for text in summary.invalid:
         con.print(f"skipped manifest line: {text}")
     if summary.failures:
@@ -189,6 +193,36 @@ def _print_summary(summary: download_run.DownloadSummary) -> None:
             )
         con.print(table)
         con.print("retry them with `jobledger retry --all-failed` and run download again")
+
+
+def host_lines(summary: download_run.DownloadSummary) -> list[str]:
+    """The summary's lines about hosts: skipped (down), recovered, throttled, and the
+    per-host limit when it held the run below ``--workers``."""
+    lines = []
+    for h in summary.hosts:
+        if h.state != "closed":
+            lines.append(
+                f"skipped host {h.host}: circuit open after {h.failures} failure(s) in a row "
+                f"(last: {h.last_error}); {h.deferred} time(s) a job was handed back without "
+                "an attempt; its jobs are pending: run the same command again when it is back"
+            )
+        elif h.opens:
+            lines.append(
+                f"host {h.host} was down for a while: its circuit opened {h.opens} time(s), "
+                f"jobs handed back {h.deferred} time(s) without an attempt; it answers again"
+            )
+        if h.throttled:
+            lines.append(
+                f"host {h.host} asked to slow down {h.throttled} time(s) (429, or 503 with "
+                "Retry-After): every request to it waited as asked"
+            )
+    if summary.per_host and summary.per_host < summary.workers:
+        lines.append(
+            f"note: at most {summary.per_host} connection(s) per host (download_per_host) "
+            f"held the run below --workers {summary.workers}; raise it with "
+            f"--set download_per_host={summary.workers}"
+        )
+    return lines
 
 
 @click.command()

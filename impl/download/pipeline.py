@@ -38,10 +38,12 @@ from attrs import asdict
 
 from impl.download.cas import Layout
 from impl.download.errors import ArtifactMissing, ChecksumMismatch, DownloadError
+from impl.download.host import HostDeferred
 from impl.download.http import HeadInfo, HttpClient
 from impl.download.index import Artifact, ArtifactIndex
 from impl.download.stream import stream_to_part
 from impl.download.url import canonical_url
+from impl.outcome import RetryLater
 from impl.world import EnvironmentFault, Fault, WorldPaused, fault_of
 from model.config import Config
 from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, UnknownJob
@@ -153,13 +155,18 @@ class DownloadHandler:
         """Drive the leased job as far as it goes; a permanent error fails it at once.
 
         A fault of the world (a full disk, a read-only mount, a full ledger: see
-        ``world.py``) raises :class:`WorldPaused`, a :class:`impl.RetryLater`: the job is
-        released with ``download_world_delay`` and no attempt is spent.
+        ``impl/world.py``) raises :class:`WorldPaused`, a :class:`impl.RetryLater`: the
+        job is released with ``download_world_delay`` and no attempt is spent. So does
+        a host that cannot be asked now (its breaker is open, or it asked to slow
+        down: ``host.py``), for as long as that lasts.
         """
         try:
             self._drive(ctx)
         except EnvironmentFault as exc:
             raise self._pause(exc.fault) from exc
+        except HostDeferred as exc:
+            # The host is down or asks everyone to slow down: not this job's fault.
+            raise RetryLater(str(exc), delay=exc.delay) from exc
         except (OSError, DatabaseFull, DatabaseReadOnly) as exc:
             fault = fault_of(exc, path=self.layout.root)
             if fault is None:

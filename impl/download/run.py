@@ -35,6 +35,7 @@ from pathlib import Path
 from attrs import define, field, frozen
 
 from impl.download.cas import Layout
+from impl.download.host import HostGuard, HostReport
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
 from impl.download.manifest import Manifest, parse_manifest
@@ -48,6 +49,7 @@ from impl.download.pipeline import (
     DownloadHandler,
 )
 from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
+from impl.download.url import host_key
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
 from impl.world import EnvironmentFault, Fault, fault_of
@@ -95,6 +97,10 @@ class DownloadSummary:
     ``bytes_received`` and ``bytes_resumed`` add up every recorded ``STREAM`` result of
     the jobs (bytes fetched over the network, and bytes that were already on disk when a
     stream resumed). ``bytes_stored`` is the size of the distinct objects written.
+    ``hosts`` lists the hosts whose circuit breaker opened or that asked the run to slow
+    down (with ``deferred``: jobs handed back without an attempt); ``pending`` jobs of a
+    host that stayed down are left for the next run. ``per_host`` is the connections per
+    host the run allowed (``download_per_host``, else ``workers``).
     """
 
     total: int
@@ -114,6 +120,9 @@ class DownloadSummary:
     failures: tuple[FailedArtifact, ...] = ()
     invalid: tuple[str, ...] = ()
     disk: DiskReport = field(factory=DiskReport)
+    hosts: tuple[HostReport, ...] = ()
+    workers: int = 0
+    per_host: int = 0
 
     @property
     def ok(self) -> bool:
@@ -154,6 +163,22 @@ class _Watch:
         self.own = own
         self.done = -1
         self.total = len(self.pending)
+        self.hosts: dict[str, str] = {}  # job id -> host:port, read once
+
+    def only_blocked_hosts(self, hosts: HostGuard) -> bool:
+        """True when every pending job is idle and belongs to a host that is down
+        (``HostGuard.blocked``)."""
+        if not self.pending:
+            return False
+        for job_id in self.pending:
+            host = self.hosts.get(job_id)
+            if host is None:
+                info = self.store.job(job_id)
+                host = self.hosts[job_id] = host_key(str(info.identity["canonical_url"]))
+            if not hosts.blocked(host):
+                return False
+        # Only now read the leases: a job still running may yet succeed.
+        return all(self.store.job(job_id).lease is None for job_id in self.pending)
 
     def tick(self) -> bool:
         """Refresh; return True when every job is terminal."""
@@ -207,6 +232,9 @@ def _summary(
     index_path: Path,
     disk: DiskReport,
     elapsed: float,
+    hosts: tuple[HostReport, ...] = (),
+    workers: int = 0,
+    per_host: int = 0,
 ) -> DownloadSummary:
     counts = {INDEXED: 0, DEDUPED: 0, SKIPPED_DUPLICATE: 0, FAILED: 0}
     pending = received = resumed = stored = restarts = repaired = 0
@@ -259,6 +287,9 @@ def _summary(
         failures=tuple(failures),
         invalid=tuple(str(e) for e in manifest.invalid),
         disk=disk,
+        hosts=hosts,
+        workers=workers,
+        per_host=per_host,
     )
 
 
@@ -362,7 +393,8 @@ def _download(
     if progress.on_start is not None:
         progress.on_start(len(dict.fromkeys(watch_ids)))
     own = default_worker_name()
-    http = client if client is not None else HttpClient(cfg)
+    per_host = cfg.per_host_limit(workers)
+    http = client if client is not None else HttpClient(cfg, per_host=per_host)
     faults: list[Fault] = []
 
     def on_fault(fault: Fault) -> None:
@@ -401,6 +433,11 @@ def _download(
                 # same full disk, and each would only be handed back again.
                 if errors or faults or (stop is not None and stop.is_set()):
                     break
+                if watch.only_blocked_hosts(http.hosts):
+                    # What is left waits for hosts that are down (their breakers opened
+                    # and a probe after the cool-down failed too): end the run, the jobs
+                    # stay pending with their attempts, and the summary names the hosts.
+                    break
                 time.sleep(POLL_SECONDS)
         finally:
             worker.stop()
@@ -427,4 +464,7 @@ def _download(
         index_path=export,
         disk=disk,
         elapsed=time.monotonic() - started,
+        hosts=http.hosts.reports(),
+        workers=workers,
+        per_host=http.hosts.per_host,
     )
