@@ -66,7 +66,9 @@ class Config:
     ``download_per_host`` of None means as many as the download's ``--workers``.
     ``download_rate_per_host`` is requests per second per host (0: no limit).
     ``download_breaker_failures`` connection failures or 5xx in a row open a host's
-    circuit breaker for ``download_breaker_cooldown`` seconds.
+    circuit breaker for ``download_breaker_cooldown`` seconds; a download run with only
+    such a host's jobs left ends (leaving them pending) once the host has been down for
+    ``download_host_patience`` seconds and a probe failed.
     """
 
     db: str | None = field(default=None, validator=_optional_str)
@@ -93,6 +95,7 @@ class Config:
     download_rate_per_host: float = field(default=0.0, validator=_non_negative)
     download_breaker_failures: int = field(default=3, validator=_positive_int)
     download_breaker_cooldown: float = field(default=30.0, validator=_positive)
+    download_host_patience: float = field(default=60.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.renew_every is not None:

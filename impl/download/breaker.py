@@ -43,10 +43,16 @@ class BreakerState(enum.StrEnum):
 
 @frozen
 class Decision:
-    """What :meth:`Breaker.allow` decided: go (maybe as the probe), or wait ``wait`` s."""
+    """What :meth:`Breaker.allow` decided: go, or wait ``wait`` seconds.
+
+    ``probe`` is the probe's number (> 0) when this request is the probe after a
+    cool-down, else 0; report the request's outcome with it, so that only the probe of
+    the current cool-down decides (a request sent before the breaker opened and
+    answering late is not the probe).
+    """
 
     go: bool
-    probe: bool = False
+    probe: int = 0
     wait: float = 0.0
 
 
@@ -68,7 +74,13 @@ class Breaker:
     opens: int = 0
     """How often it opened (the first time and after each failed probe)."""
     failed_probes: int = 0
+    down_since: float | None = None
+    """When it last opened from closed (None while closed): how long the host is down."""
+    outage_probes: int = 0
+    """Probes that failed since ``down_since``."""
     last_error: str | None = None
+    _probes: int = field(default=0, alias="probes")
+    """Probes granted so far; the current probe's number while one is out."""
     _probing: bool = field(default=False, alias="probing")
 
     def allow(self, now: float) -> Decision:
@@ -85,28 +97,40 @@ class Breaker:
             # One probe at a time: the others come back after a cool-down at most.
             return Decision(go=False, wait=self.cooldown)
         self._probing = True
-        return Decision(go=True, probe=True)
+        self._probes += 1
+        return Decision(go=True, probe=self._probes)
+
+    def _is_probe(self, probe: int) -> bool:
+        return self._probing and probe == self._probes and probe > 0
 
     def succeeded(self) -> None:
         """A request got an answer from the host: close."""
         self.state = BreakerState.CLOSED
         self.failures = 0
+        self.down_since = None
         self._probing = False
 
-    def failed(self, now: float, error: str) -> None:
+    def failed(self, now: float, error: str, *, probe: int = 0) -> None:
         """A request failed because of the host (connection, timeout, 5xx)."""
         self.last_error = error
         self.failures += 1
         if self.state is BreakerState.HALF_OPEN:
-            self.failed_probes += 1
-            self._open(now)
+            if self._is_probe(probe):
+                self.failed_probes += 1
+                self.outage_probes += 1
+                self._open(now)
+            # Another request, sent before the breaker opened: the probe decides.
         elif self.state is BreakerState.CLOSED and self.failures >= self.threshold:
+            self.down_since = now
+            self.outage_probes = 0
             self._open(now)
         # OPEN: a request that began before the breaker opened; nothing more to learn.
 
-    def abandoned(self) -> None:
-        """The probe ended without an outcome (the worker stopped): let another probe."""
-        self._probing = False
+    def abandoned(self, probe: int) -> None:
+        """A request ended without an outcome (its worker stopped): if it was the probe,
+        let another one go."""
+        if self._is_probe(probe):
+            self._probing = False
 
     def _open(self, now: float) -> None:
         self.state = BreakerState.OPEN

@@ -111,6 +111,8 @@ class HostGuard:
         rate: requests per second per host (0: no limit).
         threshold: failures in a row that open a host's breaker.
         cooldown: seconds a breaker stays open before one probe.
+        patience: seconds a host must stay down (with a failed probe) before
+            :meth:`blocked` gives up on it.
         clock: monotonic seconds (tests may inject one).
         sleep: how to wait (tests may inject one).
     """
@@ -122,6 +124,7 @@ class HostGuard:
         rate: float,
         threshold: int,
         cooldown: float,
+        patience: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -129,6 +132,7 @@ class HostGuard:
         self.rate = rate
         self.threshold = threshold
         self.cooldown = cooldown
+        self.patience = patience
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -151,9 +155,10 @@ class HostGuard:
             h.deferred += 1
         return HostDeferred(host, delay, reason, url=url)
 
-    def admit(self, host: str, url: str) -> bool:
-        """Wait until a request to ``host`` may go and take its slot; return whether it
-        is the breaker's probe. Call :meth:`done` after it, whatever happened.
+    def admit(self, host: str, url: str) -> int:
+        """Wait until a request to ``host`` may go and take its slot; return the
+        breaker's probe number (0: not a probe). Call :meth:`done` after it, whatever
+        happened.
 
         Raises:
             HostDeferred: the host is paused or its breaker is open for longer than
@@ -190,7 +195,7 @@ class HostGuard:
                 self._sleep(wait)
         return decision.probe
 
-    def done(self, host: str, *, probe: bool, ok: bool | None, error: str = "") -> None:
+    def done(self, host: str, *, probe: int, ok: bool | None, error: str = "") -> None:
         """Report a request's outcome and free its slot.
 
         ``ok`` True: the host answered (any status but 5xx); False: it failed
@@ -201,9 +206,9 @@ class HostGuard:
             if ok is True:
                 h.breaker.succeeded()
             elif ok is False:
-                h.breaker.failed(self._clock(), error)
-            elif probe:
-                h.breaker.abandoned()
+                h.breaker.failed(self._clock(), error, probe=probe)
+            else:
+                h.breaker.abandoned(probe)
         h.slot.release()
 
     def check(self, host: str, url: str) -> None:
@@ -234,14 +239,20 @@ class HostGuard:
                 h.pause_reason = reason
 
     def blocked(self, host: str) -> bool:
-        """True when ``host``'s breaker is open and a probe after a cool-down failed too:
-        a run with nothing else to do can stop waiting for it."""
+        """True when ``host`` has been down for ``patience`` seconds: its breaker is
+        open, and opened again after a failed probe since. A run with nothing else to do
+        can stop waiting for it."""
         with self._lock:
             h = self._hosts.get(host)
             if h is None:
                 return False
             b = h.breaker
-            return b.state is BreakerState.OPEN and b.failed_probes > 0
+            return (
+                b.state is BreakerState.OPEN
+                and b.outage_probes > 0
+                and b.down_since is not None
+                and self._clock() - b.down_since >= self.patience
+            )
 
     def reports(self) -> tuple[HostReport, ...]:
         """Every host whose breaker opened or that paused the run, sorted by host."""

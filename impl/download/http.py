@@ -171,6 +171,7 @@ class HttpClient:
             rate=config.download_rate_per_host,
             threshold=config.download_breaker_failures,
             cooldown=config.download_breaker_cooldown,
+            patience=config.download_host_patience,
             sleep=sleep,
         )
 

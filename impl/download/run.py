@@ -166,7 +166,7 @@ class _Watch:
         self.hosts: dict[str, str] = {}  # job id -> host:port, read once
 
     def only_blocked_hosts(self, hosts: HostGuard) -> bool:
-        """True when every pending job is idle and belongs to a host that is down
+        """True when every pending job belongs to a host that is down
         (``HostGuard.blocked``)."""
         if not self.pending:
             return False
@@ -177,8 +177,10 @@ class _Watch:
                 host = self.hosts[job_id] = host_key(str(info.identity["canonical_url"]))
             if not hosts.blocked(host):
                 return False
-        # Only now read the leases: a job still running may yet succeed.
-        return all(self.store.job(job_id).lease is None for job_id in self.pending)
+        # A job of a blocked host that is leased right now cannot succeed either: its
+        # requests are refused until the next probe, and blocked() is False while one
+        # is out.
+        return True
 
     def tick(self) -> bool:
         """Refresh; return True when every job is terminal."""
