@@ -236,3 +236,18 @@ def test_the_per_host_limit_follows_workers_and_says_when_it_held_the_run_back(
         "--workers 8; raise it with --set download_per_host=8"
     ) in capped.out
     assert "download_per_host" in run("download", "--help").out
+
+
+def test_the_request_rate_per_host_spaces_every_request_to_it(
+    run: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    urls = [server.add(f"/f{i}.bin", generated_bytes(i, 2 * KIB)) for i in range(5)]
+    path = _manifest(tmp_path, urls)
+    db = ["--db", str(tmp_path / "ledger.sqlite")]
+    rate = ["--set", "download_rate_per_host=8"]
+    out = run(*db, *rate, "download", str(path), "--out", "out", "--workers", "4")
+    assert out.code == 0, out.err
+    arrivals = sorted(r.at for r in server.requests())
+    assert len(arrivals) == 10  # a HEAD and a GET per file
+    # 8 requests per second: ten requests span at least nine intervals of 1/8 s.
+    assert arrivals[-1] - arrivals[0] >= 9 / 8 * 0.9
