@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from pathlib import Path
 
 from attrs import frozen
@@ -104,7 +105,7 @@ class Fault:
     def line(self) -> str:
         """The one line a person reads: what, where, how much, what to do, and that
         nothing is lost."""
-        parts = [f"{self.what}: cannot write {self.path}"]
+        parts = [f"{self.what}: cannot write {self.path}" if self.path else self.what]
         if self.needed is not None:
             parts.append(f"{_size(self.needed)} more needed for this file")
         if self.free is not None and self.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -167,6 +168,53 @@ def fault_of(
     return None
 
 
+FILE_HANDLES_BASE = 32
+"""Open files a download process needs besides its workers (ledger, index, stdio)."""
+FILE_HANDLES_PER_WORKER = 8
+"""Open files per handler thread, measured about 6: its ledger and index connections
+(database, WAL, shared memory), an HTTP connection, a partial file; rounded up."""
+
+
+def ensure_file_handles(workers: int) -> None:
+    """Make sure ``workers`` handler threads can open their files, before any starts.
+
+    Raises the soft ``RLIMIT_NOFILE`` towards the hard one when it is too low (a process
+    may do that by itself); when even the hard limit is too low, refuses up front with
+    one line, instead of workers failing one by one with "unable to open database file".
+
+    Raises:
+        EnvironmentFault: the hard limit is below what ``workers`` need.
+    """
+    need = FILE_HANDLES_BASE + FILE_HANDLES_PER_WORKER * workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    ceiling = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if ceiling > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, hard))
+    if ceiling >= need:
+        return
+    fits = max((ceiling - FILE_HANDLES_BASE) // FILE_HANDLES_PER_WORKER, 0)
+    raise EnvironmentFault(
+        Fault(
+            what="too many open files",
+            path="",
+            errno=errno.EMFILE,
+            needed=None,
+            free=None,
+            advice=(
+                f"raise the limit (ulimit -n {need}) or run with --workers {fits}"
+                if fits
+                else f"raise the limit (ulimit -n {need})"
+            ),
+            detail=(
+                f"--workers {workers} needs about {need} open files, and this process may "
+                f"open at most {ceiling} (RLIMIT_NOFILE)"
+            ),
+        )
+    )
+
+
 class EnvironmentFault(JobledgerError):
     """The machine refused a write the download needs: a full disk or quota, a read-only
     file system, no file handles left, or a full or read-only ledger.
@@ -197,6 +245,7 @@ __all__ = [
     "EnvironmentFault",
     "Fault",
     "WorldPaused",
+    "ensure_file_handles",
     "fault_of",
     "free_bytes",
     "is_world_error",

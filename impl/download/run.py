@@ -52,7 +52,7 @@ from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
 from impl.download.url import host_key
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
-from impl.world import EnvironmentFault, Fault, fault_of
+from impl.world import EnvironmentFault, Fault, ensure_file_handles, fault_of
 from model.config import Config
 from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, JobledgerError
 from model.store import Store
@@ -380,6 +380,7 @@ def _download(
     stop: threading.Event | None,
 ) -> DownloadSummary:
     started = time.monotonic()
+    ensure_file_handles(workers)
     progress = progress if progress is not None else Progress()
     layout = Layout(out_dir)
     layout.ensure()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +21,7 @@ import pytest
 
 from impl.cli.exit import WORLD_REFUSED
 from impl.download.testserver import FileServer, generated_bytes
-from tests.cli.conftest import Outcome
+from tests.cli.conftest import Outcome, process_env
 from tests.download.mounts import grow, read_only, tmpfs
 
 pytestmark = pytest.mark.xdist_group("mounts")
@@ -167,3 +170,39 @@ def test_a_read_only_ledger_stops_the_run_with_one_line_naming_it(
     again = run("--db", str(ledger / "l.sqlite"), "download", str(path), "--out", "out")
     assert again.code == 0, again.err
     assert hashlib.sha256((tmp_path / "out" / "index.jsonl").read_bytes()).hexdigest()
+
+
+def _download_with_nofile(
+    tmp_path: Path, manifest: Path, workers: int, soft: int, hard: int
+) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    argv = ["--db", "l.sqlite", "download", str(manifest), "--out", "out"]
+    return subprocess.run(
+        [sys.executable, "-m", "impl", *argv, "--workers", str(workers)],
+        cwd=tmp_path,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=limit,
+    )
+
+
+def test_too_few_file_handles_for_the_workers_is_refused_up_front_with_one_line(
+    tmp_path: Path, server: FileServer
+) -> None:
+    urls = [server.add(f"/f{i}.bin", generated_bytes(i, 4 * KIB)) for i in range(3)]
+    manifest = _manifest(tmp_path, urls)
+    proc = _download_with_nofile(tmp_path, manifest, workers=16, soft=64, hard=64)
+    assert proc.returncode == 4, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert line.startswith("error: too many open files (--workers 16 needs about 160 open ")
+    assert "raise the limit (ulimit -n 160) or run with --workers 4" in line
+    assert server.requests() == []
+    # A soft limit below the need is raised by the process itself, up to the hard one.
+    ok = _download_with_nofile(tmp_path, manifest, workers=16, soft=64, hard=4096)
+    assert ok.returncode == 0, ok.stderr
+    assert "3 artifact(s): 3 downloaded" in ok.stdout
