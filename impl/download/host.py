@@ -155,6 +155,11 @@ class HostGuard:
             h.deferred += 1
         return HostDeferred(host, delay, reason, url=url)
 
+    def defer(self, host: str, delay: float, reason: str, *, url: str = "") -> HostDeferred:
+        """Return the :class:`HostDeferred` that hands a job of ``host`` back (counted in
+        the host's report)."""
+        return self._defer(host, self._host(host), delay, reason, url)
+
     def admit(self, host: str, url: str) -> int:
         """Wait until a request to ``host`` may go and take its slot; return the
         breaker's probe number (0: not a probe). Call :meth:`done` after it, whatever

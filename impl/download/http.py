@@ -34,7 +34,7 @@ from impl.download.errors import (
     TooManyRedirects,
     TransferError,
 )
-from impl.download.host import HostDeferred, HostGuard
+from impl.download.host import HostGuard
 from impl.download.url import host_key
 from model.config import Config
 from model.record import JSON
@@ -277,10 +277,10 @@ class HttpClient:
             # The server speaks for the host: every request to it waits, not just this.
             wait = asked if asked is not None else self._delay(attempt, None)
             self.hosts.pause(host, wait, f"the server answered {status} and asked to wait")
-            if status == 429 and attempt > self.config.download_max_retries:
-                return HostDeferred(
-                    host, wait, f"the server still answers 429 after {attempt} attempt(s)"
-                ), 0.0
+            if attempt > self.config.download_max_retries:
+                # Still asked to wait: the host's state, not this job's fault.
+                reason = f"the server still answers {status} (Retry-After) after {attempt} tries"
+                return self.hosts.defer(host, wait, reason, url=url), 0.0
             return None, 0.0
         if status < 500:
             return HttpStatusError(url, status, attempts=attempt, method=method), 0.0

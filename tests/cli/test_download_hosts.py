@@ -251,3 +251,21 @@ def test_the_request_rate_per_host_spaces_every_request_to_it(
     assert len(arrivals) == 10  # a HEAD and a GET per file
     # 8 requests per second: ten requests span at least nine intervals of 1/8 s.
     assert arrivals[-1] - arrivals[0] >= 9 / 8 * 0.9
+
+
+def test_a_host_that_keeps_asking_to_wait_hands_the_job_back_without_an_attempt(
+    run: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    url = server.add("/a.bin", generated_bytes(1, 4 * KIB))
+    server.outage(3, status=503, retry_after="0")
+    path = _manifest(tmp_path, [url])
+    db = ["--db", str(tmp_path / "ledger.sqlite")]
+    tries = ["--set", "download_max_retries=2", "--set", "download_breaker_failures=10"]
+    out = run(*db, *tries, "download", str(path), "--out", "out", "--json")
+    assert out.code == 0, out.out + out.err
+    summary = json.loads(out.out)
+    (host,) = summary["hosts"]
+    assert (host["throttled"], host["deferred"], host["opens"]) == (3, 1, 0)
+    # Three answers of 503 + Retry-After used up one lease's tries: handed back, not failed.
+    assert set(_jobs(run, db).values()) == {("INDEXED", 1)}
+    assert [r.status for r in server.requests()] == [503, 503, 503, 200, 200]
