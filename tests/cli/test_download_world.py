@@ -14,7 +14,7 @@ import resource
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +30,9 @@ KIB = 1024
 
 
 @pytest.fixture
-def server() -> FileServer:
+def server() -> Iterator[FileServer]:
     with FileServer() as srv:
-        yield srv  # type: ignore[misc]
+        yield srv
 
 
 def _manifest(tmp_path: Path, urls: list[str]) -> Path:
