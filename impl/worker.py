@@ -20,6 +20,7 @@ from types import FrameType
 
 from attrs import define, evolve, field
 
+from impl.outcome import RetryLater
 from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
 from model.key import Scalar
 from model.record import JSON, Lease
@@ -325,6 +326,10 @@ class Worker:
             log.warning("job %s: %s", lease.job_id, exc)
             self._count(lost=1)
             return True
+        except RetryLater as exc:
+            renewer.unwatch()
+            self._retry_later(ctx, exc)
+            return True
         except Exception as exc:
             renewer.unwatch()
             # An exception may say it is permanent (a 404 will not heal with a retry).
@@ -350,6 +355,20 @@ class Worker:
             self._count(released=1)
         except LeaseLost as exc:
             log.warning("job %s: release after the lease was lost: %s", ctx.job_id, exc)
+            self._count(lost=1)
+
+    def _retry_later(self, ctx: JobContext, exc: RetryLater) -> None:
+        # The world is wrong, not the job: hand it back (the attempt too) with the reason
+        # in its history. Without a delay, the backoff of a first failure: soon, not now.
+        delay = exc.delay if exc.delay is not None else self.store.config.backoff(1)
+        # INFO, not WARNING: handing a job back is the expected answer to a known fault,
+        # and the caller (e.g. ``jobledger download``) reports the fault once.
+        log.info("job %s: retry later in %.1f s: %s", ctx.job_id, delay, exc.reason)
+        try:
+            self.store.release(ctx.lease, delay=delay, reason=exc.reason)
+            self._count(released=1)
+        except LeaseLost as lost:
+            log.warning("job %s: release after the lease was lost: %s", ctx.job_id, lost)
             self._count(lost=1)
 
     def _fail(self, ctx: JobContext, error: str, *, retryable: bool = True) -> None:

@@ -26,6 +26,8 @@ RESULT_LIMIT_DEFAULT = 1024 * 1024
 # recursion limit of 1000 (serde_json's default is the same).
 JSON_DEPTH_LIMIT_DEFAULT = 128
 BUSY_TIMEOUT_DEFAULT = 5.0
+PER_HOST_DEFAULT = 4
+"""Requests in flight per host when neither ``download_per_host`` nor a worker count says."""
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -67,6 +69,12 @@ class Config:
     """Every tunable of jobledger, with the contract's defaults.
 
     Durations are seconds. ``renew_every`` of None means a third of the lease TTL.
+    ``download_per_host`` of None means as many as the download's ``--workers``.
+    ``download_rate_per_host`` is requests per second per host (0: no limit).
+    ``download_breaker_failures`` connection failures or 5xx in a row open a host's
+    circuit breaker for ``download_breaker_cooldown`` seconds; a download run with only
+    such a host's jobs left ends (leaving them pending) once the host has been down for
+    ``download_host_patience`` seconds and a probe failed.
     """
 
     db: str | None = field(default=None, validator=_optional_str)
@@ -87,9 +95,14 @@ class Config:
     download_max_redirects: int = field(default=10, validator=_positive_int)
     download_max_retries: int = field(default=3, validator=_positive_int)
     download_max_bytes: int = field(default=10 * 1024**3, validator=_positive_int)
-    download_per_host: int = field(default=4, validator=_positive_int)
+    download_per_host: int | None = field(default=None)
     download_user_agent: str = field(default="jobledger/0.1 (+https://pypi.org/project/jobledger)")
     download_lease_ttl: float = field(default=10.0, validator=_positive)
+    download_world_delay: float = field(default=60.0, validator=_non_negative)
+    download_rate_per_host: float = field(default=0.0, validator=_non_negative)
+    download_breaker_failures: int = field(default=3, validator=_positive_int)
+    download_breaker_cooldown: float = field(default=30.0, validator=_positive)
+    download_host_patience: float = field(default=60.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:
         if self.renew_every is not None:
@@ -104,8 +117,24 @@ class Config:
                     f"renew_every ({self.renew_every}) must be shorter than lease_ttl "
                     f"({self.lease_ttl}), or a lease expires before it is renewed"
                 )
+        per_host = self.download_per_host
+        if per_host is not None and (
+            isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1
+        ):
+            raise ConfigError(
+                f"download_per_host must be an integer >= 1 or empty (as many as --workers), "
+                f"got {per_host!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    def per_host_limit(self, workers: int | None = None) -> int:
+        """Requests in flight per host: ``download_per_host`` when set, else ``workers``
+        (a user who asks for 64 downloads at once gets them), else
+        :data:`PER_HOST_DEFAULT`."""
+        if self.download_per_host is not None:
+            return self.download_per_host
+        return workers if workers is not None else PER_HOST_DEFAULT
 
     @property
     def renew_interval(self) -> float:

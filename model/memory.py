@@ -442,17 +442,24 @@ class MemoryStore:
         return self._lease_of(job)
 
     @_atomic
-    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
-        """Give the job back unfinished; the attempt is returned, eligible after ``delay``."""
+    def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give the job back unfinished; the attempt is returned, eligible after ``delay``.
+
+        ``reason`` (why the job was given back, e.g. "disk full") is kept in the history
+        entry's detail as ``{"reason": ...}``; without it the detail is empty.
+        """
         now = self._now()
         seconds = check_seconds(delay, name="delay")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
         job = self._check(lease, now, "release")
         worker = job.lease_worker
         job.attempts -= 1
         self._end_lease(job)
         job.run_at = now + seconds
         job.updated_at = now
-        self._log(job, now, Event.RELEASED, worker=worker)
+        detail = {"reason": reason} if reason is not None else None
+        self._log(job, now, Event.RELEASED, worker=worker, detail=detail)
 
     # -- the state machine -----------------------------------------------------------
 

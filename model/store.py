@@ -91,8 +91,12 @@ class Store(Protocol):
         """Extend a live lease to now + ttl."""
         ...
 
-    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
-        """Give the job back (and the attempt); eligible again after ``delay`` seconds."""
+    def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give the job back (and the attempt); eligible again after ``delay`` seconds.
+
+        ``reason``, when given, is kept in the ``released`` history entry as
+        ``detail["reason"]`` (why the job was handed back without spending an attempt).
+        """
         ...
 
     def advance(self, lease: Lease, to_state: str) -> bool:

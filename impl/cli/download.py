@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import attrs
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from impl.cli import output
 from impl.cli.session import Session, pass_session
+from impl.world import LEDGER, EnvironmentFault
 
 if TYPE_CHECKING:
     from impl.download import run as download_run
@@ -107,7 +109,9 @@ class _Display:
     default=4,
     show_default=True,
     metavar="N",
-    help="Handler threads of the one worker this process runs.",
+    help="Handler threads of the one worker this process runs, and connections per host "
+    "(unless download_per_host is set lower: then the summary says it held the run back; "
+    "raise it with --set download_per_host=N).",
 )
 @click.option(
     "--skip-invalid", is_flag=True, help="Plan the valid manifest lines and list the bad ones."
@@ -129,20 +133,28 @@ def download(
     of URLs (one per line; blank lines and # comments skipped). One job is planned per
     entry and workers run until every job is terminal. Run it again after any crash or
     Ctrl-C: finished artifacts are not fetched again and partial files resume. Exits 1
-    when some artifacts failed, 130 when interrupted."""
+    when some artifacts failed, 130 when interrupted, 4 when the machine refused a write
+    (disk full, read-only file system or ledger, no file handles): the run stops with one
+    line saying what to fix, spends no attempt and keeps every byte; run it again after."""
     from impl.download.run import download as run_download  # noqa: PLC0415 - see progress()
 
     display = _Display(Console(stderr=True, highlight=False))
-    with session.store(create=True) as store, display.bar:
-        summary = run_download(
-            store,
-            manifest,
-            out_dir,
-            workers=workers,
-            config=session.config,
-            progress=display.progress(),
-            skip_invalid=skip_invalid,
-        )
+    try:
+        with session.store(create=True) as store, display.bar:
+            summary = run_download(
+                store,
+                manifest,
+                out_dir,
+                workers=workers,
+                config=session.config,
+                progress=display.progress(),
+                skip_invalid=skip_invalid,
+            )
+    except EnvironmentFault as exc:
+        if exc.fault.path != LEDGER:
+            raise
+        # The pipeline knows the store, not where it lives: name the database.
+        raise EnvironmentFault(attrs.evolve(exc.fault, path=session.target)) from exc
     if as_json:
         data = output.plain(summary)
         assert isinstance(data, dict)
@@ -166,6 +178,8 @@ def _print_summary(summary: download_run.DownloadSummary) -> None:
         f"{summary.bytes_stored} stored in {summary.out_dir} ({output.duration(summary.elapsed)})"
     )
     con.print(f"index: {summary.index_path}")
+    for line in host_lines(summary):
+        con.print(line)
     for text in summary.invalid:
         con.print(f"skipped manifest line: {text}")
     if summary.failures:
@@ -179,6 +193,36 @@ def _print_summary(summary: download_run.DownloadSummary) -> None:
             )
         con.print(table)
         con.print("retry them with `jobledger retry --all-failed` and run download again")
+
+
+def host_lines(summary: download_run.DownloadSummary) -> list[str]:
+    """The summary's lines about hosts: skipped (down), recovered, throttled, and the
+    per-host limit when it held the run below ``--workers``."""
+    lines = []
+    for h in summary.hosts:
+        if h.state != "closed":
+            lines.append(
+                f"skipped host {h.host}: circuit open after {h.failures} failure(s) in a row "
+                f"(last: {h.last_error}); {h.deferred} time(s) a job was handed back without "
+                "an attempt; its jobs are pending: run the same command again when it is back"
+            )
+        elif h.opens:
+            lines.append(
+                f"host {h.host} was down for a while: its circuit opened {h.opens} time(s), "
+                f"jobs handed back {h.deferred} time(s) without an attempt; it answers again"
+            )
+        if h.throttled:
+            lines.append(
+                f"host {h.host} asked to slow down {h.throttled} time(s) (429, or 503 with "
+                "Retry-After): every request to it waited as asked"
+            )
+    if summary.per_host and summary.per_host < summary.workers:
+        lines.append(
+            f"note: at most {summary.per_host} connection(s) per host (download_per_host) "
+            f"held the run below --workers {summary.workers}; raise it with "
+            f"--set download_per_host={summary.workers}"
+        )
+    return lines
 
 
 @click.command()

@@ -6,11 +6,15 @@
 | 1 | the work finished with failed jobs (and ``migrate --check``: migrations pending) |
 | 2 | bad usage or bad input: a clear message naming the file, line or key |
 | 3 | the database cannot be used: missing, locked past the busy timeout, corrupt, newer |
+| 4 | ``download`` stopped: the machine refused a write (full disk or quota, read-only |
+|   | file system, no file handles, full or read-only ledger); nothing is lost, no attempt |
+|   | was spent: fix what the one-line message names and run the same command again |
 | 130 | interrupted (Ctrl-C) |
 """
 
 from __future__ import annotations
 
+from impl.world import EnvironmentFault
 from model.errors import (
     ConfigError,
     IdempotencyConflict,
@@ -29,9 +33,11 @@ FAILED_JOBS = 1
 PENDING_MIGRATIONS = 1
 BAD_INPUT = 2
 DATABASE_UNUSABLE = 3
+WORLD_REFUSED = 4
 INTERRUPTED = 130
 
 _CODES: tuple[tuple[type[JobledgerError], int], ...] = (
+    (EnvironmentFault, WORLD_REFUSED),
     (StorageError, DATABASE_UNUSABLE),
     (ConfigError, BAD_INPUT),
     (InvalidInput, BAD_INPUT),

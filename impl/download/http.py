@@ -4,7 +4,10 @@
 * at most ``download_max_redirects`` redirects (a loop ends as :class:`TooManyRedirects`);
 * retries of 429, 5xx and connection errors, up to ``download_max_retries`` more
   attempts, with exponential backoff that honours ``Retry-After`` (capped at
-  :data:`RETRY_AFTER_CAP` seconds so a hostile server cannot park a worker);
+  :data:`RETRY_AFTER_CAP` seconds so a hostile server cannot park a worker); a 429 (or
+  503 with ``Retry-After``) pauses the whole host, not just the one request;
+* per host (``host.py``): a circuit breaker (``download_breaker_failures``,
+  ``download_breaker_cooldown``) and a request rate (``download_rate_per_host``);
 * TLS verification always on; a clear ``User-Agent`` (``download_user_agent``);
 * at most ``download_per_host`` requests in flight per ``host:port`` *in this process*
   (one semaphore per host, shared by every worker thread of the process).
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import email.utils
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ from impl.download.errors import (
     TooManyRedirects,
     TransferError,
 )
+from impl.download.host import HostGuard
 from impl.download.url import host_key
 from model.config import Config
 from model.record import JSON
@@ -134,6 +137,8 @@ class HttpClient:
         backoff_base: first retry delay in seconds (doubles per retry).
         sleep: how to wait between retries (tests may shorten it).
         transport: an httpx transport to use instead of the network (for embedding).
+        per_host: requests in flight per host; default ``download_per_host`` (or
+            :data:`model.config.PER_HOST_DEFAULT` when that follows ``--workers``).
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class HttpClient:
         backoff_base: float = BACKOFF_BASE,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
+        per_host: int | None = None,
     ) -> None:
         self.config = config
         self.backoff_base = backoff_base
@@ -160,21 +166,18 @@ class HttpClient:
             headers={"User-Agent": config.download_user_agent},
             transport=transport,
         )
-        self._lock = threading.Lock()
-        self._hosts: dict[str, threading.BoundedSemaphore] = {}
+        self.hosts = HostGuard(
+            per_host=per_host if per_host is not None else config.per_host_limit(),
+            rate=config.download_rate_per_host,
+            threshold=config.download_breaker_failures,
+            cooldown=config.download_breaker_cooldown,
+            patience=config.download_host_patience,
+            sleep=sleep,
+        )
 
     def close(self) -> None:
         """Close the connection pool."""
         self._client.close()
-
-    def _host_slot(self, url: str) -> threading.BoundedSemaphore:
-        key = host_key(url)
-        with self._lock:
-            slot = self._hosts.get(key)
-            if slot is None:
-                slot = threading.BoundedSemaphore(self.config.download_per_host)
-                self._hosts[key] = slot
-            return slot
 
     def _delay(self, retry: int, response: httpx.Response | None) -> float:
         asked = parse_retry_after(response.headers.get("retry-after")) if response else None
@@ -188,24 +191,33 @@ class HttpClient:
     ) -> Iterator[httpx.Response]:
         """Send a request and yield the streaming response once it is a success (< 400).
 
-        The host's slot is held while the caller reads the body. 429, 5xx and connection
-        errors are retried with backoff; other statuses >= 400 are not.
+        The host's slot is held while the caller reads the body. 5xx and connection
+        errors are retried with backoff and counted by the host's breaker; 429 (and 503
+        with ``Retry-After``) pause the whole host for the time asked; other statuses
+        >= 400 are not retried.
 
         Raises:
-            HttpStatusError: a status >= 400 (retryable for 429 and 5xx) after retries.
+            HostDeferred: the host's breaker is open, or the server keeps asking to slow
+                down: not the job's fault, try later.
+            HttpStatusError: a status >= 400 (retryable for 5xx) after retries.
             TransferError: connection errors and timeouts after retries.
             TooManyRedirects: a redirect loop or a chain over the limit.
         """
+        host = host_key(url)
         retries = self.config.download_max_retries
         for attempt in range(1, retries + 2):
             last = attempt == retries + 1
-            slot = self._host_slot(url)
-            slot.acquire()
+            probe = self.hosts.admit(host, url)
+            ok: bool | None = None  # the host answered (True), failed (False), or unknown
+            error = ""
+            delay = 0.0
+            failure: DownloadError | None = None
             try:
                 try:
                     request = self._client.build_request(method, url, headers=headers)
                     response = self._client.send(request, stream=True)
                 except httpx.TooManyRedirects as exc:
+                    ok = True  # the host answered; the URL is what loops
                     raise TooManyRedirects(
                         f"{method} {url} was redirected more than "
                         f"{self.config.download_max_redirects} times ({exc}); the URL loops "
@@ -214,15 +226,18 @@ class HttpClient:
                         url=url,
                     ) from None
                 except httpx.TransportError as exc:
-                    if last:
-                        raise TransferError(
-                            f"{method} {url} failed after {attempt} attempt(s): "
-                            f"{type(exc).__name__}: {exc}; check the network and the server",
-                            url=url,
-                        ) from None
+                    ok, error = False, f"{type(exc).__name__}: {exc}"
                     delay = self._delay(attempt, None)
+                    if last:
+                        failure = TransferError(
+                            f"{method} {url} failed after {attempt} attempt(s): {error}; "
+                            "check the network and the server",
+                            url=url,
+                        )
                 else:
                     status = response.status_code
+                    ok = status < 500
+                    error = "" if ok else f"HTTP {status}"
                     if status < 400:
                         try:
                             yield response
@@ -230,13 +245,46 @@ class HttpClient:
                             response.close()
                         return
                     response.close()
-                    if not (status == 429 or status >= 500) or last:
-                        raise HttpStatusError(url, status, attempts=attempt, method=method)
-                    delay = self._delay(attempt, response)
+                    failure, delay = self._refused(
+                        host, url, method=method, status=status, response=response, attempt=attempt
+                    )
+                    if failure is None and last:
+                        failure = HttpStatusError(url, status, attempts=attempt, method=method)
             finally:
-                slot.release()
+                self.hosts.done(host, probe=probe, ok=ok, error=error)
+            if failure is not None:
+                if isinstance(failure, TransferError | HttpStatusError) and failure.retryable:
+                    # Once the host's breaker is open, the host failed, not this job.
+                    self.hosts.check(host, url)
+                raise failure
             self._sleep(delay)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    def _refused(
+        self,
+        host: str,
+        url: str,
+        *,
+        method: str,
+        status: int,
+        response: httpx.Response,
+        attempt: int,
+    ) -> tuple[DownloadError | None, float]:
+        """Decide what an answer >= 400 means: (the error to raise now, or None to try
+        again after the returned delay in seconds)."""
+        asked = parse_retry_after(response.headers.get("retry-after"))
+        if status == 429 or (status == 503 and asked is not None):
+            # The server speaks for the host: every request to it waits, not just this.
+            wait = asked if asked is not None else self._delay(attempt, None)
+            self.hosts.pause(host, wait, f"the server answered {status} and asked to wait")
+            if attempt > self.config.download_max_retries:
+                # Still asked to wait: the host's state, not this job's fault.
+                reason = f"the server still answers {status} (Retry-After) after {attempt} tries"
+                return self.hosts.defer(host, wait, reason, url=url), 0.0
+            return None, 0.0
+        if status < 500:
+            return HttpStatusError(url, status, attempts=attempt, method=method), 0.0
+        return None, self._delay(attempt, response)
 
     def head(self, url: str) -> HeadInfo:
         """Return what the server says about ``url``, following redirects.

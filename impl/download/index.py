@@ -15,6 +15,7 @@ All SQL of the download package is in this module; every value is a bound parame
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -143,16 +144,34 @@ class ArtifactIndex:
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             # The schema is created before the connection is kept, so a kept connection
             # never needs it again.
             _rollback(conn)
             conn.close()
+            refused = self._refused(exc) if isinstance(exc, sqlite3.Error) else None
+            if refused is not None:
+                raise refused from None
             raise
         with self._lock:
             self._open.append((os.getpid(), conn))
             local.conn, local.pid, local.generation = conn, os.getpid(), self._generation
         return conn
+
+    def _refused(self, exc: sqlite3.Error) -> OSError | None:
+        """The file system's refusal behind a full or read-only index, or None.
+
+        The index is a file of the output directory like the objects, so a full disk or
+        a read-only mount under it is reported the same way: an ``OSError`` naming the
+        file, which the pipeline treats as a fault of the world (``impl.world``).
+        """
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_FULL:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            number = errno.EROFS if _read_only_mount(self.root) else errno.EACCES
+            return OSError(number, os.strerror(number), str(self.path))
+        return None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -164,6 +183,9 @@ class ArtifactIndex:
             conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
             _rollback(conn)
+            refused = self._refused(exc)
+            if refused is not None:
+                raise refused from None
             if "locked" in str(exc) or "busy" in str(exc):
                 raise DatabaseLocked(
                     f"the artifact index {self.path} stayed locked for "
@@ -266,6 +288,13 @@ class ArtifactIndex:
         os.replace(tmp, target)
         fsync_dir(self.root)
         return target
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _rollback(conn: sqlite3.Connection | None) -> None:

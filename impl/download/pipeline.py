@@ -38,12 +38,15 @@ from attrs import asdict
 
 from impl.download.cas import Layout
 from impl.download.errors import ArtifactMissing, ChecksumMismatch, DownloadError
+from impl.download.host import HostDeferred
 from impl.download.http import HeadInfo, HttpClient
 from impl.download.index import Artifact, ArtifactIndex
 from impl.download.stream import stream_to_part
 from impl.download.url import canonical_url
+from impl.outcome import RetryLater
+from impl.world import EnvironmentFault, Fault, WorldPaused, fault_of
 from model.config import Config
-from model.errors import InvalidInput, UnknownJob
+from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, UnknownJob
 from model.key import Scalar, canon
 from model.record import JSON, EffectContext, Event, Lease
 from model.store import EffectFn, OnDoubt, Store
@@ -119,6 +122,11 @@ class DownloadHandler:
         config: the ``download_*`` settings.
         client: the HTTP client (default one built from ``config``; thread-safe, shared).
         on_bytes: called with each chunk's size while streaming (progress bars).
+        on_fault: called with the :class:`Fault` when the world refuses a write (the
+            download run stops on it); the job is handed back either way.
+        world_delay: seconds a job handed back after a fault waits; default
+            ``download_world_delay``. A run that stops at the first fault passes 0, so
+            that running it again after the fix starts at once.
     """
 
     def __init__(
@@ -128,8 +136,12 @@ class DownloadHandler:
         config: Config,
         client: HttpClient | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        on_fault: Callable[[Fault], None] | None = None,
+        world_delay: float | None = None,
     ) -> None:
         self.config = config
+        self.on_fault = on_fault
+        self.world_delay = config.download_world_delay if world_delay is None else world_delay
         self.layout = Layout(out_dir)
         self.layout.ensure()
         self.index = ArtifactIndex(self.layout.root)
@@ -141,14 +153,36 @@ class DownloadHandler:
         self.index.close()
 
     def __call__(self, ctx: Context) -> None:
-        """Drive the leased job as far as it goes; a permanent error fails it at once."""
+        """Drive the leased job as far as it goes; a permanent error fails it at once.
+
+        A fault of the world (a full disk, a read-only mount, a full ledger: see
+        ``impl/world.py``) raises :class:`WorldPaused`, a :class:`impl.RetryLater`: the
+        job is released with ``download_world_delay`` and no attempt is spent. So does
+        a host that cannot be asked now (its breaker is open, or it asked to slow
+        down: ``host.py``), for as long as that lasts.
+        """
         try:
             self._drive(ctx)
+        except EnvironmentFault as exc:
+            raise self._pause(exc.fault) from exc
+        except HostDeferred as exc:
+            # The host is down or asks everyone to slow down: not this job's fault.
+            raise RetryLater(str(exc), delay=exc.delay) from exc
+        except (OSError, DatabaseFull, DatabaseReadOnly) as exc:
+            fault = fault_of(exc, path=self.layout.root)
+            if fault is None:
+                raise
+            raise self._pause(fault) from exc
         except DownloadError as exc:
             if exc.retryable:
                 raise
             error = storable_text(f"{type(exc).__name__}: {exc}")  # see Worker
             ctx.store.fail(ctx.lease, error, retryable=False)
+
+    def _pause(self, fault: Fault) -> WorldPaused:
+        if self.on_fault is not None:
+            self.on_fault(fault)
+        return WorldPaused(fault, delay=self.world_delay)
 
     # -- the state machine -----------------------------------------------------------
 

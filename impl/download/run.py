@@ -29,12 +29,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from attrs import define, field, frozen
 
 from impl.download.cas import Layout
+from impl.download.host import HostGuard, HostReport
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
 from impl.download.manifest import Manifest, parse_manifest
@@ -48,10 +49,12 @@ from impl.download.pipeline import (
     DownloadHandler,
 )
 from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
+from impl.download.url import host_key
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
+from impl.world import EnvironmentFault, Fault, ensure_file_handles, fault_of
 from model.config import Config
-from model.errors import InvalidInput, JobledgerError
+from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, JobledgerError
 from model.store import Store
 
 POLL_SECONDS = 0.2
@@ -94,6 +97,10 @@ class DownloadSummary:
     ``bytes_received`` and ``bytes_resumed`` add up every recorded ``STREAM`` result of
     the jobs (bytes fetched over the network, and bytes that were already on disk when a
     stream resumed). ``bytes_stored`` is the size of the distinct objects written.
+    ``hosts`` lists the hosts whose circuit breaker opened or that asked the run to slow
+    down (with ``deferred``: jobs handed back without an attempt); ``pending`` jobs of a
+    host that stayed down are left for the next run. ``per_host`` is the connections per
+    host the run allowed (``download_per_host``, else ``workers``).
     """
 
     total: int
@@ -113,6 +120,9 @@ class DownloadSummary:
     failures: tuple[FailedArtifact, ...] = ()
     invalid: tuple[str, ...] = ()
     disk: DiskReport = field(factory=DiskReport)
+    hosts: tuple[HostReport, ...] = ()
+    workers: int = 0
+    per_host: int = 0
 
     @property
     def ok(self) -> bool:
@@ -153,6 +163,24 @@ class _Watch:
         self.own = own
         self.done = -1
         self.total = len(self.pending)
+        self.hosts: dict[str, str] = {}  # job id -> host:port, read once
+
+    def only_blocked_hosts(self, hosts: HostGuard) -> bool:
+        """True when every pending job belongs to a host that is down
+        (``HostGuard.blocked``)."""
+        if not self.pending:
+            return False
+        for job_id in self.pending:
+            host = self.hosts.get(job_id)
+            if host is None:
+                info = self.store.job(job_id)
+                host = self.hosts[job_id] = host_key(str(info.identity["canonical_url"]))
+            if not hosts.blocked(host):
+                return False
+        # A job of a blocked host that is leased right now cannot succeed either: its
+        # requests are refused until the next probe, and blocked() is False while one
+        # is out.
+        return True
 
     def tick(self) -> bool:
         """Refresh; return True when every job is terminal."""
@@ -206,6 +234,9 @@ def _summary(
     index_path: Path,
     disk: DiskReport,
     elapsed: float,
+    hosts: tuple[HostReport, ...] = (),
+    workers: int = 0,
+    per_host: int = 0,
 ) -> DownloadSummary:
     counts = {INDEXED: 0, DEDUPED: 0, SKIPPED_DUPLICATE: 0, FAILED: 0}
     pending = received = resumed = stored = restarts = repaired = 0
@@ -258,7 +289,23 @@ def _summary(
         failures=tuple(failures),
         invalid=tuple(str(e) for e in manifest.invalid),
         disk=disk,
+        hosts=hosts,
+        workers=workers,
+        per_host=per_host,
     )
+
+
+@contextlib.contextmanager
+def _world_faults(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a refusal of the machine (full disk, read-only mount, full or read-only
+    ledger) met anywhere in the run into one :class:`EnvironmentFault`."""
+    try:
+        yield
+    except (OSError, DatabaseFull, DatabaseReadOnly) as exc:
+        fault = fault_of(exc, path=out_dir if isinstance(exc, OSError) else None)
+        if fault is None:
+            raise
+        raise EnvironmentFault(fault) from exc
 
 
 def download(
@@ -295,6 +342,9 @@ def download(
     Raises:
         ManifestError: a bad manifest line (nothing was planned).
         InvalidInput: ``workers`` < 1.
+        EnvironmentFault: the machine refused a write (a full disk or quota, a read-only
+            file system, no file handles, a full or read-only ledger). Every job in flight
+            was handed back without spending an attempt; run again once it is fixed.
         StorageError: the ledger cannot be used.
         KeyboardInterrupt: after releasing this run's leases (the CLI exits 130).
     """
@@ -302,7 +352,7 @@ def download(
         raise InvalidInput(f"workers must be an integer >= 1, got {workers!r}")
     cfg = config if config is not None else Config()
     manifest = parse_manifest(manifest_path, skip_invalid=skip_invalid)
-    with contextlib.ExitStack() as owned:
+    with contextlib.ExitStack() as owned, _world_faults(out_dir):
         if isinstance(store, str | os.PathLike):
             # A target we open is ours to close; a store we were handed is the caller's.
             store = owned.enter_context(open_store(store, config=cfg))
@@ -330,6 +380,7 @@ def _download(
     stop: threading.Event | None,
 ) -> DownloadSummary:
     started = time.monotonic()
+    ensure_file_handles(workers)
     progress = progress if progress is not None else Progress()
     layout = Layout(out_dir)
     layout.ensure()
@@ -345,8 +396,25 @@ def _download(
     if progress.on_start is not None:
         progress.on_start(len(dict.fromkeys(watch_ids)))
     own = default_worker_name()
-    http = client if client is not None else HttpClient(cfg)
-    handler = DownloadHandler(str(layout.root), config=cfg, client=http, on_bytes=progress.on_bytes)
+    per_host = cfg.per_host_limit(workers)
+    http = client if client is not None else HttpClient(cfg, per_host=per_host)
+    faults: list[Fault] = []
+
+    def on_fault(fault: Fault) -> None:
+        # Stop at once: every other job would meet the same full disk. The jobs are
+        # handed back eligible now (world_delay=0): the run ends here, and the next run
+        # (after the fix) should not wait.
+        faults.append(fault)
+        worker.stop()
+
+    handler = DownloadHandler(
+        str(layout.root),
+        config=cfg,
+        client=http,
+        on_bytes=progress.on_bytes,
+        on_fault=on_fault,
+        world_delay=0.0,
+    )
     worker = Worker(
         store, {KIND: handler}, name=own, ttl=cfg.download_lease_ttl, concurrency=workers
     )
@@ -364,7 +432,14 @@ def _download(
         thread.start()
         try:
             while not watch.tick():
-                if errors or (stop is not None and stop.is_set()):
+                # A fault of the world stops the run: every other job would meet the
+                # same full disk, and each would only be handed back again.
+                if errors or faults or (stop is not None and stop.is_set()):
+                    break
+                if watch.only_blocked_hosts(http.hosts):
+                    # What is left waits for hosts that are down (their breakers opened
+                    # and a probe after the cool-down failed too): end the run, the jobs
+                    # stay pending with their attempts, and the summary names the hosts.
                     break
                 time.sleep(POLL_SECONDS)
         finally:
@@ -376,6 +451,9 @@ def _download(
         handler.close()
     if errors and isinstance(errors[0], JobledgerError):
         raise errors[0]
+    if faults:
+        index.close()
+        raise EnvironmentFault(faults[0])
     try:
         export = index.export_jsonl()
     finally:
@@ -389,4 +467,7 @@ def _download(
         index_path=export,
         disk=disk,
         elapsed=time.monotonic() - started,
+        hosts=http.hosts.reports(),
+        workers=workers,
+        per_host=http.hosts.per_host,
     )

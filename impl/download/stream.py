@@ -21,6 +21,7 @@ The rules:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -38,6 +39,7 @@ from impl.download.errors import (
     TransferError,
 )
 from impl.download.http import HttpClient, parse_content_range
+from impl.world import EnvironmentFault, fault_of, is_world_error
 from model.record import JSON
 
 RENEW_BYTES = 4 * 1024 * 1024
@@ -145,6 +147,41 @@ def stream_to_part(
     Raises:
         DownloadError: (a subclass) when the artifact cannot be fetched.
     """
+    expected: list[int] = []  # the file's announced total, once a response says it
+    try:
+        return _stream(
+            client,
+            url,
+            part_path,
+            validator=validator,
+            allow_resume=allow_resume,
+            renew=renew,
+            on_bytes=on_bytes,
+            expected=expected,
+        )
+    except OSError as exc:
+        # Writing the partial file failed: a full disk or a read-only mount is the
+        # world's fault, not the job's. The bytes already written stay for a resume.
+        if not is_world_error(exc):
+            raise
+        on_disk = part_path.stat().st_size if part_path.is_file() else 0
+        needed = max(expected[-1] - on_disk, 0) if expected else None
+        fault = fault_of(exc, path=part_path, needed=needed)
+        assert fault is not None
+        raise EnvironmentFault(fault) from None
+
+
+def _stream(
+    client: HttpClient,
+    url: str,
+    part_path: Path,
+    *,
+    validator: str | None,
+    allow_resume: bool,
+    renew: Callable[[], object],
+    on_bytes: Callable[[int], None] | None,
+    expected: list[int],
+) -> StreamOutcome:
     config = client.config
     limit = config.download_max_bytes
     can_range = allow_resume and validator is not None
@@ -190,6 +227,8 @@ def stream_to_part(
                         part.reset()
                         restarts += 1
                         resumed_from = 0
+                    if total is not None:
+                        expected.append(total)
                     if total is not None and total > limit:
                         raise TooLarge(
                             f"{url} is {total} bytes, over the limit of {limit} "
@@ -247,6 +286,11 @@ def stream_to_part(
                 time.sleep(min(client.backoff_base * 2.0 ** (breaks - 1), 5.0))
     except TooLarge:
         part.reset()
+        raise
+    except OSError:
+        # Keep what reached the disk: the next attempt resumes from it.
+        with contextlib.suppress(OSError):
+            part.sync()
         raise
     finally:
         part.close()

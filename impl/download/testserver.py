@@ -6,18 +6,24 @@ It listens on 127.0.0.1 on a free port, serves byte strings registered with
 (ETag or Last-Modified), ``HEAD`` and ``Accept-Ranges``. Each resource can misbehave on
 purpose: fail with a status, fail the first N requests (``500`` then success, ``429`` with
 ``Retry-After``), cut the body short, send a wrong ``Content-Range``, ignore ``Range``,
-redirect (to itself for a loop), hide its length, or trickle bytes slowly. Every request
-is logged so a test can assert "no GET was made" or "a ranged request was made".
+redirect (to itself for a loop), hide its length, or trickle bytes slowly. The whole
+server can answer 503 (or 429) for a while (:meth:`FileServer.outage`), or go down and
+come back on the same port (:meth:`FileServer.close`, :meth:`FileServer.restart`). Every
+request is logged so a test can assert "no GET was made" or "a ranged request was made".
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import random
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from attrs import define, field, frozen
 
@@ -65,17 +71,50 @@ class Request:
     at: float
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A threaded server that knows its open connections (so that stopping it drops them
+    like a machine going down) and prints no traceback when a client goes away."""
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conn_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        with self._conn_lock:
+            live = list(self.connections)
+        for conn in live:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError | OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 class FileServer:
     """A threaded HTTP server on 127.0.0.1 serving :class:`Resource` objects.
 
     Use as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, port: int = 0) -> None:
         self.resources: dict[str, Resource] = {}
         self.log: list[Request] = []
         self.bytes_sent = 0
         self._lock = threading.Lock()
+        self._outage: tuple[int, int, str | None] | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,7 +132,8 @@ class FileServer:
             def do_GET(self) -> None:
                 server._serve(self, head=False)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._handler = Handler
+        self._httpd = _QuietServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -106,10 +146,26 @@ class FileServer:
         self.close()
 
     def close(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving, close the socket and drop every open connection (as a machine
+        that goes down would: a client reading a body sees it break off)."""
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.drop_connections()
         self._thread.join(timeout=5)
+
+    def restart(self) -> None:
+        """Serve again on the same port, with the same resources and log, after
+        :meth:`close` (a host that comes back)."""
+        self._httpd = _QuietServer(("127.0.0.1", self.port), self._handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def outage(self, requests: int, *, status: int = 503, retry_after: str | None = None) -> None:
+        """Answer the next ``requests`` requests (any path) with ``status`` (and
+        ``Retry-After``), as a host that is overloaded or in maintenance for a while."""
+        with self._lock:
+            self._outage = (requests, status, retry_after)
 
     def url(self, path: str) -> str:
         """Return the full URL of ``path`` on this server."""
@@ -160,6 +216,14 @@ class FileServer:
         req.end_headers()
 
     def _serve(self, req: BaseHTTPRequestHandler, *, head: bool) -> None:
+        with self._lock:
+            outage = self._outage
+            if outage is not None:
+                left, code, after = outage
+                self._outage = (left - 1, code, after) if left > 1 else None
+        if outage is not None:
+            self._empty(req, code, {"Retry-After": after} if after else {})
+            return
         with self._lock:
             res = self.resources.get(req.path.partition("?")[0])
             scripted = res.fail_first.pop(0) if res is not None and res.fail_first else None

@@ -288,13 +288,20 @@ class PostgresStore:
 
         return self._db.write("renew", body)
 
-    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
-        """Give the job back unfinished; the attempt is returned, eligible after ``delay``."""
+    def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give the job back unfinished; the attempt is returned, eligible after ``delay``.
+
+        ``reason`` is kept in the history entry's detail (``{"reason": ...}``).
+        """
         self._db.check_open()
         seconds = check_seconds(delay, name="delay")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
+        detail = {"reason": reason} if reason is not None else None
 
         def body(tx: Tx) -> None:
-            if plain(lease):
+            # The one-statement path logs an empty detail; a reason takes the general path.
+            if plain(lease) and detail is None:
                 fast = tx.one(
                     q.RELEASE_NOW,
                     {**_fence_now(lease), "worker": lease.worker, "delay": float(seconds)},
@@ -313,7 +320,13 @@ class PostgresStore:
             lease_, row = locked_job(tx, lease, "release")
             done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
             _fenced(done, lease_, row, "release")
-            tx.log(row["job_id"], Event.RELEASED, token=row["token"], worker=row["lease_worker"])
+            tx.log(
+                row["job_id"],
+                Event.RELEASED,
+                token=row["token"],
+                worker=row["lease_worker"],
+                detail=detail,
+            )
 
         self._db.write("release", body)
 

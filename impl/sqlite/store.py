@@ -254,9 +254,15 @@ class SqliteStore:
             payload=json_of(payload),
         )
 
-    def release(self, lease: Lease, *, delay: float = 0.0) -> None:
-        """Give the job back (and the attempt); eligible again after ``delay`` seconds."""
+    def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
+        """Give the job back (and the attempt); eligible again after ``delay`` seconds.
+
+        ``reason`` is kept in the history entry's detail (``{"reason": ...}``).
+        """
         delay = check_seconds(delay, name="delay")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
+        detail = text_of({"reason": reason}) if reason is not None else "{}"
         conn = self._connection()
         with Tx(conn, "release", self._clock) as tx:
             row = fence(conn, lease, tx.now, "release")
@@ -269,7 +275,7 @@ class SqliteStore:
                     "token": row[0],
                 },
             )
-            tx.history(lease.job_id, _RELEASED, row[0], row[1])
+            tx.history(lease.job_id, _RELEASED, row[0], row[1], detail)
 
     def advance(self, lease: Lease, to_state: str) -> bool:
         """Follow one declared edge; False for a replay of the current or a passed state."""

@@ -282,6 +282,36 @@ def test_release_without_delay_is_eligible_at_once(store: Store, clock: ManualCl
     assert again.job_id == lease.job_id
 
 
+def test_release_keeps_its_reason_in_the_history(store: Store, clock: ManualClock) -> None:
+    """A job handed back because the world is wrong (disk full, host down) says why."""
+    setup(store)
+    lease = plan_and_lease(store)
+    store.release(lease, delay=5, reason="disk full: /out needs 1 MiB")
+    job = store.job(lease.job_id)
+    assert (job.attempts, job.run_at, job.last_error) == (0, clock() + 5, None)
+    released = [e for e in store.history(lease.job_id) if e.event == Event.RELEASED]
+    assert [(dict(e.detail), e.token, e.worker) for e in released] == [
+        ({"reason": "disk full: /out needs 1 MiB"}, 1, "w1")
+    ]
+
+
+def test_release_without_a_reason_keeps_an_empty_detail(store: Store) -> None:
+    setup(store)
+    lease = plan_and_lease(store)
+    store.release(lease)
+    released = [e for e in store.history(lease.job_id) if e.event == Event.RELEASED]
+    assert [dict(e.detail) for e in released] == [{}]
+
+
+def test_a_release_reason_that_is_not_text_is_refused(store: Store) -> None:
+    setup(store)
+    lease = plan_and_lease(store)
+    before = snapshot(store, lease.job_id)
+    with pytest.raises(impl.InvalidInput):
+        store.release(lease, reason=42)  # type: ignore[arg-type]
+    assert snapshot(store, lease.job_id) == before
+
+
 def test_expiry_counts_the_attempt_and_keeps_run_at(store: Store, clock: ManualClock) -> None:
     setup(store)
     lease = plan_and_lease(store)

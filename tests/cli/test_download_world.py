@@ -1,0 +1,208 @@
+"""``jobledger download`` when the machine refuses: a full disk, a read-only mount or ledger.
+
+Real faults, no mocks: a 2 MiB tmpfs fills up mid-stream, a read-only bind mount refuses
+the output directory or the ledger. Each run must end with exit code 4 and one line on
+stderr, no job FAILED, no attempt spent, every byte kept; the rerun after the fix
+finishes with only the requests still needed (a partial file resumes with Range).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from impl.cli.exit import WORLD_REFUSED
+from impl.download.testserver import FileServer, generated_bytes
+from tests.cli.conftest import Outcome, process_env
+from tests.download.mounts import grow, read_only, tmpfs
+
+pytestmark = pytest.mark.xdist_group("mounts")
+
+KIB = 1024
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    with FileServer() as srv:
+        yield srv
+
+
+def _manifest(tmp_path: Path, urls: list[str]) -> Path:
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(urls) + "\n")
+    return path
+
+
+def _jobs(run: Callable[..., Outcome], db: list[str]) -> dict[str, tuple[str, int]]:
+    out = run(*db, "jobs", "--json")
+    assert out.code == 0, out.err
+    return {
+        str(j["identity"]["canonical_url"]).rsplit("/", 1)[1]: (j["state"], j["attempts"])
+        for j in json.loads(out.out)
+    }
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def _stored(out: Path) -> dict[str, bytes]:
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    return {row["url"].rsplit("/", 1)[1]: (out / row["path"]).read_bytes() for row in rows}
+
+
+def test_a_full_disk_stops_the_run_keeps_the_bytes_and_the_rerun_resumes_by_range(
+    run: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    bodies = {f"f{i}.bin": generated_bytes(i, 700 * KIB) for i in range(3)}
+    urls = [server.add(f"/{name}", body) for name, body in bodies.items()]
+    path = _manifest(tmp_path, urls)
+    db = ["--db", str(tmp_path / "ledger.sqlite")]
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        out = disk / "out"
+        first = run(*db, "download", str(path), "--out", str(out), "--workers", "1")
+        assert first.code == WORLD_REFUSED == 4, first.err
+        line = _one_error_line(first.err)
+        assert line.startswith("error: disk full: cannot write ")
+        assert ".part" in line
+        assert "more needed for this file" in line
+        assert "free space on that file system" in line
+        assert "run the same command again" in line
+        # Two files fit; the third broke off mid-stream: handed back, not failed.
+        assert _jobs(run, db) == {
+            "f0.bin": ("INDEXED", 1),
+            "f1.bin": ("INDEXED", 1),
+            "f2.bin": ("STREAMING", 0),
+        }
+        parts = list((out / ".partial").glob("*.part"))
+        assert len(parts) == 1
+        kept = parts[0].read_bytes()
+        assert 0 < len(kept) < 700 * KIB
+        assert kept == bodies["f2.bin"][: len(kept)]  # what reached the disk is intact
+        show = run(*db, "show", parts[0].name.removesuffix(".part"), "--json")
+        history = json.loads(show.out)["history"]
+        released = [e for e in history if e["event"] == "released"]
+        assert len(released) == 1
+        assert str(released[0]["detail"]["reason"]).startswith("disk full")
+        before = len(server.requests())
+
+        grow(disk, size="8m")  # the operator frees space
+        second = run(*db, "download", str(path), "--out", str(out), "--workers", "1", "--json")
+        assert second.code == 0, second.err
+        summary = json.loads(second.out)
+        assert (summary["succeeded"], summary["failed"], summary["pending"]) == (3, 0, 0)
+        assert summary["bytes_resumed"] == len(kept)
+        rerun = server.requests()[before:]
+        # Nothing finished is fetched again; the partial file resumes with one ranged GET.
+        assert [(r.method, r.path, r.range, r.status) for r in rerun] == [
+            ("GET", "/f2.bin", f"bytes={len(kept)}-", 206)
+        ]
+        assert _jobs(run, db) == {
+            "f0.bin": ("INDEXED", 1),
+            "f1.bin": ("INDEXED", 1),
+            "f2.bin": ("INDEXED", 1),
+        }
+        assert _stored(out) == bodies
+
+
+def test_a_read_only_output_directory_stops_the_run_and_changes_nothing(
+    run: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    bodies = {f"f{i}.bin": generated_bytes(10 + i, 50 * KIB) for i in range(3)}
+    urls = [server.add(f"/{name}", body) for name, body in bodies.items()]
+    db = ["--db", str(tmp_path / "ledger.sqlite")]
+    out = tmp_path / "out"
+    done = run(*db, "download", str(_manifest(tmp_path, urls[:2])), "--out", str(out))
+    assert done.code == 0, done.err
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = _manifest(tmp_path, urls)
+    before = len(server.requests())
+    with read_only(out, tmp_path / "ro") as view:
+        first = run(*db, "download", str(path), "--out", str(view))
+        assert first.code == 4, first.err
+        line = _one_error_line(first.err)
+        assert line.startswith("error: read-only file system: cannot write ")
+        assert "remount it read-write" in line
+    assert len(server.requests()) == before  # stopped before any request
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    assert all(state != "FAILED" for state, _ in _jobs(run, db).values())
+
+    second = run(*db, "download", str(path), "--out", str(out))
+    assert second.code == 0, second.err
+    assert [(r.method, r.path) for r in server.requests()[before:]] == [
+        ("HEAD", "/f2.bin"),
+        ("GET", "/f2.bin"),
+    ]
+    assert _jobs(run, db) == dict.fromkeys(bodies, ("INDEXED", 1))
+    assert _stored(out) == bodies
+
+
+def test_a_read_only_ledger_stops_the_run_with_one_line_naming_it(
+    run: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    url = server.add("/a.bin", generated_bytes(1, 10 * KIB))
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    assert run("--db", str(ledger / "l.sqlite"), "migrate").code == 0
+    path = _manifest(tmp_path, [url])
+    with read_only(ledger, tmp_path / "ro") as view:
+        target = str(view / "l.sqlite")
+        first = run("--db", target, "download", str(path), "--out", str(tmp_path / "out"))
+        assert first.code == 4, first.err
+        line = _one_error_line(first.err)
+        assert line.startswith(f"error: database read-only: cannot write {target} ")
+        assert "make the database writable" in line
+    assert server.requests() == []
+    with sqlite3.connect(ledger / "l.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+    again = run("--db", str(ledger / "l.sqlite"), "download", str(path), "--out", "out")
+    assert again.code == 0, again.err
+    assert hashlib.sha256((tmp_path / "out" / "index.jsonl").read_bytes()).hexdigest()
+
+
+def _download_with_nofile(
+    tmp_path: Path, manifest: Path, workers: int, soft: int, hard: int
+) -> subprocess.CompletedProcess[str]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    argv = ["--db", "l.sqlite", "download", str(manifest), "--out", "out"]
+    return subprocess.run(
+        [sys.executable, "-m", "impl", *argv, "--workers", str(workers)],
+        cwd=tmp_path,
+        env=process_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        preexec_fn=limit,
+    )
+
+
+def test_too_few_file_handles_for_the_workers_is_refused_up_front_with_one_line(
+    tmp_path: Path, server: FileServer
+) -> None:
+    urls = [server.add(f"/f{i}.bin", generated_bytes(i, 4 * KIB)) for i in range(3)]
+    manifest = _manifest(tmp_path, urls)
+    proc = _download_with_nofile(tmp_path, manifest, workers=16, soft=64, hard=64)
+    assert proc.returncode == 4, proc.stderr
+    line = _one_error_line(proc.stderr)
+    assert line.startswith("error: too many open files (--workers 16 needs about 160 open ")
+    assert "raise the limit (ulimit -n 160) or run with --workers 4" in line
+    assert server.requests() == []
+    # A soft limit below the need is raised by the process itself, up to the hard one.
+    ok = _download_with_nofile(tmp_path, manifest, workers=16, soft=64, hard=4096)
+    assert ok.returncode == 0, ok.stderr
+    assert "3 artifact(s): 3 downloaded" in ok.stdout
