@@ -87,11 +87,13 @@ SELECT_LAST_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
 # seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
 # The PLANNED entry is the job's first row entry (hist_n = 1), implied by created_at and
 # not written out (see read.history and schema version 4).
+# A key with a tombstone (its job was pruned, see schema version 5) is not planned again.
 INSERT_JOB = """
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
     priority, run_at, token, created_at, updated_at, hist, hist_n
-) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?, '', 1)
+) SELECT ?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?8, 0, ?9, ?10, '', 1
+WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE job_id = ?1)
 ON CONFLICT (job_id) DO NOTHING
 """
 
@@ -436,3 +438,58 @@ SELECT ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
              AND attempts < max_attempts THEN run_at END)
 FROM jobs INDEXED BY jobs_active WHERE terminal = 0
 """
+
+# -- retention (schema version 5) -------------------------------------------------------
+
+SELECT_TOMBSTONE = "SELECT kind, state, finished_at, pruned_at FROM tombstones WHERE job_id = ?"
+SELECT_TOMBSTONED = (
+    "SELECT job_id FROM tombstones WHERE job_id IN (SELECT value FROM json_each(:ids))"
+)
+# What prune may remove: terminal jobs that finished (their last update) before :cutoff,
+# and with :keep_failed not those in their workflow's failed state.
+_PRUNABLE = """terminal = 1 AND updated_at < :cutoff
+  AND NOT (:keep_failed AND state = (SELECT w.failed FROM workflows AS w WHERE w.name = kind))"""
+# The next batch of prunable jobs after :after in planned order, read without the write
+# lock (a walk of the rowid from where the last batch ended); the batch's transaction
+# reads them again by seq and deletes only those still prunable.
+SELECT_PRUNABLE = (
+    "SELECT seq FROM jobs WHERE seq > :after AND " + _PRUNABLE + " ORDER BY seq LIMIT :n"
+)
+_BATCH = "seq IN (SELECT value FROM json_each(:seqs)) AND " + _PRUNABLE
+SELECT_PRUNE_BATCH = "SELECT seq, job_id FROM jobs WHERE " + _BATCH + " ORDER BY seq"
+SELECT_PRUNE_ROWS = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE " + _BATCH + " ORDER BY seq"
+DELETE_PRUNED_EFFECTS = "DELETE FROM effects WHERE job_id IN (SELECT value FROM json_each(:ids))"
+DELETE_PRUNED_HISTORY = "DELETE FROM history WHERE job_id IN (SELECT value FROM json_each(:ids))"
+INSERT_TOMBSTONES = """
+INSERT INTO tombstones (job_id, kind, state, finished_at, pruned_at)
+SELECT job_id, kind, state, updated_at, :now FROM jobs
+WHERE seq IN (SELECT value FROM json_each(:seqs))
+"""
+DELETE_PRUNED_JOBS = "DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs))"
+COUNT_PRUNABLE = (
+    "SELECT count(*), ifnull(sum((SELECT count(*) FROM effects AS e WHERE e.job_id = j.job_id)), 0)"
+    " FROM (SELECT job_id FROM jobs WHERE " + _PRUNABLE + " ORDER BY seq LIMIT :n) AS j"
+)
+# Tombstones that forget_keys removes: finished before :cutoff (failed ones kept with
+# :keep_failed), in key order from :after.
+_FORGETTABLE = """finished_at < :cutoff
+  AND NOT (:keep_failed AND state = (SELECT w.failed FROM workflows AS w WHERE w.name = kind))"""
+SELECT_FORGETTABLE = (
+    "SELECT job_id FROM tombstones WHERE job_id > :after AND "
+    + _FORGETTABLE
+    + " ORDER BY job_id LIMIT :n"
+)
+DELETE_TOMBSTONES = (
+    "DELETE FROM tombstones WHERE job_id IN (SELECT value FROM json_each(:ids)) AND " + _FORGETTABLE
+)
+COUNT_FORGETTABLE = "SELECT count(*) FROM tombstones WHERE " + _FORGETTABLE
+# Space: with auto_vacuum = INCREMENTAL (new files, see connection.open_connection) the
+# free pages a prune leaves are given back to the file system a chunk at a time.
+PRAGMA_AUTO_VACUUM_INCREMENTAL = "PRAGMA auto_vacuum = INCREMENTAL"
+PRAGMA_AUTO_VACUUM = "PRAGMA auto_vacuum"
+PRAGMA_PAGE_COUNT = "PRAGMA page_count"
+PRAGMA_FREELIST_COUNT = "PRAGMA freelist_count"
+# Pages freed per vacuum transaction: a few MB, so each holds the write lock briefly.
+VACUUM_CHUNK_PAGES = 1024
+INCREMENTAL_VACUUM = f"PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})"
+CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"

@@ -349,11 +349,31 @@ _V3 = (
 # there. Rows planned before keep theirs where they are (inline, or in ``history``).
 _V4 = ("DROP INDEX jobs_kind_state",)
 
+# Version 5 keeps a tombstone of every job that ``prune`` removes (model.retention): the
+# key, the kind, the final state and when it finished, so that planning the identity
+# again stays a no-op. Compact (about 100 bytes a key) and read by plan only through its
+# primary key. The space a prune frees is given back by incremental vacuum, which needs
+# ``auto_vacuum = INCREMENTAL`` from before the first table: new files get it when they
+# are opened (connection.open_connection); a file created before has ``auto_vacuum =
+# NONE`` and needs one offline ``VACUUM`` to switch (specs/009-retention.md).
+_V5 = (
+    """
+    CREATE TABLE tombstones (
+        job_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        finished_at REAL NOT NULL,
+        pruned_at REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "leaner hot tables: fewer pages written per transaction", _V2),
     Migration(3, "history inline in the rows each transaction writes anyway", _V3),
     Migration(4, "no index written by every plan and state change for the counts alone", _V4),
+    Migration(5, "tombstones of pruned jobs, so their keys stay planned", _V5),
 )
 """Every migration, in version order. Append only; never edit a shipped one."""
 

@@ -10,12 +10,13 @@ never runs while a transaction is open.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from impl.sqlite import claim, effect, maintenance, read
+from impl.sqlite import claim, effect, maintenance, read, retention
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
@@ -49,6 +50,7 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
+from model.retention import PRUNE_BATCH_DEFAULT, ArchiveFn, ProgressFn, PruneReport
 from model.store import EffectFn, OnDoubt
 from model.validate import check_seconds
 from model.workflow import DOWNLOAD, Workflow
@@ -494,12 +496,61 @@ class SqliteStore:
         """Return counts by kind and state, leases, in-doubt effects and queue lag."""
         return maintenance.stats(self._connection(), self._clock, self._catalog)
 
+    # -- retention ------------------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before``, in short batches,
+        keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``);
+        then give the freed pages back to the file system (:func:`retention.reclaim`)."""
+        cutoff = _cutoff(finished_before)
+        conn = self._connection()
+        report = retention.prune(
+            conn,
+            self._clock,
+            finished_before=cutoff,
+            keep_failed=keep_failed,
+            forget_keys=forget_keys,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            limit=limit,
+            archive=archive,
+            progress=progress,
+        )
+        if report.batches:
+            retention.reclaim(conn, self._clock)
+        return report
+
     # -- helpers --------------------------------------------------------------------------
 
     def _ttl(self, ttl: float | None) -> float:
         return check_seconds(
             self._config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
+
+
+def _cutoff(value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or math.isinf(value)
+    ):
+        raise InvalidInput(
+            f"finished_before must be a finite time in store seconds (e.g. store.now() - "
+            f"30 * 86400), got {value!r}"
+        )
+    return float(value)
 
 
 def _kinds(kinds: Sequence[str]) -> tuple[str, ...]:
