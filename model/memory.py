@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -64,6 +63,7 @@ from model.retention import (
     PruneReport,
     Tombstone,
     check_batch_size,
+    check_cutoff,
     check_limit,
 )
 from model.store import EffectFn, OnDoubt
@@ -93,21 +93,6 @@ def _atomic(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-
-def _check_cutoff(value: object) -> float:
-    """``finished_before`` of ``prune``: a finite number of store seconds."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or math.isnan(value)
-        or math.isinf(value)
-    ):
-        raise InvalidInput(
-            f"finished_before must be a finite time in store seconds (e.g. store.now() - "
-            f"30 * 86400), got {value!r}"
-        )
-    return float(value)
 
 
 def _config_or_default(config: Config | None) -> Config:
@@ -820,7 +805,7 @@ class MemoryStore:
         order. ``dry_run`` counts and changes nothing. See :mod:`model.retention`.
         """
         now = self._now()
-        cutoff = _check_cutoff(finished_before)
+        cutoff = check_cutoff(finished_before)
         size = check_batch_size(batch_size)
         cap = check_limit(limit)
 

@@ -14,6 +14,7 @@ an ``UnknownJob`` that says when the job finished and was pruned.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -120,3 +121,22 @@ def check_limit(value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"limit must be None or an integer >= 0, got {value!r}")
     return value
+
+
+def check_cutoff(value: object) -> float:
+    """Return ``finished_before`` of ``prune`` as a float: a finite time in store seconds.
+
+    Raises:
+        InvalidInput: for anything else.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or math.isinf(value)
+    ):
+        raise InvalidInput(
+            f"finished_before must be a finite time in store seconds (e.g. store.now() - "
+            f"30 * 86400), got {value!r}"
+        )
+    return float(value)

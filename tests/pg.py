@@ -38,6 +38,7 @@ LEDGER_TABLES = frozenset(
         "jobs",
         "effects",
         "history",
+        "tombstones",
     }
 )
 """Every table impl/postgres/schema.py creates; a new one must be emptied by ``_RESET`` too."""
@@ -46,6 +47,7 @@ LEDGER_TABLES = frozenset(
 # tables reference workflows). The built-in workflow stays: every store re-registers it.
 _RESET = """
 DELETE FROM {history};
+DELETE FROM {tombstones};
 DELETE FROM {effects};
 DELETE FROM {jobs};
 DELETE FROM {edges} WHERE kind <> 'download';
@@ -157,6 +159,7 @@ def _reset(session: _Session) -> None:
 
     statement = sql.SQL(_RESET).format(
         history=ident("history"),
+        tombstones=ident("tombstones"),
         effects=ident("effects"),
         jobs=ident("jobs"),
         edges=ident("workflow_edges"),

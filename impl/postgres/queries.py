@@ -68,7 +68,7 @@ INSERT_JOB = (
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at,
     token, created_at, updated_at
-) VALUES (
+) SELECT
     %(job_id)s, %(kind)s, %(identity)s, %(payload)s, %(state)s, 0, %(max_attempts)s,
     %(priority)s, coalesce(%(run_at)s::double precision, """
     + NOW
@@ -77,11 +77,14 @@ INSERT INTO jobs (
     + ", "
     + NOW
     + """
-)
+WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE job_id = %(job_id)s)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id
 """
 )
+"""Plan one job unless its key is planned or was pruned (a tombstone). The tombstone
+check reads the statement's snapshot: a prune that commits while the insert waits on the
+row it deletes is caught by :data:`PRUNED_AMONG` afterwards."""
 
 CLEAR_EXPIRED_LEASE = """
 UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
@@ -491,3 +494,53 @@ WITH job AS (
 SELECT * FROM recorded
 """
 )
+
+# -- retention (schema version 2) ------------------------------------------------------
+
+TOMBSTONE = "SELECT kind, state, finished_at, pruned_at FROM tombstones WHERE job_id = %(job_id)s"
+PRUNED_AMONG = "SELECT job_id FROM tombstones WHERE job_id = ANY(%(ids)s)"
+"""Keys of a planning batch that have a tombstone (read in a fresh snapshot, after the
+inserts: see INSERT_JOB)."""
+UNPLAN = "DELETE FROM jobs WHERE job_id = ANY(%(ids)s)"
+_PRUNABLE = """NOT active AND updated_at < %(cutoff)s
+   AND NOT (%(keep_failed)s AND state = (SELECT w.failed FROM workflows w WHERE w.name = kind))"""
+PRUNABLE = (
+    "SELECT seq FROM jobs WHERE seq > %(after)s AND " + _PRUNABLE + " ORDER BY seq LIMIT %(n)s"
+)
+"""The next batch of prunable jobs in planned order, read before the batch's transaction."""
+PRUNE_LOCK = (
+    "SELECT "
+    + JOB_COLUMNS
+    + " FROM jobs WHERE seq = ANY(%(seqs)s) AND "
+    + _PRUNABLE
+    + " ORDER BY seq FOR UPDATE"
+)
+"""The batch's jobs that are still prunable, locked until the batch commits."""
+PRUNE_EFFECTS = "DELETE FROM effects WHERE job_id = ANY(%(ids)s)"
+PRUNE_HISTORY = "DELETE FROM history WHERE job_id = ANY(%(ids)s)"
+INSERT_TOMBSTONES = (
+    """
+INSERT INTO tombstones (job_id, kind, state, finished_at, pruned_at)
+SELECT job_id, kind, state, updated_at, """
+    + NOW
+    + """ FROM jobs WHERE job_id = ANY(%(ids)s)
+ON CONFLICT (job_id) DO UPDATE
+   SET kind = EXCLUDED.kind, state = EXCLUDED.state, finished_at = EXCLUDED.finished_at,
+       pruned_at = EXCLUDED.pruned_at
+"""
+)
+PRUNE_JOBS = "DELETE FROM jobs WHERE job_id = ANY(%(ids)s)"
+COUNT_PRUNABLE = (
+    "SELECT count(*) AS jobs,"
+    " coalesce(sum((SELECT count(*) FROM effects e WHERE e.job_id = j.job_id)), 0) AS effects"
+    " FROM (SELECT job_id FROM jobs WHERE " + _PRUNABLE + " ORDER BY seq LIMIT %(n)s) AS j"
+)
+_FORGETTABLE = """finished_at < %(cutoff)s
+   AND NOT (%(keep_failed)s AND state = (SELECT w.failed FROM workflows w WHERE w.name = kind))"""
+FORGETTABLE = (
+    'SELECT job_id FROM tombstones WHERE job_id COLLATE "C" > %(after)s AND '
+    + _FORGETTABLE
+    + ' ORDER BY job_id COLLATE "C" LIMIT %(n)s'
+)
+FORGET = "DELETE FROM tombstones WHERE job_id = ANY(%(ids)s) AND " + _FORGETTABLE
+COUNT_FORGETTABLE = "SELECT count(*) AS n FROM tombstones WHERE " + _FORGETTABLE

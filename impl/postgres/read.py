@@ -11,8 +11,7 @@ from psycopg.rows import DictRow
 from impl.postgres import queries as q
 from impl.postgres.database import Tx
 from impl.postgres.registry import stored
-from impl.postgres.rows import effect_info, history_event, job_info, lease_row
-from model.errors import UnknownJob
+from impl.postgres.rows import effect_info, history_event, job_info, lease_row, missing_job
 from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow, Stats
 
 
@@ -21,7 +20,7 @@ def job_row(tx: Tx, job_id: str, *, lock: bool = False) -> DictRow:
     query = q.JOB_FOR_UPDATE if lock else q.JOB
     row = tx.one(query, {"job_id": job_id}) if isinstance(job_id, str) else None
     if row is None:
-        raise UnknownJob(job_id)
+        raise missing_job(tx, job_id)
     return row
 
 

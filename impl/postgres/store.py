@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
-from impl.postgres import read
+from impl.postgres import read, retention
 from impl.postgres.database import Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
 from impl.postgres.plan import plan_items
@@ -56,6 +56,13 @@ from model.record import (
     Plan,
     ReconcileReport,
     Stats,
+)
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    ArchiveFn,
+    ProgressFn,
+    PruneReport,
+    check_cutoff,
 )
 from model.store import EffectFn, OnDoubt
 from model.validate import check_int, check_seconds, exhausted_message
@@ -610,6 +617,35 @@ class PostgresStore:
     def stats(self) -> Stats:
         """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
         return self._db.read("stats", read.stats)
+
+    # -- retention -----------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before``, in short batches,
+        keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``)."""
+        self._db.check_open()
+        return retention.prune(
+            self._db,
+            finished_before=check_cutoff(finished_before),
+            keep_failed=keep_failed,
+            forget_keys=forget_keys,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            limit=limit,
+            archive=archive,
+            progress=progress,
+        )
 
 
 def pending_migrations(url: str, *, config: Config | None = None) -> list[tuple[int, str]]:

@@ -10,7 +10,6 @@ never runs while a transaction is open.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -50,7 +49,13 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
-from model.retention import PRUNE_BATCH_DEFAULT, ArchiveFn, ProgressFn, PruneReport
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    ArchiveFn,
+    ProgressFn,
+    PruneReport,
+    check_cutoff,
+)
 from model.store import EffectFn, OnDoubt
 from model.validate import check_seconds
 from model.workflow import DOWNLOAD, Workflow
@@ -513,7 +518,7 @@ class SqliteStore:
         """Remove terminal jobs that finished before ``finished_before``, in short batches,
         keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``);
         then give the freed pages back to the file system (:func:`retention.reclaim`)."""
-        cutoff = _cutoff(finished_before)
+        cutoff = check_cutoff(finished_before)
         conn = self._connection()
         report = retention.prune(
             conn,
@@ -537,20 +542,6 @@ class SqliteStore:
         return check_seconds(
             self._config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
-
-
-def _cutoff(value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or math.isnan(value)
-        or math.isinf(value)
-    ):
-        raise InvalidInput(
-            f"finished_before must be a finite time in store seconds (e.g. store.now() - "
-            f"30 * 86400), got {value!r}"
-        )
-    return float(value)
 
 
 def _kinds(kinds: Sequence[str]) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.postgres
 _EMPTY = (
     # DELETE, not TRUNCATE: on a handful of rows it is many times faster.
     "DELETE FROM history",
+    "DELETE FROM tombstones",
     "DELETE FROM effects",
     "DELETE FROM jobs",
     "DELETE FROM workflow_edges WHERE kind <> 'download'",
