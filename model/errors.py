@@ -31,6 +31,8 @@ Each message says what was asked, what was found, and what to do.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from attrs import define, field
 
 
@@ -120,8 +122,8 @@ class JobPruned(UnknownJob):
     ) -> None:
         LookupError.__init__(
             self,
-            f"job {job_id} ({kind}) finished in state {state!r} at {finished_at} and was "
-            f"pruned at {pruned_at}: its rows are gone, only its key is kept (planning it "
+            f"job {job_id} ({kind}) finished in state {state!r} at {_utc(finished_at)} and "
+            f"was pruned at {_utc(pruned_at)}: its rows are gone, only its key is kept (planning it "
             "again changes nothing); read the prune archive for its details, or prune with "
             "--forget-keys to let the identity be planned anew",
         )
@@ -130,6 +132,15 @@ class JobPruned(UnknownJob):
         self.state = state
         self.finished_at = finished_at
         self.pruned_at = pruned_at
+
+
+def _utc(seconds: float) -> str:
+    """A store time for a message: the seconds and, when they are a date, the UTC time."""
+    try:
+        stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds}"
+    return f"{seconds} ({stamp})"
 
 
 class UnknownWorkflow(JobledgerError, LookupError):

@@ -57,6 +57,7 @@ from model.record import (
 )
 from model.retention import (
     PRUNE_BATCH_DEFAULT,
+    PRUNED_REASON,
     ArchiveFn,
     ProgressFn,
     PrunedJob,
@@ -247,6 +248,10 @@ class MemoryStore:
     def _check(self, lease: Lease, now: float, op: str) -> _Job:
         if not isinstance(lease, Lease):
             raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
+        if lease.job_id in self._tombstones:
+            # A pruned job finished long ago: any lease of it is lost, and a worker is
+            # told so the way it is told of every lost lease.
+            raise LeaseLost(lease.job_id, lease.token, None, PRUNED_REASON, op)
         job = self._get(lease.job_id)
         if lease.token != job.token:
             raise LeaseLost(job.job_id, lease.token, job.token, "the token is stale", op)

@@ -9,7 +9,13 @@ finished work run a second time by accident. ``forget_keys=True`` removes the to
 too (of the jobs it prunes and of earlier prunes before the cutoff): after that, planning
 such an identity creates a new job. Reads of a pruned job (``job``, ``state``,
 ``effects``, ``history``, ``cancel``, ``retry``) raise :class:`model.errors.JobPruned`,
-an ``UnknownJob`` that says when the job finished and was pruned.
+an ``UnknownJob`` that says when the job finished and was pruned; a call with a lease of a
+pruned job raises ``LeaseLost`` (the lease ended when the job finished), as for any lost
+lease.
+
+``forget_keys`` is for keys old enough that nobody can still hold a lease of them: a job
+planned again after its key was forgotten starts over at token 0, so a worker that held
+a lease of the old job (ended long before the cutoff) must be gone.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ PRUNE_BATCH_DEFAULT = 500
 """Jobs removed per transaction: small enough that a batch holds the write lock for a
 few milliseconds (bench/README.md, "Prune"), large enough that the per-commit cost is
 shared by many jobs."""
+
+
+PRUNED_REASON = "the job finished and was pruned"
+"""The ``LeaseLost`` reason for a lease of a pruned job (its lease ended when it finished)."""
 
 
 @frozen

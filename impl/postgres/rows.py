@@ -23,6 +23,7 @@ from model.record import (
     Lease,
     LeaseRow,
 )
+from model.retention import PRUNED_REASON
 
 
 def is_live(row: DictRow, now: float) -> bool:
@@ -152,7 +153,10 @@ def locked_job(tx: Tx, lease: object, op: str) -> tuple[Lease, DictRow]:
         raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
     row = tx.one(q.JOB_FOR_UPDATE, {"job_id": lease.job_id})
     if row is None:
-        raise missing_job(tx, lease.job_id)
+        missing = missing_job(tx, lease.job_id)
+        if isinstance(missing, JobPruned):
+            raise LeaseLost(lease.job_id, lease.token, None, PRUNED_REASON, op)
+        raise missing
     return check_lease(lease, row, tx.now, op), row
 
 

@@ -30,6 +30,7 @@ from model.record import (
     Lease,
     LeaseRow,
 )
+from model.retention import PRUNED_REASON
 from model.validate import INT64_MAX, INT64_MIN
 
 
@@ -216,7 +217,10 @@ def fence(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> Fence:
         conn.execute(q.SELECT_FENCE, (job_id,)).fetchone() if isinstance(job_id, str) else None
     )
     if row is None:
-        raise missing_job(conn, job_id)
+        missing = missing_job(conn, job_id)
+        if isinstance(missing, JobPruned):
+            raise LeaseLost(job_id, lease.token, None, PRUNED_REASON, op)
+        raise missing
     if lease.token != row[0]:
         raise LeaseLost(job_id, lease.token, row[0], "the token is stale", op)
     expires_at = row[2]
