@@ -123,9 +123,9 @@ class JobPruned(UnknownJob):
         LookupError.__init__(
             self,
             f"job {job_id} ({kind}) finished in state {state!r} at {_utc(finished_at)} and "
-            f"was pruned at {_utc(pruned_at)}: its rows are gone, only its key is kept (planning it "
-            "again changes nothing); read the prune archive for its details, or prune with "
-            "--forget-keys to let the identity be planned anew",
+            f"was pruned at {_utc(pruned_at)}: its rows are gone, only its key is kept "
+            "(planning it again changes nothing); read the prune archive for its details, "
+            "or prune with --forget-keys to let the identity be planned anew",
         )
         self.job_id = job_id
         self.kind = kind
