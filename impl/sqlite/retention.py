@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 
 from attrs import define, field
 
@@ -38,6 +39,10 @@ from model.retention import (
 )
 
 _NO_LIMIT = -1  # SQLite's LIMIT -1: no limit
+CHECKPOINT_RETRY = 0.01
+"""Seconds between two tries of the checkpoint after a prune."""
+CHECKPOINT_PATIENCE = 1.0
+"""Seconds the checkpoint after a prune is tried for."""
 
 Params = dict[str, object]
 
@@ -190,9 +195,23 @@ def reclaim(conn: LedgerConnection, clock: Clock) -> int:
         freed += before - after
         if after >= before:  # pragma: no cover - nothing movable: stop rather than spin
             break
-    try:
-        conn.execute(q.CHECKPOINT_TRUNCATE).fetchall()
-    except sqlite3.OperationalError as exc:
-        if not is_busy(exc):
-            raise
+    _checkpoint_truncate(conn)
     return freed
+
+
+def _checkpoint_truncate(conn: LedgerConnection) -> None:
+    """Copy the WAL into the file and truncate it, so the file's shrinking reaches the
+    disk. Tried again for up to the connection's wait limit while a reader or the
+    store's background checkpoint holds it up (at most :data:`CHECKPOINT_PATIENCE`, since
+    each try holds the writers up a moment); then left to the next checkpoint."""
+    deadline = time.monotonic() + min(conn.wait_limit, CHECKPOINT_PATIENCE)
+    while True:
+        try:
+            busy = int(conn.execute(q.CHECKPOINT_TRUNCATE).fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            busy = 1
+        if not busy or time.monotonic() >= deadline:
+            return
+        time.sleep(CHECKPOINT_RETRY)
