@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from impl.outcome import RetryLater
 from impl.reconciler import Reconciler
+from impl.retention import Retention
 from impl.store import open_store
 from impl.worker import JobContext, RunReport, StopRequested, Worker
 from model import (
@@ -98,6 +99,7 @@ __all__ = [
     "PrunedJob",
     "ReconcileReport",
     "Reconciler",
+    "Retention",
     "RetryLater",
     "RunReport",
     "Scalar",

@@ -12,7 +12,8 @@ from typing import Literal
 import attrs
 from attrs import field, frozen
 
-from model.errors import ConfigError
+from model.errors import ConfigError, InvalidInput
+from model.retention import parse_age
 
 LEASE_TTL_DEFAULT = 30.0
 MAX_ATTEMPTS_DEFAULT = 5
@@ -20,6 +21,7 @@ BACKOFF_BASE_DEFAULT = 1.0
 BACKOFF_CAP_DEFAULT = 300.0
 RESULT_LIMIT_DEFAULT = 1024 * 1024
 BUSY_TIMEOUT_DEFAULT = 5.0
+RETENTION_INTERVAL_DEFAULT = 3600.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -49,6 +51,25 @@ def _synchronous(_inst: object, attribute: attrs.Attribute[str], value: str) -> 
         raise ConfigError(
             f"{attribute.name} must be one of OFF, NORMAL, FULL, EXTRA, got {value!r}"
         )
+
+
+def _age(_inst: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be an age like 30d, 12h or 0s, got {value!r}")
+    try:
+        parse_age(value)
+    except InvalidInput:
+        raise ConfigError(
+            f"{attribute.name} must be an age like 30d, 12h, 15m, 90s, 2w or 0s, got "
+            f"{value!r}; leave it unset to keep finished jobs for ever"
+        ) from None
+
+
+def _retention_failed(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in ("prune", "keep"):
+        raise ConfigError(f"{attribute.name} must be 'prune' or 'keep', got {value!r}")
 
 
 def _optional_str(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
@@ -83,6 +104,9 @@ class Config:
     download_per_host: int = field(default=4, validator=_positive_int)
     download_user_agent: str = field(default="jobledger/0.1 (+https://pypi.org/project/jobledger)")
     download_lease_ttl: float = field(default=10.0, validator=_positive)
+    retention: str | None = field(default=None, validator=_age)
+    retention_interval: float = field(default=RETENTION_INTERVAL_DEFAULT, validator=_positive)
+    retention_failed: str = field(default="prune", validator=_retention_failed)
 
     def __attrs_post_init__(self) -> None:
         if self.renew_every is not None:
@@ -99,6 +123,16 @@ class Config:
                 )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+
+    @property
+    def retention_age(self) -> float | None:
+        """Seconds after which a finished job is pruned automatically (None: never).
+
+        ``retention`` is an age like ``30d``; a long-running ``jobledger worker`` (and a
+        :class:`impl.Reconciler` given a retention) prunes every ``retention_interval``
+        seconds, keeping failed jobs when ``retention_failed`` is ``keep``.
+        """
+        return None if self.retention is None else parse_age(self.retention)
 
     @property
     def renew_interval(self) -> float:
