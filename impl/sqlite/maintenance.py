@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from impl.sqlite import queries as q
+from impl.sqlite import rollup
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
 from impl.sqlite.row import op_detail, text_of
@@ -76,6 +77,8 @@ def reconcile(
                 token,
                 exhausted_message(attempts, max_attempts),
             )
+    # Maintenance beside the pass (its own short transaction; invisible to callers).
+    rollup.refresh(conn, clock)
     return ReconcileReport(
         leases_expired=len(expired), effects_in_doubt=len(starts), jobs_failed=len(exhausted)
     )
@@ -92,7 +95,11 @@ def _would_reconcile(conn: sqlite3.Connection, clock: Clock) -> ReconcileReport:
 
 
 def stats(conn: LedgerConnection, clock: Clock, catalog: Catalog) -> Stats:
-    """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+    """Return counts by kind and state, leases, in-doubt effects and queue lag.
+
+    The counts come from :mod:`impl.sqlite.rollup` (time in proportion to the active and
+    recently finished jobs); a long tail past its watermark is folded in first."""
+    rollup.refresh_for_stats(conn, clock)
     return reading(conn, "stats", lambda: _stats(conn, clock, catalog))
 
 
@@ -102,8 +109,8 @@ def _stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
         params = {"now": now}
         workflows = catalog.all(conn)
         by_state = {w.name: dict.fromkeys(w.states, 0) for w in workflows}
-        for kind, state, count in conn.execute(q.SELECT_STATE_COUNTS):
-            by_state.setdefault(str(kind), {})[str(state)] = int(count)
+        for kind, states in rollup.counts(conn).items():
+            by_state.setdefault(kind, {}).update(states)
         live, expired, oldest = conn.execute(q.ACTIVE_SUMMARY, params).fetchone()
         return Stats(
             by_state=by_state,

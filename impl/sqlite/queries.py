@@ -424,7 +424,6 @@ SELECT_LEASES = """
 SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs INDEXED BY jobs_active
 WHERE terminal = 0 AND lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
 """
-SELECT_STATE_COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
 COUNT_IN_DOUBT = (
     "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
     " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
@@ -456,7 +455,7 @@ SELECT_PRUNABLE = (
     "SELECT seq FROM jobs WHERE seq > :after AND " + _PRUNABLE + " ORDER BY seq LIMIT :n"
 )
 _BATCH = "seq IN (SELECT value FROM json_each(:seqs)) AND " + _PRUNABLE
-SELECT_PRUNE_BATCH = "SELECT seq, job_id FROM jobs WHERE " + _BATCH + " ORDER BY seq"
+SELECT_PRUNE_BATCH = "SELECT seq, job_id, kind, state FROM jobs WHERE " + _BATCH + " ORDER BY seq"
 SELECT_PRUNE_ROWS = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE " + _BATCH + " ORDER BY seq"
 DELETE_PRUNED_EFFECTS = "DELETE FROM effects WHERE job_id IN (SELECT value FROM json_each(:ids))"
 DELETE_PRUNED_HISTORY = "DELETE FROM history WHERE job_id IN (SELECT value FROM json_each(:ids))"
@@ -493,3 +492,54 @@ PRAGMA_FREELIST_COUNT = "PRAGMA freelist_count"
 VACUUM_CHUNK_PAGES = 1024
 INCREMENTAL_VACUUM = f"PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})"
 CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
+
+# -- counts of finished jobs by watermark (schema version 5, impl/sqlite/rollup.py) -------
+
+SELECT_COUNT_MARK = "SELECT seq FROM count_mark WHERE id = 1"
+SELECT_MAX_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
+# The active jobs by kind and state: a walk of the partial index of active jobs only.
+ACTIVE_COUNTS = """
+SELECT kind, state, count(*) FROM jobs INDEXED BY jobs_active WHERE terminal = 0
+GROUP BY kind, state
+"""
+ROLLUP_COUNTS = "SELECT kind, state, n FROM state_counts WHERE n > 0"
+# Finished jobs past the watermark: a walk of the rowid from it.
+TAIL_COUNTS = """
+SELECT kind, state, count(*) FROM jobs WHERE seq > :mark AND terminal = 1
+GROUP BY kind, state
+"""
+# Pending jobs (behind the watermark, not in the counts) that have finished since.
+PENDING_DONE_COUNTS = """
+SELECT j.kind, j.state, count(*) FROM count_pending AS p JOIN jobs AS j ON j.seq = p.seq
+WHERE j.terminal = 1 GROUP BY j.kind, j.state
+"""
+_ADD_COUNTS = """
+INSERT INTO state_counts (kind, state, n) {select}
+ON CONFLICT (kind, state) DO UPDATE SET n = n + excluded.n
+"""
+FOLD_PENDING_DONE = _ADD_COUNTS.format(select=PENDING_DONE_COUNTS.strip())
+DROP_PENDING_DONE = """
+DELETE FROM count_pending WHERE seq IN (
+    SELECT p.seq FROM count_pending AS p JOIN jobs AS j ON j.seq = p.seq WHERE j.terminal = 1)
+"""
+FOLD_RANGE = _ADD_COUNTS.format(
+    select="SELECT kind, state, count(*) FROM jobs"
+    " WHERE seq > :mark AND seq <= :upto AND terminal = 1 GROUP BY kind, state"
+)
+PEND_RANGE = """
+INSERT INTO count_pending (seq)
+SELECT seq FROM jobs WHERE seq > :mark AND seq <= :upto AND terminal = 0
+"""
+SET_COUNT_MARK = "UPDATE count_mark SET seq = :upto WHERE id = 1"
+# After a delete: the watermark never stays above the last job, so a job planned later
+# (numbered after the last one) is always past it.
+LOWER_COUNT_MARK = (
+    "UPDATE count_mark SET seq = min(seq, (SELECT ifnull(max(seq), 0) FROM jobs)) WHERE id = 1"
+)
+SELECT_PENDING_AMONG = (
+    "SELECT seq FROM count_pending WHERE seq IN (SELECT value FROM json_each(:seqs))"
+)
+UNCOUNT = "UPDATE state_counts SET n = n - :n WHERE kind = :kind AND state = :state"
+UNPEND_AMONG = "DELETE FROM count_pending WHERE seq IN (SELECT value FROM json_each(:seqs))"
+PEND_ONE = "INSERT OR IGNORE INTO count_pending (seq) VALUES (:seq)"
+IS_PENDING = "SELECT 1 FROM count_pending WHERE seq = :seq"

@@ -24,6 +24,7 @@ from attrs import define, field
 
 from impl import failpoint
 from impl.sqlite import queries as q
+from impl.sqlite import rollup
 from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
 from impl.sqlite.read import effects_in_tx, history_in_tx
 from impl.sqlite.row import JobRow, job_row
@@ -110,22 +111,27 @@ class _Pruning:
             params = {**self.where, "seqs": json.dumps(seqs)}
             if self.archive is not None:
                 rows = [job_row(r) for r in conn.execute(q.SELECT_PRUNE_ROWS, params)]
-                batch = [(r.seq, r.job_id) for r in rows]
+                batch = [(r.seq, r.job_id, r.kind, r.state) for r in rows]
                 if rows:
                     self.archive([_pruned(conn, r, tx.now) for r in rows])
                     if failpoint.ARMED:
                         failpoint.hit("prune.after_archive")
             else:
-                batch = [(int(s), str(j)) for s, j in conn.execute(q.SELECT_PRUNE_BATCH, params)]
+                batch = [
+                    (int(s), str(j), str(k), str(st))
+                    for s, j, k, st in conn.execute(q.SELECT_PRUNE_BATCH, params)
+                ]
             if not batch:
                 return
-            live = {"seqs": json.dumps([s for s, _ in batch])}
-            ids = {"ids": json.dumps([j for _, j in batch])}
+            live = {"seqs": json.dumps([b[0] for b in batch])}
+            ids = {"ids": json.dumps([b[1] for b in batch])}
+            rollup.uncount_deleted(conn, [(b[0], b[2], b[3]) for b in batch])
             effects = conn.execute(q.DELETE_PRUNED_EFFECTS, ids).rowcount
             conn.execute(q.DELETE_PRUNED_HISTORY, ids)
             if not self.forget_keys:
                 conn.execute(q.INSERT_TOMBSTONES, {**live, "now": tx.now})
             conn.execute(q.DELETE_PRUNED_JOBS, live)
+            rollup.after_delete(conn)
         jobs = len(batch)
         self._add(
             self.report.plus(jobs=jobs, effects=effects, tombstones=0 if self.forget_keys else jobs)

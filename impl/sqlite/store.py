@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from impl.sqlite import claim, effect, maintenance, read, retention
+from impl.sqlite import claim, effect, maintenance, read, retention, rollup
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
@@ -412,6 +412,7 @@ class SqliteStore:
                     f"retry of job {job_id}: it is in state {row.state!r}, not in the failed "
                     f"state {workflow.failed!r}; only failed jobs can be retried"
                 )
+            rollup.reactivate(conn, row.seq, row.kind, workflow.failed)
             token, state = conn.execute(
                 q.RETRY_JOB, {"now": tx.now, "job_id": job_id, "failed": workflow.failed}
             ).fetchone()
