@@ -508,9 +508,11 @@ TAIL_COUNTS = """
 SELECT kind, state, count(*) FROM jobs WHERE seq > :mark AND terminal = 1
 GROUP BY kind, state
 """
-# Pending jobs (behind the watermark, not in the counts) that have finished since.
+# Pending jobs (behind the watermark, not in the counts) that have finished since. CROSS
+# JOIN fixes the order (SQLite keeps it as written): walk the short pending list and look
+# each job up, never the other way round (the planner otherwise may scan every job).
 PENDING_DONE_COUNTS = """
-SELECT j.kind, j.state, count(*) FROM count_pending AS p JOIN jobs AS j ON j.seq = p.seq
+SELECT j.kind, j.state, count(*) FROM count_pending AS p CROSS JOIN jobs AS j ON j.seq = p.seq
 WHERE j.terminal = 1 GROUP BY j.kind, j.state
 """
 _ADD_COUNTS = """
@@ -520,7 +522,8 @@ ON CONFLICT (kind, state) DO UPDATE SET n = n + excluded.n
 FOLD_PENDING_DONE = _ADD_COUNTS.format(select=PENDING_DONE_COUNTS.strip())
 DROP_PENDING_DONE = """
 DELETE FROM count_pending WHERE seq IN (
-    SELECT p.seq FROM count_pending AS p JOIN jobs AS j ON j.seq = p.seq WHERE j.terminal = 1)
+    SELECT p.seq FROM count_pending AS p CROSS JOIN jobs AS j ON j.seq = p.seq
+    WHERE j.terminal = 1)
 """
 FOLD_RANGE = _ADD_COUNTS.format(
     select="SELECT kind, state, count(*) FROM jobs"
