@@ -124,7 +124,7 @@ def _postgres(settings: Settings, size: int) -> list[Result]:
                     max_attempts, priority, run_at, token, created_at, updated_at)
                 SELECT md5(%(tag)s || i) || md5(i || %(tag)s), %(kind)s,
                        '{"n":' || i || '}', 'null',
-                       CASE WHEN i % 100 = 0 THEN 'PLANNED' ELSE 'DONE' END, i % 100 = 0,
+                       CASE WHEN i %% 100 = 0 THEN 'PLANNED' ELSE 'DONE' END, i %% 100 = 0,
                        0, 5, 0, 0, 0, 0, 0
                 FROM generate_series(%(low)s, %(high)s) AS i
                 """,

@@ -41,8 +41,8 @@ from impl.sqlite.connection import LedgerConnection, Tx
 from model.clock import Clock
 from model.errors import DatabaseLocked, DatabaseReadOnly
 
-STEP = 50_000
-"""Jobs the watermark passes per refresh transaction (tens of milliseconds of work)."""
+STEP = 20_000
+"""Jobs the watermark passes per refresh transaction: about 50 ms of the write lock here."""
 STATS_REFRESH_AT = 20_000
 """``stats`` refreshes first when more jobs than this lie past the watermark."""
 
