@@ -109,16 +109,24 @@ def _stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
         params = {"now": now}
         workflows = catalog.all(conn)
         by_state = {w.name: dict.fromkeys(w.states, 0) for w in workflows}
-        for kind, states in rollup.counts(conn).items():
+        for kind, states in rollup.finished_counts(conn).items():
             by_state.setdefault(kind, {}).update(states)
-        live, expired, oldest = conn.execute(q.ACTIVE_SUMMARY, params).fetchone()
+        live = expired = 0
+        oldest: float | None = None
+        for kind, state, n, n_live, n_expired, first in conn.execute(q.ACTIVE_SUMMARY, params):
+            counts = by_state.setdefault(str(kind), {})
+            counts[str(state)] = counts.get(str(state), 0) + int(n)
+            live += int(n_live)
+            expired += int(n_expired)
+            if first is not None and (oldest is None or float(first) < oldest):
+                oldest = float(first)
         return Stats(
             by_state=by_state,
-            leases_live=int(live),
-            leases_expired=int(expired),
+            leases_live=live,
+            leases_expired=expired,
             in_doubt=_count(conn, q.COUNT_IN_DOUBT, params),
             failed=sum(by_state[w.name][w.failed] for w in workflows),
-            oldest_eligible_age=None if oldest is None else now - float(oldest),
+            oldest_eligible_age=None if oldest is None else now - oldest,
         )
 
 

@@ -428,14 +428,17 @@ COUNT_IN_DOUBT = (
     "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
     " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
 )
-# The active jobs' part of the stats in one walk: live and expired leases, and the run_at
-# of the oldest eligible job.
+# The active jobs' part of the stats in one walk of the partial index of active jobs, by
+# kind and state: their counts, live and expired leases, and the run_at of the oldest
+# eligible job.
 ACTIVE_SUMMARY = """
-SELECT ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
+SELECT kind, state, count(*),
+    ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
     ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at <= :now), 0),
     min(CASE WHEN run_at <= :now AND ifnull(lease_expires_at, :now) <= :now
              AND attempts < max_attempts THEN run_at END)
 FROM jobs INDEXED BY jobs_active WHERE terminal = 0
+GROUP BY kind, state
 """
 
 # -- retention (schema version 5) -------------------------------------------------------
@@ -497,34 +500,31 @@ CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
 
 SELECT_COUNT_MARK = "SELECT seq FROM count_mark WHERE id = 1"
 SELECT_MAX_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
-# The active jobs by kind and state: a walk of the partial index of active jobs only.
-ACTIVE_COUNTS = """
-SELECT kind, state, count(*) FROM jobs INDEXED BY jobs_active WHERE terminal = 0
-GROUP BY kind, state
-"""
 ROLLUP_COUNTS = "SELECT kind, state, n FROM state_counts WHERE n > 0"
 # Finished jobs past the watermark: a walk of the rowid from it.
 TAIL_COUNTS = """
 SELECT kind, state, count(*) FROM jobs WHERE seq > :mark AND terminal = 1
 GROUP BY kind, state
 """
-# Pending jobs (behind the watermark, not in the counts) that have finished since. CROSS
-# JOIN fixes the order (SQLite keeps it as written): walk the short pending list and look
-# each job up, never the other way round (the planner otherwise may scan every job).
-PENDING_DONE_COUNTS = """
-SELECT j.kind, j.state, count(*) FROM count_pending AS p CROSS JOIN jobs AS j ON j.seq = p.seq
-WHERE j.terminal = 1 GROUP BY j.kind, j.state
-"""
+# Pending jobs (behind the watermark, not in the counts) that have finished since: the
+# pending list less the active jobs (both walked from their keys alone, no row read),
+# then only those rows looked up. CROSS JOIN keeps that order (SQLite joins as written).
+_PENDING_DONE = """
+    SELECT seq FROM count_pending
+    EXCEPT SELECT seq FROM jobs INDEXED BY jobs_active WHERE terminal = 0"""
+PENDING_DONE_COUNTS = (
+    "SELECT j.kind, j.state, count(*) FROM ("
+    + _PENDING_DONE
+    + ") AS p CROSS JOIN jobs AS j ON j.seq = p.seq WHERE j.terminal = 1"
+    " GROUP BY j.kind, j.state"
+)
 _ADD_COUNTS = """
 INSERT INTO state_counts (kind, state, n) {select}
 ON CONFLICT (kind, state) DO UPDATE SET n = n + excluded.n
 """
 FOLD_PENDING_DONE = _ADD_COUNTS.format(select=PENDING_DONE_COUNTS.strip())
-DROP_PENDING_DONE = """
-DELETE FROM count_pending WHERE seq IN (
-    SELECT p.seq FROM count_pending AS p CROSS JOIN jobs AS j ON j.seq = p.seq
-    WHERE j.terminal = 1)
-"""
+# A pending job that is not active has finished (or was deleted, which prune handles).
+DROP_PENDING_DONE = "DELETE FROM count_pending WHERE seq IN (" + _PENDING_DONE + ")"
 FOLD_RANGE = _ADD_COUNTS.format(
     select="SELECT kind, state, count(*) FROM jobs"
     " WHERE seq > :mark AND seq <= :upto AND terminal = 1 GROUP BY kind, state"

@@ -47,13 +47,13 @@ STATS_REFRESH_AT = 20_000
 """``stats`` refreshes first when more jobs than this lie past the watermark."""
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
-    """Every job by kind and state (only the states that have jobs), read in the
-    caller's snapshot."""
+def finished_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Every finished job by kind and state (only the states that have jobs), read in
+    the caller's snapshot. The active ones are the caller's (one walk of the partial
+    index of active jobs, with the leases: ``queries.ACTIVE_SUMMARY``)."""
     (mark,) = conn.execute(q.SELECT_COUNT_MARK).fetchone()
     out: dict[str, dict[str, int]] = {}
     for sql, params in (
-        (q.ACTIVE_COUNTS, {}),
         (q.ROLLUP_COUNTS, {}),
         (q.TAIL_COUNTS, {"mark": mark}),
         (q.PENDING_DONE_COUNTS, {}),
