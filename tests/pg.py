@@ -39,6 +39,9 @@ LEDGER_TABLES = frozenset(
         "effects",
         "history",
         "tombstones",
+        "state_counts",
+        "count_mark",
+        "count_pending",
     }
 )
 """Every table impl/postgres/schema.py creates; a new one must be emptied by ``_RESET`` too."""
@@ -48,6 +51,9 @@ LEDGER_TABLES = frozenset(
 _RESET = """
 DELETE FROM {history};
 DELETE FROM {tombstones};
+DELETE FROM {state_counts};
+DELETE FROM {count_pending};
+UPDATE {count_mark} SET seq = 0;
 DELETE FROM {effects};
 DELETE FROM {jobs};
 DELETE FROM {edges} WHERE kind <> 'download';
@@ -160,6 +166,9 @@ def _reset(session: _Session) -> None:
     statement = sql.SQL(_RESET).format(
         history=ident("history"),
         tombstones=ident("tombstones"),
+        state_counts=ident("state_counts"),
+        count_pending=ident("count_pending"),
+        count_mark=ident("count_mark"),
         effects=ident("effects"),
         jobs=ident("jobs"),
         edges=ident("workflow_edges"),

@@ -63,8 +63,18 @@ JOB_STATE = "SELECT state FROM jobs WHERE job_id = %(job_id)s"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = %(job_id)s"
 JOB_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = %(job_id)s"
 
+COUNTS_LOCK_KEY = "hashtext('jobledger:counts:' || current_schema())"
+COUNTS_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(" + COUNTS_LOCK_KEY + ")"
+"""Held by every transaction that numbers a new job, retries one or deletes some, so the
+counts' refresh (which takes it exclusively) sees every job below its watermark and no
+finished one changes under it (impl/postgres/rollup.py)."""
+COUNTS_LOCK = "SELECT pg_advisory_xact_lock(" + COUNTS_LOCK_KEY + ")"
+
 INSERT_JOB = (
     """
+WITH counts_lock AS MATERIALIZED ("""
+    + COUNTS_LOCK_SHARED
+    + """)
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at,
     token, created_at, updated_at
@@ -77,6 +87,7 @@ INSERT INTO jobs (
     + ", "
     + NOW
     + """
+FROM counts_lock
 WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE job_id = %(job_id)s)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id
@@ -290,7 +301,6 @@ SELECT j.job_id, j.kind, j.token, j.attempts, j.max_attempts
 
 # -- stats -----------------------------------------------------------------------------
 
-COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
 SUMMARY = """
 SELECT
     (SELECT count(*) FROM jobs
@@ -301,8 +311,6 @@ SELECT
       WHERE e.status = 'in_doubt'
          OR (e.status = 'started' AND (e.token <> j.token OR j.lease_worker IS NULL
                                        OR j.lease_expires_at <= %(now)s))) AS in_doubt,
-    (SELECT count(*) FROM jobs j JOIN workflows w ON w.name = j.kind
-      WHERE j.state = w.failed) AS failed,
     (SELECT min(run_at) FROM jobs
       WHERE active AND run_at <= %(now)s AND attempts < max_attempts
         AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)) AS oldest_run_at
@@ -544,3 +552,46 @@ FORGETTABLE = (
 )
 FORGET = "DELETE FROM tombstones WHERE job_id = ANY(%(ids)s) AND " + _FORGETTABLE
 COUNT_FORGETTABLE = "SELECT count(*) AS n FROM tombstones WHERE " + _FORGETTABLE
+
+# -- counts of finished jobs by watermark (impl/postgres/rollup.py) ----------------------
+
+COUNT_MARK = "SELECT seq FROM count_mark WHERE id = 1"
+COUNT_MARK_FOR_UPDATE = COUNT_MARK + " FOR UPDATE"
+MAX_SEQ = "SELECT coalesce(max(seq), 0) AS seq FROM jobs"
+ACTIVE_COUNTS = "SELECT kind, state, count(*) AS n FROM jobs WHERE active GROUP BY kind, state"
+ROLLUP_COUNTS = "SELECT kind, state, n FROM state_counts WHERE n > 0"
+TAIL_COUNTS = """
+SELECT kind, state, count(*) AS n FROM jobs WHERE seq > %(mark)s AND NOT active
+GROUP BY kind, state
+"""
+PENDING_DONE_COUNTS = """
+SELECT j.kind, j.state, count(*) AS n FROM count_pending p JOIN jobs j ON j.seq = p.seq
+WHERE NOT j.active GROUP BY j.kind, j.state
+"""
+# Each refresh statement reads one snapshot, so a job is either counted or pending.
+FOLD_PENDING_DONE = """
+WITH done AS (
+    SELECT p.seq, j.kind, j.state FROM count_pending p JOIN jobs j ON j.seq = p.seq
+    WHERE NOT j.active
+), counted AS (
+    INSERT INTO state_counts (kind, state, n)
+    SELECT kind, state, count(*) FROM done GROUP BY kind, state
+    ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + EXCLUDED.n
+)
+DELETE FROM count_pending WHERE seq IN (SELECT seq FROM done)
+"""
+FOLD_RANGE = """
+WITH r AS (
+    SELECT seq, kind, state, active FROM jobs WHERE seq > %(mark)s AND seq <= %(upto)s
+), counted AS (
+    INSERT INTO state_counts (kind, state, n)
+    SELECT kind, state, count(*) FROM r WHERE NOT active GROUP BY kind, state
+    ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + EXCLUDED.n
+)
+INSERT INTO count_pending (seq) SELECT seq FROM r WHERE active
+"""
+SET_COUNT_MARK = "UPDATE count_mark SET seq = %(upto)s WHERE id = 1"
+PENDING_AMONG = "SELECT seq FROM count_pending WHERE seq = ANY(%(seqs)s)"
+UNCOUNT = "UPDATE state_counts SET n = n - %(n)s WHERE kind = %(kind)s AND state = %(state)s"
+UNPEND_AMONG = "DELETE FROM count_pending WHERE seq = ANY(%(seqs)s)"
+PEND_ONE = "INSERT INTO count_pending (seq) VALUES (%(seq)s) ON CONFLICT DO NOTHING"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
+from impl.postgres import rollup
 from impl.postgres.database import Tx
 from impl.postgres.registry import stored
 from impl.postgres.rows import effect_info, history_event, job_info, lease_row, missing_job
@@ -52,9 +53,10 @@ def history(tx: Tx, job_id: str) -> list[HistoryEvent]:
 
 def stats(tx: Tx) -> Stats:
     """Return counts by kind and state, leases, in-doubt effects, failures and lag."""
-    by_state = {f.name: dict.fromkeys(f.states, 0) for f in stored(tx)}
-    for row in tx.all(q.COUNTS):
-        by_state[row["kind"]][row["state"]] = row["count"]
+    flows = stored(tx)
+    by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
+    for kind, states in rollup.counts(tx).items():
+        by_state.setdefault(kind, {}).update(states)
     summary = tx.one(q.SUMMARY, {"now": tx.now})
     assert summary is not None
     oldest = summary["oldest_run_at"]
@@ -63,6 +65,6 @@ def stats(tx: Tx) -> Stats:
         leases_live=summary["leases_live"],
         leases_expired=summary["leases_expired"],
         in_doubt=summary["in_doubt"],
-        failed=summary["failed"],
+        failed=sum(by_state[f.name][f.failed] for f in flows),
         oldest_eligible_age=None if oldest is None else tx.now - oldest,
     )

@@ -21,6 +21,7 @@ from psycopg.rows import DictRow
 
 from impl import failpoint
 from impl.postgres import queries as q
+from impl.postgres import rollup
 from impl.postgres.database import Database, Tx
 from impl.postgres.rows import effect_info, history_event, job_info
 from model.retention import (
@@ -93,9 +94,11 @@ class _Pruning:
         """Remove the jobs of ``seqs`` that are still prunable, in one transaction."""
 
         def body(tx: Tx) -> tuple[int, int]:
+            rollup.hold(tx)
             rows = tx.all(q.PRUNE_LOCK, {**self.where, "seqs": seqs})
             if not rows:
                 return 0, 0
+            rollup.uncount_deleted(tx, [(r["seq"], r["kind"], r["state"]) for r in rows])
             ids = {"ids": [r["job_id"] for r in rows]}
             if self.archive is not None:
                 now = tx.now

@@ -207,6 +207,19 @@ _V2 = (
         pruned_at double precision NOT NULL
     )
     """,
+    # Counts of finished jobs by watermark, for stats without reading every job and
+    # without a write on the hot path (impl/postgres/rollup.py).
+    """
+    CREATE TABLE state_counts (
+        kind text NOT NULL,
+        state text NOT NULL,
+        n bigint NOT NULL CHECK (n >= 0),
+        PRIMARY KEY (kind, state)
+    )
+    """,
+    "CREATE TABLE count_mark (id integer PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL)",
+    "INSERT INTO count_mark (id, seq) VALUES (1, 0)",
+    "CREATE TABLE count_pending (seq bigint PRIMARY KEY)",
     "ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.05)",
     "ALTER TABLE effects SET (autovacuum_vacuum_scale_factor = 0.05)",
     "ALTER TABLE history SET (autovacuum_vacuum_scale_factor = 0.05)",
@@ -214,7 +227,7 @@ _V2 = (
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
-    Migration(2, "tombstones of pruned jobs; autovacuum that keeps up with prune", _V2),
+    Migration(2, "tombstones of pruned jobs; counts by watermark; autovacuum for prune", _V2),
 )
 """Every migration, oldest first; append only."""
 

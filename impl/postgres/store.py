@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
-from impl.postgres import read, retention
+from impl.postgres import read, retention, rollup
 from impl.postgres.database import Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
 from impl.postgres.plan import plan_items
@@ -516,6 +516,7 @@ class PostgresStore:
         self._db.check_open()
 
         def body(tx: Tx) -> None:
+            rollup.hold(tx)
             row = read.job_row(tx, job_id, lock=True)
             flow = self._flows.get(tx, row["kind"])
             if row["state"] != flow.failed:
@@ -523,6 +524,7 @@ class PostgresStore:
                     f"retry of job {job_id}: it is in state {row['state']!r}, not the failed "
                     f"state {flow.failed!r}; only failed jobs can be retried"
                 )
+            rollup.reactivate(tx, row["seq"], row["kind"], flow.failed)
             back = row["failed_from"] if row["failed_from"] is not None else flow.initial
             new = tx.one(
                 q.RETRY, {"job_id": job_id, "to_state": back, "failed": flow.failed, "now": tx.now}
@@ -563,7 +565,10 @@ class PostgresStore:
 
         if dry_run:
             return self._db.dry("reconcile", body)
-        return self._db.write("reconcile", body)
+        report = self._db.write("reconcile", body)
+        # Maintenance beside the pass (its own short transaction; invisible to callers).
+        rollup.refresh(self._db)
+        return report
 
     # -- reads ---------------------------------------------------------------------
 
@@ -616,6 +621,7 @@ class PostgresStore:
 
     def stats(self) -> Stats:
         """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
+        rollup.refresh_for_stats(self._db)
         return self._db.read("stats", read.stats)
 
     # -- retention -----------------------------------------------------------------
