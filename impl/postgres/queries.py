@@ -564,15 +564,25 @@ TAIL_COUNTS = """
 SELECT kind, state, count(*) AS n FROM jobs WHERE seq > %(mark)s AND NOT active
 GROUP BY kind, state
 """
-PENDING_DONE_COUNTS = """
-SELECT j.kind, j.state, count(*) AS n FROM count_pending p JOIN jobs j ON j.seq = p.seq
-WHERE NOT j.active GROUP BY j.kind, j.state
-"""
+# Pending jobs that finished since: the pending list less the active jobs' numbers (an
+# index-only walk of the partial index of active jobs), and only those rows looked up
+# (LATERAL, kept from being flattened into a join by OFFSET 0: one index lookup each,
+# never a scan of every job).
+_PENDING_DONE = """
+    SELECT p.seq, j.kind, j.state
+    FROM (SELECT seq FROM count_pending EXCEPT SELECT seq FROM jobs WHERE active) AS p
+    CROSS JOIN LATERAL (
+        SELECT kind, state FROM jobs WHERE jobs.seq = p.seq AND NOT jobs.active
+        OFFSET 0) AS j"""
+PENDING_DONE_COUNTS = (
+    "SELECT kind, state, count(*) AS n FROM (" + _PENDING_DONE + ") AS d GROUP BY kind, state"
+)
 # Each refresh statement reads one snapshot, so a job is either counted or pending.
-FOLD_PENDING_DONE = """
-WITH done AS (
-    SELECT p.seq, j.kind, j.state FROM count_pending p JOIN jobs j ON j.seq = p.seq
-    WHERE NOT j.active
+FOLD_PENDING_DONE = (
+    """
+WITH done AS ("""
+    + _PENDING_DONE
+    + """
 ), counted AS (
     INSERT INTO state_counts (kind, state, n)
     SELECT kind, state, count(*) FROM done GROUP BY kind, state
@@ -580,6 +590,7 @@ WITH done AS (
 )
 DELETE FROM count_pending WHERE seq IN (SELECT seq FROM done)
 """
+)
 FOLD_RANGE = """
 WITH r AS (
     SELECT seq, kind, state, active FROM jobs WHERE seq > %(mark)s AND seq <= %(upto)s
