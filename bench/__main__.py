@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import download, lease, lifecycle, pages, plan, procs, runtime, status
+from bench import download, lease, lifecycle, pages, plan, procs, prune, runtime, status
 from bench.harness import Result, Settings, cpu_info, fmt
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "download": download.run,
     "page_size": pages.run,
     "status": status.run,
+    "prune": prune.run,
 }
 
 
