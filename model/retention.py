@@ -29,10 +29,10 @@ from attrs import frozen
 from model.errors import InvalidInput
 from model.record import EffectInfo, HistoryEvent, JobInfo
 
-PRUNE_BATCH_DEFAULT = 500
-"""Jobs removed per transaction: small enough that a batch holds the write lock for a
-few milliseconds (bench/README.md, "Prune"), large enough that the per-commit cost is
-shared by many jobs."""
+PRUNE_BATCH_DEFAULT = 200
+"""Jobs removed per transaction: small enough that a batch holds SQLite's write lock for
+well under 50 ms even on a loaded machine (bench/README.md, "Prune"), large enough that
+the per-commit cost is shared by many jobs."""
 
 
 PRUNED_REASON = "the job finished and was pruned"

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from attrs import define, field
 
@@ -42,6 +44,8 @@ from model.retention import (
 _NO_LIMIT = -1  # SQLite's LIMIT -1: no limit
 CHECKPOINT_RETRY = 0.01
 """Seconds between two tries of the checkpoint after a prune."""
+TURN_LIMIT = 0.05
+"""The longest pause (seconds) between two batches of a prune or a vacuum."""
 CHECKPOINT_PATIENCE = 1.0
 """Seconds the checkpoint after a prune is tried for."""
 
@@ -106,6 +110,10 @@ class _Pruning:
 
     def prune_batch(self, seqs: list[object]) -> None:
         """Remove the jobs of ``seqs`` that are still prunable, in one transaction."""
+        with _taking_turns():
+            self._prune_batch(seqs)
+
+    def _prune_batch(self, seqs: list[object]) -> None:
         conn = self.conn
         with Tx(conn, "prune", self.clock) as tx:
             params = {**self.where, "seqs": json.dumps(seqs)}
@@ -139,7 +147,7 @@ class _Pruning:
 
     def forget_batch(self, ids: list[object]) -> None:
         """Remove the tombstones of ``ids`` that are still forgettable, in one transaction."""
-        with Tx(self.conn, "prune", self.clock):
+        with _taking_turns(), Tx(self.conn, "prune", self.clock):
             gone = self.conn.execute(
                 q.DELETE_TOMBSTONES, {**self.where, "ids": json.dumps(ids)}
             ).rowcount
@@ -150,6 +158,17 @@ class _Pruning:
         self.report = report
         if self.progress is not None:
             self.progress(report)
+
+
+@contextmanager
+def _taking_turns() -> Iterator[None]:
+    """Run one batch, then leave the write lock free for as long as the batch held it
+    (up to :data:`TURN_LIMIT`), so waiting workers get at least half of it however long
+    the prune runs (SQLite's lock is not fair: a prune that began its next batch at once
+    would win it again and again)."""
+    started = time.monotonic()
+    yield
+    time.sleep(min(time.monotonic() - started, TURN_LIMIT))
 
 
 def _pruned(conn: sqlite3.Connection, row: JobRow, now: float) -> PrunedJob:
@@ -192,7 +211,7 @@ def reclaim(conn: LedgerConnection, clock: Clock) -> int:
         return 0
     freed = 0
     while True:
-        with Tx(conn, "vacuum", clock):
+        with _taking_turns(), Tx(conn, "vacuum", clock):
             before = int(conn.execute(q.PRAGMA_FREELIST_COUNT).fetchone()[0])
             if before == 0:
                 break
