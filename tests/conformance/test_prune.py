@@ -170,7 +170,9 @@ def test_forget_keys_lets_the_identity_be_planned_anew(store: Store, clock: Manu
     assert not isinstance(caught.value, JobPruned)
     assert store.plan("linear", {"n": 1}) == job_id
     assert store.job(job_id).state == "NEW"
-    assert store.history(job_id)[0].at == clock()
+    # A new job: nothing of the pruned one (its effects, its history) comes back.
+    assert store.effects(job_id) == []
+    assert [(e.event, e.at) for e in store.history(job_id)] == [("planned", clock())]
 
 
 def test_forget_keys_also_forgets_earlier_tombstones_before_the_cutoff(
