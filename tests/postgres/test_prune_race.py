@@ -57,3 +57,21 @@ def test_a_plan_waiting_on_a_pruned_row_does_not_plan_it_again(
     with pytest.raises(JobPruned):
         store.job(job_id)
     assert store.jobs() == []
+
+
+def test_the_ledger_tables_vacuum_at_five_percent_dead_rows(
+    open_pg: OpenStore, pg_schema: str
+) -> None:
+    """Prune deletes in batches; autovacuum starts on the ledger's tables at 5% dead rows
+    (not PostgreSQL's 20%), so the space is reused while a big prune goes on."""
+    open_pg()
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'"
+            " AND c.relname IN ('jobs', 'effects', 'history')",
+            (pg_schema,),
+        ).fetchall()
+    assert sorted(rows) == [
+        (name, ["autovacuum_vacuum_scale_factor=0.05"]) for name in ("effects", "history", "jobs")
+    ]
