@@ -22,6 +22,7 @@ since the epoch in whichever clock is in use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -39,6 +40,7 @@ from model.clock import Clock
 from model.config import Config
 from model.errors import (
     ConfigError,
+    DatabaseLocked,
     IllegalTransition,
     InvalidInput,
     LeaseLost,
@@ -566,8 +568,10 @@ class PostgresStore:
         if dry_run:
             return self._db.dry("reconcile", body)
         report = self._db.write("reconcile", body)
-        # Maintenance beside the pass (its own short transaction; invisible to callers).
-        rollup.refresh(self._db)
+        # Maintenance beside the pass (its own short transaction, invisible to callers):
+        # a step that cannot get its lock in time is left to the next pass.
+        with contextlib.suppress(DatabaseLocked):
+            rollup.refresh(self._db)
         return report
 
     # -- reads ---------------------------------------------------------------------

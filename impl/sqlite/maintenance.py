@@ -8,6 +8,7 @@ reads one snapshot too, so its counts agree with each other.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 from impl.sqlite import queries as q
@@ -16,6 +17,7 @@ from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
 from impl.sqlite.row import op_detail, text_of
 from model.clock import Clock
+from model.errors import DatabaseLocked
 from model.record import Event, ReconcileReport, Stats
 from model.validate import exhausted_message
 from model.workflow import Workflow
@@ -77,8 +79,10 @@ def reconcile(
                 token,
                 exhausted_message(attempts, max_attempts),
             )
-    # Maintenance beside the pass (its own short transaction; invisible to callers).
-    rollup.refresh(conn, clock)
+    # Maintenance beside the pass (its own short transaction, invisible to callers): a
+    # step that cannot get the write lock in time is left to the next pass.
+    with contextlib.suppress(DatabaseLocked):
+        rollup.refresh(conn, clock)
     return ReconcileReport(
         leases_expired=len(expired), effects_in_doubt=len(starts), jobs_failed=len(exhausted)
     )
