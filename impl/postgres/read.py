@@ -55,11 +55,11 @@ def stats(tx: Tx) -> Stats:
     """Return counts by kind and state, leases, in-doubt effects, failures and lag."""
     flows = stored(tx)
     by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
-    for kind, states in rollup.counts(tx).items():
+    counted, oldest = rollup.counts(tx)
+    for kind, states in counted.items():
         by_state.setdefault(kind, {}).update(states)
     summary = tx.one(q.SUMMARY, {"now": tx.now})
     assert summary is not None
-    oldest = summary["oldest_run_at"]
     return Stats(
         by_state=by_state,
         leases_live=summary["leases_live"],

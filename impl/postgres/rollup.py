@@ -38,15 +38,20 @@ def _one(tx: Tx, sql: str, params: dict[str, object] | None = None) -> int:
     return int(row["seq"])
 
 
-def counts(tx: Tx) -> dict[str, dict[str, int]]:
-    """Every job by kind and state (the states that have jobs), in ``tx``'s snapshot."""
+def counts(tx: Tx) -> tuple[dict[str, dict[str, int]], float | None]:
+    """Every job by kind and state (the states that have jobs), and the run_at of the
+    oldest eligible job (None if none), in ``tx``'s snapshot."""
     mark = _one(tx, q.COUNT_MARK)
     out: dict[str, dict[str, int]] = {}
+    oldest: float | None = None
     for sql in (q.ACTIVE_COUNTS, q.ROLLUP_COUNTS, q.TAIL_COUNTS, q.PENDING_DONE_COUNTS):
-        for row in tx.all(sql, {"mark": mark}):
+        for row in tx.all(sql, {"mark": mark, "now": tx.now}):
             by_state = out.setdefault(row["kind"], {})
             by_state[row["state"]] = by_state.get(row["state"], 0) + int(row["n"])
-    return out
+            first = row.get("oldest")
+            if first is not None and (oldest is None or float(first) < oldest):
+                oldest = float(first)
+    return out, oldest
 
 
 def behind(tx: Tx) -> int:
