@@ -15,7 +15,19 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import download, fleet, lease, lifecycle, pages, peers, plan, procs, runtime
+from bench import (
+    download,
+    fleet,
+    lease,
+    lifecycle,
+    pages,
+    peers,
+    plan,
+    procs,
+    prune,
+    runtime,
+    status,
+)
 from bench.harness import Result, Settings, cpu_info, fmt
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
@@ -32,6 +44,8 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "fleet_sqlite": fleet.run_sqlite,
     "fleet_postgres": fleet.run_postgres,
     "peers": peers.run,
+    "status": status.run,
+    "prune": prune.run,
 }
 
 

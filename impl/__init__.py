@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from impl.outcome import RetryLater
 from impl.reconciler import Reconciler
+from impl.retention import Retention
 from impl.store import open_store
 from impl.worker import JobContext, RunReport, StopRequested, Worker
 from model import (
@@ -39,11 +40,14 @@ from model import (
     InvalidWorkflow,
     JobInfo,
     JobledgerError,
+    JobPruned,
     Lease,
     LeaseLost,
     LeaseRow,
     ManualClock,
     Plan,
+    PrunedJob,
+    PruneReport,
     ReconcileReport,
     Scalar,
     SchemaVersionError,
@@ -84,14 +88,18 @@ __all__ = [
     "InvalidWorkflow",
     "JobContext",
     "JobInfo",
+    "JobPruned",
     "JobledgerError",
     "Lease",
     "LeaseLost",
     "LeaseRow",
     "ManualClock",
     "Plan",
+    "PruneReport",
+    "PrunedJob",
     "ReconcileReport",
     "Reconciler",
+    "Retention",
     "RetryLater",
     "RunReport",
     "Scalar",

@@ -10,7 +10,9 @@ Actions: ``crash`` raises :class:`Crash` (a ``BaseException``, so no ``except Ex
 in ``impl`` can swallow it); ``kill`` sends SIGKILL to this process; ``N*action`` fires
 on the N-th hit only. Names are ``<operation>.<point>`` with points ``before_tx``,
 ``before_commit`` and ``after_commit`` for every writing operation, and for effects
-``effect.after_start``, ``effect.before_record`` and ``effect.after_record``.
+``effect.after_start``, ``effect.before_record`` and ``effect.after_record``. Each batch
+of ``prune`` is a transaction with the three points of operation ``prune`` (hit once per
+batch), and ``prune.after_archive`` between the archive's write and the batch's delete.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ OPERATIONS = (
     "cancel",
     "retry",
     "reconcile",
+    "prune",
     "effect_start",
     "effect_record",
     "effect_abort",
 )
 EFFECT_POINTS = ("effect.after_start", "effect.before_record", "effect.after_record")
-ALL = tuple(f"{op}.{p}" for op in OPERATIONS for p in POINTS) + EFFECT_POINTS
+PRUNE_POINTS = ("prune.after_archive",)
+ALL = tuple(f"{op}.{p}" for op in OPERATIONS for p in POINTS) + EFFECT_POINTS + PRUNE_POINTS
 """Every failpoint name that ``impl`` hits."""
 
 

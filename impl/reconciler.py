@@ -1,4 +1,5 @@
-"""The reconciler: a maintenance service that runs ``store.reconcile()`` periodically.
+"""The reconciler: a maintenance service that runs ``store.reconcile()`` periodically
+(and, given a :class:`~impl.retention.Retention`, prunes finished jobs when it is due).
 
 ``run_once()`` does one pass and returns its :class:`ReconcileReport`; ``run()`` is the
 thin loop around it. Safe beside running workers: each pass is one transaction per
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from impl.retention import Retention
 from model.errors import StorageError
 from model.record import ReconcileReport
 from model.store import Store
@@ -25,11 +27,20 @@ class Reconciler:
     Args:
         store: the store to reconcile.
         interval: seconds between passes in :meth:`run`.
+        retention: prunes finished jobs on its own schedule between passes of :meth:`run`
+            (see :meth:`impl.retention.Retention.from_config`); None for no pruning.
     """
 
-    def __init__(self, store: Store, *, interval: float = RECONCILE_INTERVAL_DEFAULT) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        interval: float = RECONCILE_INTERVAL_DEFAULT,
+        retention: Retention | None = None,
+    ) -> None:
         self.store = store
         self.interval = interval
+        self.retention = retention
         self._stop = threading.Event()
 
     def run_once(self, *, dry_run: bool = False) -> ReconcileReport:
@@ -44,6 +55,8 @@ class Reconciler:
         while not self._stop.is_set():
             try:
                 self.run_once()
+                if self.retention is not None:
+                    self.retention.run_if_due()
             except StorageError as exc:
                 log.warning("reconcile pass failed, retrying next interval: %s", exc)
             self._stop.wait(self.interval)

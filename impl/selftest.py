@@ -94,6 +94,14 @@ class SelftestReport:
                 if r.backend != "sqlite"
                 else []
             ),
+            *(
+                [
+                    f"  prunes        {r.prunes} prunes while workers ran removed {r.pruned} "
+                    "finished jobs (checked from their archive)"
+                ]
+                if r.prunes
+                else []
+            ),
             f"  leases        {r.leases} granted, {r.leases_lost} lost by their holder",
             f"  effects       {r.effects} recorded once each; {r.executions} executions; "
             f"{r.reexecutions} re-executed after a crash or lost lease (in-doubt retries); "

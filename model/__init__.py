@@ -24,6 +24,7 @@ from model.errors import (
     InvalidPayload,
     InvalidWorkflow,
     JobledgerError,
+    JobPruned,
     LeaseLost,
     SchemaVersionError,
     StorageError,
@@ -48,12 +49,23 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    ArchiveFn,
+    ProgressFn,
+    PrunedJob,
+    PruneReport,
+    Tombstone,
+    parse_age,
+)
 from model.store import EffectFn, OnDoubt, Store
 from model.workflow import DOWNLOAD, Workflow
 
 __all__ = [
     "DOWNLOAD",
     "JSON",
+    "PRUNE_BATCH_DEFAULT",
+    "ArchiveFn",
     "Clock",
     "Config",
     "ConfigError",
@@ -77,6 +89,7 @@ __all__ = [
     "InvalidPayload",
     "InvalidWorkflow",
     "JobInfo",
+    "JobPruned",
     "JobledgerError",
     "Lease",
     "LeaseLost",
@@ -85,12 +98,16 @@ __all__ = [
     "MemoryStore",
     "OnDoubt",
     "Plan",
+    "ProgressFn",
+    "PruneReport",
+    "PrunedJob",
     "ReconcileReport",
     "Scalar",
     "SchemaVersionError",
     "Stats",
     "StorageError",
     "Store",
+    "Tombstone",
     "UnknownJob",
     "UnknownWorkflow",
     "Workflow",
@@ -98,5 +115,6 @@ __all__ = [
     "canon",
     "job_key",
     "op_key",
+    "parse_age",
     "wall_clock",
 ]

@@ -12,7 +12,8 @@ from typing import Literal
 import attrs
 from attrs import field, frozen
 
-from model.errors import ConfigError
+from model.errors import ConfigError, InvalidInput
+from model.retention import parse_age
 
 LEASE_TTL_DEFAULT = 30.0
 MAX_ATTEMPTS_DEFAULT = 5
@@ -28,6 +29,7 @@ JSON_DEPTH_LIMIT_DEFAULT = 128
 BUSY_TIMEOUT_DEFAULT = 5.0
 PER_HOST_DEFAULT = 4
 """Requests in flight per host when neither ``download_per_host`` nor a worker count says."""
+RETENTION_INTERVAL_DEFAULT = 3600.0
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -57,6 +59,25 @@ def _synchronous(_inst: object, attribute: attrs.Attribute[str], value: str) -> 
         raise ConfigError(
             f"{attribute.name} must be one of OFF, NORMAL, FULL, EXTRA, got {value!r}"
         )
+
+
+def _age(_inst: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ConfigError(f"{attribute.name} must be an age like 30d, 12h or 0s, got {value!r}")
+    try:
+        parse_age(value)
+    except InvalidInput:
+        raise ConfigError(
+            f"{attribute.name} must be an age like 30d, 12h, 15m, 90s, 2w or 0s, got "
+            f"{value!r}; leave it unset to keep finished jobs for ever"
+        ) from None
+
+
+def _retention_failed(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in ("prune", "keep"):
+        raise ConfigError(f"{attribute.name} must be 'prune' or 'keep', got {value!r}")
 
 
 def _optional_str(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
@@ -103,6 +124,9 @@ class Config:
     download_breaker_failures: int = field(default=3, validator=_positive_int)
     download_breaker_cooldown: float = field(default=30.0, validator=_positive)
     download_host_patience: float = field(default=60.0, validator=_non_negative)
+    retention: str | None = field(default=None, validator=_age)
+    retention_interval: float = field(default=RETENTION_INTERVAL_DEFAULT, validator=_positive)
+    retention_failed: str = field(default="prune", validator=_retention_failed)
 
     def __attrs_post_init__(self) -> None:
         if self.renew_every is not None:
@@ -135,6 +159,16 @@ class Config:
         if self.download_per_host is not None:
             return self.download_per_host
         return workers if workers is not None else PER_HOST_DEFAULT
+
+    @property
+    def retention_age(self) -> float | None:
+        """Seconds after which a finished job is pruned automatically (None: never).
+
+        ``retention`` is an age like ``30d``; a long-running ``jobledger worker`` (and a
+        :class:`impl.Reconciler` given a retention) prunes every ``retention_interval``
+        seconds, keeping failed jobs when ``retention_failed`` is ``keep``.
+        """
+        return None if self.retention is None else parse_age(self.retention)
 
     @property
     def renew_interval(self) -> float:

@@ -13,6 +13,7 @@ Each message says what was asked, what was found, and what to do.
     ├── EffectInDoubt               a start of a dead lease and on_doubt="raise"
     ├── EffectResultError           result not JSON or too large (also ValueError)
     ├── UnknownJob                  (also LookupError)
+    │   └── JobPruned               the job finished and was pruned; its key is kept
     ├── UnknownWorkflow             (also LookupError)
     ├── WorkflowConflict            same name, different definition
     ├── InvalidWorkflow             a definition that breaks the graph rules (also ValueError)
@@ -29,6 +30,8 @@ Each message says what was asked, what was found, and what to do.
 """
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 from attrs import define, field
 
@@ -105,6 +108,39 @@ class UnknownJob(JobledgerError, LookupError):
             "as returned by plan) and the database you opened"
         )
         self.job_id = job_id
+
+
+class JobPruned(UnknownJob):
+    """The job finished and was removed by ``prune``; only its tombstone is left.
+
+    Planning the same identity again returns this id and changes nothing (the key is
+    kept), unless the operator pruned with ``forget_keys``.
+    """
+
+    def __init__(
+        self, job_id: str, *, kind: str, state: str, finished_at: float, pruned_at: float
+    ) -> None:
+        LookupError.__init__(
+            self,
+            f"job {job_id} ({kind}) finished in state {state!r} at {_utc(finished_at)} and "
+            f"was pruned at {_utc(pruned_at)}: its rows are gone, only its key is kept "
+            "(planning it again changes nothing); read the prune archive for its details, "
+            "or prune with --forget-keys to let the identity be planned anew",
+        )
+        self.job_id = job_id
+        self.kind = kind
+        self.state = state
+        self.finished_at = finished_at
+        self.pruned_at = pruned_at
+
+
+def _utc(seconds: float) -> str:
+    """A store time for a message: the seconds and, when they are a date, the UTC time."""
+    try:
+        stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds}"
+    return f"{seconds} ({stamp})"
 
 
 class UnknownWorkflow(JobledgerError, LookupError):

@@ -31,6 +31,7 @@ from model.errors import (
     IdempotencyConflict,
     IllegalTransition,
     InvalidInput,
+    JobPruned,
     LeaseLost,
     StorageError,
     UnknownJob,
@@ -53,6 +54,18 @@ from model.record import (
     Plan,
     ReconcileReport,
     Stats,
+)
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    PRUNED_REASON,
+    ArchiveFn,
+    ProgressFn,
+    PrunedJob,
+    PruneReport,
+    Tombstone,
+    check_batch_size,
+    check_cutoff,
+    check_limit,
 )
 from model.store import EffectFn, OnDoubt
 from model.validate import (
@@ -155,6 +168,7 @@ class MemoryStore:
     _jobs: dict[str, _Job] = field(factory=dict, init=False)
     _effects: dict[str, _Effect] = field(factory=dict, init=False)
     _history: dict[str, list[HistoryEvent]] = field(factory=dict, init=False)
+    _tombstones: dict[str, Tombstone] = field(factory=dict, init=False)
     _seq: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     _lock: threading.RLock = field(factory=threading.RLock, init=False, eq=False)
@@ -211,6 +225,15 @@ class MemoryStore:
     def _get(self, job_id: str) -> _Job:
         job = self._jobs.get(job_id)
         if job is None:
+            stone = self._tombstones.get(job_id) if isinstance(job_id, str) else None
+            if stone is not None:
+                raise JobPruned(
+                    job_id,
+                    kind=stone.kind,
+                    state=stone.state,
+                    finished_at=stone.finished_at,
+                    pruned_at=stone.pruned_at,
+                )
             raise UnknownJob(job_id)
         return job
 
@@ -226,6 +249,10 @@ class MemoryStore:
     def _check(self, lease: Lease, now: float, op: str) -> _Job:
         if not isinstance(lease, Lease):
             raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
+        if lease.job_id in self._tombstones:
+            # A pruned job finished long ago: any lease of it is lost, and a worker is
+            # told so the way it is told of every lost lease.
+            raise LeaseLost(lease.job_id, lease.token, None, PRUNED_REASON, op)
         job = self._get(lease.job_id)
         if lease.token != job.token:
             raise LeaseLost(job.job_id, lease.token, job.token, "the token is stale", op)
@@ -343,7 +370,9 @@ class MemoryStore:
                 check_seconds(item.run_at, name="run_at")
             known = self._jobs.get(jid)
             stored = known.payload_text if known is not None else batch.get(jid)
-            if stored is not None and stored != text:
+            # A pruned job's key stays planned; its payload is not kept, so it cannot
+            # conflict (see model.retention).
+            if stored is not None and stored != text and jid not in self._tombstones:
                 raise IdempotencyConflict(
                     f"job {jid} ({kind} {dict(item.identity)}) is already planned with payload "
                     f"{stored}, not {text}; a job's payload is fixed at planning: plan a "
@@ -353,7 +382,7 @@ class MemoryStore:
             prepared.append((jid, check_scalars(item.identity, what="identity"), text, item))
         ids = []
         for jid, ident, text, item in prepared:
-            if jid not in self._jobs:
+            if jid not in self._jobs and jid not in self._tombstones:
                 job = _Job(
                     job_id=jid,
                     seq=self._next_seq(),
@@ -767,6 +796,115 @@ class MemoryStore:
                 failed += 1
         return ReconcileReport(leases_expired=expired, effects_in_doubt=doubted, jobs_failed=failed)
 
+    # -- retention -----------------------------------------------------------------
+
+    @_atomic
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before`` (store seconds).
+
+        Jobs go in planned order, ``batch_size`` per batch, each batch atomic: its jobs
+        are handed to ``archive`` (if given), then removed with their effects and
+        history, leaving a tombstone each unless ``forget_keys``. ``keep_failed`` keeps
+        jobs (and tombstones) in their workflow's failed state. ``limit`` caps the jobs
+        removed by this call; without a limit, ``forget_keys`` then also removes the
+        tombstones of earlier prunes that finished before the cutoff, in batches in key
+        order. ``dry_run`` counts and changes nothing. See :mod:`model.retention`.
+        """
+        now = self._now()
+        cutoff = check_cutoff(finished_before)
+        size = check_batch_size(batch_size)
+        cap = check_limit(limit)
+
+        def kept(kind: str, state: str) -> bool:
+            return keep_failed and state == self._flow(kind).failed
+
+        victims = [
+            j
+            for j in sorted(self._jobs.values(), key=lambda j: j.seq)
+            if self._flow(j.kind).is_terminal(j.state)
+            and j.updated_at < cutoff
+            and not kept(j.kind, j.state)
+        ]
+        if cap is not None:
+            victims = victims[:cap]
+        stale = (
+            sorted(
+                (
+                    t
+                    for t in self._tombstones.values()
+                    if t.finished_at < cutoff and not kept(t.kind, t.state)
+                ),
+                key=lambda t: t.job_id,
+            )
+            if forget_keys and cap is None
+            else []
+        )
+        if dry_run:
+            effects = sum(
+                1 for e in self._effects.values() if e.job_id in {j.job_id for j in victims}
+            )
+            return PruneReport(
+                jobs=len(victims),
+                effects=effects,
+                tombstones=0 if forget_keys else len(victims),
+                forgotten=len(stale),
+            )
+        report = PruneReport()
+        for start in range(0, len(victims), size):
+            batch = victims[start : start + size]
+            if archive is not None:
+                archive([self._pruned(j, now) for j in batch])
+            effects = 0
+            for job in batch:
+                keys = [k for k, e in self._effects.items() if e.job_id == job.job_id]
+                for key in keys:
+                    del self._effects[key]
+                effects += len(keys)
+                self._history.pop(job.job_id, None)
+                del self._jobs[job.job_id]
+                if not forget_keys:
+                    self._tombstones[job.job_id] = Tombstone(
+                        job_id=job.job_id,
+                        kind=job.kind,
+                        state=job.state,
+                        finished_at=job.updated_at,
+                        pruned_at=now,
+                    )
+            report = report.plus(
+                jobs=len(batch), effects=effects, tombstones=0 if forget_keys else len(batch)
+            )
+            if progress is not None:
+                progress(report)
+        for start in range(0, len(stale), size):
+            chunk = stale[start : start + size]
+            for stone in chunk:
+                del self._tombstones[stone.job_id]
+            report = report.plus(forgotten=len(chunk))
+            if progress is not None:
+                progress(report)
+        return report
+
+    def _pruned(self, job: _Job, now: float) -> PrunedJob:
+        effects = sorted(
+            (e for e in self._effects.values() if e.job_id == job.job_id), key=lambda e: e.seq
+        )
+        return PrunedJob(
+            job=self._info(job, now),
+            effects=tuple(self._effect_info(e) for e in effects),
+            history=tuple(self._history.get(job.job_id, [])),
+        )
+
     # -- reads ---------------------------------------------------------------------
 
     @_atomic
@@ -850,21 +988,22 @@ class MemoryStore:
         rows = sorted(
             (e for e in self._effects.values() if e.job_id == job_id), key=lambda e: e.seq
         )
-        return [
-            EffectInfo(
-                job_id=e.job_id,
-                op=e.op,
-                op_key=e.op_key,
-                status=e.status,
-                result=None if e.result_text is None else json.loads(e.result_text),
-                started_at=e.started_at,
-                finished_at=e.finished_at,
-                token=e.token,
-                started_by=e.started_by,
-                extras=dict(e.extras),
-            )
-            for e in rows
-        ]
+        return [self._effect_info(e) for e in rows]
+
+    @staticmethod
+    def _effect_info(e: _Effect) -> EffectInfo:
+        return EffectInfo(
+            job_id=e.job_id,
+            op=e.op,
+            op_key=e.op_key,
+            status=e.status,
+            result=None if e.result_text is None else json.loads(e.result_text),
+            started_at=e.started_at,
+            finished_at=e.finished_at,
+            token=e.token,
+            started_by=e.started_by,
+            extras=dict(e.extras),
+        )
 
     @_atomic
     def history(self, job_id: str) -> list[HistoryEvent]:

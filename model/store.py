@@ -25,6 +25,7 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
+from model.retention import PRUNE_BATCH_DEFAULT, ArchiveFn, ProgressFn, PruneReport
 from model.workflow import Workflow
 
 OnDoubt = Literal["retry", "raise"] | Callable[[DoubtInfo], JSON]
@@ -166,6 +167,22 @@ class Store(Protocol):
 
     def stats(self) -> Stats:
         """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+        ...
+
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before``, in batches,
+        keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``)."""
         ...
 
     @property

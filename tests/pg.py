@@ -38,6 +38,10 @@ LEDGER_TABLES = frozenset(
         "jobs",
         "effects",
         "history",
+        "tombstones",
+        "state_counts",
+        "count_mark",
+        "count_pending",
     }
 )
 """Every table impl/postgres/schema.py creates; a new one must be emptied by ``_RESET`` too."""
@@ -46,6 +50,10 @@ LEDGER_TABLES = frozenset(
 # tables reference workflows). The built-in workflow stays: every store re-registers it.
 _RESET = """
 DELETE FROM {history};
+DELETE FROM {tombstones};
+DELETE FROM {state_counts};
+DELETE FROM {count_pending};
+UPDATE {count_mark} SET seq = 0;
 DELETE FROM {effects};
 DELETE FROM {jobs};
 DELETE FROM {edges} WHERE kind <> 'download';
@@ -157,6 +165,10 @@ def _reset(session: _Session) -> None:
 
     statement = sql.SQL(_RESET).format(
         history=ident("history"),
+        tombstones=ident("tombstones"),
+        state_counts=ident("state_counts"),
+        count_pending=ident("count_pending"),
+        count_mark=ident("count_mark"),
         effects=ident("effects"),
         jobs=ident("jobs"),
         edges=ident("workflow_edges"),

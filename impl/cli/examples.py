@@ -336,6 +336,18 @@ def _act(shell: _Shell, ledger: Ledger) -> None:
         ledger.crashed[:12],
     )
     shell.run("And the ledger afterwards:", "status")
+    shell.clock.advance(3600)
+    shell.run(
+        "Finished jobs keep their rows, effects and history until they are pruned. `prune` "
+        "removes those that finished longer ago than an age (`30d`, `12h`, `0s`), in short "
+        "batches beside running workers; each leaves a tombstone of its key, so planning it "
+        "again changes nothing. `--dry-run` counts first (`--keep-failed`, `--archive FILE` "
+        "and `--forget-keys` are in specs/009-retention.md):",
+        "prune",
+        "--finished-before",
+        "30m",
+        "--dry-run",
+    )
 
 
 def _deploy(shell: _Shell, workdir: Path) -> None:

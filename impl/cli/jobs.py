@@ -6,6 +6,8 @@ prefix (tables print the first 12 characters).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import click
 from rich.table import Table
 
@@ -109,13 +111,20 @@ def show(session: Session, job_id: str, as_json: bool) -> None:
         # Lease times are in the store's clock (the server's, on PostgreSQL), not ours.
         now = store.now()
     if as_json:
-        out = output.plain(job)
-        assert isinstance(out, dict)
-        out["effects"] = [_effect_json(e) for e in effects]
-        out["history"] = [output.plain(h) for h in history]
-        output.print_json(out)
+        output.print_json(job_json(job, effects, history))
         return
     _print_job(job, effects, history, now)
+
+
+def job_json(
+    job: JobInfo, effects: Sequence[EffectInfo], history: Sequence[HistoryEvent]
+) -> dict[str, object]:
+    """One job object as ``show --json`` prints it (and ``prune --archive`` keeps it)."""
+    out = output.plain(job)
+    assert isinstance(out, dict)
+    out["effects"] = [_effect_json(e) for e in effects]
+    out["history"] = [output.plain(h) for h in history]
+    return out
 
 
 def _effect_json(effect: EffectInfo) -> dict[str, object]:

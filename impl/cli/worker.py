@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import click
 
 from impl.cli import exit as exits
 from impl.cli.session import Session, pass_session
+from impl.retention import Retention
 from impl.worker import Worker
 from model.store import Store
 
@@ -92,12 +94,25 @@ def worker(
     MODULE:ATTR is a dict of job kind to handler, or a callable returning one. The
     worker runs until SIGTERM or Ctrl-C, which stop it after the current effect and
     release its lease (exit 130). With --until-idle it stops when no job is eligible
-    and exits 1 if jobs failed during the run."""
+    and exits 1 if jobs failed during the run. With `retention` set in the configuration
+    (e.g. `retention: 30d`), it also prunes finished jobs at start and every
+    `retention_interval` seconds (see `jobledger prune`)."""
     handlers = load_handlers(handlers_spec)
     with session.store(create=True) as store:
         failed_before = _failed_ids(store, handlers)
         runner = Worker(store, handlers, name=name, concurrency=concurrency)
-        report = runner.run(until_idle=until_idle)
+        retention = Retention.from_config(store, session.config)
+        pruner = None
+        if retention is not None:
+            # The configured retention (``retention: 30d``) runs beside the jobs.
+            pruner = threading.Thread(target=retention.run, name="jobledger-retention")
+            pruner.start()
+        try:
+            report = runner.run(until_idle=until_idle)
+        finally:
+            if retention is not None and pruner is not None:
+                retention.stop()
+                pruner.join()
         newly_failed = _failed_ids(store, handlers) - failed_before
     click.echo(
         f"worker {runner.name}: {report.jobs} job(s) leased, {report.finished} finished, "

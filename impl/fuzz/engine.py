@@ -49,6 +49,7 @@ from impl.fuzz.workload import KIND, WORKFLOW
 from impl.store import open_store
 from model.errors import JobledgerError
 from model.record import Event, Plan
+from model.retention import PrunedJob
 from model.store import Store
 
 WORKER_OPERATIONS = (
@@ -103,6 +104,11 @@ class FuzzSettings:
         disconnect_every: on PostgreSQL, real seconds (uniform range) between two
             server-side disconnects of a random worker's sessions during the chaos.
         min_disconnects: like ``min_kills``, for the server-side disconnects.
+        prune_every: real seconds (uniform range) between two prunes by the parent during
+            the chaos, while the workers run; None for no prunes. Each prune removes the
+            jobs that finished ``prune_age`` simulated seconds ago or earlier, in batches
+            of ``prune_batch``, and archives them: the checker reads the archived jobs
+            with the ledger's, so a prune that lost or damaged a job is caught.
     """
 
     seconds: float = 100.0
@@ -129,6 +135,9 @@ class FuzzSettings:
     db: str | None = None
     disconnect_every: tuple[float, float] = (0.5, 3.0)
     min_disconnects: int = 0
+    prune_every: tuple[float, float] | None = None
+    prune_age: float = 5.0
+    prune_batch: int = 4
 
 
 @frozen(kw_only=True)
@@ -162,6 +171,8 @@ class FuzzResult:
     disconnects: int = 0
     storage_errors: int = 0
     schema_kept: str | None = None
+    pruned: int = 0
+    prunes: int = 0
 
     @property
     def kills(self) -> int:
@@ -203,6 +214,8 @@ class _Run:
     killed: set[str] = field(factory=set)
     worker_errors: list[str] = field(factory=list)
     draining: bool = False
+    archived: list[PrunedJob] = field(factory=list)
+    prunes: int = 0
 
     @property
     def sink(self) -> Path:
@@ -310,6 +323,16 @@ class _Run:
             pending += room
         return pending
 
+    def prune(self) -> None:
+        """Prune the jobs that finished long enough ago, archiving them for the checker."""
+        s = self.settings
+        self.store.prune(
+            finished_before=self.clock.now - s.prune_age,
+            batch_size=s.prune_batch,
+            archive=self.archived.extend,
+        )
+        self.prunes += 1
+
     def pending(self) -> int:
         counts = self.store.stats().by_state.get(KIND, {})
         return sum(n for state, n in counts.items() if not WORKFLOW.is_terminal(state))
@@ -324,6 +347,8 @@ class _Run:
         # backend, with or without disconnects.
         cuts = Random(f"disconnect-{s.seed}")
         next_disconnect = begin + cuts.uniform(*s.disconnect_every)
+        prunes = Random(f"prune-{s.seed}")
+        next_prune = begin + prunes.uniform(*s.prune_every) if s.prune_every else None
         for _ in range(s.workers):
             self.spawn()
         while (now := time.monotonic()) < deadline or (
@@ -351,6 +376,9 @@ class _Run:
             if self.ledger.can_disconnect and now >= next_disconnect:
                 self.disconnect(cuts)
                 next_disconnect = now + cuts.uniform(*s.disconnect_every)
+            if next_prune is not None and s.prune_every is not None and now >= next_prune:
+                self.prune()
+                next_prune = now + prunes.uniform(*s.prune_every)
 
     def drain(self) -> tuple[float, int]:
         """Run the drain; return when it began (simulated) and the steps it took."""
@@ -453,6 +481,7 @@ def run_fuzz(directory: Path, settings: FuzzSettings) -> FuzzResult:
             step=s.step,
             liveness_steps=s.liveness_steps,
             worker_errors=run.worker_errors,
+            archived=run.archived,
         )
         by_state: dict[str, int] = {}
         for info in evidence.jobs.values():
@@ -547,4 +576,6 @@ def _result(
             for e in ev.entries
         ),
         schema_kept=None if passed and not run.settings.keep else run.ledger.schema,
+        pruned=len(run.archived),
+        prunes=run.prunes,
     )

@@ -15,6 +15,7 @@ from impl.fuzz.history import Entry, HistoryDamaged, read_histories
 from impl.fuzz.sink import FencedSink, integrity_of
 from impl.fuzz.workload import KIND, WORKFLOW
 from model.record import EffectInfo, HistoryEvent, JobInfo
+from model.retention import PrunedJob
 from model.store import Store
 
 
@@ -30,6 +31,7 @@ def collect_evidence(
     step: float = 1.0,
     liveness_steps: int = 1000,
     worker_errors: Iterable[str] = (),
+    archived: Iterable[PrunedJob] = (),
 ) -> tuple[Evidence, int]:
     """Read what a run left behind into :class:`Evidence`; also return the torn lines.
 
@@ -41,6 +43,9 @@ def collect_evidence(
         db: a SQLite ledger file, checked with ``integrity_check`` when given.
         integrity: further verdicts by name ("ok" when intact), computed by the caller
             (a PostgreSQL ledger has none: it is read through the Store API only).
+        archived: jobs a prune removed, as its archive received them: read as if they
+            were still in the ledger (a job both archived and in the ledger is a
+            violation the checker reports as a job seen twice).
     """
     jobs: dict[str, JobInfo] = {}
     history: dict[str, list[HistoryEvent]] = {}
@@ -49,9 +54,17 @@ def collect_evidence(
         jobs[info.job_id] = info
         history[info.job_id] = store.history(info.job_id)
         effects[info.job_id] = store.effects(info.job_id)
+    twice: list[str] = []
+    for pruned in archived:
+        job_id = pruned.job.job_id
+        if job_id in jobs:
+            twice.append(f"job {job_id} was archived by a prune and is still in the ledger")
+        jobs[job_id] = pruned.job
+        history[job_id] = list(pruned.history)
+        effects[job_id] = list(pruned.effects)
     entries: list[Entry] = []
     torn = 0
-    errors = list(worker_errors)
+    errors = list(worker_errors) + twice
     try:
         for log in read_histories(logs):
             entries += log.entries

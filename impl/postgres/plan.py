@@ -32,6 +32,8 @@ def plan_items(
     """
     kind = flow.name
     ids = []
+    inserted: list[str] = []
+    pruned: set[str] = set()
     for item in items:
         jid = job_key(kind, item.identity)
         text = encode_payload(item.payload, depth_limit=depth_limit)
@@ -52,16 +54,30 @@ def plan_items(
             # None: the statement uses the transaction's now (the one clock rule).
             "run_at": float(item.run_at) if item.run_at is not None else None,
         }
-        if tx.one(q.INSERT_JOB, params) is not None:
-            tx.log(jid, Event.PLANNED, token=0, worker=None)
+        if jid in pruned:
+            pass  # an earlier item of this batch found the key's tombstone
+        elif tx.one(q.INSERT_JOB, params) is not None:
+            inserted.append(jid)
         else:
             row = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
-            assert row is not None, "a conflicting insert means the row exists"
-            if row["payload"] != text:
+            if row is None:
+                # No row, and the insert did nothing: the key has a tombstone (its job
+                # was pruned), which keeps it planned and cannot conflict.
+                pruned.add(jid)
+            elif row["payload"] != text:
                 raise IdempotencyConflict(
                     f"job {jid} ({kind} {dict(item.identity)}) is already planned with "
                     f"payload {row['payload']}, not {text}; a job's payload is fixed at "
                     "planning: plan a different identity, or keep the payload"
                 )
         ids.append(jid)
+    if inserted:
+        # A prune that committed while an insert waited on the row it deleted: its
+        # tombstone was not in the insert's snapshot, so look again in a fresh one.
+        late = {r["job_id"] for r in tx.all(q.PRUNED_AMONG, {"ids": inserted})}
+        if late:
+            tx.run(q.UNPLAN, {"ids": sorted(late)})
+        for jid in inserted:
+            if jid not in late:
+                tx.log(jid, Event.PLANNED, token=0, worker=None)
     return ids

@@ -63,12 +63,22 @@ JOB_STATE = "SELECT state FROM jobs WHERE job_id = %(job_id)s"
 JOB_EXISTS = "SELECT 1 FROM jobs WHERE job_id = %(job_id)s"
 JOB_PAYLOAD = "SELECT payload FROM jobs WHERE job_id = %(job_id)s"
 
+COUNTS_LOCK_KEY = "hashtext('jobledger:counts:' || current_schema())"
+COUNTS_LOCK_SHARED = "SELECT pg_advisory_xact_lock_shared(" + COUNTS_LOCK_KEY + ")"
+"""Held by every transaction that numbers a new job, retries one or deletes some, so the
+counts' refresh (which takes it exclusively) sees every job below its watermark and no
+finished one changes under it (impl/postgres/rollup.py)."""
+COUNTS_LOCK = "SELECT pg_advisory_xact_lock(" + COUNTS_LOCK_KEY + ")"
+
 INSERT_JOB = (
     """
+WITH counts_lock AS MATERIALIZED ("""
+    + COUNTS_LOCK_SHARED
+    + """)
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, attempts, max_attempts, priority, run_at,
     token, created_at, updated_at
-) VALUES (
+) SELECT
     %(job_id)s, %(kind)s, %(identity)s, %(payload)s, %(state)s, 0, %(max_attempts)s,
     %(priority)s, coalesce(%(run_at)s::double precision, """
     + NOW
@@ -77,11 +87,15 @@ INSERT INTO jobs (
     + ", "
     + NOW
     + """
-)
+FROM counts_lock
+WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE job_id = %(job_id)s)
 ON CONFLICT (job_id) DO NOTHING
 RETURNING job_id
 """
 )
+"""Plan one job unless its key is planned or was pruned (a tombstone). The tombstone
+check reads the statement's snapshot: a prune that commits while the insert waits on the
+row it deletes is caught by :data:`PRUNED_AMONG` afterwards."""
 
 CLEAR_EXPIRED_LEASE = """
 UPDATE jobs SET lease_worker = NULL, lease_expires_at = NULL, updated_at = %(now)s
@@ -287,7 +301,6 @@ SELECT j.job_id, j.kind, j.token, j.attempts, j.max_attempts
 
 # -- stats -----------------------------------------------------------------------------
 
-COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
 SUMMARY = """
 SELECT
     (SELECT count(*) FROM jobs
@@ -297,12 +310,7 @@ SELECT
     (SELECT count(*) FROM effects e JOIN jobs j ON j.job_id = e.job_id
       WHERE e.status = 'in_doubt'
          OR (e.status = 'started' AND (e.token <> j.token OR j.lease_worker IS NULL
-                                       OR j.lease_expires_at <= %(now)s))) AS in_doubt,
-    (SELECT count(*) FROM jobs j JOIN workflows w ON w.name = j.kind
-      WHERE j.state = w.failed) AS failed,
-    (SELECT min(run_at) FROM jobs
-      WHERE active AND run_at <= %(now)s AND attempts < max_attempts
-        AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)) AS oldest_run_at
+                                       OR j.lease_expires_at <= %(now)s))) AS in_doubt
 """
 
 # -- the hot path: one statement per transaction ---------------------------------------
@@ -491,3 +499,115 @@ WITH job AS (
 SELECT * FROM recorded
 """
 )
+
+# -- retention (schema version 2) ------------------------------------------------------
+
+TOMBSTONE = "SELECT kind, state, finished_at, pruned_at FROM tombstones WHERE job_id = %(job_id)s"
+PRUNED_AMONG = "SELECT job_id FROM tombstones WHERE job_id = ANY(%(ids)s)"
+"""Keys of a planning batch that have a tombstone (read in a fresh snapshot, after the
+inserts: see INSERT_JOB)."""
+UNPLAN = "DELETE FROM jobs WHERE job_id = ANY(%(ids)s)"
+_PRUNABLE = """NOT active AND updated_at < %(cutoff)s
+   AND NOT (%(keep_failed)s AND state = (SELECT w.failed FROM workflows w WHERE w.name = kind))"""
+PRUNABLE = (
+    "SELECT seq FROM jobs WHERE seq > %(after)s AND " + _PRUNABLE + " ORDER BY seq LIMIT %(n)s"
+)
+"""The next batch of prunable jobs in planned order, read before the batch's transaction."""
+PRUNE_LOCK = (
+    "SELECT "
+    + JOB_COLUMNS
+    + " FROM jobs WHERE seq = ANY(%(seqs)s) AND "
+    + _PRUNABLE
+    + " ORDER BY seq FOR UPDATE"
+)
+"""The batch's jobs that are still prunable, locked until the batch commits."""
+PRUNE_EFFECTS = "DELETE FROM effects WHERE job_id = ANY(%(ids)s)"
+PRUNE_HISTORY = "DELETE FROM history WHERE job_id = ANY(%(ids)s)"
+INSERT_TOMBSTONES = (
+    """
+INSERT INTO tombstones (job_id, kind, state, finished_at, pruned_at)
+SELECT job_id, kind, state, updated_at, """
+    + NOW
+    + """ FROM jobs WHERE job_id = ANY(%(ids)s)
+ON CONFLICT (job_id) DO UPDATE
+   SET kind = EXCLUDED.kind, state = EXCLUDED.state, finished_at = EXCLUDED.finished_at,
+       pruned_at = EXCLUDED.pruned_at
+"""
+)
+PRUNE_JOBS = "DELETE FROM jobs WHERE job_id = ANY(%(ids)s)"
+COUNT_PRUNABLE = (
+    "SELECT count(*) AS jobs,"
+    " coalesce(sum((SELECT count(*) FROM effects e WHERE e.job_id = j.job_id)), 0) AS effects"
+    " FROM (SELECT job_id FROM jobs WHERE " + _PRUNABLE + " ORDER BY seq LIMIT %(n)s) AS j"
+)
+_FORGETTABLE = """finished_at < %(cutoff)s
+   AND NOT (%(keep_failed)s AND state = (SELECT w.failed FROM workflows w WHERE w.name = kind))"""
+FORGETTABLE = (
+    'SELECT job_id FROM tombstones WHERE job_id COLLATE "C" > %(after)s AND '
+    + _FORGETTABLE
+    + ' ORDER BY job_id COLLATE "C" LIMIT %(n)s'
+)
+FORGET = "DELETE FROM tombstones WHERE job_id = ANY(%(ids)s) AND " + _FORGETTABLE
+COUNT_FORGETTABLE = "SELECT count(*) AS n FROM tombstones WHERE " + _FORGETTABLE
+
+# -- counts of finished jobs by watermark (impl/postgres/rollup.py) ----------------------
+
+COUNT_MARK = "SELECT seq FROM count_mark WHERE id = 1"
+COUNT_MARK_FOR_UPDATE = COUNT_MARK + " FOR UPDATE"
+MAX_SEQ = "SELECT coalesce(max(seq), 0) AS seq FROM jobs"
+# The active jobs by kind and state, and the run_at of the oldest eligible one, in one
+# pass over the active rows (their rows are read once, not once per figure).
+ACTIVE_COUNTS = """
+SELECT kind, state, count(*) AS n,
+       min(run_at) FILTER (
+           WHERE run_at <= %(now)s AND attempts < max_attempts
+             AND (lease_worker IS NULL OR lease_expires_at <= %(now)s)) AS oldest
+FROM jobs WHERE active GROUP BY kind, state
+"""
+ROLLUP_COUNTS = "SELECT kind, state, n FROM state_counts WHERE n > 0"
+TAIL_COUNTS = """
+SELECT kind, state, count(*) AS n FROM jobs WHERE seq > %(mark)s AND NOT active
+GROUP BY kind, state
+"""
+# Pending jobs that finished since: the pending list less the active jobs' numbers (an
+# index-only walk of the partial index of active jobs), and only those rows looked up
+# (LATERAL, kept from being flattened into a join by OFFSET 0: one index lookup each,
+# never a scan of every job).
+_PENDING_DONE = """
+    SELECT p.seq, j.kind, j.state
+    FROM (SELECT seq FROM count_pending EXCEPT SELECT seq FROM jobs WHERE active) AS p
+    CROSS JOIN LATERAL (
+        SELECT kind, state FROM jobs WHERE jobs.seq = p.seq AND NOT jobs.active
+        OFFSET 0) AS j"""
+PENDING_DONE_COUNTS = (
+    "SELECT kind, state, count(*) AS n FROM (" + _PENDING_DONE + ") AS d GROUP BY kind, state"
+)
+# Each refresh statement reads one snapshot, so a job is either counted or pending.
+FOLD_PENDING_DONE = (
+    """
+WITH done AS ("""
+    + _PENDING_DONE
+    + """
+), counted AS (
+    INSERT INTO state_counts (kind, state, n)
+    SELECT kind, state, count(*) FROM done GROUP BY kind, state
+    ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + EXCLUDED.n
+)
+DELETE FROM count_pending WHERE seq IN (SELECT seq FROM done)
+"""
+)
+FOLD_RANGE = """
+WITH r AS (
+    SELECT seq, kind, state, active FROM jobs WHERE seq > %(mark)s AND seq <= %(upto)s
+), counted AS (
+    INSERT INTO state_counts (kind, state, n)
+    SELECT kind, state, count(*) FROM r WHERE NOT active GROUP BY kind, state
+    ON CONFLICT (kind, state) DO UPDATE SET n = state_counts.n + EXCLUDED.n
+)
+INSERT INTO count_pending (seq) SELECT seq FROM r WHERE active
+"""
+SET_COUNT_MARK = "UPDATE count_mark SET seq = %(upto)s WHERE id = 1"
+PENDING_AMONG = "SELECT seq FROM count_pending WHERE seq = ANY(%(seqs)s)"
+UNCOUNT = "UPDATE state_counts SET n = n - %(n)s WHERE kind = %(kind)s AND state = %(state)s"
+UNPEND_AMONG = "DELETE FROM count_pending WHERE seq = ANY(%(seqs)s)"
+PEND_ONE = "INSERT INTO count_pending (seq) VALUES (%(seq)s) ON CONFLICT DO NOTHING"

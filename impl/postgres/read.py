@@ -9,10 +9,10 @@ from __future__ import annotations
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
+from impl.postgres import rollup
 from impl.postgres.database import Tx
 from impl.postgres.registry import stored
-from impl.postgres.rows import effect_info, history_event, job_info, lease_row
-from model.errors import UnknownJob
+from impl.postgres.rows import effect_info, history_event, job_info, lease_row, missing_job
 from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow, Stats
 
 
@@ -21,7 +21,7 @@ def job_row(tx: Tx, job_id: str, *, lock: bool = False) -> DictRow:
     query = q.JOB_FOR_UPDATE if lock else q.JOB
     row = tx.one(query, {"job_id": job_id}) if isinstance(job_id, str) else None
     if row is None:
-        raise UnknownJob(job_id)
+        raise missing_job(tx, job_id)
     return row
 
 
@@ -53,17 +53,18 @@ def history(tx: Tx, job_id: str) -> list[HistoryEvent]:
 
 def stats(tx: Tx) -> Stats:
     """Return counts by kind and state, leases, in-doubt effects, failures and lag."""
-    by_state = {f.name: dict.fromkeys(f.states, 0) for f in stored(tx)}
-    for row in tx.all(q.COUNTS):
-        by_state[row["kind"]][row["state"]] = row["count"]
+    flows = stored(tx)
+    by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
+    counted, oldest = rollup.counts(tx)
+    for kind, states in counted.items():
+        by_state.setdefault(kind, {}).update(states)
     summary = tx.one(q.SUMMARY, {"now": tx.now})
     assert summary is not None
-    oldest = summary["oldest_run_at"]
     return Stats(
         by_state=by_state,
         leases_live=summary["leases_live"],
         leases_expired=summary["leases_expired"],
         in_doubt=summary["in_doubt"],
-        failed=summary["failed"],
+        failed=sum(by_state[f.name][f.failed] for f in flows),
         oldest_eligible_age=None if oldest is None else tx.now - oldest,
     )

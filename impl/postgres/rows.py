@@ -13,7 +13,7 @@ from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
 from impl.postgres.database import Tx
-from model.errors import InvalidInput, LeaseLost, UnknownJob
+from model.errors import InvalidInput, JobPruned, LeaseLost, UnknownJob
 from model.record import (
     EffectInfo,
     EffectStatus,
@@ -23,6 +23,7 @@ from model.record import (
     Lease,
     LeaseRow,
 )
+from model.retention import PRUNED_REASON
 
 
 def is_live(row: DictRow, now: float) -> bool:
@@ -152,5 +153,23 @@ def locked_job(tx: Tx, lease: object, op: str) -> tuple[Lease, DictRow]:
         raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
     row = tx.one(q.JOB_FOR_UPDATE, {"job_id": lease.job_id})
     if row is None:
-        raise UnknownJob(lease.job_id)
+        missing = missing_job(tx, lease.job_id)
+        if isinstance(missing, JobPruned):
+            raise LeaseLost(lease.job_id, lease.token, None, PRUNED_REASON, op)
+        raise missing
     return check_lease(lease, row, tx.now, op), row
+
+
+def missing_job(tx: Tx, job_id: object) -> UnknownJob:
+    """The error for a job id with no row: :class:`JobPruned` when a tombstone says it
+    was pruned, else :class:`UnknownJob`."""
+    stone = tx.one(q.TOMBSTONE, {"job_id": job_id}) if isinstance(job_id, str) else None
+    if stone is None:
+        return UnknownJob(job_id)  # type: ignore[arg-type]
+    return JobPruned(
+        str(job_id),
+        kind=stone["kind"],
+        state=stone["state"],
+        finished_at=float(stone["finished_at"]),
+        pruned_at=float(stone["pruned_at"]),
+    )

@@ -193,7 +193,42 @@ _V1 = (
     """,
 )
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _V1),)
+# Version 2: a tombstone of every job that prune removes (model.retention), so that
+# planning the identity again stays a no-op; and autovacuum that keeps up with prune's
+# batched deletes (a pass once 5% of a table is dead, not the default 20%, so the dead
+# rows of a big prune are reclaimed while it runs rather than long after).
+_V2 = (
+    """
+    CREATE TABLE tombstones (
+        job_id text PRIMARY KEY,
+        kind text NOT NULL,
+        state text NOT NULL,
+        finished_at double precision NOT NULL,
+        pruned_at double precision NOT NULL
+    )
+    """,
+    # Counts of finished jobs by watermark, for stats without reading every job and
+    # without a write on the hot path (impl/postgres/rollup.py).
+    """
+    CREATE TABLE state_counts (
+        kind text NOT NULL,
+        state text NOT NULL,
+        n bigint NOT NULL CHECK (n >= 0),
+        PRIMARY KEY (kind, state)
+    )
+    """,
+    "CREATE TABLE count_mark (id integer PRIMARY KEY CHECK (id = 1), seq bigint NOT NULL)",
+    "INSERT INTO count_mark (id, seq) VALUES (1, 0)",
+    "CREATE TABLE count_pending (seq bigint PRIMARY KEY)",
+    "ALTER TABLE jobs SET (autovacuum_vacuum_scale_factor = 0.05)",
+    "ALTER TABLE effects SET (autovacuum_vacuum_scale_factor = 0.05)",
+    "ALTER TABLE history SET (autovacuum_vacuum_scale_factor = 0.05)",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _V1),
+    Migration(2, "tombstones of pruned jobs; counts by watermark; autovacuum for prune", _V2),
+)
 """Every migration, oldest first; append only."""
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -22,13 +22,14 @@ since the epoch in whichever clock is in use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
-from impl.postgres import read
+from impl.postgres import read, retention, rollup
 from impl.postgres.database import Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
 from impl.postgres.plan import plan_items
@@ -39,6 +40,7 @@ from model.clock import Clock
 from model.config import Config
 from model.errors import (
     ConfigError,
+    DatabaseLocked,
     IllegalTransition,
     InvalidInput,
     LeaseLost,
@@ -56,6 +58,13 @@ from model.record import (
     Plan,
     ReconcileReport,
     Stats,
+)
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    ArchiveFn,
+    ProgressFn,
+    PruneReport,
+    check_cutoff,
 )
 from model.store import EffectFn, OnDoubt
 from model.validate import check_int, check_seconds, check_text, exhausted_message
@@ -526,6 +535,7 @@ class PostgresStore:
         self._db.check_open()
 
         def body(tx: Tx) -> None:
+            rollup.hold(tx)
             row = read.job_row(tx, job_id, lock=True)
             flow = self._flows.get(tx, row["kind"])
             if row["state"] != flow.failed:
@@ -533,6 +543,7 @@ class PostgresStore:
                     f"retry of job {job_id}: it is in state {row['state']!r}, not the failed "
                     f"state {flow.failed!r}; only failed jobs can be retried"
                 )
+            rollup.reactivate(tx, row["seq"], row["kind"], flow.failed)
             back = row["failed_from"] if row["failed_from"] is not None else flow.initial
             new = tx.one(
                 q.RETRY, {"job_id": job_id, "to_state": back, "failed": flow.failed, "now": tx.now}
@@ -573,7 +584,12 @@ class PostgresStore:
 
         if dry_run:
             return self._db.dry("reconcile", body)
-        return self._db.write("reconcile", body)
+        report = self._db.write("reconcile", body)
+        # Maintenance beside the pass (its own short transaction, invisible to callers):
+        # a step that cannot get its lock in time is left to the next pass.
+        with contextlib.suppress(DatabaseLocked):
+            rollup.refresh(self._db)
+        return report
 
     # -- reads ---------------------------------------------------------------------
 
@@ -626,7 +642,37 @@ class PostgresStore:
 
     def stats(self) -> Stats:
         """Counts by kind and state, leases, in-doubt effects, failures and queue lag."""
+        rollup.refresh_for_stats(self._db)
         return self._db.read("stats", read.stats)
+
+    # -- retention -----------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before``, in short batches,
+        keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``)."""
+        self._db.check_open()
+        return retention.prune(
+            self._db,
+            finished_before=check_cutoff(finished_before),
+            keep_failed=keep_failed,
+            forget_keys=forget_keys,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            limit=limit,
+            archive=archive,
+            progress=progress,
+        )
 
 
 def pending_migrations(url: str, *, config: Config | None = None) -> list[tuple[int, str]]:

@@ -118,6 +118,10 @@ def open_connection(path: Path, config: Config) -> LedgerConnection:
         try:
             # Before the switch to WAL, which writes a new file's first page.
             conn.execute(q.PRAGMA_PAGE_SIZE)
+            # Only for a new, empty file (before its first table): its free pages can then
+            # be given back after a prune (retention.reclaim). An existing file keeps its
+            # mode, and is not written to here (the pragma would touch its header).
+            patiently(config.busy_timeout, lambda: _incremental_vacuum_if_new(conn))
             # Switching needs an exclusive lock: a process opening a new file while
             # another one switches or migrates it waits here.
             patiently(config.busy_timeout, lambda: conn.execute(q.PRAGMA_JOURNAL_WAL).fetchall())
@@ -129,6 +133,11 @@ def open_connection(path: Path, config: Config) -> LedgerConnection:
             conn.close()
             raise
     return conn
+
+
+def _incremental_vacuum_if_new(conn: sqlite3.Connection) -> None:
+    if conn.execute(q.PRAGMA_PAGE_COUNT).fetchone()[0] == 0:
+        conn.execute(q.PRAGMA_AUTO_VACUUM_INCREMENTAL)
 
 
 class Held:

@@ -8,13 +8,16 @@ reads one snapshot too, so its counts agree with each other.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 from impl.sqlite import queries as q
+from impl.sqlite import rollup
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
 from impl.sqlite.row import op_detail, text_of
 from model.clock import Clock
+from model.errors import DatabaseLocked
 from model.record import Event, ReconcileReport, Stats
 from model.validate import exhausted_message
 from model.workflow import Workflow
@@ -76,6 +79,10 @@ def reconcile(
                 token,
                 exhausted_message(attempts, max_attempts),
             )
+    # Maintenance beside the pass (its own short transaction, invisible to callers): a
+    # step that cannot get the write lock in time is left to the next pass.
+    with contextlib.suppress(DatabaseLocked):
+        rollup.refresh(conn, clock)
     return ReconcileReport(
         leases_expired=len(expired), effects_in_doubt=len(starts), jobs_failed=len(exhausted)
     )
@@ -92,7 +99,11 @@ def _would_reconcile(conn: sqlite3.Connection, clock: Clock) -> ReconcileReport:
 
 
 def stats(conn: LedgerConnection, clock: Clock, catalog: Catalog) -> Stats:
-    """Return counts by kind and state, leases, in-doubt effects and queue lag."""
+    """Return counts by kind and state, leases, in-doubt effects and queue lag.
+
+    The counts come from :mod:`impl.sqlite.rollup` (time in proportion to the active and
+    recently finished jobs); a long tail past its watermark is folded in first."""
+    rollup.refresh_for_stats(conn, clock)
     return reading(conn, "stats", lambda: _stats(conn, clock, catalog))
 
 
@@ -102,16 +113,24 @@ def _stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
         params = {"now": now}
         workflows = catalog.all(conn)
         by_state = {w.name: dict.fromkeys(w.states, 0) for w in workflows}
-        for kind, state, count in conn.execute(q.SELECT_STATE_COUNTS):
-            by_state.setdefault(str(kind), {})[str(state)] = int(count)
-        live, expired, oldest = conn.execute(q.ACTIVE_SUMMARY, params).fetchone()
+        for kind, states in rollup.finished_counts(conn).items():
+            by_state.setdefault(kind, {}).update(states)
+        live = expired = 0
+        oldest: float | None = None
+        for kind, state, n, n_live, n_expired, first in conn.execute(q.ACTIVE_SUMMARY, params):
+            counts = by_state.setdefault(str(kind), {})
+            counts[str(state)] = counts.get(str(state), 0) + int(n)
+            live += int(n_live)
+            expired += int(n_expired)
+            if first is not None and (oldest is None or float(first) < oldest):
+                oldest = float(first)
         return Stats(
             by_state=by_state,
-            leases_live=int(live),
-            leases_expired=int(expired),
+            leases_live=live,
+            leases_expired=expired,
             in_doubt=_count(conn, q.COUNT_IN_DOUBT, params),
             failed=sum(by_state[w.name][w.failed] for w in workflows),
-            oldest_eligible_age=None if oldest is None else now - float(oldest),
+            oldest_eligible_age=None if oldest is None else now - oldest,
         )
 
 

@@ -39,6 +39,9 @@ from model.validate import INT64_MAX, INT64_MIN, check_int, check_seconds, encod
 
 _PLANNED = Event.PLANNED.value
 _NULL = "null"
+# The stored "payload" of a key whose job was pruned: it stays planned and, its payload
+# not being kept, never conflicts (model.retention). Compared by identity.
+_PRUNED = "<pruned>"
 
 
 _Row = tuple[str, str, str, str, str, int, int, float, float, float]
@@ -120,9 +123,14 @@ def plan_items(
 def _stored_payloads(
     conn: sqlite3.Connection, ids: list[str], last_seq: int | None
 ) -> dict[str, str]:
-    """The stored payloads of the batch's keys (only of rows up to ``last_seq``)."""
-    found = conn.execute(q.SELECT_PAYLOADS, {"ids": json.dumps(ids), "last_seq": last_seq})
-    return dict(found.fetchall())
+    """The stored payloads of the batch's keys (only of rows up to ``last_seq``), and
+    :data:`_PRUNED` for the keys of pruned jobs."""
+    ids_text = json.dumps(ids)
+    found = conn.execute(q.SELECT_PAYLOADS, {"ids": ids_text, "last_seq": last_seq})
+    stored = dict(found.fetchall())
+    for (job_id,) in conn.execute(q.SELECT_TOMBSTONED, {"ids": ids_text}):
+        stored[job_id] = _PRUNED
+    return stored
 
 
 def _check_payloads(op: str, kind: str, prepared: list[_Row], stored: dict[str, str]) -> list[_Row]:
@@ -136,7 +144,7 @@ def _check_payloads(op: str, kind: str, prepared: list[_Row], stored: dict[str, 
         if found is None:
             fresh.append(new)
             seen[job_id] = payload
-        elif found != payload:
+        elif found is not _PRUNED and found != payload:
             raise IdempotencyConflict(
                 f"{op} of a {kind!r} job with identity {new[_IDENTITY]}: job "
                 f"{job_id} is already planned with payload {found}, not "

@@ -87,11 +87,13 @@ SELECT_LAST_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
 # seq is the rowid: SQLite numbers each new row max(seq) + 1, in insertion order.
 # The PLANNED entry is the job's first row entry (hist_n = 1), implied by created_at and
 # not written out (see read.history and schema version 4).
+# A key with a tombstone (its job was pruned, see schema version 5) is not planned again.
 INSERT_JOB = """
 INSERT INTO jobs (
     job_id, kind, identity, payload, state, terminal, attempts, max_attempts,
     priority, run_at, token, created_at, updated_at, hist, hist_n
-) VALUES (?, ?, ?, ?, ?, 0, 0, ?, ?, ?, 0, ?, ?, '', 1)
+) SELECT ?1, ?2, ?3, ?4, ?5, 0, 0, ?6, ?7, ?8, 0, ?9, ?10, '', 1
+WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE job_id = ?1)
 ON CONFLICT (job_id) DO NOTHING
 """
 
@@ -422,17 +424,125 @@ SELECT_LEASES = """
 SELECT job_id, kind, state, lease_worker, token, lease_expires_at FROM jobs INDEXED BY jobs_active
 WHERE terminal = 0 AND lease_worker IS NOT NULL ORDER BY lease_expires_at, job_id
 """
-SELECT_STATE_COUNTS = "SELECT kind, state, count(*) FROM jobs GROUP BY kind, state"
 COUNT_IN_DOUBT = (
     "SELECT (SELECT count(*) FROM effects INDEXED BY effects_doubt"
     " WHERE doubt = 1 AND status = 'in_doubt') + (" + COUNT_DEAD_STARTS + ")"
 )
-# The active jobs' part of the stats in one walk: live and expired leases, and the run_at
-# of the oldest eligible job.
+# The active jobs' part of the stats in one walk of the partial index of active jobs, by
+# kind and state: their counts, live and expired leases, and the run_at of the oldest
+# eligible job.
 ACTIVE_SUMMARY = """
-SELECT ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
+SELECT kind, state, count(*),
+    ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
     ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at <= :now), 0),
     min(CASE WHEN run_at <= :now AND ifnull(lease_expires_at, :now) <= :now
              AND attempts < max_attempts THEN run_at END)
 FROM jobs INDEXED BY jobs_active WHERE terminal = 0
+GROUP BY kind, state
 """
+
+# -- retention (schema version 5) -------------------------------------------------------
+
+SELECT_TOMBSTONE = "SELECT kind, state, finished_at, pruned_at FROM tombstones WHERE job_id = ?"
+SELECT_TOMBSTONED = (
+    "SELECT job_id FROM tombstones WHERE job_id IN (SELECT value FROM json_each(:ids))"
+)
+# What prune may remove: terminal jobs that finished (their last update) before :cutoff,
+# and with :keep_failed not those in their workflow's failed state.
+_PRUNABLE = """terminal = 1 AND updated_at < :cutoff
+  AND NOT (:keep_failed AND state = (SELECT w.failed FROM workflows AS w WHERE w.name = kind))"""
+# The next batch of prunable jobs after :after in planned order, read without the write
+# lock (a walk of the rowid from where the last batch ended); the batch's transaction
+# reads them again by seq and deletes only those still prunable.
+SELECT_PRUNABLE = (
+    "SELECT seq FROM jobs WHERE seq > :after AND " + _PRUNABLE + " ORDER BY seq LIMIT :n"
+)
+_BATCH = "seq IN (SELECT value FROM json_each(:seqs)) AND " + _PRUNABLE
+SELECT_PRUNE_BATCH = "SELECT seq, job_id, kind, state FROM jobs WHERE " + _BATCH + " ORDER BY seq"
+SELECT_PRUNE_ROWS = "SELECT " + JOB_COLUMNS + " FROM jobs WHERE " + _BATCH + " ORDER BY seq"
+DELETE_PRUNED_EFFECTS = "DELETE FROM effects WHERE job_id IN (SELECT value FROM json_each(:ids))"
+DELETE_PRUNED_HISTORY = "DELETE FROM history WHERE job_id IN (SELECT value FROM json_each(:ids))"
+INSERT_TOMBSTONES = """
+INSERT INTO tombstones (job_id, kind, state, finished_at, pruned_at)
+SELECT job_id, kind, state, updated_at, :now FROM jobs
+WHERE seq IN (SELECT value FROM json_each(:seqs))
+"""
+DELETE_PRUNED_JOBS = "DELETE FROM jobs WHERE seq IN (SELECT value FROM json_each(:seqs))"
+COUNT_PRUNABLE = (
+    "SELECT count(*), ifnull(sum((SELECT count(*) FROM effects AS e WHERE e.job_id = j.job_id)), 0)"
+    " FROM (SELECT job_id FROM jobs WHERE " + _PRUNABLE + " ORDER BY seq LIMIT :n) AS j"
+)
+# Tombstones that forget_keys removes: finished before :cutoff (failed ones kept with
+# :keep_failed), in key order from :after.
+_FORGETTABLE = """finished_at < :cutoff
+  AND NOT (:keep_failed AND state = (SELECT w.failed FROM workflows AS w WHERE w.name = kind))"""
+SELECT_FORGETTABLE = (
+    "SELECT job_id FROM tombstones WHERE job_id > :after AND "
+    + _FORGETTABLE
+    + " ORDER BY job_id LIMIT :n"
+)
+DELETE_TOMBSTONES = (
+    "DELETE FROM tombstones WHERE job_id IN (SELECT value FROM json_each(:ids)) AND " + _FORGETTABLE
+)
+COUNT_FORGETTABLE = "SELECT count(*) FROM tombstones WHERE " + _FORGETTABLE
+# Space: with auto_vacuum = INCREMENTAL (new files, see connection.open_connection) the
+# free pages a prune leaves are given back to the file system a chunk at a time.
+PRAGMA_AUTO_VACUUM_INCREMENTAL = "PRAGMA auto_vacuum = INCREMENTAL"
+PRAGMA_AUTO_VACUUM = "PRAGMA auto_vacuum"
+PRAGMA_PAGE_COUNT = "PRAGMA page_count"
+PRAGMA_FREELIST_COUNT = "PRAGMA freelist_count"
+# Pages freed per vacuum transaction: a few MB, so each holds the write lock briefly.
+VACUUM_CHUNK_PAGES = 1024
+INCREMENTAL_VACUUM = f"PRAGMA incremental_vacuum({VACUUM_CHUNK_PAGES})"
+CHECKPOINT_TRUNCATE = "PRAGMA wal_checkpoint(TRUNCATE)"
+
+# -- counts of finished jobs by watermark (schema version 5, impl/sqlite/rollup.py) -------
+
+SELECT_COUNT_MARK = "SELECT seq FROM count_mark WHERE id = 1"
+SELECT_MAX_SEQ = "SELECT ifnull(max(seq), 0) FROM jobs"
+ROLLUP_COUNTS = "SELECT kind, state, n FROM state_counts WHERE n > 0"
+# Finished jobs past the watermark: a walk of the rowid from it.
+TAIL_COUNTS = """
+SELECT kind, state, count(*) FROM jobs WHERE seq > :mark AND terminal = 1
+GROUP BY kind, state
+"""
+# Pending jobs (behind the watermark, not in the counts) that have finished since: the
+# pending list less the active jobs (both walked from their keys alone, no row read),
+# then only those rows looked up. CROSS JOIN keeps that order (SQLite joins as written).
+_PENDING_DONE = """
+    SELECT seq FROM count_pending
+    EXCEPT SELECT seq FROM jobs INDEXED BY jobs_active WHERE terminal = 0"""
+PENDING_DONE_COUNTS = (
+    "SELECT j.kind, j.state, count(*) FROM ("
+    + _PENDING_DONE
+    + ") AS p CROSS JOIN jobs AS j ON j.seq = p.seq WHERE j.terminal = 1"
+    " GROUP BY j.kind, j.state"
+)
+_ADD_COUNTS = """
+INSERT INTO state_counts (kind, state, n) {select}
+ON CONFLICT (kind, state) DO UPDATE SET n = n + excluded.n
+"""
+FOLD_PENDING_DONE = _ADD_COUNTS.format(select=PENDING_DONE_COUNTS.strip())
+# A pending job that is not active has finished (or was deleted, which prune handles).
+DROP_PENDING_DONE = "DELETE FROM count_pending WHERE seq IN (" + _PENDING_DONE + ")"
+FOLD_RANGE = _ADD_COUNTS.format(
+    select="SELECT kind, state, count(*) FROM jobs"
+    " WHERE seq > :mark AND seq <= :upto AND terminal = 1 GROUP BY kind, state"
+)
+PEND_RANGE = """
+INSERT INTO count_pending (seq)
+SELECT seq FROM jobs WHERE seq > :mark AND seq <= :upto AND terminal = 0
+"""
+SET_COUNT_MARK = "UPDATE count_mark SET seq = :upto WHERE id = 1"
+# After a delete: the watermark never stays above the last job, so a job planned later
+# (numbered after the last one) is always past it.
+LOWER_COUNT_MARK = (
+    "UPDATE count_mark SET seq = min(seq, (SELECT ifnull(max(seq), 0) FROM jobs)) WHERE id = 1"
+)
+SELECT_PENDING_AMONG = (
+    "SELECT seq FROM count_pending WHERE seq IN (SELECT value FROM json_each(:seqs))"
+)
+UNCOUNT = "UPDATE state_counts SET n = n - :n WHERE kind = :kind AND state = :state"
+UNPEND_AMONG = "DELETE FROM count_pending WHERE seq IN (SELECT value FROM json_each(:seqs))"
+PEND_ONE = "INSERT OR IGNORE INTO count_pending (seq) VALUES (:seq)"
+IS_PENDING = "SELECT 1 FROM count_pending WHERE seq = :seq"

@@ -17,9 +17,10 @@ from impl.sqlite.row import (
     inline_entries,
     job_row,
     lease_row,
+    missing_job,
     planned_entry,
 )
-from model.errors import InvalidInput, UnknownJob
+from model.errors import InvalidInput
 from model.record import EffectInfo, Event, HistoryEvent, JobInfo, LeaseRow
 
 
@@ -27,7 +28,7 @@ def state(conn: sqlite3.Connection, job_id: str) -> str:
     """Return the job's current state or raise :class:`UnknownJob`."""
     row = conn.execute(q.SELECT_JOB_STATE, (job_id,)).fetchone()
     if row is None:
-        raise UnknownJob(job_id)
+        raise missing_job(conn, job_id)
     return str(row[0])
 
 
@@ -59,7 +60,12 @@ def effects(conn: sqlite3.Connection, job_id: str) -> list[EffectInfo]:
     """List the job's effects in first-start order, or raise :class:`UnknownJob`."""
     with snapshot(conn):
         _require(conn, job_id)
-        return [effect_info(row) for row in conn.execute(q.SELECT_EFFECTS_OF_JOB, (job_id,))]
+        return effects_in_tx(conn, job_id)
+
+
+def effects_in_tx(conn: sqlite3.Connection, job_id: str) -> list[EffectInfo]:
+    """The job's effects, read in the caller's open transaction."""
+    return [effect_info(row) for row in conn.execute(q.SELECT_EFFECTS_OF_JOB, (job_id,))]
 
 
 def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
@@ -69,16 +75,21 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
     history table (see schema version 3).
     """
     with snapshot(conn):
-        found = conn.execute(q.SELECT_ROW_HISTORY, (job_id,)).fetchone()
-        if found is None:
-            raise UnknownJob(job_id)
-        entries = [
-            (int(row[0]), history_event(job_id, row[1:]))
-            for row in conn.execute(q.SELECT_HISTORY, (job_id,))
-        ]
-        entries.extend(inline_entries(job_id, str(found[0]), int(found[1])))
-        for row in conn.execute(q.SELECT_EFFECT_ENTRIES, (job_id,)):
-            entries.extend(effect_entries(job_id, row))
+        return history_in_tx(conn, job_id)
+
+
+def history_in_tx(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
+    """The job's history, read in the caller's open transaction (see :func:`history`)."""
+    found = conn.execute(q.SELECT_ROW_HISTORY, (job_id,)).fetchone()
+    if found is None:
+        raise missing_job(conn, job_id)
+    entries = [
+        (int(row[0]), history_event(job_id, row[1:]))
+        for row in conn.execute(q.SELECT_HISTORY, (job_id,))
+    ]
+    entries.extend(inline_entries(job_id, str(found[0]), int(found[1])))
+    for row in conn.execute(q.SELECT_EFFECT_ENTRIES, (job_id,)):
+        entries.extend(effect_entries(job_id, row))
     if not any(event.event is Event.PLANNED for _, event in entries):
         # Planned from schema version 4 on: the first row entry is implied, not stored.
         entries.append((q.HISTORY_GAP, planned_entry(job_id, float(found[2]))))
@@ -88,4 +99,4 @@ def history(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
 
 def _require(conn: sqlite3.Connection, job_id: str) -> None:
     if conn.execute(q.JOB_EXISTS, (job_id,)).fetchone() is None:
-        raise UnknownJob(job_id)
+        raise missing_job(conn, job_id)

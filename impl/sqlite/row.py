@@ -18,7 +18,7 @@ from typing import cast
 from attrs import frozen
 
 from impl.sqlite import queries as q
-from model.errors import InvalidInput, LeaseLost, UnknownJob
+from model.errors import InvalidInput, JobPruned, LeaseLost, UnknownJob
 from model.key import Scalar, canon
 from model.record import (
     JSON,
@@ -30,6 +30,7 @@ from model.record import (
     Lease,
     LeaseRow,
 )
+from model.retention import PRUNED_REASON
 from model.validate import INT64_MAX, INT64_MIN
 
 
@@ -168,11 +169,29 @@ def fetch_job(conn: sqlite3.Connection, job_id: str) -> JobRow | None:
 
 
 def require_job(conn: sqlite3.Connection, job_id: str) -> JobRow:
-    """Return the job's row or raise :class:`UnknownJob`."""
+    """Return the job's row or raise :class:`UnknownJob` (:class:`JobPruned` if pruned)."""
     found = fetch_job(conn, job_id) if isinstance(job_id, str) else None
     if found is None:
-        raise UnknownJob(job_id)
+        raise missing_job(conn, job_id)
     return found
+
+
+def missing_job(conn: sqlite3.Connection, job_id: object) -> UnknownJob:
+    """The error for a job id with no row: :class:`JobPruned` when a tombstone says it
+    was pruned, else :class:`UnknownJob`."""
+    stone = (
+        conn.execute(q.SELECT_TOMBSTONE, (job_id,)).fetchone() if isinstance(job_id, str) else None
+    )
+    if stone is None:
+        return UnknownJob(job_id)  # type: ignore[arg-type]
+    kind, state, finished_at, pruned_at = stone
+    return JobPruned(
+        str(job_id),
+        kind=str(kind),
+        state=str(state),
+        finished_at=float(finished_at),
+        pruned_at=float(pruned_at),
+    )
 
 
 Fence = tuple[int, str | None, float | None, int, int, str, str]
@@ -198,7 +217,10 @@ def fence(conn: sqlite3.Connection, lease: Lease, now: float, op: str) -> Fence:
         conn.execute(q.SELECT_FENCE, (job_id,)).fetchone() if isinstance(job_id, str) else None
     )
     if row is None:
-        raise UnknownJob(job_id)
+        missing = missing_job(conn, job_id)
+        if isinstance(missing, JobPruned):
+            raise LeaseLost(job_id, lease.token, None, PRUNED_REASON, op)
+        raise missing
     if lease.token != row[0]:
         raise LeaseLost(job_id, lease.token, row[0], "the token is stale", op)
     expires_at = row[2]

@@ -349,11 +349,49 @@ _V3 = (
 # there. Rows planned before keep theirs where they are (inline, or in ``history``).
 _V4 = ("DROP INDEX jobs_kind_state",)
 
+# Version 5 also keeps the counts of finished jobs for ``stats`` without a write on the
+# hot path (see impl/sqlite/rollup.py): ``state_counts`` holds, by kind and state, the
+# terminal jobs up to the watermark ``count_mark.seq``, except the jobs listed in
+# ``count_pending`` (those that were active when the watermark passed them, or that an
+# operator's retry made active again). The watermark starts at 0: an existing ledger's
+# jobs are folded in by the first passes (reconcile, stats), a bounded step each.
+#
+# Version 5 keeps a tombstone of every job that ``prune`` removes (model.retention): the
+# key, the kind, the final state and when it finished, so that planning the identity
+# again stays a no-op. Compact (about 100 bytes a key) and read by plan only through its
+# primary key. The space a prune frees is given back by incremental vacuum, which needs
+# ``auto_vacuum = INCREMENTAL`` from before the first table: new files get it when they
+# are opened (connection.open_connection); a file created before has ``auto_vacuum =
+# NONE`` and needs one offline ``VACUUM`` to switch (specs/009-retention.md).
+_V5 = (
+    """
+    CREATE TABLE tombstones (
+        job_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        finished_at REAL NOT NULL,
+        pruned_at REAL NOT NULL
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE state_counts (
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        n INTEGER NOT NULL CHECK (n >= 0),
+        PRIMARY KEY (kind, state)
+    ) WITHOUT ROWID
+    """,
+    "CREATE TABLE count_mark (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL)",
+    "INSERT INTO count_mark (id, seq) VALUES (1, 0)",
+    "CREATE TABLE count_pending (seq INTEGER PRIMARY KEY)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "leaner hot tables: fewer pages written per transaction", _V2),
     Migration(3, "history inline in the rows each transaction writes anyway", _V3),
     Migration(4, "no index written by every plan and state change for the counts alone", _V4),
+    Migration(5, "tombstones of pruned jobs; counts of finished jobs by watermark", _V5),
 )
 """Every migration, in version order. Append only; never edit a shipped one."""
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from impl.sqlite import claim, effect, maintenance, read
+from impl.sqlite import claim, effect, maintenance, read, retention, rollup
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
@@ -48,6 +48,13 @@ from model.record import (
     Plan,
     ReconcileReport,
     Stats,
+)
+from model.retention import (
+    PRUNE_BATCH_DEFAULT,
+    ArchiveFn,
+    ProgressFn,
+    PruneReport,
+    check_cutoff,
 )
 from model.store import EffectFn, OnDoubt
 from model.validate import check_seconds, check_text
@@ -409,6 +416,7 @@ class SqliteStore:
                     f"retry of job {job_id}: it is in state {row.state!r}, not in the failed "
                     f"state {workflow.failed!r}; only failed jobs can be retried"
                 )
+            rollup.reactivate(conn, row.seq, row.kind, workflow.failed)
             token, state = conn.execute(
                 q.RETRY_JOB, {"now": tx.now, "job_id": job_id, "failed": workflow.failed}
             ).fetchone()
@@ -497,6 +505,41 @@ class SqliteStore:
     def stats(self) -> Stats:
         """Return counts by kind and state, leases, in-doubt effects and queue lag."""
         return maintenance.stats(self._connection(), self._clock, self._catalog)
+
+    # -- retention ------------------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        finished_before: float,
+        keep_failed: bool = False,
+        forget_keys: bool = False,
+        dry_run: bool = False,
+        batch_size: int = PRUNE_BATCH_DEFAULT,
+        limit: int | None = None,
+        archive: ArchiveFn | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PruneReport:
+        """Remove terminal jobs that finished before ``finished_before``, in short batches,
+        keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``);
+        then give the freed pages back to the file system (:func:`retention.reclaim`)."""
+        cutoff = check_cutoff(finished_before)
+        conn = self._connection()
+        report = retention.prune(
+            conn,
+            self._clock,
+            finished_before=cutoff,
+            keep_failed=keep_failed,
+            forget_keys=forget_keys,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            limit=limit,
+            archive=archive,
+            progress=progress,
+        )
+        if report.batches:
+            retention.reclaim(conn, self._clock)
+        return report
 
     # -- helpers --------------------------------------------------------------------------
 

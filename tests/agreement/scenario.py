@@ -86,6 +86,9 @@ OPERATIONS: dict[str, Call] = {
     "cancel": lambda s, w: s.cancel(w.jobs[0], "operator"),
     "retry": lambda s, w: s.retry(w.jobs[2]),
     "reconcile": lambda s, w: s.reconcile(),
+    # J3 (cancelled in setup) is the one finished job; the archive makes the batch pass
+    # prune.after_archive too.
+    "prune": lambda s, w: s.prune(finished_before=s.now(), archive=lambda jobs: None),
     "effect_start": lambda s, w: s.run_effect(w.live, "e", ok_fn),
     "effect_record": lambda s, w: s.run_effect(w.live, "e", ok_fn),
     "effect_abort": lambda s, w: s.run_effect(w.live, "e", raising_fn),

@@ -19,6 +19,7 @@ from impl.sqlite.store import SqliteStore
 from model import ManualClock, MemoryStore
 from tests.agreement.scenario import (
     CONFIG,
+    FLOW,
     OPERATIONS,
     START,
     World,
@@ -98,3 +99,50 @@ def test_sigkill_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_pat
     )
     assert proc.returncode == -9, (proc.returncode, proc.stderr.decode()[-2000:])
     check_reopened(path, point)
+
+
+PRUNE_BATCH_POINTS = (
+    "prune.before_tx",
+    "prune.after_archive",
+    "prune.before_commit",
+    "prune.after_commit",
+)
+
+
+@pytest.mark.parametrize("hit", [1, 2, 3])
+@pytest.mark.parametrize("point", PRUNE_BATCH_POINTS)
+def test_a_crash_in_a_prune_batch_keeps_exactly_the_batches_before(
+    point: str, hit: int, tmp_path: Path
+) -> None:
+    """Five finished jobs, batches of two: a crash in the ``hit``-th batch leaves the
+    batches before it pruned (and that one too if the crash came after its commit), and
+    nothing else, exactly as the model prunes with that many jobs as its limit."""
+    path = tmp_path / "jobs.sqlite"
+    clock = ManualClock(START)
+    model = MemoryStore(clock=clock, config=CONFIG)
+    store = SqliteStore(path, clock=clock, config=CONFIG)
+    for s in (model, store):
+        s.register(FLOW)
+    ids = store.plan_many("flow", [{"p": n} for n in range(5)])
+    assert model.plan_many("flow", [{"p": n} for n in range(5)]) == ids
+    for s in (model, store):
+        for _ in ids:
+            lease = s.lease_next("w")
+            assert lease is not None
+            s.advance(lease, "B")
+            s.advance(lease, "C")
+    clock.advance(1.0)
+    failpoint.arm(point, on_hit=hit)
+    try:
+        with pytest.raises(failpoint.Crash):
+            store.prune(finished_before=clock(), batch_size=2, archive=lambda jobs: None)
+    finally:
+        failpoint.disarm_all()
+        store.close()
+    done = hit if point == "prune.after_commit" else hit - 1
+    model.prune(finished_before=clock(), batch_size=2, limit=done * 2)
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with SqliteStore(path, clock=clock, config=CONFIG) as real:
+        assert [j.job_id for j in real.jobs()] == [j.job_id for j in model.jobs()]
+        assert projection(real, ids) == projection(model, ids)

@@ -135,3 +135,44 @@ def test_exhausted_jobs_are_not_eligible(store: Store, clock: ManualClock) -> No
     assert (store.stats().leases_expired, store.stats().failed) == (1, 0)
     store.reconcile()
     assert (store.stats().leases_expired, store.stats().failed) == (0, 1)
+
+
+def test_counts_stay_exact_through_reconcile_retry_and_prune(
+    store: Store, clock: ManualClock
+) -> None:
+    """The backends keep the counts of finished jobs by a watermark that ``reconcile``
+    moves (impl/*/rollup.py): a job finishing behind it, a finished job retried, a prune
+    and a job planned after it must all show in the counts as a full count would."""
+    setup(store, LINEAR)
+    ids = [store.plan("linear", {"n": n}) for n in range(6)]
+
+    def finish_one() -> None:
+        lease = store.lease_next("w1")
+        assert lease is not None
+        for state in ("A", "B", "DONE"):
+            store.advance(lease, state)
+
+    def counts() -> dict[str, int]:
+        return {s: n for s, n in store.stats().by_state["linear"].items() if n}
+
+    finish_one()
+    store.cancel(ids[1], "no")
+    store.reconcile()
+    assert counts() == {"NEW": 4, "DONE": 1, "FAILED": 1}
+    finish_one()  # finishes behind the watermark
+    assert counts() == {"NEW": 3, "DONE": 2, "FAILED": 1}
+    store.retry(ids[1])  # a counted failed job is active again
+    assert counts() == {"NEW": 4, "DONE": 2}
+    assert store.stats().failed == 0
+    store.reconcile()
+    assert counts() == {"NEW": 4, "DONE": 2}
+    store.cancel(ids[1], "no again")
+    store.reconcile()
+    assert counts() == {"NEW": 3, "DONE": 2, "FAILED": 1}
+    clock.advance(1)
+    store.prune(finished_before=clock(), keep_failed=True)
+    assert counts() == {"NEW": 3, "FAILED": 1}
+    store.plan("linear", {"n": 100})
+    finish_one()
+    store.reconcile()
+    assert counts() == {"NEW": 3, "DONE": 1, "FAILED": 1}

@@ -167,3 +167,27 @@ def test_checker_catches_a_sink_without_fencing(tmp_path: Path) -> None:
     result = _broken(tmp_path, "unfenced-sink", **ZOMBIE_HEAVY)
     assert not result.ok
     assert c.STALE_EXECUTION in {v.rule for v in result.violations}
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(300)
+def test_pruning_while_workers_run_keeps_the_history_clean(tmp_path: Path) -> None:
+    """The parent prunes finished jobs every fraction of a second while the workers run
+    (and die). The jobs that remain, and the pruned ones read back from the archive,
+    pass every check: a prune neither loses, duplicates nor damages a job."""
+    seconds = min(SECONDS, 20.0)
+    seed = _seed()
+    result = run_fuzz(
+        tmp_path,
+        FuzzSettings(
+            seconds=seconds, seed=seed, prune_every=(0.2, 0.6), prune_age=2.0, prune_batch=3
+        ),
+    )
+    text = _report(
+        result, _rerun(seed, seconds, "test_pruning_while_workers_run_keeps_the_history_clean")
+    )
+    print(text)
+    assert result.ok, text
+    assert result.prunes > 0, text
+    assert result.pruned > 0, text
+    assert result.kills > 0, text

@@ -30,6 +30,10 @@ pytestmark = pytest.mark.postgres
 _EMPTY = (
     # DELETE, not TRUNCATE: on a handful of rows it is many times faster.
     "DELETE FROM history",
+    "DELETE FROM tombstones",
+    "DELETE FROM state_counts",
+    "DELETE FROM count_pending",
+    "UPDATE count_mark SET seq = 0",
     "DELETE FROM effects",
     "DELETE FROM jobs",
     "DELETE FROM workflow_edges WHERE kind <> 'download'",

@@ -30,10 +30,13 @@ from model import (
     EffectStatus,
     Event,
     JobledgerError,
+    JobPruned,
     Lease,
     ManualClock,
     MemoryStore,
     OnDoubt,
+    PrunedJob,
+    PruneReport,
     ReconcileReport,
     Store,
     Workflow,
@@ -86,6 +89,17 @@ CRASHES: tuple[tuple[str, str, str], ...] = (
     ("effect", "effect_record.before_commit", "start"),
     ("effect", "effect.after_record", "full"),
 )
+
+# Where a prune can die: each batch passes these, in this order.
+PRUNE_POINTS = (
+    "prune.before_tx",
+    "prune.after_archive",
+    "prune.before_commit",
+    "prune.after_commit",
+)
+# How long ago a job must have finished; a negative age puts the cutoff in the future
+# (every finished job goes), so prunes and crashes in them are frequent.
+PRUNE_AGES = (-1000.0, -1000.0, 0.0, 1.0, TTL, 100.0)
 
 FREE_OPERATIONS = ("plan", "lease_next", "reconcile")
 FREE_CRASHES = tuple(c for c in CRASHES if c[0] in FREE_OPERATIONS)
@@ -195,6 +209,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.recorded: dict[str, object] = {}
         self.max_token: dict[str, int] = {}
         self.fn_calls: list[str] = []
+        self.gone: set[str] = set()
 
     # -- subject hooks (the model-only machine has no subject) ---------------------
 
@@ -295,7 +310,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def plan(self, n: int, payload: object, prio: int) -> None:
         out = self.both("op", lambda s: s.plan("flow", {"n": n}, payload=payload, priority=prio))
         jid = out[1]
-        if out[0] == "ok" and isinstance(jid, str) and jid not in self.job_ids:
+        if out[0] == "ok" and isinstance(jid, str) and self.new_job(jid):
             assert jid == job_key("flow", {"n": n})
             self.job_ids.append(jid)
 
@@ -304,7 +319,7 @@ class LedgerMachine(RuleBasedStateMachine):
         out = self.both("op", lambda s: s.plan_many("flow", [{"n": n} for n in ns]))
         if out[0] == "ok" and isinstance(out[1], list):
             for jid in out[1]:
-                if jid not in self.job_ids:
+                if self.new_job(jid):
                     self.job_ids.append(jid)
 
     @rule(worker=st.sampled_from(WORKERS), ttl=st.sampled_from([None, 1.0, TTL, 5.0]))
@@ -520,6 +535,140 @@ class LedgerMachine(RuleBasedStateMachine):
         if operation == "reconcile":
             return store.reconcile()
         return store.run_effect(lease, op, self.effect_fn(op, "ok", ledger, store))
+
+    # -- retention -----------------------------------------------------------------
+
+    @rule(
+        age=st.sampled_from(PRUNE_AGES),
+        keep_failed=st.booleans(),
+        forget=st.booleans(),
+        batch=st.sampled_from([1, 2, 500]),
+        limit=st.sampled_from([None, None, 1, 3]),
+        dry=st.booleans(),
+    )
+    def prune(
+        self, age: float, keep_failed: bool, forget: bool, batch: int, limit: int | None, dry: bool
+    ) -> None:
+        """Prune finished jobs; model and subject remove (and archive) the same ones."""
+        cutoff = self.clock() - age
+        archives: dict[int, list[PrunedJob]] = {}
+        before = self.effect_keys()
+
+        def call(store: Store) -> object:
+            kept = archives.setdefault(id(store), [])
+            return store.prune(
+                finished_before=cutoff,
+                keep_failed=keep_failed,
+                forget_keys=forget,
+                dry_run=dry,
+                batch_size=batch,
+                limit=limit,
+                archive=kept.extend,
+            )
+
+        out = self.both("op", call)
+        assert out[0] == "ok", out
+        assert isinstance(out[1], PruneReport)
+        event(f"prune {'counted' if dry else 'removed'} {min(out[1].jobs, 3)}+ jobs")
+        shown = list(archives.values())
+        assert all(a == shown[0] for a in shown), "model and subject archived differently"
+        if dry:
+            assert shown[0] == []
+        self.after_prune(before)
+
+    @rule(
+        point=st.sampled_from(PRUNE_POINTS),
+        hit=st.integers(1, 2),
+        batch=st.sampled_from([1, 2]),
+        age=st.sampled_from((-1000.0, -1000.0, 0.0)),
+    )
+    @precondition(lambda self: any(FLOW.is_terminal(self.model.state(j)) for j in self.job_ids))
+    def crash_in_prune(self, point: str, hit: int, batch: int, age: float) -> None:
+        """The operator's prune dies in its ``hit``-th batch at ``point``: the batches
+        before are removed, that batch only if the crash came after its commit."""
+        real = self.subject("op")
+        if real is None or not self.supports_crash():
+            return
+        cutoff = self.clock() - age
+        before = self.effect_keys()
+        failpoint.arm(point, on_hit=hit)
+        try:
+            got: Outcome | None = outcome(
+                lambda: real.prune(
+                    finished_before=cutoff, batch_size=batch, archive=lambda jobs: None
+                )
+            )
+        except failpoint.Crash:
+            got = None
+        finally:
+            failpoint.disarm_all()
+        event(f"crash {point} at batch {hit}: {'died' if got is None else 'not reached'}")
+        if got is None:
+            done = hit if point == "prune.after_commit" else hit - 1
+            self.model.prune(finished_before=cutoff, batch_size=batch, limit=done * batch)
+        else:
+            expected = outcome(lambda: self.model.prune(finished_before=cutoff, batch_size=batch))
+            assert expected == got, f"model {expected} != subject {got}"
+        self.reopen()
+        self.after_prune(before)
+
+    def new_job(self, jid: str) -> bool:
+        """Whether ``jid``, just planned, is a job the machine does not follow yet (a
+        pruned job's key planned again is not, unless the key was forgotten)."""
+        if jid in self.job_ids:
+            return False
+        return jid not in self.gone or outcome(lambda: self.model.job(jid))[0] == "ok"
+
+    def effect_keys(self) -> dict[str, list[str]]:
+        """The op keys of every known job's effects (a prune removes them)."""
+        return {j: [e.op_key for e in self.model.effects(j)] for j in self.job_ids}
+
+    def after_prune(self, effect_keys: dict[str, list[str]]) -> None:
+        """Move pruned jobs from ``job_ids`` to ``gone``; forget what the oracle kept of
+        them (a forgotten key planned again is a new job: new tokens, new results) and
+        the leases of forgotten keys (their workers must be long gone, model.retention)."""
+        for jid in list(self.job_ids):
+            try:
+                self.model.job(jid)
+                continue
+            except JobPruned:
+                forgotten = False
+            except JobledgerError:
+                forgotten = True
+            self.job_ids.remove(jid)
+            self.gone.add(jid)
+            self.max_token.pop(jid, None)
+            self.grant.pop(jid, None)
+            for key in effect_keys.get(jid, []):
+                self.recorded.pop(key, None)
+            if forgotten:
+                for worker, lease in self.leases.items():
+                    if lease is not None and lease.job_id == jid:
+                        self.leases[worker] = None
+                self.stale = [lease for lease in self.stale if lease.job_id != jid]
+        for jid in list(self.gone):
+            if jid not in self.job_ids:
+                try:
+                    self.model.job(jid)
+                except JobPruned:
+                    continue
+                except JobledgerError:
+                    for worker, lease in self.leases.items():
+                        if lease is not None and lease.job_id == jid:
+                            self.leases[worker] = None
+                    self.stale = [lease for lease in self.stale if lease.job_id != jid]
+
+    @invariant()
+    def pruned_jobs_read_as_pruned(self) -> None:
+        """A pruned job reads as pruned (or, its key forgotten, unknown) on both sides."""
+        real = self.subject("op")
+        for jid in sorted(self.gone - set(self.job_ids)):
+            expected = outcome(lambda jid=jid: self.model.job(jid))  # type: ignore[misc]
+            assert expected[0] == "err"
+            assert expected[1] in ("JobPruned", "UnknownJob")
+            if real is not None:
+                got = outcome(lambda jid=jid: real.job(jid))  # type: ignore[misc]
+                assert got == expected, f"model {expected} != subject {got}"
 
     # -- invariants ----------------------------------------------------------------
 
