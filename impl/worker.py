@@ -244,7 +244,9 @@ class Worker:
         ttl: lease TTL in seconds; default the store's configured TTL.
         concurrency: handler threads in this process, each leasing its own jobs.
         renew_every: seconds between background renewals; default a third of the TTL.
-        idle_poll: seconds to wait when no job is eligible.
+        idle_poll: the longest wait, in seconds, when no job is eligible: the store wakes
+            an idle worker as soon as one is (``Store.wait_for_work``), and the worker
+            looks anyway once this has passed.
     """
 
     def __init__(
@@ -401,7 +403,17 @@ class Worker:
                         if all(idle):
                             return
                 else:
-                    self._stopping.wait(self.idle_poll)
+                    self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Sleep until the store says a job of our kinds is eligible (it hears of new
+        work at once, see ``Store.wait_for_work``), at most ``idle_poll`` seconds: the
+        poll after it is the safety net for a sign the store missed."""
+        try:
+            self.store.wait_for_work(self.idle_poll, kinds=self._kinds, stop=self._stopping)
+        except JobledgerError as exc:
+            log.warning("worker %s: waiting for work failed, polling instead: %s", self.name, exc)
+            self._stopping.wait(self.idle_poll)
 
     def run(self, *, until_idle: bool = False) -> RunReport:
         """Run until stopped (SIGTERM/SIGINT or :meth:`stop`), or until idle.

@@ -51,6 +51,7 @@ def plan_items(tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int) 
         }
         if tx.one(q.INSERT_JOB, params) is not None:
             tx.log(jid, Event.PLANNED, token=0, worker=None)
+            tx.announce(kind)  # even with a future run_at: waiters learn when it is due
         else:
             row = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
             assert row is not None, "a conflicting insert means the row exists"

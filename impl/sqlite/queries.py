@@ -436,3 +436,17 @@ SELECT ifnull(sum(lease_worker IS NOT NULL AND lease_expires_at > :now), 0),
              AND attempts < max_attempts THEN run_at END)
 FROM jobs INDEXED BY jobs_active WHERE terminal = 0
 """
+
+# -- waiting for work (impl.sqlite.pickup) ----------------------------------------------
+
+# Bumped whenever another connection commits (any connection but the one asking).
+DATA_VERSION = "PRAGMA data_version"
+# When the first unfinished job becomes eligible by the clock: its run_at, or its lease's
+# expiry when that is later. It walks only the unfinished jobs (the partial index).
+_NEXT_DUE = """
+SELECT min(CASE WHEN lease_worker IS NULL THEN run_at
+                ELSE max(run_at, lease_expires_at) END)
+FROM jobs INDEXED BY jobs_active WHERE terminal = 0"""
+NEXT_DUE = _NEXT_DUE
+NEXT_DUE_OF_KIND = _NEXT_DUE + _OF_KIND
+NEXT_DUE_OF_KINDS = _NEXT_DUE + _OF_KINDS

@@ -11,11 +11,13 @@ never runs while a transaction is open.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
-from impl.sqlite import claim, effect, maintenance, read
+from impl.sqlite import claim, effect, maintenance, pickup, read
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
@@ -82,6 +84,8 @@ class SqliteStore:
         self._config = config if config is not None else Config()
         self._connections = ThreadConnections(self._path, self._config)
         self._catalog = Catalog()
+        self._wal: pickup.WalIndex | Literal[False] | None = None
+        self._wal_lock = threading.Lock()
         try:
             conn = self._connection()
             reading(
@@ -130,6 +134,9 @@ class SqliteStore:
     def close(self) -> None:
         """Close the connections this store opened; the store cannot be used afterwards."""
         self._connections.close()
+        with self._wal_lock:
+            if self._wal:
+                self._wal.close()
 
     def _connection(self) -> LedgerConnection:
         """Return this thread's connection in this process, opening it if needed.
@@ -219,6 +226,41 @@ class SqliteStore:
             span=span,
             kinds=claim.EVERY_KIND if kinds is None else claim.kind_filter(_kinds(kinds)),
         )
+
+    def wait_for_work(
+        self,
+        timeout: float,
+        *,
+        kinds: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until a job of ``kinds`` is eligible, for at most ``timeout`` seconds.
+
+        Checks for commits by other connections every few milliseconds (see
+        :mod:`impl.sqlite.pickup`) and wakes when the earliest ``run_at`` or lease
+        expiry comes due; False when the timeout passes first or ``stop`` is set.
+        """
+        seconds = check_seconds(timeout, name="timeout")
+        conn = self._connection()
+        return pickup.wait_for_work(
+            conn,
+            self._clock,
+            pickup.due_query(None if kinds is None else _kinds(kinds)),
+            mark=pickup.change_marker(conn, self._wal_index()),
+            timeout=seconds,
+            stop=stop,
+        )
+
+    def _wal_index(self) -> pickup.WalIndex | None:
+        """The mapped WAL index header, shared by this store's waiters; None (they ask
+        ``PRAGMA data_version`` instead) when the file has none."""
+        with self._wal_lock:
+            if self._wal is None:
+                try:
+                    self._wal = pickup.WalIndex(self._path, wait_limit=self._config.busy_timeout)
+                except (OSError, sqlite3.Error, ValueError):
+                    self._wal = False
+            return self._wal or None
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend a live lease to now + ttl (default: the configured lease TTL)."""

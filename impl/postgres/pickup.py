@@ -1,0 +1,175 @@
+"""Waiting for work on PostgreSQL: ``LISTEN``/``NOTIFY``, with polling as the safety net.
+
+Every transaction that can make a job eligible (``plan``, ``plan_many``, ``release``,
+``retry``, a ``fail`` that retries later) sends ``pg_notify`` on the ledger's channel
+(:func:`impl.postgres.channel.channel_of`) inside itself, so the notification is
+delivered only if, and once, it commits (:meth:`impl.postgres.database.Tx.announce`).
+
+Each store keeps one :class:`Listener`: a thread with a connection of its own (outside
+the pool, ``application_name`` :data:`APPLICATION_NAME`) that ``LISTEN``\\ s and counts
+what it hears in a *generation* number. A waiter notes the generation, then reads when
+the first job becomes eligible, then sleeps until the generation moves, that time comes,
+or its timeout passes: a notification that arrives after the read moves the generation,
+so none is lost between the read and the sleep. A job planned with a future ``run_at``,
+released with a delay or held by an expiring lease becomes eligible without any write;
+the waiter's sleep ends at that time.
+
+When the listening connection drops (a server restart, ``pg_terminate_backend``, a
+network cut found by the periodic health check), the thread reconnects with backoff and
+meanwhile waiters fall back to polling every :data:`DOWN_POLL` seconds. Reconnecting
+moves the generation, because notifications sent while nobody listened are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from impl.postgres import queries as q
+
+log = logging.getLogger("jobledger.worker")
+
+APPLICATION_NAME = "jobledger-listener"
+"""What ``pg_stat_activity`` shows for a listening connection."""
+LISTEN_SLICE = 0.25
+"""Seconds the listening thread blocks on its socket before it looks at its stop flag."""
+HEALTH_CHECK_EVERY = 10.0
+"""Seconds between two round trips on an idle listening connection, to find a dead one."""
+RECONNECT_FIRST = 0.05
+RECONNECT_LONGEST = 5.0
+"""The pause before reconnecting starts at the first and doubles up to the longest."""
+DOWN_POLL = 0.5
+"""While nobody listens, waiters look at the queue this often (seconds)."""
+STOP_SLICE = 0.1
+"""A waiter looks at its stop event at least this often (seconds)."""
+FIRST_LISTEN_WAIT = 5.0
+"""How long the first waiter waits for the listening connection before polling anyway."""
+
+
+class Listener:
+    """One ``LISTEN`` connection and its thread, shared by all waiters of one store."""
+
+    def __init__(self, url: str, channel: str, *, connect_timeout: float) -> None:
+        self.url = url
+        self.channel = channel
+        self.connect_timeout = connect_timeout
+        self._cond = threading.Condition()
+        self._generation = 0
+        self._listening = False
+        self._closing = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def generation(self) -> int:
+        """Moves on every notification heard, and whenever listening starts or stops."""
+        return self._generation
+
+    @property
+    def listening(self) -> bool:
+        """True while the connection is up and ``LISTEN`` has been answered."""
+        return self._listening
+
+    def start(self) -> None:
+        """Start the thread once; the first call waits (a while) for it to listen."""
+        with self._cond:
+            if self._thread is not None or self._closing.is_set():
+                return
+            self._thread = threading.Thread(
+                target=self._run, name=f"jobledger-listen:{self.channel}", daemon=True
+            )
+            self._thread.start()
+        self._ready.wait(FIRST_LISTEN_WAIT)
+
+    def wait_change(self, seen: int, until: float, stop: threading.Event | None) -> None:
+        """Sleep until the generation is no longer ``seen``, ``time.monotonic()`` reaches
+        ``until``, or ``stop`` is set."""
+        with self._cond:
+            while self._generation == seen and not (stop is not None and stop.is_set()):
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, STOP_SLICE) if stop is not None else left)
+
+    def close(self) -> None:
+        """Stop listening and wait for the thread to end."""
+        self._closing.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(LISTEN_SLICE + self.connect_timeout)
+
+    def _moved(self, *, listening: bool | None = None) -> None:
+        with self._cond:
+            if listening is not None:
+                self._listening = listening
+            self._generation += 1
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        pause = RECONNECT_FIRST
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=max(1, round(self.connect_timeout)),
+                    application_name=APPLICATION_NAME,
+                ) as conn:
+                    conn.execute(q.listen(self.channel))
+                    self._moved(listening=True)
+                    self._ready.set()
+                    pause = RECONNECT_FIRST
+                    self._listen(conn)
+            except psycopg.Error as exc:
+                if not self._closing.is_set():
+                    log.warning(
+                        "listening for new jobs on channel %r failed (%s); idle workers "
+                        "poll every %.1f s until it is back",
+                        self.channel,
+                        str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+                        DOWN_POLL,
+                    )
+            if self._listening:
+                self._moved(listening=False)
+            self._ready.set()
+            if self._closing.wait(pause):
+                break
+            pause = min(pause * 2, RECONNECT_LONGEST)
+
+    def _listen(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        checked = time.monotonic()
+        while not self._closing.is_set():
+            for _ in conn.notifies(timeout=LISTEN_SLICE):
+                self._moved()
+            if time.monotonic() - checked >= HEALTH_CHECK_EVERY:
+                conn.execute(q.HEALTH_CHECK)
+                checked = time.monotonic()
+
+
+def wait_for_work(
+    listener: Listener,
+    due_in: Callable[[], float | None],
+    *,
+    timeout: float,
+    stop: threading.Event | None,
+) -> bool:
+    """True once ``due_in()`` (seconds until the first job is eligible, None for none)
+    says a job is eligible, False after ``timeout`` seconds or once ``stop`` is set."""
+    listener.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = listener.generation
+        due = due_in()
+        if due is not None and due <= 0:
+            return True
+        now = time.monotonic()
+        if now >= deadline or (stop is not None and stop.is_set()):
+            return False
+        wake = deadline if due is None else min(deadline, now + due)
+        if not listener.listening:
+            wake = min(wake, now + DOWN_POLL)
+        listener.wait_change(seen, wake, stop)
