@@ -1,10 +1,15 @@
-"""The name of a ledger's ``LISTEN``/``NOTIFY`` channel: one per schema."""
+"""A ledger's ``LISTEN``/``NOTIFY`` channel (one per schema) and what it carries."""
 
 from __future__ import annotations
 
 import hashlib
 
 CHANNEL_PREFIX = "jobledger:"
+DUE_NOW = "now"
+DUE_LATER = "later"
+"""A notification's payload is ``when:kind``: ``now`` when the job it announces is
+eligible at commit, ``later`` when a waiter must read when it will be."""
+
 _LONGEST = 63
 """PostgreSQL's longest identifier in bytes; a longer channel name is refused."""
 

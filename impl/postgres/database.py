@@ -50,7 +50,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
-from impl.postgres.channel import channel_of
+from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
     ILLEGAL_EDGE_SQLSTATE,
@@ -135,17 +135,21 @@ class Tx:
             self.pipeline.sync()
         return self.cur.rowcount
 
-    def announce(self, kind: str) -> None:
-        """Wake idle workers (``impl.postgres.pickup``): jobs of ``kind`` may be eligible.
+    def announce(self, kind: str, *, later: bool = False) -> None:
+        """Wake idle workers (``impl.postgres.pickup``): a job of ``kind`` is eligible
+        now, or (``later``) will be at a time they must read.
 
         ``pg_notify`` is transactional, so they hear it only if this transaction commits,
         and after it did. In a pipeline nobody waits for its answer: it costs no round
         trip (an error would still surface at the commit).
         """
-        if self.channel is None or kind in self._announced:
+        payload = f"{DUE_LATER if later else DUE_NOW}:{kind}"
+        if self.channel is None or payload in self._announced:
             return
-        self._announced.add(kind)
-        self.cur.connection.cursor().execute(q.NOTIFY, {"channel": self.channel, "kind": kind})
+        self._announced.add(payload)
+        self.cur.connection.cursor().execute(
+            q.NOTIFY, {"channel": self.channel, "payload": payload}
+        )
 
     def log(
         self,

@@ -25,11 +25,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import psycopg
 
 from impl.postgres import queries as q
+from impl.postgres.channel import DUE_NOW
 
 log = logging.getLogger("jobledger.worker")
 
@@ -59,6 +60,7 @@ class Listener:
         self.connect_timeout = connect_timeout
         self._cond = threading.Condition()
         self._generation = 0
+        self._heard: dict[str, int] = {}
         self._listening = False
         self._closing = threading.Event()
         self._ready = threading.Event()
@@ -73,6 +75,14 @@ class Listener:
     def listening(self) -> bool:
         """True while the connection is up and ``LISTEN`` has been answered."""
         return self._listening
+
+    def heard_since(self, seen: int, kinds: Sequence[str] | None) -> bool:
+        """True if work of one of ``kinds`` (None: any) was announced after generation
+        ``seen``."""
+        with self._cond:
+            if kinds is None:
+                return any(at > seen for at in self._heard.values())
+            return any(self._heard.get(kind, seen) > seen for kind in kinds)
 
     def start(self) -> None:
         """Start the thread once; the first call waits (a while) for it to listen."""
@@ -102,11 +112,13 @@ class Listener:
         if thread is not None and thread is not threading.current_thread():
             thread.join(LISTEN_SLICE + self.connect_timeout)
 
-    def _moved(self, *, listening: bool | None = None) -> None:
+    def _moved(self, *, listening: bool | None = None, kind: str | None = None) -> None:
         with self._cond:
             if listening is not None:
                 self._listening = listening
             self._generation += 1
+            if kind is not None:
+                self._heard[kind] = self._generation
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -143,8 +155,9 @@ class Listener:
     def _listen(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         checked = time.monotonic()
         while not self._closing.is_set():
-            for _ in conn.notifies(timeout=LISTEN_SLICE):
-                self._moved()
+            for heard in conn.notifies(timeout=LISTEN_SLICE):
+                when, _, kind = heard.payload.partition(":")
+                self._moved(kind=kind if when == DUE_NOW else None)
             if time.monotonic() - checked >= HEALTH_CHECK_EVERY:
                 conn.execute(q.HEALTH_CHECK)
                 checked = time.monotonic()
@@ -154,11 +167,19 @@ def wait_for_work(
     listener: Listener,
     due_in: Callable[[], float | None],
     *,
+    kinds: Sequence[str] | None,
     timeout: float,
     stop: threading.Event | None,
 ) -> bool:
     """True once ``due_in()`` (seconds until the first job is eligible, None for none)
-    says a job is eligible, False after ``timeout`` seconds or once ``stop`` is set."""
+    says a job is eligible, or work of ``kinds`` (None: any) was announced; False after
+    ``timeout`` seconds or once ``stop`` is set.
+
+    An announcement of work due now answers True without reading the queue again: with
+    many idle workers on few cores, that read made every one of them a transaction
+    slower to claim (16 workers on 2 cores: median pickup 16 ms with the read, see
+    ``bench/pickup.py``). Work announced for later (a future ``run_at``, a release with
+    a delay, a retry after a backoff) makes the waiter read when it is due instead."""
     listener.start()
     deadline = time.monotonic() + timeout
     while True:
@@ -173,3 +194,5 @@ def wait_for_work(
         if not listener.listening:
             wake = min(wake, now + DOWN_POLL)
         listener.wait_change(seen, wake, stop)
+        if listener.heard_since(seen, kinds):
+            return True

@@ -51,7 +51,8 @@ def plan_items(tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int) 
         }
         if tx.one(q.INSERT_JOB, params) is not None:
             tx.log(jid, Event.PLANNED, token=0, worker=None)
-            tx.announce(kind)  # even with a future run_at: waiters learn when it is due
+            # A given run_at may lie ahead: waiters read when it is due.
+            tx.announce(kind, later=item.run_at is not None)
         else:
             row = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
             assert row is not None, "a conflicting insert means the row exists"

@@ -496,7 +496,7 @@ SELECT * FROM recorded
 
 # -- waiting for work (impl.postgres.pickup) ---------------------------------------------
 
-NOTIFY = "SELECT pg_notify(%(channel)s, %(kind)s)"
+NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
 """Wake the ledger's idle workers: sent inside a transaction, delivered only at commit."""
 
 HEALTH_CHECK = "SELECT 1"

@@ -279,6 +279,7 @@ class PostgresStore:
         return pickup.wait_for_work(
             listener,
             lambda: self._db.read("wait_for_work", lambda tx: read.due_in(tx, wanted)),
+            kinds=wanted,
             timeout=seconds,
             stop=stop,
         )
@@ -342,14 +343,13 @@ class PostgresStore:
                             lease.worker,
                         )
                     )
-                    # Also after a delay: waiters learn when it is due.
-                    tx.announce(lease.kind)
+                    tx.announce(lease.kind, later=seconds > 0)
                     return
             lease_, row = locked_job(tx, lease, "release")
             done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
             _fenced(done, lease_, row, "release")
             tx.log(row["job_id"], Event.RELEASED, token=row["token"], worker=row["lease_worker"])
-            tx.announce(row["kind"])
+            tx.announce(row["kind"], later=seconds > 0)
 
         self._db.write("release", body)
 
@@ -499,7 +499,7 @@ class PostgresStore:
                 done = tx.one(
                     q.FAIL_LATER, {**_fence(tx, lease_), "run_at": run_at, "error": error}
                 )
-                tx.announce(row["kind"])
+                tx.announce(row["kind"], later=wait > 0)
             else:
                 flow = self._flows.get(tx, row["kind"])
                 done = tx.one(
