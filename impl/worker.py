@@ -20,6 +20,7 @@ from types import FrameType
 
 from attrs import define, evolve, field
 
+from impl import telemetry
 from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
 from model.key import Scalar
 from model.record import JSON, Lease
@@ -112,7 +113,13 @@ class JobContext:
     ) -> JSON:
         """Run an effect once per op key (see ``Store.run_effect``)."""
         lease = self._guard("run_effect")
-        return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        started = time.perf_counter()
+        try:
+            return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        finally:
+            telemetry.emit(
+                "worker.effect", kind=lease.kind, op=op, seconds=time.perf_counter() - started
+            )
 
     def renew(self, *, ttl: float | None = None) -> Lease:
         """Renew the lease now (long effects may call this between chunks)."""
@@ -206,6 +213,7 @@ class _Renewer:
     def _renew(self, ctx: JobContext) -> None:
         try:
             ctx._set_lease(ctx.store.renew(ctx.lease, ttl=self.ttl))
+            telemetry.emit("worker.renewed", kind=ctx.lease.kind)
         except LeaseLost as exc:
             log.warning("lease lost while the handler ran: %s", exc)
             ctx._lost.set()
@@ -216,6 +224,7 @@ class _Renewer:
             # A busy or briefly unreachable database: try again next interval; the
             # lease survives as long as one renewal lands before it expires.
             log.warning("lease renewal failed, will retry: %s", exc)
+            telemetry.emit("worker.renewal_failed", kind=ctx.lease.kind)
 
 
 @define
@@ -297,6 +306,8 @@ class Worker:
         with self._report_lock:
             for key, value in fields.items():
                 setattr(self._report, key, getattr(self._report, key) + value)
+        # The same counts, for metrics (impl.metrics.worker): RunReport's field names.
+        telemetry.emit("worker.counted", **fields)
 
     def run_once(self, *, name: str | None = None) -> bool:
         """Lease and run one job. Return False when nothing was eligible."""
@@ -316,7 +327,7 @@ class Worker:
         ctx = JobContext(self.store, lease, lost=threading.Event(), stopping=self._stopping)
         renewer.watch(ctx)
         try:
-            self.handlers[lease.kind](ctx)
+            self._handle(ctx)
         except StopRequested:
             renewer.unwatch()
             self._end(ctx, release=True)
@@ -341,6 +352,16 @@ class Worker:
             self._fail(ctx, NO_PROGRESS_ERROR)
         return True
 
+    def _handle(self, ctx: JobContext) -> None:
+        """Call the job's handler, timed for metrics however it ends."""
+        started = time.perf_counter()
+        try:
+            self.handlers[ctx.lease.kind](ctx)
+        finally:
+            telemetry.emit(
+                "worker.handled", kind=ctx.lease.kind, seconds=time.perf_counter() - started
+            )
+
     def _end(self, ctx: JobContext, *, release: bool) -> None:
         if not release:
             return
@@ -355,9 +376,22 @@ class Worker:
         try:
             self.store.fail(ctx.lease, error, retryable=retryable)
             self._count(failed=1)
+            if telemetry.listeners():
+                self._report_failure(ctx)
         except LeaseLost as exc:
             log.warning("job %s failed after its lease was lost: %s", ctx.job_id, exc)
             self._count(lost=1)
+
+    def _report_failure(self, ctx: JobContext) -> None:
+        """Tell metrics whether the failed job will run again (one read, only when
+        someone listens): ``fail`` retries while attempts are left."""
+        try:
+            failed_state = self.store.workflow(ctx.lease.kind).failed
+            again = self.store.state(ctx.job_id) != failed_state
+        except JobledgerError as exc:
+            log.warning("job %s: cannot read its state after a failure: %s", ctx.job_id, exc)
+            return
+        telemetry.emit("worker.failed", kind=ctx.lease.kind, retry=again)
 
     def _loop(
         self, index: int, until_idle: bool, idle: list[bool], cond: threading.Condition
