@@ -29,9 +29,10 @@ def test_a_scrape_reports_the_ledger_as_stats_sees_it(
 ) -> None:
     setup(store, LINEAR, BRANCH)
     plan_and_lease(store, {"n": "dead"})  # its worker dies: the lease expires
-    store.plan("linear", {"n": "live"})
+    store.plan_many("linear", [{"n": "live"}, {"n": "live too"}])
     live = store.lease_next("w2", ttl=10 * TTL)
     assert live is not None
+    assert store.lease_next("w3", ttl=10 * TTL) is not None
     store.run_effect(live, "send", lambda ctx: {"ok": True})
     failed = plan_and_lease(store, {"n": "broken"})
     store.fail(failed, "no such file", retryable=False)
@@ -53,11 +54,11 @@ def test_a_scrape_reports_the_ledger_as_stats_sees_it(
         for state, count in states.items()
     }
     assert jobs == expected
-    assert jobs[("linear", "NEW")] == 3  # dead, live and waits
+    assert jobs[("linear", "NEW")] == 4  # dead, the two live ones and waits
     assert jobs[("linear", "FAILED")] == 1
     assert jobs[("branch", "NEW")] == 1
     assert jobs[("branch", "LEFT")] == 0  # every declared state, zeros included
-    assert got[("jobledger_leases", (("status", "live"),))] == 1
+    assert got[("jobledger_leases", (("status", "live"),))] == 2
     assert got[("jobledger_leases", (("status", "expired"),))] == 1
     assert got[("jobledger_effects_in_doubt", ())] == stats.in_doubt == 0
     assert got[("jobledger_failed_jobs", ())] == 1
