@@ -23,7 +23,10 @@ PORT = click.IntRange(min=0, max=65535)
 
 @click.group()
 def metrics() -> None:
-    """Expose the ledger's metrics to Prometheus (see specs/010-monitoring-playbook.md)."""
+    """Expose the ledger's metrics to Prometheus.
+
+    The alerts and the dashboard that read them, and what to do when an alert fires:
+    specs/010-monitoring-playbook.md."""
 
 
 @metrics.command("serve")
