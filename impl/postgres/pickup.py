@@ -23,6 +23,7 @@ moves the generation, because notifications sent while nobody listened are gone.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +66,8 @@ class Listener:
         self._closing = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self.pid = os.getpid()
+        """The process it listens for: a child of ``fork`` has no thread, and makes its own."""
 
     @property
     def generation(self) -> int:

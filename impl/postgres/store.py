@@ -23,6 +23,7 @@ since the epoch in whichever clock is in use.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -271,7 +272,7 @@ class PostgresStore:
             raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
         wanted = None if kinds is None else list(kinds)
         with self._listener_lock:
-            if self._listener is None:
+            if self._listener is None or self._listener.pid != os.getpid():
                 self._listener = pickup.Listener(
                     self._db.url, self._db.channel, connect_timeout=CONNECT_TIMEOUT
                 )

@@ -93,6 +93,8 @@ class WalIndex:
             raise
         self._lock = threading.Lock()
         self._closed = False
+        self.pid = os.getpid()
+        """The process that mapped it: a child of ``fork`` maps its own."""
 
     def mark(self) -> bytes:
         """The header now: it differs from an earlier mark once anyone has committed."""

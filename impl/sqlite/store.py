@@ -10,6 +10,7 @@ never runs while a transaction is open.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -255,6 +256,9 @@ class SqliteStore:
         """The mapped WAL index header, shared by this store's waiters; None (they ask
         ``PRAGMA data_version`` instead) when the file has none."""
         with self._wal_lock:
+            if self._wal and self._wal.pid != os.getpid():
+                # Inherited through fork: never used (nor closed) here, as a connection.
+                self._wal = None
             if self._wal is None:
                 try:
                     self._wal = pickup.WalIndex(self._path, wait_limit=self._config.busy_timeout)
