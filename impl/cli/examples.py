@@ -38,7 +38,6 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from impl import failpoint
-from impl.cli import metrics as metrics_cli
 from impl.cli import readme as readme_block
 from impl.cli.main import cli
 from impl.download.testserver import FileServer, generated_bytes
@@ -310,9 +309,10 @@ def _metrics(shell: _Shell) -> None:
     """``metrics serve`` runs until SIGTERM: the example scrapes the endpoint the command
     started, as Prometheus would, then stops it as a supervisor would."""
     scraped: list[str] = []
+    serve = metrics_server.serve
 
     def serve_then_stop(registry: CollectorRegistry, *, port: int, host: str) -> MetricsServer:
-        server = metrics_server.serve(registry, port=port, host=host)
+        server = serve(registry, port=port, host=host)
 
         def scrape_then_stop() -> None:
             try:
@@ -333,7 +333,7 @@ def _metrics(shell: _Shell) -> None:
         "`impl/metrics/monitoring/`, and `specs/010-monitoring-playbook.md` says what to do "
         "when an alert fires. A scrape of this ledger (its `jobledger_*` lines):"
     )
-    with _patched(metrics_cli, "serve", serve_then_stop):
+    with _patched(metrics_server, "serve", serve_then_stop):
         example = shell.run(intro, "metrics", "serve", "--port", "0", stable=False)
     lines = [
         line

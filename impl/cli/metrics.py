@@ -12,11 +12,9 @@ import threading
 from types import FrameType
 
 import click
-from prometheus_client import CollectorRegistry, ProcessCollector
 
 from impl.cli.session import Session, pass_session
-from impl.metrics import LedgerCollector, serve
-from impl.metrics.server import DEFAULT_HOST
+from impl.metrics import DEFAULT_HOST
 
 PORT = click.IntRange(min=0, max=65535)
 
@@ -47,6 +45,12 @@ def serve_command(session: Session, *, host: str, port: int) -> None:
     Jobs by kind and state (one gauge family, labels kind and state), live and expired
     leases, in-doubt effects, failed jobs and the queue lag, all read from the ledger
     at every scrape. SIGTERM stops it (exit 0)."""
+    # Imported here: prometheus_client costs every other command 0.1 s at start-up.
+    from prometheus_client import CollectorRegistry, ProcessCollector  # noqa: PLC0415
+
+    from impl.metrics.ledger import LedgerCollector  # noqa: PLC0415
+    from impl.metrics.server import serve  # noqa: PLC0415
+
     with session.store() as store:
         registry = CollectorRegistry()
         registry.register(LedgerCollector(store))

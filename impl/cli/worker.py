@@ -14,12 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from prometheus_client import CollectorRegistry, ProcessCollector
 
 from impl.cli import exit as exits
 from impl.cli.session import Session, pass_session
-from impl.metrics import WorkerMetrics, serve
-from impl.metrics.server import DEFAULT_HOST
+from impl.metrics import DEFAULT_HOST
 from impl.worker import Worker
 from model.store import Store
 
@@ -144,6 +142,12 @@ def _metrics(host: str, port: int | None) -> Iterator[None]:
     if port is None:
         yield
         return
+    # Imported here: prometheus_client costs every other command 0.1 s at start-up.
+    from prometheus_client import CollectorRegistry, ProcessCollector  # noqa: PLC0415
+
+    from impl.metrics.server import serve  # noqa: PLC0415
+    from impl.metrics.worker import WorkerMetrics  # noqa: PLC0415
+
     registry = CollectorRegistry()
     counts = WorkerMetrics(registry)
     ProcessCollector(registry=registry)

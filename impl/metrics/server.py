@@ -1,7 +1,6 @@
 """The ``/metrics`` endpoint: prometheus_client's HTTP server, with jobledger's errors.
 
-It binds 127.0.0.1 unless told otherwise: metrics name the ledger's workflows and
-states, which need not be public.
+It binds :data:`impl.metrics.DEFAULT_HOST` (127.0.0.1) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -12,9 +11,8 @@ import threading
 from attrs import frozen
 from prometheus_client import CollectorRegistry, start_http_server
 
+from impl.metrics import DEFAULT_HOST
 from model.errors import InvalidInput
-
-DEFAULT_HOST = "127.0.0.1"
 
 
 @frozen
