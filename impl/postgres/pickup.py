@@ -139,7 +139,7 @@ class Listener:
                     self._ready.set()
                     pause = RECONNECT_FIRST
                     self._listen(conn)
-            except psycopg.Error as exc:
+            except Exception as exc:  # the listener must outlive whatever the driver raises
                 if not self._closing.is_set():
                     log.warning(
                         "listening for new jobs on channel %r failed (%s); idle workers "
