@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from model import InvalidInput, ManualClock, Store
+from model import IdempotencyConflict, InvalidInput, ManualClock, Plan, Store
 
 from .flows import BRANCH, LINEAR, TTL, StoreFactory, plan_and_lease, setup
 
@@ -143,3 +143,22 @@ def test_a_set_stop_event_ends_the_wait(store: Store) -> None:
     stop.set()
     thread.join(WATCHDOG)
     assert answers == [False]
+
+
+def test_a_rolled_back_plan_wakes_nobody(store_factory: StoreFactory) -> None:
+    """A plan_many that fails leaves nothing eligible, and no sign of it either: on
+    PostgreSQL the notification is part of the transaction, so it is never delivered."""
+    waiter = setup(store_factory())
+    planner = store_factory()
+    lease = plan_and_lease(waiter, {"n": "done"}, payload={"v": 1})
+    for state in ("A", "B", "DONE"):
+        waiter.advance(lease, state)
+    answers: list[bool] = []
+    thread = threading.Thread(target=lambda: answers.append(waiter.wait_for_work(2.0)))
+    thread.start()
+    time.sleep(0.2)
+    with pytest.raises(IdempotencyConflict):
+        planner.plan_many("linear", [{"n": "new"}, Plan({"n": "done"}, payload={"v": 2})])
+    thread.join(WATCHDOG)
+    assert answers == [False], "a rolled-back plan woke the waiter"
+    assert planner.jobs(state="NEW") == []
