@@ -131,3 +131,23 @@ def test_promtool_accepts_the_alert_rules() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"SUCCESS: {len(_alerts())} rules found" in done.stdout
+
+
+def test_the_alerts_fire_when_their_condition_has_held_and_not_before() -> None:
+    """promtool's unit tests (tests/metrics/alerts_test.yml): thresholds, `for` clauses
+    and the annotations an on-call engineer reads."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip(
+            "promtool is not installed (on Debian: apt-get install prometheus), so the "
+            "alerts' behaviour over time is not simulated; their expressions were still "
+            "checked against a real scrape"
+        )
+    done = subprocess.run(
+        [promtool, "test", "rules", str(Path(__file__).with_name("alerts_test.yml"))],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
