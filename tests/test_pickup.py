@@ -208,3 +208,68 @@ def _until(probe: Callable[[], set[int]]) -> set[int]:
             return found
         time.sleep(0.05)
     return set()
+
+
+def _watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "jobledger-watch:shared.sqlite"]
+
+
+def test_sqlite_waiters_share_one_watching_thread_that_ends_when_nobody_waits(
+    tmp_path: Path,
+) -> None:
+    """Idle cost per process, not per handler thread: four idle handler threads, one
+    thread looking for commits; it ends once nobody has waited for a while."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    db = tmp_path / "shared.sqlite"
+    with SqliteStore(db) as store, SqliteStore(db) as planner:
+        store.register(FLOW)
+        started: list[str] = []
+        done = threading.Event()
+
+        def handler(ctx: impl.JobContext) -> None:
+            started.append(str(ctx.identity["n"]))
+            ctx.advance("B")
+            done.set()
+
+        worker = impl.Worker(store, {"flow": handler}, idle_poll=POLL, concurrency=4)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            _settle()
+            assert len(_watch_threads()) == 1
+            planner.plan("flow", {"n": 1})
+            assert done.wait(WATCHDOG), "the idle handler threads slept through the plan"
+        finally:
+            worker.stop()
+            thread.join(WATCHDOG)
+        assert started == ["1"]
+        deadline = time.monotonic() + pickup.IDLE_GRACE + WATCHDOG
+        while _watch_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _watch_threads() == [], "the watching thread outlived its waiters"
+
+
+def test_without_a_wal_index_the_data_version_pragma_wakes_a_waiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for a file whose WAL index cannot be mapped (this store always runs
+    in WAL mode, so the mapping is made to fail here)."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    def unmappable(*_args: object, **_kwargs: object) -> pickup.WalIndex:
+        raise OSError("no WAL index here")
+
+    monkeypatch.setattr(pickup, "WalIndex", unmappable)
+    with SqliteStore(tmp_path / "j.sqlite") as store, SqliteStore(tmp_path / "j.sqlite") as planner:
+        store.register(FLOW)
+        running = Running(store)
+        try:
+            _settle()
+            planner.plan("flow", {"n": 1})
+            assert running.wait_started(1), "the pragma did not see the plan"
+        finally:
+            running.stop()
+        assert store._change_watch()._wal is None  # type: ignore[attr-defined]

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
 
 from impl.sqlite import claim, effect, maintenance, pickup, read
 from impl.sqlite import queries as q
@@ -85,8 +84,8 @@ class SqliteStore:
         self._config = config if config is not None else Config()
         self._connections = ThreadConnections(self._path, self._config)
         self._catalog = Catalog()
-        self._wal: pickup.WalIndex | Literal[False] | None = None
-        self._wal_lock = threading.Lock()
+        self._watch: pickup.ChangeWatch | None = None
+        self._watch_lock = threading.Lock()
         try:
             conn = self._connection()
             reading(
@@ -135,9 +134,9 @@ class SqliteStore:
     def close(self) -> None:
         """Close the connections this store opened; the store cannot be used afterwards."""
         self._connections.close()
-        with self._wal_lock:
-            if self._wal:
-                self._wal.close()
+        with self._watch_lock:
+            if self._watch is not None and self._watch.pid == os.getpid():
+                self._watch.close()
 
     def _connection(self) -> LedgerConnection:
         """Return this thread's connection in this process, opening it if needed.
@@ -242,29 +241,22 @@ class SqliteStore:
         expiry comes due; False when the timeout passes first or ``stop`` is set.
         """
         seconds = check_seconds(timeout, name="timeout")
-        conn = self._connection()
         return pickup.wait_for_work(
-            conn,
+            self._connection(),
             self._clock,
             pickup.due_query(None if kinds is None else _kinds(kinds)),
-            mark=pickup.change_marker(conn, self._wal_index()),
+            watch=self._change_watch(),
             timeout=seconds,
             stop=stop,
         )
 
-    def _wal_index(self) -> pickup.WalIndex | None:
-        """The mapped WAL index header, shared by this store's waiters; None (they ask
-        ``PRAGMA data_version`` instead) when the file has none."""
-        with self._wal_lock:
-            if self._wal and self._wal.pid != os.getpid():
-                # Inherited through fork: never used (nor closed) here, as a connection.
-                self._wal = None
-            if self._wal is None:
-                try:
-                    self._wal = pickup.WalIndex(self._path, wait_limit=self._config.busy_timeout)
-                except (OSError, sqlite3.Error, ValueError):
-                    self._wal = False
-            return self._wal or None
+    def _change_watch(self) -> pickup.ChangeWatch:
+        """The one watch for commits that this store's waiters share (in this process)."""
+        with self._watch_lock:
+            if self._watch is None or self._watch.pid != os.getpid():
+                # One inherited through fork is never used (nor closed) here.
+                self._watch = pickup.ChangeWatch(self._path, self._config)
+            return self._watch
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend a live lease to now + ttl (default: the configured lease TTL)."""
