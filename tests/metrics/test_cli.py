@@ -175,3 +175,17 @@ def test_a_worker_on_a_taken_metrics_port_leases_nothing(
     assert "the port is already in use" in err
     with SqliteStore(ledger) as store:
         assert [job.attempts for job in store.jobs()] == [0, 0]
+
+
+def test_metrics_serve_on_an_address_not_of_this_machine_is_exit_2(
+    ledger: Path, tmp_path: Path
+) -> None:
+    # TEST-NET-1 (RFC 5737): never an address of this machine.
+    proc = _jobledger(
+        "--db", str(ledger), "metrics", "serve", "--host", "192.0.2.1", "--port", "0", cwd=tmp_path
+    )
+    _, err = proc.communicate(timeout=WATCHDOG)
+    assert proc.returncode == 2
+    assert "Traceback" not in err
+    assert err.startswith("error: cannot serve metrics on 192.0.2.1:0: ")
+    assert "pass an address of this machine as --host" in err
