@@ -249,27 +249,3 @@ def test_sqlite_waiters_share_one_watching_thread_that_ends_when_nobody_waits(
         while _watch_threads() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _watch_threads() == [], "the watching thread outlived its waiters"
-
-
-def test_without_a_wal_index_the_data_version_pragma_wakes_a_waiter(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The fallback for a file whose WAL index cannot be mapped (this store always runs
-    in WAL mode, so the mapping is made to fail here)."""
-    from impl.sqlite import pickup
-    from impl.sqlite.store import SqliteStore
-
-    def unmappable(*_args: object, **_kwargs: object) -> pickup.WalIndex:
-        raise OSError("no WAL index here")
-
-    monkeypatch.setattr(pickup, "WalIndex", unmappable)
-    with SqliteStore(tmp_path / "j.sqlite") as store, SqliteStore(tmp_path / "j.sqlite") as planner:
-        store.register(FLOW)
-        running = Running(store)
-        try:
-            _settle()
-            planner.plan("flow", {"n": 1})
-            assert running.wait_started(1), "the pragma did not see the plan"
-        finally:
-            running.stop()
-        assert store._change_watch()._wal is None  # type: ignore[attr-defined]
