@@ -249,3 +249,46 @@ def test_sqlite_waiters_share_one_watching_thread_that_ends_when_nobody_waits(
         while _watch_threads() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _watch_threads() == [], "the watching thread outlived its waiters"
+
+
+def test_a_slow_read_of_when_work_is_due_is_not_repeated_on_every_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With many jobs planned for later the read walks them all (40 ms for 100,000):
+    an idle waiter must not repeat it on every commit of a busy ledger. Here the read is
+    made slow (50 ms) and another connection commits every 5 ms for the whole wait."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    reads: list[float] = []
+    real = pickup._due_in
+
+    def slow(*args: object) -> float | None:
+        time.sleep(0.05)
+        reads.append(time.monotonic())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pickup, "_due_in", slow)
+    db = tmp_path / "j.sqlite"
+    with SqliteStore(db) as store, SqliteStore(db) as planner:
+        store.register(FLOW)
+        later = planner.now() + 3600
+        busy = threading.Event()
+
+        def commit_often() -> None:
+            n = 0
+            while not busy.is_set():
+                planner.plan("flow", {"n": n}, run_at=later)
+                n += 1
+                time.sleep(0.005)
+
+        committer = threading.Thread(target=commit_often, daemon=True)
+        committer.start()
+        try:
+            assert store.wait_for_work(1.0) is False
+        finally:
+            busy.set()
+            committer.join(WATCHDOG)
+    # Back to back, 50 ms reads over 1 s make about 18; at most a tenth of the time
+    # spent reading allows 2 or 3.
+    assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"
