@@ -292,3 +292,47 @@ def test_a_slow_read_of_when_work_is_due_is_not_repeated_on_every_commit(
     # Back to back, 50 ms reads over 1 s make about 18; at most a tenth of the time
     # spent reading allows 2 or 3.
     assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"
+
+
+def test_a_slow_postgres_read_is_not_repeated_on_every_announcement_for_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same on PostgreSQL, where jobs planned for later are announced as such (a
+    waiter must read when they are due) while jobs due now wake it without a read."""
+    from impl.postgres import read
+
+    reads: list[float] = []
+    real = read.due_in
+
+    def slow(*args: object) -> float | None:
+        time.sleep(0.05)
+        reads.append(time.monotonic())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(read, "due_in", slow)
+    it = _postgres()
+    stores = next(it)
+    try:
+        store, planner = stores(), stores()
+        store.register(FLOW)
+        later = planner.now() + 3600
+        busy = threading.Event()
+
+        def commit_often() -> None:
+            n = 0
+            while not busy.is_set():
+                planner.plan("flow", {"n": n}, run_at=later)
+                n += 1
+                time.sleep(0.005)
+
+        committer = threading.Thread(target=commit_often, daemon=True)
+        committer.start()
+        try:
+            assert store.wait_for_work(1.0) is False
+        finally:
+            busy.set()
+            committer.join(WATCHDOG)
+    finally:
+        for _ in it:
+            pass
+    assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"

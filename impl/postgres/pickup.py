@@ -46,6 +46,10 @@ RECONNECT_LONGEST = 5.0
 """The pause before reconnecting starts at the first and doubles up to the longest."""
 DOWN_POLL = 0.5
 """While nobody listens, waiters look at the queue this often (seconds)."""
+SLOW_DUE_READ = 0.005
+"""Seconds above which the read of when work is due counts as slow (many unfinished jobs)."""
+SLOW_READ_SHARE = 0.1
+"""After a slow read, the next waits so that such reads take at most this share of time."""
 STOP_SLICE = 0.1
 """A waiter looks at its stop event at least this often (seconds)."""
 FIRST_LISTEN_WAIT = 5.0
@@ -107,6 +111,19 @@ class Listener:
                 if left <= 0:
                     return
                 self._cond.wait(min(left, STOP_SLICE) if stop is not None else left)
+
+    def wait_heard(
+        self, kinds: Sequence[str] | None, until: float, stop: threading.Event | None
+    ) -> None:
+        """Sleep until work of ``kinds`` due now is announced, ``time.monotonic()``
+        reaches ``until``, or ``stop`` is set."""
+        seen = self._generation
+        with self._cond:
+            while not self.heard_since(seen, kinds) and not (stop is not None and stop.is_set()):
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, STOP_SLICE))
 
     def close(self) -> None:
         """Stop listening and wait for the thread to end."""
@@ -187,10 +204,11 @@ def wait_for_work(
     deadline = time.monotonic() + timeout
     while True:
         seen = listener.generation
+        began = time.monotonic()
         due = due_in()
+        now = time.monotonic()
         if due is not None and due <= 0:
             return True
-        now = time.monotonic()
         if now >= deadline or (stop is not None and stop.is_set()):
             return False
         wake = deadline if due is None else min(deadline, now + due)
@@ -199,3 +217,12 @@ def wait_for_work(
         listener.wait_change(seen, wake, stop)
         if listener.heard_since(seen, kinds):
             return True
+        took = now - began
+        if took > SLOW_DUE_READ and listener.generation != seen:
+            # The read walks every unfinished job: not again on every announcement of
+            # work for later, or an idle worker would spend a core on it. Work due now
+            # still wakes it at once.
+            calm = min(now + took * (1 / SLOW_READ_SHARE - 1), wake)
+            listener.wait_heard(kinds, calm, stop)
+            if listener.heard_since(seen, kinds):
+                return True
