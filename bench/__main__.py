@@ -22,6 +22,7 @@ from bench import (
     lifecycle,
     pages,
     peers,
+    pickup,
     plan,
     procs,
     prune,
@@ -46,6 +47,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "peers": peers.run,
     "status": status.run,
     "prune": prune.run,
+    "pickup": pickup.run,
 }
 
 

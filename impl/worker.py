@@ -20,6 +20,7 @@ from types import FrameType
 
 from attrs import define, evolve, field
 
+from impl import telemetry
 from impl.outcome import RetryLater
 from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
 from model.key import Scalar
@@ -114,7 +115,13 @@ class JobContext:
     ) -> JSON:
         """Run an effect once per op key (see ``Store.run_effect``)."""
         lease = self._guard("run_effect")
-        return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        started = time.perf_counter()
+        try:
+            return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        finally:
+            telemetry.emit(
+                "worker.effect", kind=lease.kind, op=op, seconds=time.perf_counter() - started
+            )
 
     def renew(self, *, ttl: float | None = None) -> Lease:
         """Renew the lease now (long effects may call this between chunks)."""
@@ -208,6 +215,7 @@ class _Renewer:
     def _renew(self, ctx: JobContext) -> None:
         try:
             ctx._set_lease(ctx.store.renew(ctx.lease, ttl=self.ttl))
+            telemetry.emit("worker.renewed", kind=ctx.lease.kind)
         except LeaseLost as exc:
             log.warning("lease lost while the handler ran: %s", exc)
             ctx._lost.set()
@@ -218,6 +226,7 @@ class _Renewer:
             # A busy or briefly unreachable database: try again next interval; the
             # lease survives as long as one renewal lands before it expires.
             log.warning("lease renewal failed, will retry: %s", exc)
+            telemetry.emit("worker.renewal_failed", kind=ctx.lease.kind)
 
 
 @define
@@ -246,7 +255,9 @@ class Worker:
         ttl: lease TTL in seconds; default the store's configured TTL.
         concurrency: handler threads in this process, each leasing its own jobs.
         renew_every: seconds between background renewals; default a third of the TTL.
-        idle_poll: seconds to wait when no job is eligible.
+        idle_poll: the longest wait, in seconds, when no job is eligible: the store wakes
+            an idle worker as soon as one is (``Store.wait_for_work``), and the worker
+            looks anyway once this has passed.
     """
 
     def __init__(
@@ -297,6 +308,8 @@ class Worker:
         with self._report_lock:
             for key, value in fields.items():
                 setattr(self._report, key, getattr(self._report, key) + value)
+        # The same counts, for metrics (impl.metrics.worker): RunReport's field names.
+        telemetry.emit("worker.counted", **fields)
 
     def run_once(self, *, name: str | None = None) -> bool:
         """Lease and run one job. Return False when nothing was eligible."""
@@ -316,7 +329,7 @@ class Worker:
         ctx = JobContext(self.store, lease, lost=threading.Event(), stopping=self._stopping)
         renewer.watch(ctx)
         try:
-            self.handlers[lease.kind](ctx)
+            self._handle(ctx)
         except StopRequested:
             renewer.unwatch()
             self._end(ctx, release=True)
@@ -347,6 +360,16 @@ class Worker:
             self._fail(ctx, NO_PROGRESS_ERROR)
         return True
 
+    def _handle(self, ctx: JobContext) -> None:
+        """Call the job's handler, timed for metrics however it ends."""
+        started = time.perf_counter()
+        try:
+            self.handlers[ctx.lease.kind](ctx)
+        finally:
+            telemetry.emit(
+                "worker.handled", kind=ctx.lease.kind, seconds=time.perf_counter() - started
+            )
+
     def _end(self, ctx: JobContext, *, release: bool) -> None:
         if not release:
             return
@@ -375,9 +398,22 @@ class Worker:
         try:
             self.store.fail(ctx.lease, error, retryable=retryable)
             self._count(failed=1)
+            if telemetry.listeners():
+                self._report_failure(ctx)
         except LeaseLost as exc:
             log.warning("job %s failed after its lease was lost: %s", ctx.job_id, exc)
             self._count(lost=1)
+
+    def _report_failure(self, ctx: JobContext) -> None:
+        """Tell metrics whether the failed job will run again (one read, only when
+        someone listens): ``fail`` retries while attempts are left."""
+        try:
+            failed_state = self.store.workflow(ctx.lease.kind).failed
+            again = self.store.state(ctx.job_id) != failed_state
+        except JobledgerError as exc:
+            log.warning("job %s: cannot read its state after a failure: %s", ctx.job_id, exc)
+            return
+        telemetry.emit("worker.failed", kind=ctx.lease.kind, retry=again)
 
     def _loop(
         self, index: int, until_idle: bool, idle: list[bool], cond: threading.Condition
@@ -423,7 +459,17 @@ class Worker:
                         if all(idle):
                             return
                 else:
-                    self._stopping.wait(self.idle_poll)
+                    self._wait_for_work()
+
+    def _wait_for_work(self) -> None:
+        """Sleep until the store says a job of our kinds is eligible (it hears of new
+        work at once, see ``Store.wait_for_work``), at most ``idle_poll`` seconds: the
+        poll after it is the safety net for a sign the store missed."""
+        try:
+            self.store.wait_for_work(self.idle_poll, kinds=self._kinds, stop=self._stopping)
+        except JobledgerError as exc:
+            log.warning("worker %s: waiting for work failed, polling instead: %s", self.name, exc)
+            self._stopping.wait(self.idle_poll)
 
     def run(self, *, until_idle: bool = False) -> RunReport:
         """Run until stopped (SIGTERM/SIGINT or :meth:`stop`), or until idle.

@@ -18,6 +18,7 @@ import copy
 import functools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -81,18 +82,25 @@ from model.workflow import DOWNLOAD, Workflow
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
+WAIT_SLICE = 0.05
+"""Longest sleep of ``wait_for_work`` between two looks at the jobs (seconds)."""
+
 
 def _atomic(method: _F) -> _F:
     """Run ``method`` under the store's lock: each public call is one atomic step.
 
     The model has no threads of its own, but a ``Worker`` renews leases from a
     background thread; the lock makes every call indivisible, as a transaction is.
+    Every call then wakes the callers of ``wait_for_work``, which look again.
     """
 
     @functools.wraps(method)
     def wrapper(self: MemoryStore, *args: object, **kwargs: object) -> object:
-        with self._lock:
-            return method(self, *args, **kwargs)
+        with self._changed:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._changed.notify_all()
 
     return wrapper  # type: ignore[return-value]
 
@@ -172,6 +180,11 @@ class MemoryStore:
     _seq: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     _lock: threading.RLock = field(factory=threading.RLock, init=False, eq=False)
+    _changed: threading.Condition = field(init=False, eq=False)
+
+    @_changed.default
+    def _condition(self) -> threading.Condition:
+        return threading.Condition(self._lock)
 
     def __attrs_post_init__(self) -> None:
         self._register(DOWNLOAD)
@@ -456,6 +469,59 @@ class MemoryStore:
             self._log(job, now, Event.LEASED, worker=worker)
             return self._lease_of(job)
         return None
+
+    def wait_for_work(
+        self,
+        timeout: float,
+        *,
+        kinds: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until a job of ``kinds`` is eligible, for at most ``timeout`` seconds.
+
+        True as soon as one is eligible by the store's clock (at once if one already is),
+        False when the timeout passes first or ``stop`` is set. The model looks again after
+        every call made on it (from other threads), when the earliest ``run_at`` or lease
+        expiry comes due (read as wall-clock seconds from now), and every
+        :data:`WAIT_SLICE` seconds (an injected clock moves without a call).
+        """
+        seconds = check_seconds(timeout, name="timeout")
+        if isinstance(kinds, str):
+            raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
+        wanted = None if kinds is None else set(kinds)
+        deadline = time.monotonic() + seconds
+        with self._changed:
+            while True:
+                now = self._now()
+                due = self._next_due(wanted)
+                if due is not None and due <= now:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    return False
+                pause = min(left, WAIT_SLICE)
+                if due is not None:
+                    pause = min(pause, due - now)
+                self._changed.wait(pause)
+
+    def _next_due(self, wanted: set[str] | None) -> float | None:
+        """When the first job of ``wanted`` kinds becomes eligible by the clock: the later
+        of its ``run_at`` and its lease's expiry; None when no such job is unfinished.
+
+        A job with no attempts left counts too: leasing it moves it to its failed state.
+        """
+        due: float | None = None
+        for job in self._jobs.values():
+            if wanted is not None and job.kind not in wanted:
+                continue
+            if self._flow(job.kind).is_terminal(job.state):
+                continue
+            at = job.run_at
+            if job.lease_worker is not None and job.lease_expires_at is not None:
+                at = max(at, job.lease_expires_at)
+            if due is None or at < due:
+                due = at
+        return due
 
     @_atomic
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:

@@ -6,6 +6,7 @@ this protocol, so any store that satisfies it can be checked the same way.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, Self
@@ -86,6 +87,23 @@ class Store(Protocol):
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
     ) -> Lease | None:
         """Lease the first eligible job, or return None when there is none."""
+        ...
+
+    def wait_for_work(
+        self,
+        timeout: float,
+        *,
+        kinds: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until a job of ``kinds`` is eligible, for at most ``timeout`` seconds.
+
+        Returns True as soon as one is (at once if one is already), including when the
+        earliest known ``run_at`` or lease expiry comes due without any write; False when
+        the timeout passes first or ``stop`` is set. ``timeout`` is wall-clock seconds,
+        however the store's clock runs. A backend may miss a sign of new work (a dropped
+        listening connection): False is a hint, so callers still look now and then.
+        """
         ...
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:

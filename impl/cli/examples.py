@@ -23,19 +23,26 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
-from collections.abc import Mapping
+import threading
+import urllib.request
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+import attrs
 from attrs import frozen
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 
 from impl import failpoint
 from impl.cli import readme as readme_block
 from impl.cli.main import cli
 from impl.download.testserver import FileServer, generated_bytes
+from impl.metrics import server as metrics_server
+from impl.metrics.server import MetricsServer
 from impl.store import open_store
 from impl.worker import Worker
 from model import ManualClock, Workflow
@@ -258,6 +265,7 @@ def _observe(shell: _Shell, ledger: Ledger) -> None:
         "status",
     )
     shell.run("The same as one JSON object, for scripts and monitoring:", "status", "--json")
+    _metrics(shell)
     shell.run(
         "Who holds what: every lease with its worker, fencing token and time left. An expired "
         "lease means its worker stopped renewing: it crashed, hung or lost the database.",
@@ -295,6 +303,57 @@ def _observe(shell: _Shell, ledger: Ledger) -> None:
         "show",
         ledger.crashed[:12],
     )
+
+
+def _metrics(shell: _Shell) -> None:
+    """``metrics serve`` runs until SIGTERM: the example scrapes the endpoint the command
+    started, as Prometheus would, then stops it as a supervisor would."""
+    scraped: list[str] = []
+    serve = metrics_server.serve
+
+    def serve_then_stop(registry: CollectorRegistry, *, port: int, host: str) -> MetricsServer:
+        server = serve(registry, port=port, host=host)
+
+        def scrape_then_stop() -> None:
+            try:
+                # The http://127.0.0.1 URL of the server just started, nothing else.
+                with urllib.request.urlopen(server.url, timeout=30) as response:  # noqa: S310
+                    scraped.append(response.read().decode("utf-8"))
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=scrape_then_stop, daemon=True).start()
+        return server
+
+    intro = (
+        "For Prometheus, `metrics serve` exposes the ledger at `/metrics` (127.0.0.1 unless "
+        "`--host` says otherwise; `--port 0` picks a free port), read from the ledger at "
+        "every scrape; `worker --metrics-port P` adds each worker process's own counters. "
+        "The alert rules and the Grafana dashboard that read them ship in "
+        "`impl/metrics/monitoring/`, and `specs/010-monitoring-playbook.md` says what to do "
+        "when an alert fires. A scrape of this ledger (its `jobledger_*` lines):"
+    )
+    with _patched(metrics_server, "serve", serve_then_stop):
+        example = shell.run(intro, "metrics", "serve", "--port", "0", stable=False)
+    lines = [
+        line
+        for text in scraped
+        for line in text.splitlines()
+        if line.startswith("jobledger_") and not line.startswith("jobledger_stats_read")
+    ]
+    shell.examples[-1] = attrs.evolve(
+        example, intro=intro + "\n\n```text\n" + "\n".join(lines) + "\n```\n\nThe command:"
+    )
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, value: object) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 def _act(shell: _Shell, ledger: Ledger) -> None:

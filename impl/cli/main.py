@@ -16,7 +16,7 @@ import click
 
 from impl import telemetry
 from impl.cli import config as config_cmd
-from impl.cli import download, jobs, migrate, operate, retention, selftest, status, worker
+from impl.cli import download, jobs, metrics, migrate, operate, retention, selftest, status, worker
 from impl.cli import exit as exits
 from impl.cli.session import Session, StoreOpener, environment, parse_settings
 from impl.config import ENV_CONFIG_FILE
@@ -111,7 +111,18 @@ def cli(
         telemetry.configure_logging(log_format=log_format, level=level)
 
 
-for _module in (status, jobs, operate, retention, worker, migrate, config_cmd, download, selftest):
+for _module in (
+    status,
+    jobs,
+    operate,
+    retention,
+    worker,
+    metrics,
+    migrate,
+    config_cmd,
+    download,
+    selftest,
+):
     _module.register(cli)
 
 

@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from impl.cli import exit as exits
 from impl.cli.session import Session, pass_session
+from impl.metrics import DEFAULT_HOST
 from impl.retention import Retention
 from impl.worker import Worker
 from model.store import Store
@@ -80,6 +82,20 @@ def load_handlers(spec: str) -> Handlers:
 @click.option(
     "--until-idle", is_flag=True, help="Stop when no job is eligible instead of waiting for more."
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="P",
+    help="Serve this process's worker metrics for Prometheus at http://HOST:P/metrics "
+    "(0: a free port, printed on stderr).",
+)
+@click.option(
+    "--metrics-host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    metavar="ADDRESS",
+    help="Address the metrics endpoint listens on.",
+)
 @pass_session
 def worker(
     session: Session,
@@ -88,6 +104,8 @@ def worker(
     concurrency: int,
     name: str | None,
     until_idle: bool,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run a worker over the handlers MODULE:ATTR names.
 
@@ -98,7 +116,7 @@ def worker(
     (e.g. `retention: 30d`), it also prunes finished jobs at start and every
     `retention_interval` seconds (see `jobledger prune`)."""
     handlers = load_handlers(handlers_spec)
-    with session.store(create=True) as store:
+    with session.store(create=True) as store, _metrics(metrics_host, metrics_port):
         failed_before = _failed_ids(store, handlers)
         runner = Worker(store, handlers, name=name, concurrency=concurrency)
         retention = Retention.from_config(store, session.config)
@@ -127,6 +145,35 @@ def worker(
             f"{len(newly_failed)} job(s) failed; see `jobledger jobs --state FAILED`", err=True
         )
         raise click.exceptions.Exit(exits.FAILED_JOBS)
+
+
+@contextmanager
+def _metrics(host: str, port: int | None) -> Iterator[None]:
+    """Serve this process's worker metrics while the worker runs (when a port is given).
+
+    Raises:
+        InvalidInput: the port is taken (before the worker leases anything).
+    """
+    if port is None:
+        yield
+        return
+    # Imported here: prometheus_client costs every other command 0.1 s at start-up.
+    from prometheus_client import CollectorRegistry, ProcessCollector  # noqa: PLC0415
+
+    from impl.metrics.server import serve  # noqa: PLC0415
+    from impl.metrics.worker import WorkerMetrics  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    counts = WorkerMetrics(registry)
+    ProcessCollector(registry=registry)
+    server = serve(registry, host=host, port=port)
+    counts.install()
+    click.echo(f"worker metrics at {server.url}", err=True)
+    try:
+        yield
+    finally:
+        counts.uninstall()
+        server.close()
 
 
 def _failed_ids(store: Store, handlers: Handlers) -> set[str]:

@@ -50,6 +50,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
+from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
     ILLEGAL_EDGE_SQLSTATE,
@@ -96,7 +97,9 @@ class Tx:
     clock: float | None
     pipeline: psycopg.Pipeline | None = None
     events: list[HistoryEvent] = field(factory=list)
+    channel: str | None = None
     _server_now: float | None = field(default=None, init=False)
+    _announced: set[str] = field(factory=set, init=False)
 
     @property
     def now(self) -> float:
@@ -131,6 +134,22 @@ class Tx:
             # error, if any) now; a Sync inside a transaction block commits nothing.
             self.pipeline.sync()
         return self.cur.rowcount
+
+    def announce(self, kind: str, *, later: bool = False) -> None:
+        """Wake idle workers (``impl.postgres.pickup``): a job of ``kind`` is eligible
+        now, or (``later``) will be at a time they must read.
+
+        ``pg_notify`` is transactional, so they hear it only if this transaction commits,
+        and after it did. In a pipeline nobody waits for its answer: it costs no round
+        trip (an error would still surface at the commit).
+        """
+        payload = f"{DUE_LATER if later else DUE_NOW}:{kind}"
+        if self.channel is None or payload in self._announced:
+            return
+        self._announced.add(payload)
+        self.cur.connection.cursor().execute(
+            q.NOTIFY, {"channel": self.channel, "payload": payload}
+        )
 
     def log(
         self,
@@ -265,6 +284,9 @@ class Database:
 
     def __init__(self, url: str, *, schema: str, clock: Clock | None, config: Config) -> None:
         self.schema = schema
+        self.url = url
+        self.channel = channel_of(schema)
+        """The ``LISTEN`` channel of this ledger, the same in every process."""
         self.where = f"{describe(url)} schema {schema!r}"
         self._clock = clock
         # PostgreSQL reads a lock_timeout of 0 as "wait forever"; a busy timeout of 0
@@ -353,7 +375,7 @@ class Database:
                             cur = conn.cursor(row_factory=dict_row)
                             if read_only:
                                 cur.execute(q.READ_ONLY)
-                            tx = Tx(cur, self._clock_reading())
+                            tx = Tx(cur, self._clock_reading(), channel=self.channel)
                             if not read_only:
                                 stage = "body"
                             out = body(tx)
@@ -362,7 +384,12 @@ class Database:
                     try:
                         with conn.pipeline() as pipe:
                             control.execute(q.BEGIN)
-                            tx = Tx(conn.cursor(row_factory=dict_row), self._clock_reading(), pipe)
+                            tx = Tx(
+                                conn.cursor(row_factory=dict_row),
+                                self._clock_reading(),
+                                pipe,
+                                channel=self.channel,
+                            )
                             out = body(tx)
                             stage = "body"
                             if commit_point is not None:

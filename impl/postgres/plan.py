@@ -58,6 +58,8 @@ def plan_items(
             pass  # an earlier item of this batch found the key's tombstone
         elif tx.one(q.INSERT_JOB, params) is not None:
             inserted.append(jid)
+            # A given run_at may lie ahead: waiters read when it is due.
+            tx.announce(kind, later=item.run_at is not None)
         else:
             row = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
             if row is None:

@@ -9,6 +9,8 @@ nothing even if a caller skipped the check before it.
 
 from __future__ import annotations
 
+from psycopg import sql
+
 # -- sessions and time ----------------------------------------------------------------
 
 NOW = "coalesce(%(clock)s::double precision, extract(epoch FROM now())::double precision)"
@@ -611,3 +613,27 @@ PENDING_AMONG = "SELECT seq FROM count_pending WHERE seq = ANY(%(seqs)s)"
 UNCOUNT = "UPDATE state_counts SET n = n - %(n)s WHERE kind = %(kind)s AND state = %(state)s"
 UNPEND_AMONG = "DELETE FROM count_pending WHERE seq = ANY(%(seqs)s)"
 PEND_ONE = "INSERT INTO count_pending (seq) VALUES (%(seq)s) ON CONFLICT DO NOTHING"
+# -- waiting for work (impl.postgres.pickup) ---------------------------------------------
+
+NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
+"""Wake the ledger's idle workers: sent inside a transaction, delivered only at commit."""
+
+HEALTH_CHECK = "SELECT 1"
+
+_NEXT_DUE = (
+    """
+SELECT min(CASE WHEN lease_worker IS NULL THEN run_at
+                ELSE greatest(run_at, lease_expires_at) END) - """
+    + NOW
+    + """ AS due_in
+  FROM jobs WHERE active"""
+)
+NEXT_DUE = _NEXT_DUE
+"""Seconds until the first unfinished job becomes eligible (its run_at, or its lease's
+expiry when that is later); <= 0 when one is eligible now, NULL when none is unfinished."""
+NEXT_DUE_OF_KINDS = _NEXT_DUE + " AND kind = ANY(%(kinds)s::text[])"
+
+
+def listen(channel: str) -> sql.Composed:
+    """``LISTEN channel``: a channel is an identifier, which no parameter can carry."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel))

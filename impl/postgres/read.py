@@ -68,3 +68,13 @@ def stats(tx: Tx) -> Stats:
         failed=sum(by_state[f.name][f.failed] for f in flows),
         oldest_eligible_age=None if oldest is None else tx.now - oldest,
     )
+
+
+def due_in(tx: Tx, kinds: list[str] | None) -> float | None:
+    """Seconds until the first unfinished job of ``kinds`` (None: any) is eligible:
+    <= 0 when one is now, None when none is unfinished."""
+    query = q.NEXT_DUE if kinds is None else q.NEXT_DUE_OF_KINDS
+    row = tx.one(query, {"kinds": kinds})
+    assert row is not None
+    due = row["due_in"]
+    return None if due is None else float(due)

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 from psycopg.rows import DictRow
 
+from impl.postgres import pickup, read, retention, rollup
 from impl.postgres import queries as q
-from impl.postgres import read, retention, rollup
-from impl.postgres.database import Database, Tx, read_schema_version
+from impl.postgres.database import CONNECT_TIMEOUT, Database, Tx, read_schema_version
 from impl.postgres.effect import EffectRunner
 from impl.postgres.plan import plan_items
 from impl.postgres.registry import Registry, stored
@@ -105,6 +107,8 @@ class PostgresStore:
         # change once registered, so this is computed once per edge and store.
         self._sources: dict[tuple[str, str], str | None] = {}
         self._effects = EffectRunner(self._db, self.config)
+        self._listener: pickup.Listener | None = None
+        self._listener_lock = threading.Lock()
         try:
             self._db.write(
                 "register", lambda tx: self._flows.register(tx, DOWNLOAD), failpoints=False
@@ -120,8 +124,12 @@ class PostgresStore:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool; later calls raise ``StorageError``."""
+        """Close the connection pool and the listening connection; later calls raise
+        ``StorageError``."""
         self._db.close()
+        with self._listener_lock:
+            if self._listener is not None:
+                self._listener.close()
 
     # -- workflows -----------------------------------------------------------------
 
@@ -259,6 +267,39 @@ class PostgresStore:
 
         return self._db.write("lease_next", body)
 
+    def wait_for_work(
+        self,
+        timeout: float,
+        *,
+        kinds: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until a job of ``kinds`` is eligible, for at most ``timeout`` seconds.
+
+        Wakes on the ledger's ``NOTIFY`` (one listening connection per store, see
+        :mod:`impl.postgres.pickup`) and when the earliest ``run_at`` or lease expiry
+        comes due; while that connection is down it polls. False when the timeout passes
+        first or ``stop`` is set.
+        """
+        self._db.check_open()
+        seconds = check_seconds(timeout, name="timeout")
+        if isinstance(kinds, str):
+            raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
+        wanted = None if kinds is None else list(kinds)
+        with self._listener_lock:
+            if self._listener is None or self._listener.pid != os.getpid():
+                self._listener = pickup.Listener(
+                    self._db.url, self._db.channel, connect_timeout=CONNECT_TIMEOUT
+                )
+            listener = self._listener
+        return pickup.wait_for_work(
+            listener,
+            lambda: self._db.read("wait_for_work", lambda tx: read.due_in(tx, wanted)),
+            kinds=wanted,
+            timeout=seconds,
+            stop=stop,
+        )
+
     def _exhaust(self, tx: Tx, row: DictRow) -> None:
         flow = self._flows.get(tx, row["kind"])
         error = exhausted_message(row["attempts"], row["max_attempts"])
@@ -325,6 +366,7 @@ class PostgresStore:
                             lease.worker,
                         )
                     )
+                    tx.announce(lease.kind, later=seconds > 0)
                     return
             lease_, row = locked_job(tx, lease, "release")
             done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
@@ -336,6 +378,7 @@ class PostgresStore:
                 worker=row["lease_worker"],
                 detail=detail,
             )
+            tx.announce(row["kind"], later=seconds > 0)
 
         self._db.write("release", body)
 
@@ -484,6 +527,7 @@ class PostgresStore:
                 done = tx.one(
                     q.FAIL_LATER, {**_fence(tx, lease_), "run_at": run_at, "error": error}
                 )
+                tx.announce(row["kind"], later=wait > 0)
             else:
                 flow = self._flows.get(tx, row["kind"])
                 done = tx.one(
@@ -549,6 +593,7 @@ class PostgresStore:
                 q.RETRY, {"job_id": job_id, "to_state": back, "failed": flow.failed, "now": tx.now}
             )
             assert new is not None, "the row is locked by this transaction"
+            tx.announce(row["kind"])
             tx.log(
                 job_id,
                 Event.RETRIED,

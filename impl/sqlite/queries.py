@@ -546,3 +546,16 @@ UNCOUNT = "UPDATE state_counts SET n = n - :n WHERE kind = :kind AND state = :st
 UNPEND_AMONG = "DELETE FROM count_pending WHERE seq IN (SELECT value FROM json_each(:seqs))"
 PEND_ONE = "INSERT OR IGNORE INTO count_pending (seq) VALUES (:seq)"
 IS_PENDING = "SELECT 1 FROM count_pending WHERE seq = :seq"
+# -- waiting for work (impl.sqlite.pickup) ----------------------------------------------
+
+# Bumped whenever another connection commits (any connection but the one asking).
+DATA_VERSION = "PRAGMA data_version"
+# When the first unfinished job becomes eligible by the clock: its run_at, or its lease's
+# expiry when that is later. It walks only the unfinished jobs (the partial index).
+_NEXT_DUE = """
+SELECT min(CASE WHEN lease_worker IS NULL THEN run_at
+                ELSE max(run_at, lease_expires_at) END)
+FROM jobs INDEXED BY jobs_active WHERE terminal = 0"""
+NEXT_DUE = _NEXT_DUE
+NEXT_DUE_OF_KIND = _NEXT_DUE + _OF_KIND
+NEXT_DUE_OF_KINDS = _NEXT_DUE + _OF_KINDS

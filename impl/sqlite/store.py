@@ -10,12 +10,14 @@ never runs while a transaction is open.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from impl.sqlite import claim, effect, maintenance, read, retention, rollup
+from impl.sqlite import claim, effect, maintenance, pickup, read, retention, rollup
 from impl.sqlite import queries as q
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
@@ -89,6 +91,8 @@ class SqliteStore:
         self._config = config if config is not None else Config()
         self._connections = ThreadConnections(self._path, self._config)
         self._catalog = Catalog()
+        self._watch: pickup.ChangeWatch | None = None
+        self._watch_lock = threading.Lock()
         try:
             conn = self._connection()
             reading(
@@ -137,6 +141,9 @@ class SqliteStore:
     def close(self) -> None:
         """Close the connections this store opened; the store cannot be used afterwards."""
         self._connections.close()
+        with self._watch_lock:
+            if self._watch is not None and self._watch.pid == os.getpid():
+                self._watch.close()
 
     def _connection(self) -> LedgerConnection:
         """Return this thread's connection in this process, opening it if needed.
@@ -226,6 +233,37 @@ class SqliteStore:
             span=span,
             kinds=claim.EVERY_KIND if kinds is None else claim.kind_filter(_kinds(kinds)),
         )
+
+    def wait_for_work(
+        self,
+        timeout: float,
+        *,
+        kinds: Sequence[str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> bool:
+        """Block until a job of ``kinds`` is eligible, for at most ``timeout`` seconds.
+
+        Checks for commits by other connections every few milliseconds (see
+        :mod:`impl.sqlite.pickup`) and wakes when the earliest ``run_at`` or lease
+        expiry comes due; False when the timeout passes first or ``stop`` is set.
+        """
+        seconds = check_seconds(timeout, name="timeout")
+        return pickup.wait_for_work(
+            self._connection(),
+            self._clock,
+            pickup.due_query(None if kinds is None else _kinds(kinds)),
+            watch=self._change_watch(),
+            timeout=seconds,
+            stop=stop,
+        )
+
+    def _change_watch(self) -> pickup.ChangeWatch:
+        """The one watch for commits that this store's waiters share (in this process)."""
+        with self._watch_lock:
+            if self._watch is None or self._watch.pid != os.getpid():
+                # One inherited through fork is never used (nor closed) here.
+                self._watch = pickup.ChangeWatch(self._path, self._config)
+            return self._watch
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend a live lease to now + ttl (default: the configured lease TTL)."""

@@ -116,7 +116,7 @@ def test_download_and_demo_outputs_keep_their_shape(
     built: list[Example], shown: list[Shown]
 ) -> None:
     unstable = [(e, s) for e, s in zip(built, shown, strict=True) if not e.stable]
-    assert {e.args[0] for e, _ in unstable} == {"download", "demo", "selftest"}
+    assert {e.args[0] for e, _ in unstable} == {"download", "demo", "selftest", "metrics"}
     for example, seen in unstable:
         if example.args[0] == "selftest":
             # A fuzz run's figures vary line by line; its report keeps its labelled lines.

@@ -29,6 +29,7 @@ def test_render_covers_every_command_with_usage() -> None:
     text = reference.render()
     names = ["jobledger", *(f"jobledger {name}" for name in cli.list_commands(None))]  # type: ignore[arg-type]
     names.append("jobledger config show")
+    names.append("jobledger metrics serve")
     for name in names:
         assert f"`{name}`" in text
     assert text.count("Usage: ") == len(names)

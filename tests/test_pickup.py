@@ -1,0 +1,338 @@
+"""Pickup without polling delay: an idle Worker starts a job planned into an idle system
+without waiting for its poll interval, also a job that only becomes due later, and on
+PostgreSQL also after its listening connection was killed.
+
+Every worker here polls every 30 s, and each test waits at most 10 s for what it
+expects, so a test can only pass through the store's own wake-up (a notification, a
+change check, or the wait's own due time), never through the safety-net poll.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import impl
+from model import Config, Store, Workflow
+
+FLOW = Workflow("flow", ["A", "B"], [("A", "B")], initial="A", terminal=["B"])
+POLL = 30.0
+"""The safety-net poll of every worker in this file: far longer than any wait below."""
+WATCHDOG = 10.0
+
+
+class Running:
+    """A Worker running in a thread, and the jobs its handler started, in order."""
+
+    def __init__(self, store: Store) -> None:
+        self.started: list[str] = []
+        self._cond = threading.Condition()
+
+        def handler(ctx: impl.JobContext) -> None:
+            with self._cond:
+                self.started.append(str(ctx.identity["n"]))
+                self._cond.notify_all()
+            ctx.advance("B")
+
+        self.worker = impl.Worker(store, {"flow": handler}, idle_poll=POLL)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+        self.thread.start()
+
+    def wait_started(self, count: int) -> bool:
+        """Wait (at most WATCHDOG s) until ``count`` jobs have started."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.started) >= count, WATCHDOG)
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.thread.join(WATCHDOG)
+        assert not self.thread.is_alive(), "stop() did not end the idle wait"
+
+
+def _settle() -> None:
+    """Give the worker time to go from its last job into its idle wait. (If it has not
+    yet, the next job is leased by its poll right away: the test still passes, but
+    proves less; 0.3 s is plenty on a loaded machine.)"""
+    time.sleep(0.3)
+
+
+def _sqlite(tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    from impl.sqlite.store import SqliteStore
+
+    opened: list[Store] = []
+
+    def make() -> Store:
+        opened.append(SqliteStore(tmp_path / "j.sqlite"))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def _postgres() -> Iterator[Callable[[], Store]]:
+    from tests.pg import postgres_factory, require_postgres
+
+    require_postgres()
+    inner, cleanup = postgres_factory(None)  # type: ignore[arg-type]
+    opened: list[Store] = []
+
+    def make() -> Store:
+        # The server's clock: the worker's waits are real time.
+        opened.append(inner(config=Config()))
+        return opened[-1]
+
+    yield make
+    for store in opened:
+        store.close()
+    cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Opens handles on one real database (each call a new store, as a second process)."""
+    if request.param == "sqlite":
+        yield from _sqlite(tmp_path)
+    else:
+        yield from _postgres()
+
+
+def test_a_plan_into_an_idle_system_is_picked_up_without_the_poll(
+    stores: Callable[[], Store],
+) -> None:
+    worker_store, planner = stores(), stores()
+    worker_store.register(FLOW)
+    running = Running(worker_store)
+    try:
+        planner.plan("flow", {"n": 1})
+        assert running.wait_started(1)
+        _settle()
+        planner.plan("flow", {"n": 2})
+        assert running.wait_started(2), "the idle worker slept through the plan"
+        _settle()
+        planner.plan_many("flow", [{"n": 3}, {"n": 4}])
+        assert running.wait_started(4), "the idle worker slept through plan_many"
+    finally:
+        running.stop()
+    assert running.started == ["1", "2", "3", "4"]
+
+
+def test_a_job_planned_for_later_is_picked_up_when_due(stores: Callable[[], Store]) -> None:
+    worker_store, planner = stores(), stores()
+    worker_store.register(FLOW)
+    running = Running(worker_store)
+    try:
+        _settle()
+        planner.plan("flow", {"n": "later"}, run_at=planner.now() + 1.0)
+        planner.plan("flow", {"n": "now"})
+        assert running.wait_started(1)
+        assert running.started == ["now"]
+        assert running.wait_started(2), "the worker did not wake when the job came due"
+    finally:
+        running.stop()
+    assert running.started == ["now", "later"]
+
+
+def test_a_job_released_with_a_delay_is_picked_up_when_due(stores: Callable[[], Store]) -> None:
+    worker_store, other = stores(), stores()
+    worker_store.register(FLOW)
+    other.plan("flow", {"n": "back"})
+    lease = other.lease_next("elsewhere")
+    assert lease is not None
+    running = Running(worker_store)
+    try:
+        _settle()
+        other.release(lease, delay=1.0)
+        assert running.wait_started(1), "the worker did not wake when the release came due"
+    finally:
+        running.stop()
+    assert running.started == ["back"]
+
+
+@pytest.mark.xdist_group("processes")
+def test_the_postgres_listener_survives_its_connection_being_terminated() -> None:
+    """pg_terminate_backend on the listening connection: meanwhile the worker polls (so
+    a job planned then is still started), and the listener reconnects (so a job planned
+    afterwards is started at once again)."""
+    import psycopg
+
+    from impl.postgres.pickup import APPLICATION_NAME
+    from tests.pg import PG_URL
+
+    it = _postgres()
+    stores = next(it)
+    try:
+        worker_store, planner = stores(), stores()
+        worker_store.register(FLOW)
+        running = Running(worker_store)
+        try:
+            with psycopg.connect(PG_URL, autocommit=True) as admin:
+
+                def listeners() -> set[int]:
+                    rows = admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
+                        "AND query LIKE %s",
+                        (APPLICATION_NAME, f"%{worker_store._db.channel}%"),  # type: ignore[attr-defined]
+                    ).fetchall()
+                    return {int(r[0]) for r in rows}
+
+                first = _until(listeners)
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", (list(first),)
+                )
+                planner.plan("flow", {"n": 1})
+                assert running.wait_started(1), "no polling while the listener was down"
+                second = _until(lambda: listeners() - first)
+                assert second, "the listener did not reconnect"
+                _settle()
+                planner.plan("flow", {"n": 2})
+                assert running.wait_started(2), "the reconnected listener heard nothing"
+        finally:
+            running.stop()
+        assert running.started == ["1", "2"]
+    finally:
+        for _ in it:
+            pass
+
+
+def _until(probe: Callable[[], set[int]]) -> set[int]:
+    """Call ``probe`` until it returns a non-empty set (at most WATCHDOG s)."""
+    deadline = time.monotonic() + WATCHDOG
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.05)
+    return set()
+
+
+def _watch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "jobledger-watch:shared.sqlite"]
+
+
+def test_sqlite_waiters_share_one_watching_thread_that_ends_when_nobody_waits(
+    tmp_path: Path,
+) -> None:
+    """Idle cost per process, not per handler thread: four idle handler threads, one
+    thread looking for commits; it ends once nobody has waited for a while."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    db = tmp_path / "shared.sqlite"
+    with SqliteStore(db) as store, SqliteStore(db) as planner:
+        store.register(FLOW)
+        started: list[str] = []
+        done = threading.Event()
+
+        def handler(ctx: impl.JobContext) -> None:
+            started.append(str(ctx.identity["n"]))
+            ctx.advance("B")
+            done.set()
+
+        worker = impl.Worker(store, {"flow": handler}, idle_poll=POLL, concurrency=4)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            _settle()
+            assert len(_watch_threads()) == 1
+            planner.plan("flow", {"n": 1})
+            assert done.wait(WATCHDOG), "the idle handler threads slept through the plan"
+        finally:
+            worker.stop()
+            thread.join(WATCHDOG)
+        assert started == ["1"]
+        deadline = time.monotonic() + pickup.IDLE_GRACE + WATCHDOG
+        while _watch_threads() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _watch_threads() == [], "the watching thread outlived its waiters"
+
+
+def test_a_slow_read_of_when_work_is_due_is_not_repeated_on_every_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With many jobs planned for later the read walks them all (40 ms for 100,000):
+    an idle waiter must not repeat it on every commit of a busy ledger. Here the read is
+    made slow (50 ms) and another connection commits every 5 ms for the whole wait."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    reads: list[float] = []
+    real = pickup._due_in
+
+    def slow(*args: object) -> float | None:
+        time.sleep(0.05)
+        reads.append(time.monotonic())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pickup, "_due_in", slow)
+    db = tmp_path / "j.sqlite"
+    with SqliteStore(db) as store, SqliteStore(db) as planner:
+        store.register(FLOW)
+        later = planner.now() + 3600
+        busy = threading.Event()
+
+        def commit_often() -> None:
+            n = 0
+            while not busy.is_set():
+                planner.plan("flow", {"n": n}, run_at=later)
+                n += 1
+                time.sleep(0.005)
+
+        committer = threading.Thread(target=commit_often, daemon=True)
+        committer.start()
+        try:
+            assert store.wait_for_work(1.0) is False
+        finally:
+            busy.set()
+            committer.join(WATCHDOG)
+    # Back to back, 50 ms reads over 1 s make about 18; at most a tenth of the time
+    # spent reading allows 2 or 3.
+    assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"
+
+
+def test_a_slow_postgres_read_is_not_repeated_on_every_announcement_for_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same on PostgreSQL, where jobs planned for later are announced as such (a
+    waiter must read when they are due) while jobs due now wake it without a read."""
+    from impl.postgres import read
+
+    reads: list[float] = []
+    real = read.due_in
+
+    def slow(*args: object) -> float | None:
+        time.sleep(0.05)
+        reads.append(time.monotonic())
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(read, "due_in", slow)
+    it = _postgres()
+    stores = next(it)
+    try:
+        store, planner = stores(), stores()
+        store.register(FLOW)
+        later = planner.now() + 3600
+        busy = threading.Event()
+
+        def commit_often() -> None:
+            n = 0
+            while not busy.is_set():
+                planner.plan("flow", {"n": n}, run_at=later)
+                n += 1
+                time.sleep(0.005)
+
+        committer = threading.Thread(target=commit_often, daemon=True)
+        committer.start()
+        try:
+            assert store.wait_for_work(1.0) is False
+        finally:
+            busy.set()
+            committer.join(WATCHDOG)
+    finally:
+        for _ in it:
+            pass
+    assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"
