@@ -14,5 +14,14 @@ store's, with one addition about cancellation (model/SEMANTICS.md, "Async face")
 from __future__ import annotations
 
 from impl.aio.store import AsyncEffectFn, AsyncOnDoubt, AsyncStore, open_store
+from impl.aio.worker import AsyncHandler, AsyncJobContext, AsyncWorker
 
-__all__ = ["AsyncEffectFn", "AsyncOnDoubt", "AsyncStore", "open_store"]
+__all__ = [
+    "AsyncEffectFn",
+    "AsyncHandler",
+    "AsyncJobContext",
+    "AsyncOnDoubt",
+    "AsyncStore",
+    "AsyncWorker",
+    "open_store",
+]

@@ -1,0 +1,256 @@
+"""AsyncWorker: many handlers on one loop, renewal as a task, RetryLater, failures, and
+the three ways to stop (stop(), a signal, cancellation), each releasing its leases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import impl
+import impl.aio
+from model import Config, EffectContext, EffectStatus, Event, ManualClock
+from tests.aio.helpers import FLOW, run_checked
+
+ROOT = Path(__file__).resolve().parents[2]
+BACKENDS = ["memory", "sqlite", "postgres"]
+
+
+def _target(backend: str, tmp_path: Path) -> str:
+    if backend == "memory":
+        return "memory:"
+    if backend == "sqlite":
+        return str(tmp_path / "jobs.sqlite")
+    from tests.pg import PG_URL, require_postgres
+
+    require_postgres()
+    return PG_URL
+
+
+async def _three_steps(ctx: impl.aio.AsyncJobContext) -> None:
+    async def fetch(ectx: EffectContext) -> dict[str, str]:
+        await asyncio.sleep(0.005)
+        return {"key": ectx.op_key}
+
+    await ctx.effect("fetch", fetch)
+    await ctx.advance("B")
+    await ctx.advance("C")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_tasks_finish_every_job_with_each_effect_recorded_once(
+    backend: str, tmp_path: Path
+) -> None:
+    if backend == "postgres":
+        from impl.aio.store import POSTGRES_THREADS, AsyncStore
+        from tests.pg import postgres_factory
+
+        make, _ = postgres_factory(ManualClock())
+        opener: impl.aio.AsyncStore = AsyncStore(make, threads=POSTGRES_THREADS)  # type: ignore[arg-type]
+    else:
+        opener = impl.aio.open_store(_target(backend, tmp_path))
+
+    async def main() -> tuple[impl.RunReport, list[str], int]:
+        async with opener as store:
+            await store.register(FLOW)
+            ids = await store.plan_many("flow", [{"n": i} for i in range(40)])
+            report = await impl.aio.AsyncWorker(store, {"flow": _three_steps}, concurrency=8).run(
+                until_idle=True
+            )
+            states = [await store.state(i) for i in ids]
+            effects = [e for i in ids for e in await store.effects(i)]
+            done = sum(e.status == EffectStatus.DONE for e in effects)
+            return report, states, done
+
+    report, states, done = run_checked(main())
+    assert (report.jobs, report.finished, report.failed, report.lost) == (40, 40, 0, 0)
+    assert states == ["C"] * 40
+    assert done == 40
+
+
+def test_renewal_task_keeps_a_slow_handler_s_lease(tmp_path: Path) -> None:
+    async def slow(ctx: impl.aio.AsyncJobContext) -> None:
+        await asyncio.sleep(1.2)  # 2 TTLs: without renewal the lease would be lost
+        await ctx.advance("B")
+        await ctx.advance("C")
+
+    async def main() -> tuple[impl.RunReport, list[Event]]:
+        config = Config(lease_ttl=0.6)
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite"), config=config) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            worker = impl.aio.AsyncWorker(store, {"flow": slow}, renew_every=0.15)
+            report = await worker.run(until_idle=True)
+            return report, [h.event for h in await store.history(jid)]
+
+    report, events = run_checked(main())
+    assert (report.finished, report.lost) == (1, 0)
+    assert Event.RENEWED in events
+
+
+def test_retry_later_releases_with_its_delay_and_spends_no_attempt(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def down(ctx: impl.aio.AsyncJobContext) -> None:
+        raise impl.RetryLater("the host is down", delay=30.0)
+
+    async def main() -> tuple[impl.RunReport, impl.JobInfo, list[Event]]:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite"), clock=clock) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            report = await impl.aio.AsyncWorker(store, {"flow": down}).run(until_idle=True)
+            return report, await store.job(jid), [h.event for h in await store.history(jid)]
+
+    report, job, events = run_checked(main())
+    assert (report.jobs, report.released, report.failed) == (1, 1, 0)
+    assert job.attempts == 0
+    assert job.run_at == pytest.approx(clock() + 30.0)
+    assert events[-1] == Event.RELEASED
+
+
+def test_an_exception_fails_the_attempt_with_backoff(tmp_path: Path) -> None:
+    clock = ManualClock()
+
+    async def broken(ctx: impl.aio.AsyncJobContext) -> None:
+        raise ValueError("bad data")
+
+    async def main() -> impl.JobInfo:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite"), clock=clock) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            report = await impl.aio.AsyncWorker(store, {"flow": broken}).run(until_idle=True)
+            assert report.failed == 1
+            return await store.job(jid)
+
+    job = run_checked(main())
+    assert job.attempts == 1
+    assert job.last_error == "ValueError: bad data"
+    assert job.run_at == pytest.approx(clock() + Config().backoff(1))
+
+
+def test_stop_lets_the_running_effect_finish_then_releases(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            worker: impl.aio.AsyncWorker
+
+            async def handler(ctx: impl.aio.AsyncJobContext) -> None:
+                async def fn(ectx: EffectContext) -> str:
+                    worker.stop()  # a stop arrives while the effect runs
+                    await asyncio.sleep(0.05)
+                    return "done"
+
+                await ctx.effect("e", fn)
+                await ctx.advance("B")  # StopRequested here
+
+            worker = impl.aio.AsyncWorker(store, {"flow": handler})
+            report = await worker.run()
+            assert (report.released, report.failed) == (1, 0)
+            job = await store.job(jid)
+            assert (job.state, job.attempts, job.lease) == ("A", 0, None)
+            [effect] = await store.effects(jid)
+            assert effect.status == EffectStatus.DONE
+
+    run_checked(main())
+
+
+def test_cancelling_run_releases_the_lease_and_leaves_the_effect_started(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            inside = asyncio.Event()
+
+            async def handler(ctx: impl.aio.AsyncJobContext) -> None:
+                async def fn(ectx: EffectContext) -> str:
+                    inside.set()
+                    await asyncio.sleep(60)
+                    return "never"
+
+                await ctx.effect("e", fn)
+
+            running = asyncio.create_task(
+                impl.aio.AsyncWorker(store, {"flow": handler}, concurrency=3).run()
+            )
+            await inside.wait()
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+            job = await store.job(jid)
+            assert (job.lease, job.attempts) == (None, 0)  # released: no attempt spent
+            [effect] = await store.effects(jid)
+            assert effect.status == EffectStatus.STARTED
+            assert (await store.stats()).in_doubt == 1  # its lease is dead
+
+    run_checked(main())
+
+
+SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import impl.aio
+    from model import Workflow
+
+    FLOW = Workflow("flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A",
+                    terminal=["C"])
+
+    async def handler(ctx):
+        print("running", flush=True)
+        await ctx.effect("wait", wait)
+        await ctx.advance("B")
+
+    async def wait(ctx):
+        await asyncio.sleep(1.0)
+        return "slept"
+
+    async def main():
+        async with impl.aio.open_store(sys.argv[1]) as store:
+            await store.register(FLOW)
+            await store.plan("flow", {"n": 1})
+            report = await impl.aio.AsyncWorker(store, {"flow": handler}).run()
+            print("report", report.released, report.failed, flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_main_program_after_the_effect_releasing_the_lease(
+    sig: signal.Signals, tmp_path: Path
+) -> None:
+    db = tmp_path / "j.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, str(db)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "running"
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    assert "report 1 0" in out
+    store = impl.open_store(db)
+    [job] = store.jobs()
+    assert (job.state, job.attempts, job.lease) == ("A", 0, None)
+    assert [e.status for e in store.effects(job.job_id)] == [EffectStatus.DONE]
+    store.close()
