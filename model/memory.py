@@ -9,7 +9,9 @@ Crash semantics: a worker that dies simply stops calling; its lease stays set un
 expires by the clock, and an effect whose start was recorded but whose result was not is
 in doubt once that lease is dead. :meth:`MemoryStore.begin_effect` and
 :meth:`MemoryStore.finish_effect` split ``run_effect`` at the point where ``fn`` runs, so
-a test can tell the model "the process died after the start was recorded".
+a test can tell the model "the process died after the start was recorded"; the same
+split, as a generator, is :meth:`MemoryStore.effect_steps` (:mod:`model.effectstep`), and
+an async task cancelled while ``fn`` runs is that same death (model/SEMANTICS.md).
 """
 
 from __future__ import annotations
