@@ -179,14 +179,17 @@ class AsyncMachine(RuleBasedStateMachine):
         self.run(asyncio.wait([task, entered], return_when=asyncio.FIRST_COMPLETED))
         want = outcome(lambda: self.model.begin_effect(held[1], op))
         if task.done():  # replayed or refused: fn never ran
-            got = outcome(lambda: task.result())
+            got = outcome(task.result)
             if want[0] == "ok":
-                assert isinstance(want[1], Started) and want[1].replay
+                assert isinstance(want[1], Started)
+                assert want[1].replay
                 assert got == ("ok", want[1].result)
             else:
                 assert got == want
             return
-        assert want[0] == "ok" and isinstance(want[1], Started) and not want[1].replay
+        assert want[0] == "ok"
+        assert isinstance(want[1], Started)
+        assert not want[1].replay
         event("inside fn")
         entry = InFn(task, gate)
         entry.started, entry.lease = want[1], held[1]
@@ -210,7 +213,8 @@ class AsyncMachine(RuleBasedStateMachine):
     def end_fn(self, agent: str, how: str) -> None:
         """An agent's fn returns, raises, or its task is cancelled there (a crash)."""
         entry = self.infn.pop(agent)
-        assert entry.started is not None and entry.lease is not None
+        assert entry.started is not None
+        assert entry.lease is not None
         ctx = entry.started.context
         result = {"op": ctx.op, "token": ctx.token}
         if how == "return":
@@ -224,7 +228,7 @@ class AsyncMachine(RuleBasedStateMachine):
         if how == "cancel":
             assert entry.task.cancelled()
             return  # the start stays: the model was told begin_effect, nothing more
-        got = outcome(lambda: entry.task.result()) if how == "return" else None
+        got = outcome(entry.task.result) if how == "return" else None
         if how == "raise":
             assert isinstance(entry.task.exception(), Fails)
             self.model.abort_effect(ctx)
