@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import download, lease, lifecycle, pages, plan, procs, runtime
+from bench import aio, download, lease, lifecycle, pages, plan, procs, runtime
 from bench.harness import Result, Settings, cpu_info, fmt
 
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "worker": runtime.run,
     "download": download.run,
     "page_size": pages.run,
+    "aio": aio.run,
 }
 
 
