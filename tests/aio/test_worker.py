@@ -105,7 +105,10 @@ def test_retry_later_releases_with_its_delay_and_spends_no_attempt(tmp_path: Pat
         async with impl.aio.open_store(str(tmp_path / "j.sqlite"), clock=clock) as store:
             await store.register(FLOW)
             jid = await store.plan("flow", {"n": 1})
-            report = await impl.aio.AsyncWorker(store, {"flow": down}).run(until_idle=True)
+            # Bounded: a worker that released with no delay would lease it again forever.
+            report = await asyncio.wait_for(
+                impl.aio.AsyncWorker(store, {"flow": down}).run(until_idle=True), 20
+            )
             return report, await store.job(jid), [h.event for h in await store.history(jid)]
 
     report, job, events = run_checked(main())
