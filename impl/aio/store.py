@@ -120,7 +120,7 @@ class AsyncStore:
         thread, store = self._thread, self._store
         if thread is None or store is None:
             return
-        self._thread = None
+        self._thread = self._store = None
         try:
             await thread.call(store.close)
         finally:
@@ -128,10 +128,22 @@ class AsyncStore:
 
     @property
     def sync(self) -> SteppedStore:
-        """The sync store underneath; call it only from its thread (see :meth:`call`)."""
+        """The sync store underneath; call it only from its thread (see :meth:`call`).
+
+        Raises:
+            StorageError: the async store is not open (never opened, or closed).
+        """
         if self._store is None:
-            raise StorageError("the async store is not open: use 'async with open_store(...)'")
+            raise StorageError(
+                "the async store is not open (not yet, or closed already): open it with "
+                "'async with impl.aio.open_store(target) as store:' and use it inside the block"
+            )
         return self._store
+
+    def _steps_thread(self) -> StoreThread:
+        self.sync  # noqa: B018  (raises the clear error when not open)
+        assert self._thread is not None
+        return self._thread
 
     @property
     def config(self) -> Config:
@@ -141,9 +153,7 @@ class AsyncStore:
     async def call(self, fn: Callable[[SteppedStore], T]) -> T:
         """Run ``fn(sync_store)`` on the store's thread: an escape hatch for sync code."""
         store = self.sync
-        thread = self._thread
-        assert thread is not None
-        return await thread.call(lambda: fn(store))
+        return await self._steps_thread().call(lambda: fn(store))
 
     # -- the Store methods, as coroutines -----------------------------------------------
 
@@ -225,8 +235,7 @@ class AsyncStore:
             held.append(steps)
             return _advance(steps, None, None)
 
-        thread = self._thread
-        assert thread is not None
+        thread = self._steps_thread()
         try:
             step = await thread.call(first)
             steps = held[0]

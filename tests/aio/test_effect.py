@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 import impl.aio
-from model import EffectContext, EffectInDoubt, EffectStatus, InvalidInput, ManualClock
+from model import (
+    ConfigError,
+    EffectContext,
+    EffectInDoubt,
+    EffectStatus,
+    InvalidInput,
+    ManualClock,
+    StorageError,
+)
 from tests.aio.helpers import FLOW, run_checked
 
 
@@ -194,3 +202,26 @@ def test_the_loop_stays_free_while_a_step_waits_for_a_lock(tmp_path: Path) -> No
 
     with pytest.raises(AssertionError, match="blocked"):
         run_checked(blocks())
+
+
+def test_a_store_used_outside_its_block_says_so(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = impl.aio.open_store(_target(tmp_path))
+        with pytest.raises(StorageError, match="not open"):
+            await store.plan("flow", {"n": 1})
+        async with store:
+            await store.register(FLOW)
+        with pytest.raises(StorageError, match="not open"):
+            await store.run_effect(None, "op", None)  # type: ignore[arg-type]
+        await store.close()  # closing twice is harmless
+
+    run_checked(main())
+
+
+def test_a_bad_target_raises_the_sync_store_s_error_when_opened() -> None:
+    async def main() -> None:
+        with pytest.raises(ConfigError, match="unknown scheme"):
+            async with impl.aio.open_store("ftp://example.org/jobs"):
+                pass
+
+    run_checked(main())
