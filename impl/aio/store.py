@@ -54,9 +54,11 @@ AsyncEffectFn = Callable[[EffectContext], Awaitable[JSON]]
 AsyncOnDoubt = Literal["retry", "raise"] | Callable[[DoubtInfo], Awaitable[JSON] | JSON]
 """``on_doubt`` for the async face: a probe may be ``async def`` or a plain function."""
 
-POSTGRES_THREADS = 4
+POSTGRES_THREADS = 8
 """Threads running PostgreSQL steps: its store is thread-safe over a pool of up to 8
-connections, so a few steps may wait on the server at once."""
+connections (impl.postgres.database.POOL_MAX_SIZE), so as many steps may wait on the
+server at once. Measured with 256 tasks under load: 8 threads 0.018 of ideal, 4 threads
+0.013 (medians of three, alternated)."""
 
 
 @frozen

@@ -50,8 +50,10 @@ def test_many_tasks_finish_every_job_with_each_effect_recorded_once(
 ) -> None:
     if backend == "postgres":
         from impl.aio.store import POSTGRES_THREADS, AsyncStore
-        from tests.pg import postgres_factory
+        from tests.pg import postgres_factory, require_postgres
 
+        require_postgres()
+        # This process's test schema (tests/pg.py), emptied for this test.
         make, _ = postgres_factory(ManualClock())
         opener: impl.aio.AsyncStore = AsyncStore(make, threads=POSTGRES_THREADS)  # type: ignore[arg-type]
     else:
