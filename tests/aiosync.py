@@ -1,15 +1,14 @@
 """A sync ``Store`` over ``impl.aio``'s async store, so the conformance suite drives the
 async face unchanged: each call is a coroutine run on an event loop in its own thread.
 
-The loop runs in asyncio's debug mode with a small slow-callback threshold; every
-"Executing ... took" warning it logs is collected, and :meth:`LoopThread.close` fails the
-test if there was one: a blocking call on the loop is a bug of the async face.
+The loop runs in asyncio's debug mode with a small slow-callback threshold, watched by
+:class:`tests.loopwatch.LoopWatch`; :meth:`LoopThread.close` returns every report of a
+blocked loop, and the fixture fails the test if there was one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -33,34 +32,9 @@ from model import (
     Workflow,
 )
 from model.store import EffectFn, OnDoubt
+from tests.loopwatch import LoopWatch
 
 T = TypeVar("T")
-
-SLOW_CALLBACK = 0.25
-"""Seconds a loop callback may take before asyncio's debug mode reports it. Above the
-noise of a loaded two-core machine (GIL hand-offs and CPU starvation made a one-line
-asyncio-internal callback take 0.084 s in a conformance run), below any blocking
-transaction worth finding; tests/aio/test_loop_free.py pins the detector itself with a
-lock that makes every store step wait 0.5 s."""
-
-
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio's debug-mode reports of callbacks that blocked the loop."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.reports: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("Executing") and " took " in message:
-            self.reports.append(message)
-
-
-def debug_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Put ``loop`` in debug mode with the small slow-callback threshold."""
-    loop.set_debug(True)
-    loop.slow_callback_duration = SLOW_CALLBACK
 
 
 class LoopThread:
@@ -68,9 +42,8 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        debug_loop(self.loop)
-        self.slow = SlowCallbacks()
-        logging.getLogger("asyncio").addHandler(self.slow)
+        self.watch = LoopWatch()
+        self.watch.attach(self.loop)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -79,12 +52,11 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> list[str]:
-        """Stop the loop; return the slow-callback reports it logged."""
+        """Stop the loop; return the reports of a blocked loop."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
-        logging.getLogger("asyncio").removeHandler(self.slow)
-        return self.slow.reports
+        return self.watch.close()
 
 
 class SyncFace:

@@ -17,30 +17,60 @@ ran.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
-import concurrent.futures
+import queue
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import TypeVar
 
 T = TypeVar("T")
 
+_Work = tuple[Callable[[], object], "Future[object]"] | None
+
 
 class StoreThread:
-    """A small executor whose threads run a store's blocking steps for one event loop.
+    """The thread(s) that run a store's blocking steps for an event loop.
+
+    Starting and stopping them never waits, so both may happen on the loop: the threads
+    are started with ``_thread.start_new_thread``, which (unlike ``Thread.start`` and so
+    ``ThreadPoolExecutor``) does not wait for the new thread to run, and
+    :meth:`shutdown` only asks them to leave once the work handed over is done (under
+    load a thread start alone blocked a loop for 0.055 s in a test run).
 
     Args:
         threads: how many threads; 1 keeps every step on one thread (SQLite).
-        name: thread name prefix, shown in stack dumps.
     """
 
-    def __init__(self, *, threads: int = 1, name: str = "jobledger-store") -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=threads, thread_name_prefix=name
-        )
+    def __init__(self, *, threads: int = 1) -> None:
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._threads = threads
+        for _ in range(threads):
+            _thread.start_new_thread(self._work, ())
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, future = item
+            try:
+                result = fn()
+            except BaseException as exc:  # a failpoint's crash travels to the caller too
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Hand ``fn`` to a thread; its future holds the result or the exception."""
+        future: Future[T] = Future()
+        future.set_running_or_notify_cancel()  # handed over: it will run, whatever happens
+        self._queue.put((fn, future))  # type: ignore[arg-type]
+        return future
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the store's thread and return its result (see module doc)."""
-        waiter = asyncio.wrap_future(self._executor.submit(fn))
+        waiter = asyncio.wrap_future(self.submit(fn))
         try:
             return await asyncio.shield(waiter)
         except asyncio.CancelledError:
@@ -49,11 +79,12 @@ class StoreThread:
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the store's thread and wait for it, from outside any loop."""
-        return self._executor.submit(fn).result()
+        return self.submit(fn).result()
 
     def shutdown(self) -> None:
-        """Stop the threads once the steps already handed over have run."""
-        self._executor.shutdown(wait=True)
+        """Let the threads leave once the steps already handed over have run."""
+        for _ in range(self._threads):
+            self._queue.put(None)
 
 
 async def _outlast(waiter: asyncio.Future[T]) -> None:

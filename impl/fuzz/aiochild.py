@@ -188,7 +188,7 @@ async def _open(spec: ChildSpec, clock: ClockReader, log: HistoryWriter) -> Asyn
 
 
 async def _serve(spec: ChildSpec, clock: ClockReader, log: HistoryWriter) -> None:
-    sink_thread = StoreThread(name="fuzz-sink")
+    sink_thread = StoreThread()
     sink = await sink_thread.call(lambda: FencedSink(Path(spec.sink)))
     store = await _open(spec, clock, log)
     tools = AsyncTools(spec.name, sink, sink_thread, log, clock)

@@ -12,7 +12,6 @@ after every step the two projections must be equal.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from model import (
     job_key,
 )
 from model.memory import Started
-from tests.aiosync import SlowCallbacks, debug_loop
+from tests.loopwatch import LoopWatch
 from tests.stateful.machine import FLOW, MAX_ATTEMPTS, TICKS, lease_view, outcome, projection
 
 TTL = 3.0
@@ -69,9 +68,8 @@ class AsyncMachine(RuleBasedStateMachine):
         self.dir = Path(__import__("tempfile").mkdtemp(prefix="aio-machine-"))
         path = self.dir / "jobs.sqlite"
         self.loop = asyncio.new_event_loop()
-        debug_loop(self.loop)
-        self.slow = SlowCallbacks()
-        logging.getLogger("asyncio").addHandler(self.slow)
+        self.watch = LoopWatch()
+        self.watch.attach(self.loop)
         self.real = AsyncStore(lambda: SqliteStore(path, clock=self.clock, config=config))
         self.run(self.real.open())
         self.run(self.real.register(FLOW))
@@ -302,9 +300,9 @@ class AsyncMachine(RuleBasedStateMachine):
             self.run(asyncio.wait([entry.task]))
         self.run(self.real.close())
         self.loop.close()
-        logging.getLogger("asyncio").removeHandler(self.slow)
+        blocked = self.watch.close()
         __import__("shutil").rmtree(self.dir, ignore_errors=True)
-        assert not self.slow.reports, f"the event loop was blocked: {self.slow.reports}"
+        assert not blocked, f"the event loop was blocked: {blocked}"
 
 
 AsyncMachine.TestCase.settings = settings(
