@@ -16,6 +16,7 @@ from ``fn``) and the op is in doubt once the lease ends.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,7 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
+from model.store import OnDoubt
 from model.workflow import Workflow
 
 T = TypeVar("T")
@@ -231,9 +233,12 @@ class AsyncStore:
             ``CancelledError`` while ``fn`` runs leaves the start behind (module doc).
         """
         held: list[EffectSteps] = []
+        # The steps only look at on_doubt ("raise", "retry" or callable); the probe
+        # itself, sync or async, is called here, on the loop.
+        mode = cast(OnDoubt, on_doubt)
 
         def first() -> RunFn | Probe | _Done:
-            steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=on_doubt)  # type: ignore[arg-type]
+            steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=mode)
             held.append(steps)
             return _advance(steps, None, None)
 
@@ -253,7 +258,7 @@ class AsyncStore:
                     assert callable(on_doubt)
                     probed = on_doubt(step.info)
                     reply = await probed if inspect.isawaitable(probed) else probed
-                step = await thread.call(lambda r=reply, e=error: _advance(steps, r, e))  # type: ignore[misc]
+                step = await thread.call(functools.partial(_advance, steps, reply, error))
             return step.value
         finally:
             # Stopped at a yield (cancelled, or the probe raised): close the generator
