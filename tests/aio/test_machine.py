@@ -2,7 +2,9 @@
 
 Several logical workers run their calls as tasks on one event loop over an ``impl.aio``
 store (SQLite); a worker's effect may sit inside ``fn`` (awaiting a gate) while the others
-lease, advance, reconcile and run effects of their own. Cancellations land at the awaits
+lease, advance, reconcile and run effects of their own, and an ``AsyncWorker`` runs one
+job now and then, checked against the threaded ``Worker`` on the model with a twin
+handler. Cancellations land at the awaits
 where a crash can: before a call ran (nothing happens), while its durable step runs (the
 step commits whole, the result is dropped), and inside ``fn`` (the start stays). The model
 (``MemoryStore``) is told what each of those means (model/SEMANTICS.md, "Async face"), and
@@ -21,7 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from impl.aio.store import AsyncStore
+from impl.aio.worker import AsyncJobContext, AsyncWorker
 from impl.sqlite.store import SqliteStore
+from impl.worker import JobContext, Worker
 from model import (
     Config,
     EffectContext,
@@ -208,6 +212,13 @@ class AsyncMachine(RuleBasedStateMachine):
     def fn_is_cancelled(self, data: st.DataObject) -> None:
         self.end_fn(data.draw(st.sampled_from(sorted(self.infn))), "cancel")
 
+    @precondition(lambda self: bool(self.infn))
+    @rule()
+    def every_fn_is_cancelled(self) -> None:
+        """The process dies: every task inside fn is cancelled at once."""
+        for agent in sorted(self.infn):
+            self.end_fn(agent, "cancel")
+
     def end_fn(self, agent: str, how: str) -> None:
         """An agent's fn returns, raises, or its task is cancelled there (a crash)."""
         entry = self.infn.pop(agent)
@@ -278,6 +289,37 @@ class AsyncMachine(RuleBasedStateMachine):
         assert task.cancelled()
         if not before:
             outcome(tell_model)
+
+    @rule(agent=st.sampled_from(AGENTS), does=st.sampled_from(["advance", "raise", "nothing"]))
+    def a_worker_runs_one_job(self, agent: str, does: str) -> None:
+        """An AsyncWorker's run_once on the real store, the threaded Worker's on the model,
+        with twin handlers: the async runtime must end a job as the threaded one does."""
+
+        async def afn(ctx: EffectContext) -> object:
+            await asyncio.sleep(0)
+            return {"op": ctx.op}
+
+        async def ahandler(ctx: AsyncJobContext) -> None:
+            await ctx.effect("e1", afn)
+            if does == "raise":
+                raise Fails("the handler failed")
+            if does == "advance":
+                await ctx.advance(sorted(FLOW.successors()[ctx.state])[0])
+
+        def handler(ctx: JobContext) -> None:
+            ctx.effect("e1", lambda c: {"op": c.op})
+            if does == "raise":
+                raise Fails("the handler failed")
+            if does == "advance":
+                ctx.advance(sorted(FLOW.successors()[ctx.state])[0])
+
+        # No renewal fires inside one short handler on either side.
+        aworker = AsyncWorker(self.real, {"flow": ahandler}, renew_every=3600.0)
+        worker = Worker(self.model, {"flow": handler}, renew_every=3600.0)
+        got = self.run(aworker.run_once(name=agent))
+        want = worker.run_once(name=agent)
+        assert got == want
+        event(f"worker ran one: {does}" if got else "worker found nothing")
 
     @rule(dry=st.booleans())
     def reconcile(self, dry: bool) -> None:
