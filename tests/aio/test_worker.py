@@ -259,3 +259,65 @@ def test_a_signal_stops_the_main_program_after_the_effect_releasing_the_lease(
     assert (job.state, job.attempts, job.lease) == ("A", 0, None)
     assert [e.status for e in store.effects(job.job_id)] == [EffectStatus.DONE]
     store.close()
+
+
+def test_bad_arguments_are_refused_with_typed_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            with pytest.raises(impl.InvalidInput, match="at least one handler"):
+                impl.aio.AsyncWorker(store, {})
+            with pytest.raises(impl.InvalidInput, match="concurrency"):
+                impl.aio.AsyncWorker(store, {"flow": _three_steps}, concurrency=0)
+            with pytest.raises(impl.UnknownWorkflow):
+                await impl.aio.AsyncWorker(store, {"nope": _three_steps}).run(until_idle=True)
+
+    run_checked(main())
+
+
+def test_a_permanent_error_fails_the_job_for_good(tmp_path: Path) -> None:
+    class NotFound(Exception):
+        retryable = False
+
+    async def gone(ctx: impl.aio.AsyncJobContext) -> None:
+        raise NotFound("404")
+
+    async def main() -> impl.JobInfo:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            await impl.aio.AsyncWorker(store, {"flow": gone}).run(until_idle=True)
+            return await store.job(jid)
+
+    job = run_checked(main())
+    assert (job.state, job.last_error) == ("FAILED", "NotFound: 404")
+
+
+def test_a_lease_lost_to_the_operator_is_seen_by_the_renewal_task(tmp_path: Path) -> None:
+    """An operator cancels the job while its handler waits; the renewal task finds the
+    lease lost, and the handler's next call raises LeaseLost without touching the store."""
+
+    async def main() -> tuple[impl.RunReport, impl.JobInfo]:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            seen: list[BaseException] = []
+
+            async def handler(ctx: impl.aio.AsyncJobContext) -> None:
+                await store.cancel(ctx.job_id, "operator: stop that")
+                await asyncio.sleep(0.3)  # renewals every 0.05 s meanwhile
+                assert ctx.lost
+                try:
+                    await ctx.advance("B")
+                except impl.LeaseLost as exc:
+                    seen.append(exc)
+                    raise
+
+            worker = impl.aio.AsyncWorker(store, {"flow": handler}, renew_every=0.05)
+            report = await worker.run(until_idle=True)
+            assert len(seen) == 1
+            assert "renewal" in str(seen[0])
+            return report, await store.job(jid)
+
+    report, job = run_checked(main())
+    assert (report.lost, report.failed, report.finished) == (1, 0, 0)
+    assert (job.state, job.last_error) == ("FAILED", "operator: stop that")
