@@ -219,10 +219,17 @@ class AsyncWorker:
         renewal = asyncio.create_task(self._renew(ctx), name=f"renew {lease.job_id[:12]}")
         try:
             await self._handle(ctx, renewal)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            await _stop_renewal(renewal)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0 and not ctx.ended:
+                # Nobody cancelled this task: the handler let a CancelledError of its own
+                # escape (a timeout or cancel scope inside it). That is the handler
+                # failing, not the worker stopping.
+                await self._fail(ctx, f"CancelledError: {exc}")
+                return True
             # The worker is being cancelled: a crash, short of the lease. Giving it back
             # is the graceful part; the durable step runs whole even now (StoreThread).
-            await _stop_renewal(renewal)
             if not ctx.ended and not ctx.is_terminal():
                 await self._end(ctx)
             raise

@@ -321,3 +321,26 @@ def test_a_lease_lost_to_the_operator_is_seen_by_the_renewal_task(tmp_path: Path
     report, job = run_checked(main())
     assert (report.lost, report.failed, report.finished) == (1, 0, 0)
     assert (job.state, job.last_error) == ("FAILED", "operator: stop that")
+
+
+def test_a_cancelled_error_of_the_handler_s_own_fails_the_job_not_the_worker(
+    tmp_path: Path,
+) -> None:
+    """A CancelledError that escapes a handler while nobody cancelled the worker (a cancel
+    scope or a timeout inside it) is the handler failing: the worker goes on."""
+
+    async def leaky(ctx: impl.aio.AsyncJobContext) -> None:
+        inner = asyncio.create_task(asyncio.sleep(10))
+        inner.cancel()
+        await inner  # raises CancelledError into the handler
+
+    async def main() -> tuple[impl.RunReport, list[impl.JobInfo]]:
+        async with impl.aio.open_store(str(tmp_path / "j.sqlite")) as store:
+            await store.register(FLOW)
+            await store.plan_many("flow", [{"n": 1}, {"n": 2}])
+            report = await impl.aio.AsyncWorker(store, {"flow": leaky}).run(until_idle=True)
+            return report, await store.jobs()
+
+    report, jobs = run_checked(main())
+    assert (report.jobs, report.failed, report.released) == (2, 2, 0)
+    assert all(j.attempts == 1 and j.last_error.startswith("CancelledError") for j in jobs)
