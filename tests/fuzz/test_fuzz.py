@@ -44,7 +44,7 @@ def _seed() -> int:
 def _rerun(seed: int, seconds: float, test: str) -> str:
     return (
         f"JOBLEDGER_FUZZ_SEED={seed} JOBLEDGER_FUZZ_SECONDS={seconds:g} "
-        f"python -m pytest -p no:cacheprovider -k {test} tests/fuzz"
+        f"python -m pytest -p no:cacheprovider 'tests/fuzz/test_fuzz.py::{test}'"
     )
 
 

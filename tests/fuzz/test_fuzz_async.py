@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from impl.fuzz.engine import FuzzSettings, run_fuzz
-from tests.fuzz.test_fuzz import _report, _rerun, _seed
+from tests.fuzz.test_fuzz import _report, _seed
 
 SECONDS = min(float(os.environ.get("JOBLEDGER_FUZZ_SECONDS", "8")), 600.0)
 MIN_KILLS = 8
@@ -37,7 +37,11 @@ def test_async_worker_fuzz_history_is_clean(tmp_path: Path) -> None:
             child_module=ASYNC_CHILD,
         ),
     )
-    text = _report(result, _rerun(seed, SECONDS, "test_async_worker_fuzz_history_is_clean"))
+    rerun = (
+        f"JOBLEDGER_FUZZ_SEED={seed} JOBLEDGER_FUZZ_SECONDS={SECONDS:g} python -m pytest "
+        "-p no:cacheprovider tests/fuzz/test_fuzz_async.py"
+    )
+    text = _report(result, rerun)
     print(text)
     assert result.ok, text
     assert result.kills >= MIN_KILLS, text
