@@ -165,7 +165,7 @@ def test_cancelled_while_its_step_waits_the_step_commits_whole(tmp_path: Path) -
 def test_the_loop_stays_free_while_a_step_waits_for_a_lock(tmp_path: Path) -> None:
     """A step waits 0.5 s on a write lock held elsewhere; meanwhile a ticker on the loop
     keeps ticking and debug mode reports no blocked callback. The detector itself is
-    checked: a blocking sleep on the same kind of loop is reported."""
+    checked: a 0.5 s blocking sleep on the same kind of loop is reported."""
     path = tmp_path / "jobs.sqlite"
     ticks_while_waiting: list[int] = []
 
@@ -199,7 +199,7 @@ def test_the_loop_stays_free_while_a_step_waits_for_a_lock(tmp_path: Path) -> No
     assert ticks_while_waiting[0] >= 10
 
     async def blocks() -> None:
-        time.sleep(0.3)  # what a sync store call on the loop would do
+        time.sleep(0.5)  # what a sync store call waiting on a lock would do on the loop
 
     with pytest.raises(AssertionError, match="blocked"):
         run_checked(blocks())
