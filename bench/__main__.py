@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from bench import (
+    aio,
     download,
     fleet,
     lease,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "status": status.run,
     "prune": prune.run,
     "pickup": pickup.run,
+    "aio": aio.run,
 }
 
 

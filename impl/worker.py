@@ -388,7 +388,7 @@ class Worker:
         # and the caller (e.g. ``jobledger download``) reports the fault once.
         log.info("job %s: retry later in %.1f s: %s", ctx.job_id, delay, exc.reason)
         try:
-            self.store.release(ctx.lease, delay=delay, reason=exc.reason)
+            self.store.release(ctx.lease, delay=delay, reason=storable_text(str(exc.reason)))
             self._count(released=1)
         except LeaseLost as lost:
             log.warning("job %s: release after the lease was lost: %s", ctx.job_id, lost)

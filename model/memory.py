@@ -9,7 +9,9 @@ Crash semantics: a worker that dies simply stops calling; its lease stays set un
 expires by the clock, and an effect whose start was recorded but whose result was not is
 in doubt once that lease is dead. :meth:`MemoryStore.begin_effect` and
 :meth:`MemoryStore.finish_effect` split ``run_effect`` at the point where ``fn`` runs, so
-a test can tell the model "the process died after the start was recorded".
+a test can tell the model "the process died after the start was recorded"; the same
+split, as a generator, is :meth:`MemoryStore.effect_steps` (:mod:`model.effectstep`), and
+an async task cancelled while ``fn`` runs is that same death (model/SEMANTICS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from attrs import define, field
 
 from model.clock import Clock, wall_clock
 from model.config import Config
+from model.effectstep import EffectSteps, Probe, RunFn, run_steps
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
@@ -545,8 +548,8 @@ class MemoryStore:
         """
         now = self._now()
         seconds = check_seconds(delay, name="delay")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
+        if reason is not None:
+            check_text(reason, name="release reason")
         job = self._check(lease, now, "release")
         worker = job.lease_worker
         job.attempts -= 1
@@ -618,17 +621,47 @@ class MemoryStore:
             EffectInDoubt: a start of a dead lease and ``on_doubt="raise"``.
             EffectResultError: ``fn`` returned something that is not JSON or is too large.
         """
-        started = self.begin_effect(lease, op, extras=extras, on_doubt=on_doubt)
-        if started.replay:
-            return started.result
-        try:
-            result = fn(started.context)
-        except Exception:
-            self.abort_effect(started.context)
-            raise
-        return self.finish_effect(lease, started.context, result)
+        return run_steps(
+            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt
+        )
 
-    @_atomic
+    def effect_steps(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectSteps:
+        """``run_effect`` as durable steps (see :mod:`model.effectstep`): each step is
+        one atomic call; ``fn`` and the probe run between them, outside the lock."""
+        check_on_doubt(on_doubt)
+        begun = self._begin(lease, op, extras, on_doubt, probe=True)
+        if isinstance(begun, DoubtInfo):
+            probed = yield Probe(begun)
+            ctx = self._context(lease, begun)
+            if probed is not None:
+                return self.record_probe(lease, ctx, probed)
+            begun = self._begin(lease, op, extras, on_doubt, probe=False)
+            assert isinstance(begun, Started)
+        if begun.replay:
+            return begun.result
+        try:
+            result = yield RunFn(begun.context)
+        except Exception:
+            self.abort_effect(begun.context)
+            raise
+        return self.finish_effect(lease, begun.context, result)
+
+    def _context(self, lease: Lease, info: DoubtInfo) -> EffectContext:
+        return EffectContext(
+            job_id=info.job_id,
+            op=info.op,
+            op_key=info.op_key,
+            token=lease.token,
+            attempt=lease.attempt,
+        )
+
     def begin_effect(
         self,
         lease: Lease,
@@ -639,6 +672,29 @@ class MemoryStore:
     ) -> Started:
         """The first half of ``run_effect``: check, replay, resolve doubt, record the start."""
         check_on_doubt(on_doubt)
+        begun = self._begin(lease, op, extras, on_doubt, probe=True)
+        if isinstance(begun, DoubtInfo):
+            assert callable(on_doubt)
+            probed = on_doubt(begun)
+            ctx = self._context(lease, begun)
+            if probed is not None:
+                return Started(ctx, replay=True, result=self.record_probe(lease, ctx, probed))
+            begun = self._begin(lease, op, extras, on_doubt, probe=False)
+            assert isinstance(begun, Started)
+        return begun
+
+    @_atomic
+    def _begin(
+        self,
+        lease: Lease,
+        op: str,
+        extras: Mapping[str, Scalar] | None,
+        on_doubt: OnDoubt,
+        *,
+        probe: bool,
+    ) -> Started | DoubtInfo:
+        """Check, replay, or record the start; a pending start with a callable
+        ``on_doubt`` and ``probe`` returns the probe's question instead (nothing written)."""
         now = self._now()
         job = self._check(lease, now, "run_effect")
         key = op_key(job.job_id, op, extras)
@@ -652,8 +708,8 @@ class MemoryStore:
         if effect is not None:
             if on_doubt == "raise":
                 raise EffectInDoubt(job.job_id, op, key, effect.token, effect.started_by)
-            if callable(on_doubt):
-                info = DoubtInfo(
+            if probe and callable(on_doubt):
+                return DoubtInfo(
                     job_id=job.job_id,
                     op=op,
                     op_key=key,
@@ -661,14 +717,7 @@ class MemoryStore:
                     started_token=effect.token,
                     started_by=effect.started_by,
                 )
-                probed = on_doubt(info)
-                if probed is not None:
-                    return Started(ctx, replay=True, result=self._record_probe(lease, ctx, probed))
-                now = self._now()
-                job = self._check(lease, now, "run_effect")
-                effect = self._effects.get(key)
-            if effect is not None:
-                self._log(job, now, Event.EFFECT_IN_DOUBT, worker=lease.worker, detail={"op": op})
+            self._log(job, now, Event.EFFECT_IN_DOUBT, worker=lease.worker, detail={"op": op})
         self._effects[key] = _Effect(
             job_id=job.job_id,
             op=op,
@@ -683,7 +732,9 @@ class MemoryStore:
         self._log(job, now, Event.EFFECT_STARTED, worker=lease.worker, detail={"op": op})
         return Started(ctx)
 
-    def _record_probe(self, lease: Lease, ctx: EffectContext, probed: JSON) -> JSON:
+    @_atomic
+    def record_probe(self, lease: Lease, ctx: EffectContext, probed: object) -> JSON:
+        """Record the probe's answer as the op's result, fenced by the lease."""
         text = encode_result(
             probed, limit=self.config.result_limit, depth_limit=self.config.json_depth_limit
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,7 +38,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-BACKENDS = ["memory", "sqlite", "postgres"]
+BACKENDS = ["memory", "sqlite", "postgres", "aio-memory", "aio-sqlite", "aio-postgres"]
+"""The sync stores, then the same through the async face (``impl.aio``, driven by
+tests/aiosync.py's sync adapter on an event loop in debug mode)."""
 
 StoreFactory = Callable[..., Store]
 
@@ -70,7 +73,7 @@ def _sqlite_factory(clock: ManualClock, path: Path) -> StoreFactory:
 def backend(request: pytest.FixtureRequest) -> str:
     """The name of the backend under test."""
     name: str = request.param
-    if name == "postgres":
+    if name.endswith("postgres"):
         from tests.pg import require_postgres
 
         require_postgres()
@@ -83,7 +86,41 @@ def store_factory(backend: str, clock: ManualClock, tmp_path: Path) -> Iterator[
 
     Calling it twice opens a second handle on the same database (for SQLite and
     PostgreSQL, a second connection; the model has one state, so the same object).
+    An ``aio-`` backend is the same store behind the async face: each handle is an
+    ``impl.aio`` store driven through tests/aiosync.py, and the test fails if the event
+    loop was ever blocked.
     """
+    if not backend.startswith("aio-"):
+        yield from _sync_factory(backend, clock, tmp_path)
+        return
+    from impl.aio.store import AsyncStore
+    from tests.aiosync import LoopThread, SyncFace
+
+    base = backend.removeprefix("aio-")
+    loop = LoopThread()
+    faces: list[SyncFace] = []
+    sync = _sync_factory(base, clock, tmp_path)
+    inner = next(sync)
+    try:
+
+        def make(*, config: Config | None = None) -> Store:
+            if base == "memory" and faces:  # the model has one state: one handle
+                return faces[0]
+            # The sync store opens on the async store's own thread, as in production.
+            face = SyncFace(AsyncStore(lambda: cast(Any, inner(config=config))), loop)
+            faces.append(face)
+            return face
+
+        yield make
+        for face in faces:
+            face.close()
+        next(sync, None)
+    finally:
+        slow = loop.close()
+    assert not slow, f"the async face blocked its event loop: {slow}"
+
+
+def _sync_factory(backend: str, clock: ManualClock, tmp_path: Path) -> Iterator[StoreFactory]:
     if backend == "memory":
         single: list[Store] = []
 

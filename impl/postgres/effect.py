@@ -21,6 +21,7 @@ from impl.postgres import queries as q
 from impl.postgres.database import Database, Tx
 from impl.postgres.rows import locked_job, plain
 from model.config import Config
+from model.effectstep import EffectSteps, Probe, RunFn, run_steps
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
@@ -69,13 +70,25 @@ class EffectRunner:
         on_doubt: OnDoubt = "retry",
     ) -> JSON:
         """``store.run_effect``: see :meth:`PostgresStore.run_effect`."""
+        return run_steps(self.steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt)
+
+    def steps(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectSteps:
+        """``run_effect`` as durable steps (:mod:`model.effectstep`); each step is one
+        transaction on a pooled connection, so any thread may drive any step."""
         check_on_doubt(on_doubt)
         begun = self.db.write(
             "effect_start", lambda tx: self._begin(tx, lease, op, extras, on_doubt, probe=True)
         )
         if begun.doubt is not None and callable(on_doubt):
             # The probe is user code: it runs between transactions, never inside one.
-            probed = on_doubt(begun.doubt)
+            probed = yield Probe(begun.doubt)
             if probed is not None:
                 text = encode_result(
                     probed,
@@ -95,7 +108,7 @@ class EffectRunner:
         ctx = begun.context
         failpoint.hit("effect.after_start")
         try:
-            result = fn(ctx)
+            result = yield RunFn(ctx)
         except Exception:
             self._abort(ctx)
             raise

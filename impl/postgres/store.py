@@ -40,6 +40,7 @@ from impl.postgres.rows import history_event, job_info, lease_of, locked_job, pl
 from impl.postgres.schema import check_not_newer, pending
 from model.clock import Clock
 from model.config import Config
+from model.effectstep import EffectSteps
 from model.errors import (
     ConfigError,
     DatabaseLocked,
@@ -345,8 +346,8 @@ class PostgresStore:
         """
         self._db.check_open()
         seconds = check_seconds(delay, name="delay")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
+        if reason is not None:
+            check_text(reason, name="release reason")
         detail = {"reason": reason} if reason is not None else None
 
         def body(tx: Tx) -> None:
@@ -505,6 +506,19 @@ class PostgresStore:
         """
         self._db.check_open()
         return self._effects.run(lease, op, fn, extras=extras, on_doubt=on_doubt)
+
+    def effect_steps(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectSteps:
+        """``run_effect`` as durable steps (:mod:`model.effectstep`); each step is one
+        transaction, so any thread may drive any step."""
+        self._db.check_open()
+        return self._effects.steps(lease, op, extras=extras, on_doubt=on_doubt)
 
     # -- failure and operator actions ----------------------------------------------
 

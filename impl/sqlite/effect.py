@@ -23,6 +23,7 @@ from impl.sqlite.connection import LedgerConnection, Tx
 from impl.sqlite.row import bindable, fence, fenceable, json_of, op_detail, text_of
 from model.clock import Clock
 from model.config import Config
+from model.effectstep import EffectSteps, Probe, RunFn
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
@@ -32,8 +33,8 @@ from model.errors import (
     StorageError,
 )
 from model.key import Scalar, check_scalars, op_key
-from model.record import JSON, DoubtInfo, EffectContext, Event, Lease
-from model.store import EffectFn, OnDoubt
+from model.record import DoubtInfo, EffectContext, Event, Lease
+from model.store import OnDoubt
 from model.validate import encode_result
 
 _STARTED = Event.EFFECT_STARTED.value
@@ -71,18 +72,18 @@ class _Doubt:
     info: DoubtInfo
 
 
-def run_effect(
+def effect_steps(
     conn: LedgerConnection,
     clock: Clock,
     config: Config,
     lease: Lease,
     op: str,
     *,
-    fn: EffectFn,
     extras: Mapping[str, Scalar] | None,
     on_doubt: OnDoubt,
-) -> JSON:
-    """Run ``fn`` once per op key under ``lease`` and record its result (see module doc).
+) -> EffectSteps:
+    """``run_effect`` under ``lease`` as durable steps (see module doc and
+    :mod:`model.effectstep`); every step runs on ``conn``, so in one thread.
 
     Raises:
         LeaseLost: the lease is not live (at the start or when recording).
@@ -102,8 +103,7 @@ def run_effect(
         the_op = outcome.op
         if isinstance(outcome, _Started):
             break
-        assert callable(mode)
-        probed = mode(outcome.info)
+        probed = yield Probe(outcome.info)
         if probed is not None:
             text = _encoded(probed, config, the_op, "the on_doubt probe")
             return json_of(_record(conn, clock, lease, the_op, text, probed=True))
@@ -116,7 +116,7 @@ def run_effect(
         job_id=the_op.job_id, op=op, op_key=key, token=outcome.token, attempt=outcome.attempt
     )
     try:
-        result = fn(context)
+        result = yield RunFn(context)
     except Exception:
         _abort(conn, clock, the_op, outcome.token)
         raise

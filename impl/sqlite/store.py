@@ -34,6 +34,7 @@ from impl.sqlite.row import (
 from impl.sqlite.schema import migrate
 from model.clock import Clock, wall_clock
 from model.config import Config
+from model.effectstep import EffectSteps, run_steps
 from model.errors import (
     IllegalTransition,
     InvalidInput,
@@ -305,8 +306,8 @@ class SqliteStore:
         ``reason`` is kept in the history entry's detail (``{"reason": ...}``).
         """
         delay = check_seconds(delay, name="delay")
-        if reason is not None and not isinstance(reason, str):
-            raise InvalidInput(f"release reason must be a str or None, got {type(reason).__name__}")
+        if reason is not None:
+            check_text(reason, name="release reason")
         detail = text_of({"reason": reason}) if reason is not None else "{}"
         conn = self._connection()
         with Tx(conn, "release", self._clock) as tx:
@@ -478,13 +479,26 @@ class SqliteStore:
         on_doubt: OnDoubt = "retry",
     ) -> JSON:
         """Run ``fn`` once per op key and record its result; replay a recorded one."""
-        return effect.run_effect(
+        return run_steps(
+            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt
+        )
+
+    def effect_steps(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectSteps:
+        """``run_effect`` as durable steps (:mod:`model.effectstep`); drive every step
+        from the thread that called this (its connection is that thread's)."""
+        return effect.effect_steps(
             self._connection(),
             self._clock,
             self._config,
             lease,
             op,
-            fn=fn,
             extras=extras,
             on_doubt=on_doubt,
         )

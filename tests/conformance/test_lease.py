@@ -312,6 +312,17 @@ def test_a_release_reason_that_is_not_text_is_refused(store: Store) -> None:
     assert snapshot(store, lease.job_id) == before
 
 
+@pytest.mark.parametrize("reason", ["nul \x00 inside", "lone \udcff surrogate"])
+def test_a_release_reason_no_backend_can_store_is_refused(store: Store, reason: str) -> None:
+    """The same rule as for fail's error and cancel's reason (model.validate.check_text)."""
+    setup(store)
+    lease = plan_and_lease(store)
+    before = snapshot(store, lease.job_id)
+    with pytest.raises(impl.InvalidInput, match="release reason"):
+        store.release(lease, reason=reason)
+    assert snapshot(store, lease.job_id) == before
+
+
 def test_expiry_counts_the_attempt_and_keeps_run_at(store: Store, clock: ManualClock) -> None:
     setup(store)
     lease = plan_and_lease(store)

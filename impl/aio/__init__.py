@@ -1,0 +1,27 @@
+"""jobledger for asyncio: the same ledger, with coroutines (CONTRACT section 7).
+
+    import impl.aio
+
+    async with impl.aio.open_store("jobs.sqlite") as store:
+        job_id = await store.plan("fetch", {"url": url})
+        await impl.aio.AsyncWorker(store, {"fetch": handler}).run(until_idle=True)
+
+The blocking database work runs on each store's own thread; handlers, effect functions
+and doubt probes run on the event loop. Semantics, errors and results are the sync
+store's, with one addition about cancellation (model/SEMANTICS.md, "Async face").
+"""
+
+from __future__ import annotations
+
+from impl.aio.store import AsyncEffectFn, AsyncOnDoubt, AsyncStore, open_store
+from impl.aio.worker import AsyncHandler, AsyncJobContext, AsyncWorker
+
+__all__ = [
+    "AsyncEffectFn",
+    "AsyncHandler",
+    "AsyncJobContext",
+    "AsyncOnDoubt",
+    "AsyncStore",
+    "AsyncWorker",
+    "open_store",
+]

@@ -1,0 +1,1 @@
+"""Tests of impl.aio: the async store, the AsyncWorker, cancellation and a free loop."""
