@@ -306,6 +306,69 @@ def read_reopened(subject: Subject, written: Written) -> View:
     return view
 
 
+def read_async(subject: Subject, written: Written) -> View:
+    """The async face (``impl.aio``) on the same data: job(), effects(), history(), and
+    the recorded result replayed through an async ``run_effect``."""
+    import asyncio
+
+    import impl.aio
+
+    assert subject.target is not None
+
+    async def never(_ctx: EffectContext) -> None:
+        raise AssertionError("fn ran for a recorded op key")
+
+    async def read() -> View:
+        async with impl.aio.open_store(
+            subject.target, clock=subject.clock, config=subject.config
+        ) as store:
+            info = await store.job(written.job_id)
+            effects = await store.effects(written.job_id)
+            history = await store.history(written.job_id)
+            replayed = []
+            if written.slot == "result" and written.lease is not None:
+                replayed = [await store.run_effect(written.lease, OP, never)]
+        return View(
+            identity=[info.identity],
+            payload=[info.payload],
+            result=[e.result for e in effects] + replayed,
+            extras=[e.extras for e in effects],
+            error=[info.last_error]
+            + [h.detail["error"] for h in history if h.event is Event.FAILED],
+            reason=[info.last_error]
+            + [h.detail["reason"] for h in history if h.event is Event.CANCELLED],
+        )
+
+    return asyncio.run(read())
+
+
+def read_archive(subject: Subject, written: Written) -> View:
+    """``jobledger prune --archive FILE``: the job's line in the archive (what ``show
+    --json`` printed). The job is cancelled first if it is not finished (prune removes
+    finished jobs only), so this path shows no error text or reason, and it goes last:
+    the job is gone afterwards."""
+    store = subject.store
+    flow = store.workflow(store.job(written.job_id).kind)
+    if not flow.is_terminal(store.state(written.job_id)):
+        store.cancel(written.job_id, "archived by the test")
+    subject.clock.advance(1.0)
+    archive = Path(os.environ.get("TMPDIR", "/tmp")) / f"values-archive-{os.getpid()}.jsonl"
+    archive.unlink(missing_ok=True)
+    try:
+        # The prune runs on the wall clock, long after the manual clock's "now".
+        _command(subject, "prune", "--finished-before", "0s", "--archive", str(archive), "--json")
+        lines = [json.loads(line) for line in archive.read_text("utf-8").split("\n") if line]
+    finally:
+        archive.unlink(missing_ok=True)
+    (shown,) = [j for j in lines if j["job_id"] == written.job_id]
+    return View(
+        identity=[shown["identity"]],
+        payload=[shown["payload"]],
+        result=[e["result"] for e in shown["effects"]],
+        extras=[e["extras"] for e in shown["effects"]],
+    )
+
+
 @frozen
 class ReadPath:
     """One way to read a stored value back."""
@@ -327,9 +390,27 @@ READ_PATHS: list[ReadPath] = [
     ReadPath("show --json", read_show_json, ALL, needs_disk=True),
     ReadPath("jobs --json", read_jobs_json, ALL - {"result", "extras"}, needs_disk=True),
     ReadPath("after a reopen from disk", read_reopened, ALL, needs_disk=True),
-    # Later: ReadPath("impl.aio", read_async, ALL, needs_disk=True), and last (it removes
-    # the job): ReadPath("prune --archive", read_archive, ALL, needs_disk=True).
+    ReadPath("impl.aio", read_async, ALL, needs_disk=True),
+    # Last: it removes the job.
+    ReadPath(
+        "prune --archive",
+        read_archive,
+        frozenset({"identity", "payload", "result", "extras"}),
+        needs_disk=True,
+    ),
 ]
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The sync backends only: the async face is one of the read paths above, on the
+    same data, so every value written through a store is also read through it."""
+    name: str = request.param
+    if name == "postgres":
+        from tests.pg import require_postgres
+
+        require_postgres()
+    return name
 
 
 # -- the property -----------------------------------------------------------------------
