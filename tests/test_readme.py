@@ -12,12 +12,13 @@ import impl
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def example() -> str:
+def example(index: int = 0) -> str:
+    """The section's python blocks: the sync example (0), then the async one (1)."""
     text = README.read_text(encoding="utf-8")
-    section = text.split("## In fifteen lines", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert match is not None, "the README lost its fifteen-line example"
-    return match.group(1)
+    section = text.split("## In fifteen lines", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) > index, "the README lost one of its fifteen-line examples"
+    return blocks[index]
 
 
 def test_the_readme_example_is_fifteen_lines_of_code() -> None:
@@ -39,3 +40,20 @@ def test_the_readme_example_runs_and_a_second_run_changes_nothing(
     with impl.open_store("jobs.sqlite") as store:
         assert store.effects(job.job_id) == effects
         assert store.history(job.job_id) == history
+
+
+def test_the_async_example_is_fifteen_lines_and_runs_once_per_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = compile(example(1), "README.md", "exec")
+    assert len([line for line in example(1).splitlines() if line.strip()]) <= 15
+    exec(code, {"__name__": "readme"})
+    with impl.open_store("async-jobs.sqlite") as store:
+        jobs = store.jobs()
+        assert len(jobs) == 100
+        assert {job.state for job in jobs} == {"DONE"}
+        effects = {job.job_id: store.effects(job.job_id) for job in jobs}
+    exec(code, {"__name__": "readme"})
+    with impl.open_store("async-jobs.sqlite") as store:
+        assert {job.job_id: store.effects(job.job_id) for job in store.jobs()} == effects
