@@ -242,7 +242,8 @@ class AsyncStore:
         progress: ProgressFn | None = None,
     ) -> PruneReport:
         """See ``Store.prune``. ``archive`` and ``progress`` are plain functions: they run
-        on the store's thread, between a batch's reads and its delete, as they must."""
+        on the store's thread, between a batch's reads and its delete, as they must, so
+        they must not call this store (that call would wait for the prune it is part of)."""
         return await self.call(
             lambda s: s.prune(
                 finished_before=finished_before,
