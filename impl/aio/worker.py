@@ -360,14 +360,16 @@ class AsyncWorker:
     async def _first(self, wanted: Awaitable[object], seconds: float) -> bool:
         """Await ``wanted`` for at most ``seconds``, or until a stop; True if it came
         back true first."""
-        done, pending = await asyncio.wait(
-            [asyncio.ensure_future(wanted), asyncio.ensure_future(self._stopping.wait())],
-            timeout=seconds,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        tasks = [asyncio.ensure_future(wanted), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            done, _ = await asyncio.wait(
+                tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            # Also when this task is cancelled: nothing it started may outlive it.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         first = [t for t in done if not t.cancelled() and t.exception() is None]
         return any(t.result() is True for t in first) and not self._stopping.is_set()
 
@@ -397,7 +399,10 @@ class AsyncWorker:
             await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
-                task.cancel()
+                # A cancelled gather has already cancelled each task once; a second
+                # cancel could land while a task releases its lease and cut it short.
+                if task.cancelling() == 0:
+                    task.cancel()
             # Every task releases its lease before it ends; wait for all of them.
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
