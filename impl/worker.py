@@ -45,20 +45,12 @@ class StopRequested(BaseException):
     """
 
 
-@define
-class JobContext:
-    """What a handler receives: the lease, the job's data, and fenced actions.
+class LeaseView:
+    """The job's data as a handler's context shows it, read from the context's lease
+    (shared by the threaded :class:`JobContext` and ``impl.aio.AsyncJobContext``)."""
 
-    ``advance`` and ``effect`` raise :class:`LeaseLost` at once if the background renewal
-    found the lease lost, and :class:`StopRequested` if the worker is stopping.
-    """
-
-    store: Store
+    __slots__ = ()
     lease: Lease
-    _lost: threading.Event = field(alias="lost")
-    _stopping: threading.Event = field(alias="stopping")
-    _lock: threading.Lock = field(factory=threading.Lock, alias="lock")
-    advanced: bool = False
 
     @property
     def identity(self) -> Mapping[str, Scalar]:
@@ -79,6 +71,22 @@ class JobContext:
     def job_id(self) -> str:
         """The job's id."""
         return self.lease.job_id
+
+
+@define
+class JobContext(LeaseView):
+    """What a handler receives: the lease, the job's data, and fenced actions.
+
+    ``advance`` and ``effect`` raise :class:`LeaseLost` at once if the background renewal
+    found the lease lost, and :class:`StopRequested` if the worker is stopping.
+    """
+
+    store: Store
+    lease: Lease
+    _lost: threading.Event = field(alias="lost")
+    _stopping: threading.Event = field(alias="stopping")
+    _lock: threading.Lock = field(factory=threading.Lock, alias="lock")
+    advanced: bool = False
 
     def _guard(self, op: str) -> Lease:
         if self._stopping.is_set():

@@ -32,6 +32,7 @@ from impl.outcome import RetryLater
 from impl.worker import (
     IDLE_POLL_DEFAULT,
     NO_PROGRESS_ERROR,
+    LeaseView,
     RunReport,
     StopRequested,
     default_worker_name,
@@ -46,7 +47,7 @@ log = logging.getLogger("jobledger.aio.worker")
 
 
 @define
-class AsyncJobContext:
+class AsyncJobContext(LeaseView):
     """What an async handler receives: the lease, the job's data, and fenced actions.
 
     ``advance`` and ``effect`` raise :class:`LeaseLost` at once if the renewal task found
@@ -60,26 +61,6 @@ class AsyncJobContext:
     lost: bool = False
     advanced: bool = False
     ended: bool = False  # the worker finished, released or failed the lease
-
-    @property
-    def identity(self) -> Mapping[str, Scalar]:
-        """The job's identity."""
-        return self.lease.identity
-
-    @property
-    def payload(self) -> JSON:
-        """The job's payload."""
-        return self.lease.payload
-
-    @property
-    def state(self) -> str:
-        """The job's current state as this context knows it."""
-        return self.lease.state
-
-    @property
-    def job_id(self) -> str:
-        """The job's id."""
-        return self.lease.job_id
 
     def _guard(self, op: str) -> Lease:
         if self.stopping.is_set():
