@@ -52,6 +52,8 @@ SLOW_READ_SHARE = 0.1
 """After a slow read, the next waits so that such reads take at most this share of time."""
 STOP_SLICE = 0.1
 """A waiter looks at its stop event at least this often (seconds)."""
+READY_TIMEOUT = 5.0
+"""Seconds a waiter waits for a new watch thread to read its first data version."""
 
 
 @frozen
@@ -88,6 +90,7 @@ class ChangeWatch:
         self._waiters = 0
         self._last_waiter = time.monotonic()
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
         self._closing = False
 
     @property
@@ -96,14 +99,25 @@ class ChangeWatch:
         return self._generation
 
     def enter(self) -> None:
-        """Count a waiter in; start looking if nobody was."""
+        """Count a waiter in; start looking if nobody was.
+
+        Returns once the thread has read the data version it compares against: a commit
+        made before that read would otherwise never count as a change, and a waiter
+        whose own look for work came just before that commit would sleep through it.
+        """
         with self._cond:
             self._waiters += 1
             if self._thread is None and not self._closing:
+                self._ready = threading.Event()
                 self._thread = threading.Thread(
-                    target=self._run, name=f"jobledger-watch:{self.path.name}", daemon=True
+                    target=self._run,
+                    args=(self._ready,),
+                    name=f"jobledger-watch:{self.path.name}",
+                    daemon=True,
                 )
                 self._thread.start()
+            ready = self._ready
+        ready.wait(READY_TIMEOUT)
 
     def leave(self) -> None:
         """Count a waiter out."""
@@ -137,13 +151,14 @@ class ChangeWatch:
                 return True
             return False
 
-    def _run(self) -> None:
+    def _run(self, ready: threading.Event) -> None:
         conn: LedgerConnection | None = None
         try:
             conn = open_connection(self.path, self.config)
             # One cursor, one cached statement, no wrapper: this runs 100 times a second.
             cursor = conn.cursor()
             last = _data_version(cursor)
+            ready.set()
             while not self._done():
                 time.sleep(CHANGE_CHECK_INTERVAL)
                 now = _data_version(cursor)
@@ -157,6 +172,7 @@ class ChangeWatch:
             with self._cond:
                 self._thread = None
         finally:
+            ready.set()  # a watch that failed to start must not hold its waiters up
             if conn is not None:
                 conn.close()
 
