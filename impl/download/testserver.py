@@ -56,6 +56,8 @@ class Resource:
     hide_length: bool = False
     rate: float | None = None
     head_status: int | None = None
+    # Seconds between logging a request and answering it: one slow round trip.
+    delay: float = 0.0
 
 
 @frozen
@@ -259,6 +261,8 @@ class FileServer:
                 start, end = parsed
                 status = 206
         self._record(req, status)
+        if res.delay:
+            time.sleep(res.delay)
         req.send_response(status)
         req.send_header("Content-Type", res.content_type)
         if res.etag:

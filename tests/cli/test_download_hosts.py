@@ -194,7 +194,11 @@ def test_a_429_with_retry_after_pauses_the_whole_host(
     run: Callable[..., Outcome], tmp_path: Path, server: FileServer
 ) -> None:
     first_url = server.add("/a.bin", generated_bytes(1, 8 * KIB), fail_first=[429], retry_after="1")
-    others = [server.add(f"/b{i}.bin", generated_bytes(2 + i, 8 * KIB)) for i in range(4)]
+    # The other files answer slowly, so a worker cannot finish a request and send the next
+    # in the moment between the 429 leaving the server and the client pausing the host.
+    others = [
+        server.add(f"/b{i}.bin", generated_bytes(2 + i, 8 * KIB), delay=0.4) for i in range(4)
+    ]
     path = _manifest(tmp_path, [first_url, *others])
     db = ["--db", str(tmp_path / "ledger.sqlite")]
     out = run(*db, "download", str(path), "--out", "out", "--workers", "3", "--json")
@@ -205,8 +209,9 @@ def test_a_429_with_retry_after_pauses_the_whole_host(
     assert (host["throttled"], host["opens"], host["state"]) == (1, 0, "closed")
     log = server.requests()
     (throttled,) = [r for r in log if r.status == 429]
-    # Every request sent after the 429 arrived (to any path of the host) waited the
-    # second it asked; only the two other workers' requests already in flight came sooner.
+    # Every request sent after the client read the 429 (to any path of the host) waited
+    # the second it asked; only the two other workers' requests already on their way (one
+    # each) came sooner.
     later = [r for r in log if r.at > throttled.at]
     early = [r for r in later if r.at < throttled.at + 0.95]
     assert len(early) <= 2, early
