@@ -193,4 +193,6 @@ def parse_manifest(path: str | os.PathLike[str], *, skip_invalid: bool = False) 
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ManifestError(name, line, f"the line is not UTF-8 ({exc.reason})") from None
-    return parse_lines(text.splitlines(), path=name, skip_invalid=skip_invalid)
+    # Lines end at "\n" only: str.splitlines would also break a JSON line at a U+2028 or
+    # U+0085 inside a string (JSON allows both raw) and miscount every later line number.
+    return parse_lines(text.split("\n"), path=name, skip_invalid=skip_invalid)

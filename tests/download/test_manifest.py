@@ -100,6 +100,22 @@ def test_non_utf8_manifest_names_the_line(tmp_path: Path) -> None:
     assert info.value.line == 2
 
 
+def test_a_line_ends_only_at_a_newline(tmp_path: Path) -> None:
+    # U+2028, U+0085, form feed and a lone CR are line breaks to str.splitlines, but JSON
+    # allows them raw inside a string, and a manifest line ends only at "\n".
+    work_id = "w\u2028x\u0085y\x0cz\rq"
+    path = tmp_path / "m.jsonl"
+    line = json.dumps(
+        {"work_id": work_id, "artifact_id": "a", "url": "http://h/a"}, ensure_ascii=False
+    )
+    path.write_text(f"{line}\r\nftp://h/b\n", encoding="utf-8", newline="")
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2: "):
+        parse_manifest(path)
+    path.write_text(f"{line}\r\n", encoding="utf-8", newline="")
+    (entry,) = parse_manifest(path).entries
+    assert (entry.work_id, entry.line) == (work_id, 1)
+
+
 def test_download_with_a_bad_line_plans_nothing(tmp_path: Path, cfg: Config) -> None:
     """Validation happens before planning: a typo on line 3 must not leave 2 jobs behind."""
     manifest = write_manifest(
