@@ -11,7 +11,9 @@ import hashlib
 import itertools
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -23,6 +25,8 @@ from impl.download.run import DownloadSummary, download
 from impl.download.testserver import FileServer, generated_bytes
 from impl.sqlite.store import SqliteStore
 from model import Config
+from model.record import JSON, Lease
+from model.store import EffectFn, Store
 from tests.download.conftest import write_manifest
 
 
@@ -383,3 +387,40 @@ def test_stop_releases_the_lease_and_keeps_the_partial_file(
     assert summary.exit_code == 1
     (part,) = (out / ".partial").iterdir()
     assert 0 < part.stat().st_size < len(body)
+
+
+class _CountingStore:
+    """A real store that counts ``run_effect`` calls by op (every call, a replay too, is
+    a whole fenced write transaction)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.ops: Counter[str] = Counter()
+
+    def run_effect(self, lease: Lease, op: str, fn: EffectFn, **kwargs: Any) -> JSON:
+        self.ops[op] += 1
+        return self._store.run_effect(lease, op, fn, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_fresh_job_asks_the_ledger_for_each_effect_once(
+    tmp_path: Path, db: Path, out: Path, cfg: Config, server: FileServer
+) -> None:
+    # The HEAD result is carried through the job's states and the FINALIZE result into
+    # INDEX, instead of being replayed from the ledger at each state (that cost three
+    # write transactions per file, a fifth of a download's ledger writes).
+    entries = [_entry(server.add(f"/c{i}", generated_bytes(i, 40_000)), f"c{i}") for i in range(3)]
+    manifest = write_manifest(tmp_path / "manifest.jsonl", entries)
+    client = HttpClient(cfg, backoff_base=0.05)
+    try:
+        with SqliteStore(db, config=cfg) as real:
+            counting = _CountingStore(real)
+            summary = download(
+                cast(Store, counting), manifest, out, workers=2, config=cfg, client=client
+            )
+    finally:
+        client.close()
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    assert counting.ops == {"HEAD": 3, "STREAM": 3, "FINALIZE": 3, "INDEX": 3}
