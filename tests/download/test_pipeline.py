@@ -21,7 +21,14 @@ import pytest
 from impl.download.cas import Layout
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
-from impl.download.run import DownloadSummary, download
+from impl.download.run import (
+    FULL_SCAN_EVERY,
+    SCAN_PENDING,
+    DownloadSummary,
+    Progress,
+    _Watch,
+    download,
+)
 from impl.download.testserver import FileServer, generated_bytes
 from impl.sqlite.store import SqliteStore
 from model import Config
@@ -424,3 +431,49 @@ def test_a_fresh_job_asks_the_ledger_for_each_effect_once(
         client.close()
     assert (summary.succeeded, summary.failed) == (3, 0)
     assert counting.ops == {"HEAD": 3, "STREAM": 3, "FINALIZE": 3, "INDEX": 3}
+
+
+class _StateCounting:
+    """A real store that counts ``state`` reads."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.reads = 0
+
+    def state(self, job_id: str) -> str:
+        self.reads += 1
+        return self._store.state(job_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_the_watch_reads_the_front_of_the_pending_jobs_and_all_of_them_now_and_then(
+    db: Path, cfg: Config
+) -> None:
+    total = SCAN_PENDING + 72
+    with SqliteStore(db, config=cfg) as real:
+        items = [
+            {"work_id": "w", "artifact_id": str(n), "canonical_url": f"u{n}"} for n in range(total)
+        ]
+        ids = real.plan_many("download", items)
+        counting = _StateCounting(real)
+        watch = _Watch(cast(Store, counting), ids, Progress(), "me")
+        assert not watch.tick()  # the first tick reads every job
+        assert counting.reads == total
+        # A job further on ends early: the next ticks read only the front ...
+        real.cancel(ids[-1], "gone")
+        for _ in range(FULL_SCAN_EVERY - 1):
+            counting.reads = 0
+            assert not watch.tick()
+            assert counting.reads == SCAN_PENDING
+        assert watch.done == 0
+        # ... and every FULL_SCAN_EVERY-th reads them all and sees it.
+        counting.reads = 0
+        assert not watch.tick()
+        assert counting.reads == total
+        assert watch.done == 1
+        for job_id in ids[:-1]:
+            real.cancel(job_id, "done")
+        assert watch.tick()  # all terminal: the scan reaches the end
+        assert watch.done == total
