@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 from bench import (
     aio,
+    clients,
+    dlfloor,
     download,
     fleet,
     lease,
@@ -46,6 +48,8 @@ BENCHMARKS: dict[str, Callable[[Settings], list[Result]]] = {
     "fleet_sqlite": fleet.run_sqlite,
     "fleet_postgres": fleet.run_postgres,
     "peers": peers.run,
+    "clients": clients.run,
+    "dlfloor": dlfloor.run,
     "status": status.run,
     "prune": prune.run,
     "pickup": pickup.run,

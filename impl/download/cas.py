@@ -75,6 +75,11 @@ class Layout:
         self.root = Path(out_dir).resolve()
         self.partial = self.root / PARTIAL_DIR
         self.objects = self.root / OBJECTS_DIR
+        # Shard directories whose entry in objects/ this object has fsynced: a later
+        # finalize into one of them needs no fsync of objects/ again (one in five of a
+        # file's fsyncs). Only after the fsync returned, so a thread that finds a shard
+        # here never relies on an entry still in flight; a new process starts empty.
+        self._durable_shards: set[str] = set()
 
     def ensure(self) -> None:
         """Create the output, partial and objects directories if missing."""
@@ -145,9 +150,23 @@ class Layout:
             )
         with part.open("rb+") as handle:
             os.fsync(handle.fileno())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fsync_dir(self.objects)
-        os.replace(part, target)
+        shard = target.parent.name
+        if shard not in self._durable_shards:
+            self._make_shard(target.parent)
+        try:
+            os.replace(part, target)
+        except FileNotFoundError:
+            if not part.is_file():
+                raise
+            # The shard directory was removed under us: make it (durably) again.
+            self._durable_shards.discard(shard)
+            self._make_shard(target.parent)
+            os.replace(part, target)
         fsync_dir(target.parent)
         fsync_dir(self.partial)
         return Finalized(self.relative(target), existed=False)
+
+    def _make_shard(self, shard: Path) -> None:
+        shard.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.objects)
+        self._durable_shards.add(shard.name)

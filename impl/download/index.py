@@ -103,6 +103,12 @@ class ArtifactIndex:
         # generation they belong to: close() starts a new one.
         self._open: list[tuple[int, sqlite3.Connection]] = []
         self._generation = 0
+        # The threads of one process take turns here rather than at SQLite's lock: a
+        # connection that finds the file locked sleeps in SQLite's busy handler (1 ms,
+        # 2 ms, ... up to 100 ms) however soon the lock is free, and with 64 download
+        # threads every file waited through those sleeps. Other processes still meet
+        # the SQLite lock and its busy timeout.
+        self._writer = threading.Lock()
         with self._tx():
             pass
 
@@ -175,6 +181,11 @@ class ArtifactIndex:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._writer, self._tx_unlocked() as conn:
+            yield conn
+
+    @contextmanager
+    def _tx_unlocked(self) -> Iterator[sqlite3.Connection]:
         conn = None
         try:
             conn = self._connection()

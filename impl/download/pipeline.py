@@ -191,6 +191,11 @@ class DownloadHandler:
         if state in TERMINAL:
             return
         job_id = ctx.lease.job_id
+        # The HEAD result is asked of the ledger once per call and then carried along:
+        # a recorded result never changes, and every later write is fenced on its own,
+        # so asking again (a whole fenced transaction each time) would only cost.
+        head: dict[str, JSON] | None = None
+        final: dict[str, JSON] | None = None
         if state == PLANNED:
             head = self._head(ctx)
             if head.get("duplicate_of"):
@@ -199,7 +204,8 @@ class DownloadHandler:
             ctx.advance(HEAD_DONE)
             state = HEAD_DONE
         if state == HEAD_DONE:
-            info = HeadInfo.from_json(self._head(ctx)["head"])
+            head = head if head is not None else self._head(ctx)
+            info = HeadInfo.from_json(head["head"])
             part = self.layout.part_path(job_id)
             if part.is_file() and part.stat().st_size > 0 and _resumable(info):
                 ctx.advance(RESUME_OK)
@@ -208,16 +214,21 @@ class DownloadHandler:
             ctx.advance(STREAMING)
             state = STREAMING
         if state == STREAMING:
-            info = HeadInfo.from_json(self._head(ctx)["head"])
+            head = head if head is not None else self._head(ctx)
+            info = HeadInfo.from_json(head["head"])
             extras: dict[str, Scalar] = {"round": _round(ctx.store, job_id)}
             stream = ctx.effect("STREAM", lambda _e: self._stream(ctx, info), extras=extras)
             assert isinstance(stream, dict)
             sha, size = str(stream["sha256"]), int(str(stream["size"]))
-            ctx.effect("FINALIZE", lambda _e: self._finalize(job_id, sha, size), extras=extras)
+            done = ctx.effect(
+                "FINALIZE", lambda _e: self._finalize(job_id, sha, size), extras=extras
+            )
+            assert isinstance(done, dict)
+            final = done
             ctx.advance(FINALIZED)
             state = FINALIZED
         if state == FINALIZED:
-            self._index(ctx)
+            self._index(ctx, head=head, final=final)
 
     # -- effects -----------------------------------------------------------------------
 
@@ -275,11 +286,21 @@ class DownloadHandler:
         done = self.layout.finalize(job_id, sha, size)
         return {"sha256": sha, "size": size, "path": done.path, "existed": done.existed}
 
-    def _index(self, ctx: Context) -> None:
+    def _index(
+        self,
+        ctx: Context,
+        *,
+        head: dict[str, JSON] | None = None,
+        final: dict[str, JSON] | None = None,
+    ) -> None:
+        """Run ``INDEX`` (and ``DEDUPE``); ``head`` and ``final`` are the ``HEAD`` and
+        ``FINALIZE`` results when this call already has them (else read from the ledger:
+        the job was finalized by an earlier lease)."""
         job_id = ctx.lease.job_id
         identity = ctx.lease.identity
-        info = HeadInfo.from_json(self._head(ctx)["head"])
-        final = _latest_result(ctx.store, job_id, "FINALIZE")
+        info = HeadInfo.from_json((head if head is not None else self._head(ctx))["head"])
+        if final is None:
+            final = _latest_result(ctx.store, job_id, "FINALIZE")
         artifact = Artifact(
             job_id=job_id,
             artifact_id=str(identity["artifact_id"]),

@@ -58,6 +58,12 @@ from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, Jobledger
 from model.store import Store
 
 POLL_SECONDS = 0.2
+SCAN_PENDING = 128
+"""Still-pending jobs the watch reads per tick before it stops reading (the rest are
+read on every :data:`FULL_SCAN_EVERY`-th tick): a read of every pending job five times a
+second grew with the square of the manifest and took the handler threads' interpreter
+lock from them."""
+FULL_SCAN_EVERY = 10
 STOP_JOIN_SECONDS = 60.0
 
 
@@ -164,6 +170,7 @@ class _Watch:
         self.done = -1
         self.total = len(self.pending)
         self.hosts: dict[str, str] = {}  # job id -> host:port, read once
+        self.ticks = 0
 
     def only_blocked_hosts(self, hosts: HostGuard) -> bool:
         """True when every pending job belongs to a host that is down
@@ -183,8 +190,24 @@ class _Watch:
         return True
 
     def tick(self) -> bool:
-        """Refresh; return True when every job is terminal."""
-        self.pending = [j for j in self.pending if self.store.state(j) not in TERMINAL]
+        """Refresh; return True when every job is terminal.
+
+        Jobs are leased about in planned order, so the pending ones are read from the
+        front until :data:`SCAN_PENDING` of them are still pending; every
+        :data:`FULL_SCAN_EVERY`-th tick reads them all (a job further on may have ended
+        early, and ``only_blocked_hosts`` must not wait on a job that is done).
+        """
+        full = self.ticks % FULL_SCAN_EVERY == 0
+        self.ticks += 1
+        still: list[str] = []
+        for at, job_id in enumerate(self.pending):
+            if self.store.state(job_id) in TERMINAL:
+                continue
+            still.append(job_id)
+            if not full and len(still) >= SCAN_PENDING:
+                still.extend(self.pending[at + 1 :])
+                break
+        self.pending = still
         done = self.total - len(self.pending)
         if done != self.done:
             self.done = done

@@ -11,7 +11,9 @@ import hashlib
 import itertools
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -19,10 +21,19 @@ import pytest
 from impl.download.cas import Layout
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
-from impl.download.run import DownloadSummary, download
+from impl.download.run import (
+    FULL_SCAN_EVERY,
+    SCAN_PENDING,
+    DownloadSummary,
+    Progress,
+    _Watch,
+    download,
+)
 from impl.download.testserver import FileServer, generated_bytes
 from impl.sqlite.store import SqliteStore
 from model import Config
+from model.record import JSON, Lease
+from model.store import EffectFn, Store
 from tests.download.conftest import write_manifest
 
 
@@ -383,3 +394,86 @@ def test_stop_releases_the_lease_and_keeps_the_partial_file(
     assert summary.exit_code == 1
     (part,) = (out / ".partial").iterdir()
     assert 0 < part.stat().st_size < len(body)
+
+
+class _CountingStore:
+    """A real store that counts ``run_effect`` calls by op (every call, a replay too, is
+    a whole fenced write transaction)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.ops: Counter[str] = Counter()
+
+    def run_effect(self, lease: Lease, op: str, fn: EffectFn, **kwargs: Any) -> JSON:
+        self.ops[op] += 1
+        return self._store.run_effect(lease, op, fn, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_fresh_job_asks_the_ledger_for_each_effect_once(
+    tmp_path: Path, db: Path, out: Path, cfg: Config, server: FileServer
+) -> None:
+    # The HEAD result is carried through the job's states and the FINALIZE result into
+    # INDEX, instead of being replayed from the ledger at each state (that cost three
+    # write transactions per file, a fifth of a download's ledger writes).
+    entries = [_entry(server.add(f"/c{i}", generated_bytes(i, 40_000)), f"c{i}") for i in range(3)]
+    manifest = write_manifest(tmp_path / "manifest.jsonl", entries)
+    client = HttpClient(cfg, backoff_base=0.05)
+    try:
+        with SqliteStore(db, config=cfg) as real:
+            counting = _CountingStore(real)
+            summary = download(
+                cast(Store, counting), manifest, out, workers=2, config=cfg, client=client
+            )
+    finally:
+        client.close()
+    assert (summary.succeeded, summary.failed) == (3, 0)
+    assert counting.ops == {"HEAD": 3, "STREAM": 3, "FINALIZE": 3, "INDEX": 3}
+
+
+class _StateCounting:
+    """A real store that counts ``state`` reads."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.reads = 0
+
+    def state(self, job_id: str) -> str:
+        self.reads += 1
+        return self._store.state(job_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_the_watch_reads_the_front_of_the_pending_jobs_and_all_of_them_now_and_then(
+    db: Path, cfg: Config
+) -> None:
+    total = SCAN_PENDING + 72
+    with SqliteStore(db, config=cfg) as real:
+        items = [
+            {"work_id": "w", "artifact_id": str(n), "canonical_url": f"u{n}"} for n in range(total)
+        ]
+        ids = real.plan_many("download", items)
+        counting = _StateCounting(real)
+        watch = _Watch(cast(Store, counting), ids, Progress(), "me")
+        assert not watch.tick()  # the first tick reads every job
+        assert counting.reads == total
+        # A job further on ends early: the next ticks read only the front ...
+        real.cancel(ids[-1], "gone")
+        for _ in range(FULL_SCAN_EVERY - 1):
+            counting.reads = 0
+            assert not watch.tick()
+            assert counting.reads == SCAN_PENDING
+        assert watch.done == 0
+        # ... and every FULL_SCAN_EVERY-th reads them all and sees it.
+        counting.reads = 0
+        assert not watch.tick()
+        assert counting.reads == total
+        assert watch.done == 1
+        for job_id in ids[:-1]:
+            real.cancel(job_id, "done")
+        assert watch.tick()  # all terminal: the scan reaches the end
+        assert watch.done == total
