@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -86,7 +87,17 @@ class SyncFace:
         self.close()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run(coro)
+        # The call runs in the calling thread's context, as an awaited call runs in its
+        # task's: a prune's callback (run on a thread by the async face) calls the store
+        # through this adapter, and its calls must be known as the callback's.
+        context = contextvars.copy_context()
+
+        async def in_context() -> T:
+            for var, value in context.items():
+                var.set(value)
+            return await coro
+
+        return self._loop.run(in_context())
 
     @property
     def config(self) -> Config:

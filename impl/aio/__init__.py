@@ -13,14 +13,23 @@ store's, with one addition about cancellation (model/SEMANTICS.md, "Async face")
 
 from __future__ import annotations
 
-from impl.aio.store import AsyncEffectFn, AsyncOnDoubt, AsyncStore, open_store
+from impl.aio.store import (
+    AsyncArchiveFn,
+    AsyncEffectFn,
+    AsyncOnDoubt,
+    AsyncProgressFn,
+    AsyncStore,
+    open_store,
+)
 from impl.aio.worker import AsyncHandler, AsyncJobContext, AsyncWorker
 
 __all__ = [
+    "AsyncArchiveFn",
     "AsyncEffectFn",
     "AsyncHandler",
     "AsyncJobContext",
     "AsyncOnDoubt",
+    "AsyncProgressFn",
     "AsyncStore",
     "AsyncWorker",
     "open_store",

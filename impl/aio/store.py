@@ -17,17 +17,19 @@ from ``fn``) and the op is in doubt once the lease ends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Literal, Self, TypeVar, cast
 
 from attrs import frozen
 
-from impl.aio.thread import StoreThread
+from impl.aio.thread import SideQueue, StoreThread, settled
 from impl.store import open_store as open_sync_store
 from model.clock import Clock
 from model.config import Config
@@ -47,11 +49,23 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
-from model.retention import PRUNE_BATCH_DEFAULT, ArchiveFn, ProgressFn, PruneReport
+from model.retention import PRUNE_BATCH_DEFAULT, PrunedJob, PruneReport
 from model.store import OnDoubt
 from model.workflow import Workflow
 
 T = TypeVar("T")
+V = TypeVar("V")
+
+AsyncArchiveFn = Callable[[Sequence[PrunedJob]], Awaitable[None] | None]
+"""``archive`` for the async face's prune: ``async def`` or plain (see AsyncStore.prune)."""
+
+AsyncProgressFn = Callable[[PruneReport], Awaitable[None] | None]
+"""``progress`` for the async face's prune: ``async def`` or plain."""
+
+_INSIDE: contextvars.ContextVar[tuple[AsyncStore, SideQueue] | None] = contextvars.ContextVar(
+    "jobledger_aio_inside_prune", default=None
+)
+"""Set in the task running a prune's callback: its calls to that store go to the prune."""
 
 AsyncEffectFn = Callable[[EffectContext], Awaitable[JSON]]
 """An async effect: ``async def fn(ctx)`` returning the JSON result to record."""
@@ -160,7 +174,18 @@ class AsyncStore:
     async def call(self, fn: Callable[[SteppedStore], T]) -> T:
         """Run ``fn(sync_store)`` on the store's thread: an escape hatch for sync code."""
         store = self.sync
-        return await self._steps_thread().call(lambda: fn(store))
+        return await self._step(lambda: fn(store))
+
+    async def _step(self, fn: Callable[[], T]) -> T:
+        """Run one durable step: on the store's thread, or, for a call made by a prune's
+        callback (its task and what it starts), on the prune's thread, inside the prune."""
+        thread = self._steps_thread()
+        side = _INSIDE.get()
+        if side is not None and side[0] is self:
+            future = side[1].submit(fn)
+            if future is not None:
+                return await settled(future)
+        return await thread.call(fn)
 
     # -- the Store methods, as coroutines -----------------------------------------------
 
@@ -238,12 +263,21 @@ class AsyncStore:
         dry_run: bool = False,
         batch_size: int = PRUNE_BATCH_DEFAULT,
         limit: int | None = None,
-        archive: ArchiveFn | None = None,
-        progress: ProgressFn | None = None,
+        archive: AsyncArchiveFn | None = None,
+        progress: AsyncProgressFn | None = None,
     ) -> PruneReport:
-        """See ``Store.prune``. ``archive`` and ``progress`` are plain functions: they run
-        on the store's thread, between a batch's reads and its delete, as they must, so
-        they must not call this store (that call would wait for the prune it is part of)."""
+        """See ``Store.prune``; ``archive`` and ``progress`` may be ``async def`` or plain.
+
+        Each batch's jobs go to ``archive`` before the batch's delete commits, as on the
+        sync store: the prune's thread waits, the batch's transaction open, while the
+        callback runs off that thread (an ``async def`` on the loop, a plain function on a
+        thread of its own, never on the loop: it writes and fsyncs). The callback may call
+        this store: its calls (and those of tasks and threads it starts) run on the
+        prune's thread inside the prune, and see the batch not yet deleted, as a sync
+        callback's calls do. It must not wait for *other* tasks' calls to this store:
+        those wait for the batch, as other threads wait for a sync prune.
+        """
+        loop = asyncio.get_running_loop()
         return await self.call(
             lambda s: s.prune(
                 finished_before=finished_before,
@@ -252,10 +286,34 @@ class AsyncStore:
                 dry_run=dry_run,
                 batch_size=batch_size,
                 limit=limit,
-                archive=archive,
-                progress=progress,
+                archive=None if archive is None else self._hand_over(loop, archive),
+                progress=None if progress is None else self._hand_over(loop, progress),
             )
         )
+
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[V], Awaitable[None] | None]
+    ) -> Callable[[V], None]:
+        """A sync callback for the sync prune (on the prune's thread) that runs
+        ``callback`` off that thread and runs its store calls meanwhile (see prune)."""
+
+        def on_prune_thread(value: V) -> None:
+            side = SideQueue()
+
+            async def run() -> None:
+                _INSIDE.set((self, side))  # this task's context, and what it starts
+                if _is_async(callback):
+                    result = callback(value)
+                else:
+                    result = await asyncio.to_thread(callback, value)
+                if inspect.isawaitable(result):
+                    await result
+
+            done = asyncio.run_coroutine_threadsafe(run(), loop)
+            side.serve_until(cast("Future[object]", done))
+            done.result()  # the callback's exception rolls the batch back
+
+        return on_prune_thread
 
     async def advance(self, lease: Lease, to_state: str) -> bool:
         """See ``Store.advance``."""
@@ -286,9 +344,8 @@ class AsyncStore:
             held.append(steps)
             return _advance(steps, None, None)
 
-        thread = self._steps_thread()
         try:
-            step = await thread.call(first)
+            step = await self._step(first)
             steps = held[0]
             while not isinstance(step, _Done):
                 reply: object = None
@@ -302,7 +359,7 @@ class AsyncStore:
                     assert callable(on_doubt)
                     probed = on_doubt(step.info)
                     reply = await probed if inspect.isawaitable(probed) else probed
-                step = await thread.call(functools.partial(_advance, steps, reply, error))
+                step = await self._step(functools.partial(_advance, steps, reply, error))
             return step.value
         finally:
             # Stopped at a yield (cancelled, or the probe raised): close the generator
@@ -368,6 +425,13 @@ class AsyncStore:
     async def now(self) -> float:
         """See ``Store.now`` (on PostgreSQL without a clock, a round trip)."""
         return await self.call(lambda s: s.now())
+
+
+def _is_async(fn: object) -> bool:
+    """Whether calling ``fn`` makes a coroutine (a function or a callable object)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
 
 
 async def _awaited(result: Awaitable[JSON] | JSON, what: str) -> JSON:

@@ -17,7 +17,6 @@ from model import IdempotencyConflict, InvalidInput, ManualClock, Plan, Store
 
 from .flows import BRANCH, LINEAR, TTL, StoreFactory, plan_and_lease, setup
 
-
 LONG = 30.0
 """A timeout the tests below never wait out: returning before it proves a wake-up."""
 WATCHDOG = 10.0
