@@ -35,7 +35,6 @@ trigger's refusal :class:`IllegalTransition`.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +49,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
+from impl.postgres import steps
 from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
@@ -58,6 +58,7 @@ from impl.postgres.schema import (
     recorded_version,
     set_search_path,
 )
+from impl.postgres.steps import Op, Steps, Transaction
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -161,19 +162,38 @@ class Tx:
         detail: Mapping[str, Detail] | None = None,
     ) -> None:
         """Append ``event`` to the job's history at this transaction's ``now``."""
-        facts = dict(detail or {})
-        row = self.one(
-            q.LOG,
-            {
-                "job_id": job_id,
-                "event": event.value,
-                "token": token,
-                "worker": worker,
-                "detail": json.dumps(facts, sort_keys=True),
-            },
-        )
-        assert row is not None
-        self.events.append(HistoryEvent(job_id, row["at"], event, token, worker, facts))
+        self.drive(steps.log(job_id, event, token=token, worker=worker, detail=detail))
+
+    def drive(self, body: Steps[T]) -> T:
+        """Run a body written as steps (:mod:`impl.postgres.steps`) in this transaction."""
+        try:
+            op = next(body)
+            while True:
+                try:
+                    reply = self.execute(op)
+                except BaseException as exc:
+                    op = body.throw(exc)
+                else:
+                    op = body.send(reply)
+        except StopIteration as stop:
+            done: T = stop.value
+            return done
+
+    def execute(self, op: Op) -> object:
+        """Answer one step's request (see :meth:`drive`)."""
+        if isinstance(op, steps.One):
+            return self.one(op.query, op.params)
+        if isinstance(op, steps.All):
+            return self.all(op.query, op.params)
+        if isinstance(op, steps.Run):
+            return self.run(op.query, op.params)
+        if isinstance(op, steps.Now):
+            return self.now
+        if isinstance(op, steps.Logged):
+            self.logged(op.event)
+            return None
+        self.announce(op.kind, later=op.later)
+        return None
 
     def logged(self, event: HistoryEvent) -> None:
         """Note a history entry that a statement appended by itself (for telemetry)."""
@@ -344,6 +364,10 @@ class Database:
         out = self._run(op, body, commit_point=f"{op}.before_commit")
         failpoint.hit(f"{op}.after_commit")
         return out
+
+    def transact(self, transaction: Transaction[T]) -> T:
+        """Run a writing transaction written as steps (shared with the async face)."""
+        return self.write(transaction.op, lambda tx: tx.drive(transaction.body()))
 
     def read(self, what: str, body: Callable[[Tx], T]) -> T:
         """Run ``body`` in a read-only snapshot transaction."""
