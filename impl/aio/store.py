@@ -21,20 +21,22 @@ import contextvars
 import functools
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Literal, Self, TypeVar, cast
 
 from attrs import frozen
 
 from impl.aio.thread import SideQueue, StoreThread, settled
+from impl.aio.userfn import awaited_result
 from impl.store import open_store as open_sync_store
 from model.clock import Clock
 from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, SteppedStore
-from model.errors import InvalidInput, StorageError
+from model.errors import StorageError
 from model.key import Scalar
 from model.record import (
     JSON,
@@ -52,6 +54,9 @@ from model.record import (
 from model.retention import PRUNE_BATCH_DEFAULT, PrunedJob, PruneReport
 from model.store import OnDoubt
 from model.workflow import Workflow
+
+if TYPE_CHECKING:
+    from impl.aio.native import NativePostgres
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -106,11 +111,15 @@ class AsyncStore:
         threads: how many threads run the store's steps (1 for SQLite and the model).
     """
 
-    def __init__(self, make: Callable[[], SteppedStore], *, threads: int = 1) -> None:
+    def __init__(
+        self, make: Callable[[], SteppedStore], *, threads: int = 1, native: bool = True
+    ) -> None:
         self._make = make
         self._threads = threads
         self._thread: StoreThread | None = None
         self._store: SteppedStore | None = None
+        self._use_native = native
+        self._native: NativePostgres | None = None
 
     async def open(self) -> Self:
         """Open the store (on its own thread); ``async with`` calls this."""
@@ -118,11 +127,18 @@ class AsyncStore:
             return self
         thread = StoreThread(threads=self._threads)
         try:
-            self._store = await thread.call(self._make)
+            store = await thread.call(self._make)
+            try:
+                native = _native_for(store) if self._use_native else None
+                if native is not None:
+                    await native.open()
+            except BaseException:
+                await thread.call(store.close)
+                raise
         except BaseException:
             thread.shutdown()
             raise
-        self._thread = thread
+        self._store, self._native, self._thread = store, native, thread
         return self
 
     async def __aenter__(self) -> Self:
@@ -138,14 +154,18 @@ class AsyncStore:
 
     async def close(self) -> None:
         """Close the store and stop its thread; later calls raise ``StorageError``."""
-        thread, store = self._thread, self._store
+        thread, store, native = self._thread, self._store, self._native
         if thread is None or store is None:
             return
-        self._thread = self._store = None
+        self._thread = self._store = self._native = None
         try:
-            await thread.call(store.close)
+            if native is not None:
+                await native.close()
         finally:
-            thread.shutdown()
+            try:
+                await thread.call(store.close)
+            finally:
+                thread.shutdown()
 
     @property
     def sync(self) -> SteppedStore:
@@ -212,6 +232,16 @@ class AsyncStore:
         run_at: float | None = None,
     ) -> str:
         """See ``Store.plan``."""
+        native = self._native
+        if native is not None:
+            item = Plan(
+                identity,
+                payload=payload,
+                priority=priority,
+                max_attempts=max_attempts,
+                run_at=run_at,
+            )
+            return (await native.transact(native.store.plan_tx("plan", kind, [item])))[0]
         return await self.call(
             lambda s: s.plan(
                 kind,
@@ -225,20 +255,34 @@ class AsyncStore:
 
     async def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """See ``Store.plan_many``."""
+        native = self._native
+        if native is not None:
+            plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
+            return await native.transact(native.store.plan_tx("plan_many", kind, plans))
         return await self.call(lambda s: s.plan_many(kind, items))
 
     async def lease_next(
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
     ) -> Lease | None:
         """See ``Store.lease_next``."""
+        native = self._native
+        if native is not None:
+            return await native.transact(native.store.lease_next_tx(worker, ttl=ttl, kinds=kinds))
         return await self.call(lambda s: s.lease_next(worker, ttl=ttl, kinds=kinds))
 
     async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """See ``Store.renew``."""
+        native = self._native
+        if native is not None:
+            return await native.transact(native.store.renew_tx(lease, ttl=ttl))
         return await self.call(lambda s: s.renew(lease, ttl=ttl))
 
     async def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
         """See ``Store.release``."""
+        native = self._native
+        if native is not None:
+            await native.transact(native.store.release_tx(lease, delay=delay, reason=reason))
+            return
         await self.call(lambda s: s.release(lease, delay=delay, reason=reason))
 
     async def wait_for_work(self, timeout: float, *, kinds: Sequence[str] | None = None) -> bool:
@@ -317,6 +361,9 @@ class AsyncStore:
 
     async def advance(self, lease: Lease, to_state: str) -> bool:
         """See ``Store.advance``."""
+        native = self._native
+        if native is not None:
+            return await native.transact(native.store.advance_tx(lease, to_state))
         return await self.call(lambda s: s.advance(lease, to_state))
 
     async def run_effect(
@@ -338,6 +385,16 @@ class AsyncStore:
         # The steps only look at on_doubt ("raise", "retry" or callable); the probe
         # itself, sync or async, is called here, on the loop.
         mode = cast(OnDoubt, on_doubt)
+        native = self._native
+        if native is not None:
+            return await native.run_effect(
+                lease,
+                op,
+                fn,
+                extras=extras,
+                on_doubt=mode,
+                probe=on_doubt if callable(on_doubt) else None,
+            )
 
         def first() -> RunFn | Probe | _Done:
             steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=mode)
@@ -352,7 +409,7 @@ class AsyncStore:
                 error: BaseException | None = None
                 if isinstance(step, RunFn):
                     try:
-                        reply = await _awaited(fn(step.context), "fn")
+                        reply = await awaited_result(fn(step.context), "fn")
                     except Exception as exc:
                         error = exc  # the generator removes the start and re-raises it
                 else:
@@ -371,6 +428,12 @@ class AsyncStore:
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
     ) -> None:
         """See ``Store.fail``."""
+        native = self._native
+        if native is not None:
+            await native.transact(
+                native.store.fail_tx(lease, error, retryable=retryable, delay=delay)
+            )
+            return
         await self.call(lambda s: s.fail(lease, error, retryable=retryable, delay=delay))
 
     async def cancel(self, job_id: str, reason: str) -> None:
@@ -434,15 +497,16 @@ def _is_async(fn: object) -> bool:
     )
 
 
-async def _awaited(result: Awaitable[JSON] | JSON, what: str) -> JSON:
-    if not inspect.isawaitable(result):
-        raise InvalidInput(
-            f"the async store's run_effect needs an async {what} (async def fn(ctx)), "
-            f"but it returned {type(result).__name__} instead of an awaitable; "
-            "use the sync store for a sync function"
-        )
-    done: JSON = await result
-    return done
+def _native_for(store: SteppedStore) -> NativePostgres | None:
+    """The native PostgreSQL path for ``store`` when it is a PostgreSQL store."""
+    # Only a PostgreSQL store can be one, and its module is loaded then: psycopg is an
+    # optional dependency that a SQLite user need not have.
+    module = sys.modules.get("impl.postgres.store")
+    if module is None or not isinstance(store, module.PostgresStore):
+        return None
+    from impl.aio.native import NativePostgres  # noqa: PLC0415
+
+    return NativePostgres(store)
 
 
 def open_store(

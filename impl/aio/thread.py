@@ -84,7 +84,7 @@ async def settled(future: Future[T]) -> T:
     try:
         return await asyncio.shield(waiter)
     except asyncio.CancelledError:
-        await _outlast(waiter)
+        await outlast(waiter)
         raise
 
 
@@ -141,8 +141,9 @@ def _run_item(fn: Callable[[], object], future: Future[object]) -> None:
         future.set_result(result)
 
 
-async def _outlast(waiter: asyncio.Future[T]) -> None:
-    """Wait until ``waiter`` is done, whatever cancellations arrive meanwhile."""
+async def outlast(waiter: asyncio.Future[T]) -> None:
+    """Wait until ``waiter`` is done, whatever cancellations arrive meanwhile (its result
+    or exception is dropped: the caller is cancelled already)."""
     while not waiter.done():
         try:
             await asyncio.shield(waiter)

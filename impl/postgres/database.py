@@ -80,7 +80,7 @@ CONNECT_TIMEOUT = 10
 """Seconds to wait for a new connection to the server."""
 TX_ATTEMPTS = 5
 """How many times a transaction runs at most when the server asks for a re-run."""
-_RETRY_PAUSE = 0.02
+RETRY_PAUSE = 0.02
 
 _CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 
@@ -232,7 +232,7 @@ def translate(exc: psycopg.Error, what: str, *, stage: str = "") -> JobledgerErr
         )
     if isinstance(exc, psycopg.DataError) or state.startswith("22"):
         return InvalidInput(f"{what}: PostgreSQL cannot store a value ({text}); pass a smaller one")
-    if _lost(exc):
+    if lost(exc):
         outcome = (
             "it may or may not have been committed: read the job before acting on it"
             if stage == "commit"
@@ -261,7 +261,8 @@ def read_schema_version(url: str, schema: str) -> int:
         raise translate(exc, f"read the schema version at {describe(url)}") from exc
 
 
-def _lost(exc: psycopg.Error) -> bool:
+def lost(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` means the connection is gone (shared with impl.postgres.asyncdb)."""
     state = exc.sqlstate or ""
     if state:
         return state.startswith(_CONNECTION_LOST)
@@ -269,10 +270,11 @@ def _lost(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
-def _retryable(exc: psycopg.Error, stage: str) -> bool:
+def retryable(exc: psycopg.Error, stage: str) -> bool:
+    """Whether a transaction that raised ``exc`` at ``stage`` may simply run again."""
     if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
         return stage != "commit"
-    return _lost(exc) and stage in ("begin", "read")
+    return lost(exc) and stage in ("begin", "read")
 
 
 def _began(control: psycopg.Cursor[TupleRow]) -> bool:
@@ -441,11 +443,11 @@ class Database:
             except psycopg.Error as exc:
                 if stage == "begin" and control is not None and _began(control):
                     stage = "body"  # BEGIN was answered: the loss came inside the body
-                if attempt < TX_ATTEMPTS and _retryable(exc, stage):
-                    if _lost(exc):
+                if attempt < TX_ATTEMPTS and retryable(exc, stage):
+                    if lost(exc):
                         # One dead session usually means all idle ones died with it (a
                         # server restart): drop them now instead of one per attempt.
                         self._pool.check()
-                    time.sleep(_RETRY_PAUSE * attempt * (1 + random.random()))
+                    time.sleep(RETRY_PAUSE * attempt * (1 + random.random()))
                     continue
                 raise translate(exc, what, stage=stage) from exc

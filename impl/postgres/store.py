@@ -33,7 +33,7 @@ from psycopg.rows import DictRow
 from impl.postgres import pickup, read, retention, rollup, steps
 from impl.postgres import queries as q
 from impl.postgres.database import CONNECT_TIMEOUT, Database, Tx, read_schema_version
-from impl.postgres.effect import EffectRunner
+from impl.postgres.effect import EffectFlow, EffectRunner
 from impl.postgres.plan import plan_items
 from impl.postgres.registry import Registry, stored
 from impl.postgres.rows import history_event, job_info, lease_of, locked_job, plain
@@ -118,6 +118,12 @@ class PostgresStore:
         except BaseException:
             self._db.close()
             raise
+
+    @property
+    def url(self) -> str:
+        """The connection URL this store was opened with (``impl.aio`` opens its async
+        pool with it)."""
+        return self._db.url
 
     def __enter__(self) -> PostgresStore:
         return self
@@ -571,6 +577,19 @@ class PostgresStore:
         transaction, so any thread may drive any step."""
         self._db.check_open()
         return self._effects.steps(lease, op, extras=extras, on_doubt=on_doubt)
+
+    def effect_flow(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectFlow:
+        """``run_effect`` as a flow that yields its transactions as well as the user code
+        to run (:meth:`EffectRunner.flow`), for a driver that runs them itself."""
+        self._db.check_open()
+        return self._effects.flow(lease, op, extras=extras, on_doubt=on_doubt)
 
     # -- failure and operator actions ----------------------------------------------
 
