@@ -129,7 +129,13 @@ class AsyncStore:
         try:
             store = await thread.call(self._make)
             try:
-                native = _native_for(store) if self._use_native else None
+                # Built on the thread too: its first import (psycopg's async pool) took
+                # 0.35 s on a loaded machine, far too long for the loop.
+                native = (
+                    await thread.call(functools.partial(_native_for, store))
+                    if self._use_native
+                    else None
+                )
                 if native is not None:
                     await native.open()
             except BaseException:
@@ -185,6 +191,13 @@ class AsyncStore:
         self.sync  # noqa: B018  (raises the clear error when not open)
         assert self._thread is not None
         return self._thread
+
+    @property
+    def native(self) -> bool:
+        """Whether the hot path runs natively on async connections (PostgreSQL) rather
+        than on the store's threads (see impl.aio.native)."""
+        self.sync  # noqa: B018  (raises the clear error when not open)
+        return self._native is not None
 
     @property
     def config(self) -> Config:
