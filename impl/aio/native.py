@@ -41,6 +41,9 @@ class NativePostgres:
         store: the open sync store (it migrated the schema and knows the workflows).
     """
 
+    loop: asyncio.AbstractEventLoop
+    """The loop the pool was opened on: its connections belong to it."""
+
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
         self.db = AsyncDatabase(
@@ -51,12 +54,22 @@ class NativePostgres:
         )
 
     async def open(self) -> None:
-        """Open the async pool."""
+        """Open the async pool, bound to the running loop (:attr:`loop`)."""
+        self.loop = asyncio.get_running_loop()
         await self.db.open()
 
     async def close(self) -> None:
-        """Close the async pool."""
-        await self.db.close()
+        """Close the async pool. From another loop than its own: if that loop still runs
+        (in another thread), the pool is closed there; if not (an ``asyncio.run`` that
+        ended, which also ended the pool's tasks), it is dropped and its connections
+        close as they are freed."""
+        here = asyncio.get_running_loop()
+        if self.loop is here:
+            await self.db.close()
+        elif self.loop.is_running():
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.db.close(), self.loop))
+        else:
+            self.db.drop()
 
     async def transact(self, transaction: Transaction[T]) -> T:
         """Run ``transaction`` natively; a cancelled caller waits for it (module doc)."""

@@ -109,6 +109,8 @@ class AsyncStore:
     Args:
         make: opens the sync store; called on the store's thread.
         threads: how many threads run the store's steps (1 for SQLite and the model).
+        native: on PostgreSQL, run the hot path natively on an async connection pool
+            (:mod:`impl.aio.native`); False keeps every call on the threads.
     """
 
     def __init__(
@@ -192,6 +194,15 @@ class AsyncStore:
         assert self._thread is not None
         return self._thread
 
+    def _native_here(self) -> NativePostgres | None:
+        """The native path if this loop is the one its pool belongs to, else None (the
+        call then takes the thread path, which any loop may use: a store opened in one
+        ``asyncio.run`` and used in later ones)."""
+        native = self._native
+        if native is None or native.loop is not asyncio.get_running_loop():
+            return None
+        return native
+
     @property
     def native(self) -> bool:
         """Whether the hot path runs natively on async connections (PostgreSQL) rather
@@ -245,7 +256,7 @@ class AsyncStore:
         run_at: float | None = None,
     ) -> str:
         """See ``Store.plan``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             item = Plan(
                 identity,
@@ -268,7 +279,7 @@ class AsyncStore:
 
     async def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """See ``Store.plan_many``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
             return await native.transact(native.store.plan_tx("plan_many", kind, plans))
@@ -278,21 +289,21 @@ class AsyncStore:
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
     ) -> Lease | None:
         """See ``Store.lease_next``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             return await native.transact(native.store.lease_next_tx(worker, ttl=ttl, kinds=kinds))
         return await self.call(lambda s: s.lease_next(worker, ttl=ttl, kinds=kinds))
 
     async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """See ``Store.renew``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             return await native.transact(native.store.renew_tx(lease, ttl=ttl))
         return await self.call(lambda s: s.renew(lease, ttl=ttl))
 
     async def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
         """See ``Store.release``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             await native.transact(native.store.release_tx(lease, delay=delay, reason=reason))
             return
@@ -374,7 +385,7 @@ class AsyncStore:
 
     async def advance(self, lease: Lease, to_state: str) -> bool:
         """See ``Store.advance``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             return await native.transact(native.store.advance_tx(lease, to_state))
         return await self.call(lambda s: s.advance(lease, to_state))
@@ -398,7 +409,7 @@ class AsyncStore:
         # The steps only look at on_doubt ("raise", "retry" or callable); the probe
         # itself, sync or async, is called here, on the loop.
         mode = cast(OnDoubt, on_doubt)
-        native = self._native
+        native = self._native_here()
         if native is not None:
             return await native.run_effect(
                 lease,
@@ -441,7 +452,7 @@ class AsyncStore:
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
     ) -> None:
         """See ``Store.fail``."""
-        native = self._native
+        native = self._native_here()
         if native is not None:
             await native.transact(
                 native.store.fail_tx(lease, error, retryable=retryable, delay=delay)
@@ -527,11 +538,14 @@ def open_store(
     *,
     clock: Clock | None = None,
     config: Config | None = None,
+    native: bool = True,
 ) -> AsyncStore:
     """The async face of ``impl.open_store``: ``async with open_store(target) as store:``.
 
     The store opens (creating and migrating if needed) on its own thread when the
-    ``async with`` block is entered; errors are ``impl.open_store``'s.
+    ``async with`` block is entered; errors are ``impl.open_store``'s. On PostgreSQL the
+    hot path runs on psycopg's async connections (:mod:`impl.aio.native`) unless
+    ``native=False``, which keeps every call on the store's threads.
     """
     text = os.fspath(target)
     postgres = isinstance(text, str) and text.startswith(("postgresql://", "postgres://"))
@@ -541,4 +555,4 @@ def open_store(
         # PostgreSQL's); the Store protocol does not promise it to other implementations.
         return cast(SteppedStore, open_sync_store(target, clock=clock, config=config))
 
-    return AsyncStore(make, threads=POSTGRES_THREADS if postgres else 1)
+    return AsyncStore(make, threads=POSTGRES_THREADS if postgres else 1, native=native)
