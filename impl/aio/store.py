@@ -7,6 +7,10 @@ the store's thread and ``fn`` (and an async or sync ``on_doubt`` probe) runs on 
 between them, driven through the backend's own step generator
 (:mod:`model.effectstep`), so the async face decides nothing the sync one does not.
 
+On PostgreSQL the hot path (``plan``, ``plan_many``, ``lease_next``, ``renew``,
+``release``, ``advance``, ``fail``, ``run_effect``) runs natively on an async connection
+pool instead, driving the sync store's own transaction steps (:mod:`impl.aio.native`).
+
 **Cancellation** (the model's rule, model/SEMANTICS.md "Async face"): a call cancelled
 while its durable step runs waits for the step and then raises ``CancelledError``, so it
 committed whole or not at all. A ``run_effect`` cancelled while ``fn`` runs leaves the
