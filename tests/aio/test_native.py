@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 
 import psycopg
 import pytest
@@ -142,3 +143,59 @@ def test_native_false_keeps_the_thread_path() -> None:
 
     assert run_checked(main()) is False
     assert impl.aio.open_store("memory:", native=True) is not None  # the flag is accepted
+
+
+def _kill(app: str, *, waiting: bool = False) -> int:
+    """Terminate the sessions named ``app`` (only those waiting on a lock, if ``waiting``)."""
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s AND (NOT %s OR wait_event_type = 'Lock')",
+            [app, waiting],
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_killed_sessions_are_replaced_and_a_call_killed_inside_raises_storage_error() -> None:
+    """The server kills every session of the store: the next native call reconnects by
+    itself; a call whose session is killed while it waits inside its transaction raises
+    StorageError (nothing changed), and the call after it works."""
+    require_postgres()
+    from impl.postgres.store import PostgresStore
+    from model import StorageError
+
+    app = f"victim_{uuid.uuid4().hex[:12]}"
+    make, _ = postgres_factory(ManualClock())
+    probe = make()
+    config = probe.config
+    probe.close()
+    url = f"{PG_URL}?application_name={app}"
+    opener = AsyncStore(lambda: PostgresStore(url, config=config))  # type: ignore[arg-type,return-value]
+
+    async def main() -> None:
+        async with opener as store:
+            assert store.native
+            await store.register(FLOW)
+            job_id = await store.plan("flow", {"n": 1})
+            assert await asyncio.to_thread(_kill, app) > 0
+            lease = await store.lease_next("w")  # on a fresh connection
+            assert lease is not None
+            async with await psycopg.AsyncConnection.connect(PG_URL) as blocker:
+                await blocker.execute(
+                    sql.SQL("SELECT 1 FROM {} WHERE job_id = %s FOR UPDATE").format(
+                        sql.Identifier(config.postgres_schema, "jobs")
+                    ),
+                    [job_id],
+                )
+                call = asyncio.create_task(store.advance(lease, "B"))
+                while await asyncio.to_thread(_kill, app, waiting=True) == 0:
+                    assert not call.done(), call
+                    await asyncio.sleep(0.02)
+                with pytest.raises(StorageError):
+                    await call
+                await blocker.rollback()
+            assert await store.state(job_id) == "A"  # the killed advance changed nothing
+            assert await store.advance(lease, "B") is True
+
+    run_checked(main())
