@@ -9,6 +9,8 @@ blocked loop, and the fixture fails the test if there was one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -36,6 +38,10 @@ from model.store import EffectFn, OnDoubt
 from tests.loopwatch import LoopWatch
 
 T = TypeVar("T")
+
+STOP_POLL = 0.005
+"""Seconds between looks at a ``wait_for_work`` stop event (the sync stores notice theirs
+at once; a test adapter may poll)."""
 
 
 class LoopThread:
@@ -81,7 +87,17 @@ class SyncFace:
         self.close()
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._loop.run(coro)
+        # The call runs in the calling thread's context, as an awaited call runs in its
+        # task's: a prune's callback (run on a thread by the async face) calls the store
+        # through this adapter, and its calls must be known as the callback's.
+        context = contextvars.copy_context()
+
+        async def in_context() -> T:
+            for var, value in context.items():
+                var.set(value)
+            return await coro
+
+        return self._loop.run(in_context())
 
     @property
     def config(self) -> Config:
@@ -126,9 +142,25 @@ class SyncFace:
         kinds: Sequence[str] | None = None,
         stop: threading.Event | None = None,
     ) -> bool:
-        if stop is not None and stop.is_set():
+        # The async face has no stop event: a waiting task is stopped by cancelling it.
+        # So a set ``stop`` cancels the wait's task, and the answer is the sync one's
+        # (False). The adapter used to check ``stop`` only before the wait and then waited
+        # out the timeout, which made the stop-event test wait 30 s per backend.
+        future = asyncio.run_coroutine_threadsafe(
+            self.astore.wait_for_work(timeout, kinds=kinds), self._loop.loop
+        )
+        if stop is None:
+            return future.result()
+        while not stop.wait(STOP_POLL):
+            try:
+                return future.result(timeout=0)
+            except concurrent.futures.TimeoutError:
+                continue
+        future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
             return False
-        return self._run(self.astore.wait_for_work(timeout, kinds=kinds))
 
     def prune(self, **options: Any) -> PruneReport:
         return self._run(self.astore.prune(**options))

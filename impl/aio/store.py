@@ -7,6 +7,10 @@ the store's thread and ``fn`` (and an async or sync ``on_doubt`` probe) runs on 
 between them, driven through the backend's own step generator
 (:mod:`model.effectstep`), so the async face decides nothing the sync one does not.
 
+On PostgreSQL the hot path (``plan``, ``plan_many``, ``lease_next``, ``renew``,
+``release``, ``advance``, ``fail``, ``run_effect``) runs natively on an async connection
+pool instead, driving the sync store's own transaction steps (:mod:`impl.aio.native`).
+
 **Cancellation** (the model's rule, model/SEMANTICS.md "Async face"): a call cancelled
 while its durable step runs waits for the step and then raises ``CancelledError``, so it
 committed whole or not at all. A ``run_effect`` cancelled while ``fn`` runs leaves the
@@ -17,22 +21,26 @@ from ``fn``) and the op is in doubt once the lease ends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from types import TracebackType
-from typing import Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Literal, Self, TypeVar, cast
 
 from attrs import frozen
 
-from impl.aio.thread import StoreThread
+from impl.aio.thread import SideQueue, StoreThread, settled
+from impl.aio.userfn import awaited_result
 from impl.store import open_store as open_sync_store
 from model.clock import Clock
 from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, SteppedStore
-from model.errors import InvalidInput, StorageError
+from model.errors import StorageError
 from model.key import Scalar
 from model.record import (
     JSON,
@@ -47,11 +55,26 @@ from model.record import (
     ReconcileReport,
     Stats,
 )
-from model.retention import PRUNE_BATCH_DEFAULT, ArchiveFn, ProgressFn, PruneReport
+from model.retention import PRUNE_BATCH_DEFAULT, PrunedJob, PruneReport
 from model.store import OnDoubt
 from model.workflow import Workflow
 
+if TYPE_CHECKING:
+    from impl.aio.native import NativePostgres
+
 T = TypeVar("T")
+V = TypeVar("V")
+
+AsyncArchiveFn = Callable[[Sequence[PrunedJob]], Awaitable[None] | None]
+"""``archive`` for the async face's prune: ``async def`` or plain (see AsyncStore.prune)."""
+
+AsyncProgressFn = Callable[[PruneReport], Awaitable[None] | None]
+"""``progress`` for the async face's prune: ``async def`` or plain."""
+
+_INSIDE: contextvars.ContextVar[tuple[AsyncStore, SideQueue] | None] = contextvars.ContextVar(
+    "jobledger_aio_inside_prune", default=None
+)
+"""Set in the task running a prune's callback: its calls to that store go to the prune."""
 
 AsyncEffectFn = Callable[[EffectContext], Awaitable[JSON]]
 """An async effect: ``async def fn(ctx)`` returning the JSON result to record."""
@@ -90,13 +113,19 @@ class AsyncStore:
     Args:
         make: opens the sync store; called on the store's thread.
         threads: how many threads run the store's steps (1 for SQLite and the model).
+        native: on PostgreSQL, run the hot path natively on an async connection pool
+            (:mod:`impl.aio.native`); False keeps every call on the threads.
     """
 
-    def __init__(self, make: Callable[[], SteppedStore], *, threads: int = 1) -> None:
+    def __init__(
+        self, make: Callable[[], SteppedStore], *, threads: int = 1, native: bool = True
+    ) -> None:
         self._make = make
         self._threads = threads
         self._thread: StoreThread | None = None
         self._store: SteppedStore | None = None
+        self._use_native = native
+        self._native: NativePostgres | None = None
 
     async def open(self) -> Self:
         """Open the store (on its own thread); ``async with`` calls this."""
@@ -104,11 +133,24 @@ class AsyncStore:
             return self
         thread = StoreThread(threads=self._threads)
         try:
-            self._store = await thread.call(self._make)
+            store = await thread.call(self._make)
+            try:
+                # Built on the thread too: its first import (psycopg's async pool) took
+                # 0.35 s on a loaded machine, far too long for the loop.
+                native = (
+                    await thread.call(functools.partial(_native_for, store))
+                    if self._use_native
+                    else None
+                )
+                if native is not None:
+                    await native.open()
+            except BaseException:
+                await thread.call(store.close)
+                raise
         except BaseException:
             thread.shutdown()
             raise
-        self._thread = thread
+        self._store, self._native, self._thread = store, native, thread
         return self
 
     async def __aenter__(self) -> Self:
@@ -124,14 +166,18 @@ class AsyncStore:
 
     async def close(self) -> None:
         """Close the store and stop its thread; later calls raise ``StorageError``."""
-        thread, store = self._thread, self._store
+        thread, store, native = self._thread, self._store, self._native
         if thread is None or store is None:
             return
-        self._thread = self._store = None
+        self._thread = self._store = self._native = None
         try:
-            await thread.call(store.close)
+            if native is not None:
+                await native.close()
         finally:
-            thread.shutdown()
+            try:
+                await thread.call(store.close)
+            finally:
+                thread.shutdown()
 
     @property
     def sync(self) -> SteppedStore:
@@ -152,6 +198,22 @@ class AsyncStore:
         assert self._thread is not None
         return self._thread
 
+    def _native_here(self) -> NativePostgres | None:
+        """The native path if this loop is the one its pool belongs to, else None (the
+        call then takes the thread path, which any loop may use: a store opened in one
+        ``asyncio.run`` and used in later ones)."""
+        native = self._native
+        if native is None or native.loop is not asyncio.get_running_loop():
+            return None
+        return native
+
+    @property
+    def native(self) -> bool:
+        """Whether the hot path runs natively on async connections (PostgreSQL) rather
+        than on the store's threads (see impl.aio.native)."""
+        self.sync  # noqa: B018  (raises the clear error when not open)
+        return self._native is not None
+
     @property
     def config(self) -> Config:
         """The store's effective configuration."""
@@ -160,7 +222,18 @@ class AsyncStore:
     async def call(self, fn: Callable[[SteppedStore], T]) -> T:
         """Run ``fn(sync_store)`` on the store's thread: an escape hatch for sync code."""
         store = self.sync
-        return await self._steps_thread().call(lambda: fn(store))
+        return await self._step(lambda: fn(store))
+
+    async def _step(self, fn: Callable[[], T]) -> T:
+        """Run one durable step: on the store's thread, or, for a call made by a prune's
+        callback (its task and what it starts), on the prune's thread, inside the prune."""
+        thread = self._steps_thread()
+        side = _INSIDE.get()
+        if side is not None and side[0] is self:
+            future = side[1].submit(fn)
+            if future is not None:
+                return await settled(future)
+        return await thread.call(fn)
 
     # -- the Store methods, as coroutines -----------------------------------------------
 
@@ -187,6 +260,16 @@ class AsyncStore:
         run_at: float | None = None,
     ) -> str:
         """See ``Store.plan``."""
+        native = self._native_here()
+        if native is not None:
+            item = Plan(
+                identity,
+                payload=payload,
+                priority=priority,
+                max_attempts=max_attempts,
+                run_at=run_at,
+            )
+            return (await native.transact(native.store.plan_tx("plan", kind, [item])))[0]
         return await self.call(
             lambda s: s.plan(
                 kind,
@@ -200,20 +283,34 @@ class AsyncStore:
 
     async def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """See ``Store.plan_many``."""
+        native = self._native_here()
+        if native is not None:
+            plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
+            return await native.transact(native.store.plan_tx("plan_many", kind, plans))
         return await self.call(lambda s: s.plan_many(kind, items))
 
     async def lease_next(
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
     ) -> Lease | None:
         """See ``Store.lease_next``."""
+        native = self._native_here()
+        if native is not None:
+            return await native.transact(native.store.lease_next_tx(worker, ttl=ttl, kinds=kinds))
         return await self.call(lambda s: s.lease_next(worker, ttl=ttl, kinds=kinds))
 
     async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """See ``Store.renew``."""
+        native = self._native_here()
+        if native is not None:
+            return await native.transact(native.store.renew_tx(lease, ttl=ttl))
         return await self.call(lambda s: s.renew(lease, ttl=ttl))
 
     async def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
         """See ``Store.release``."""
+        native = self._native_here()
+        if native is not None:
+            await native.transact(native.store.release_tx(lease, delay=delay, reason=reason))
+            return
         await self.call(lambda s: s.release(lease, delay=delay, reason=reason))
 
     async def wait_for_work(self, timeout: float, *, kinds: Sequence[str] | None = None) -> bool:
@@ -238,12 +335,21 @@ class AsyncStore:
         dry_run: bool = False,
         batch_size: int = PRUNE_BATCH_DEFAULT,
         limit: int | None = None,
-        archive: ArchiveFn | None = None,
-        progress: ProgressFn | None = None,
+        archive: AsyncArchiveFn | None = None,
+        progress: AsyncProgressFn | None = None,
     ) -> PruneReport:
-        """See ``Store.prune``. ``archive`` and ``progress`` are plain functions: they run
-        on the store's thread, between a batch's reads and its delete, as they must, so
-        they must not call this store (that call would wait for the prune it is part of)."""
+        """See ``Store.prune``; ``archive`` and ``progress`` may be ``async def`` or plain.
+
+        Each batch's jobs go to ``archive`` before the batch's delete commits, as on the
+        sync store: the prune's thread waits, the batch's transaction open, while the
+        callback runs off that thread (an ``async def`` on the loop, a plain function on a
+        thread of its own, never on the loop: it writes and fsyncs). The callback may call
+        this store: its calls (and those of tasks and threads it starts) run on the
+        prune's thread inside the prune, and see the batch not yet deleted, as a sync
+        callback's calls do. It must not wait for *other* tasks' calls to this store:
+        those wait for the batch, as other threads wait for a sync prune.
+        """
+        loop = asyncio.get_running_loop()
         return await self.call(
             lambda s: s.prune(
                 finished_before=finished_before,
@@ -252,13 +358,40 @@ class AsyncStore:
                 dry_run=dry_run,
                 batch_size=batch_size,
                 limit=limit,
-                archive=archive,
-                progress=progress,
+                archive=None if archive is None else self._hand_over(loop, archive),
+                progress=None if progress is None else self._hand_over(loop, progress),
             )
         )
 
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[V], Awaitable[None] | None]
+    ) -> Callable[[V], None]:
+        """A sync callback for the sync prune (on the prune's thread) that runs
+        ``callback`` off that thread and runs its store calls meanwhile (see prune)."""
+
+        def on_prune_thread(value: V) -> None:
+            side = SideQueue()
+
+            async def run() -> None:
+                _INSIDE.set((self, side))  # this task's context, and what it starts
+                if _is_async(callback):
+                    result = callback(value)
+                else:
+                    result = await asyncio.to_thread(callback, value)
+                if inspect.isawaitable(result):
+                    await result
+
+            done = asyncio.run_coroutine_threadsafe(run(), loop)
+            side.serve_until(cast("Future[object]", done))
+            done.result()  # the callback's exception rolls the batch back
+
+        return on_prune_thread
+
     async def advance(self, lease: Lease, to_state: str) -> bool:
         """See ``Store.advance``."""
+        native = self._native_here()
+        if native is not None:
+            return await native.transact(native.store.advance_tx(lease, to_state))
         return await self.call(lambda s: s.advance(lease, to_state))
 
     async def run_effect(
@@ -280,29 +413,38 @@ class AsyncStore:
         # The steps only look at on_doubt ("raise", "retry" or callable); the probe
         # itself, sync or async, is called here, on the loop.
         mode = cast(OnDoubt, on_doubt)
+        native = self._native_here()
+        if native is not None:
+            return await native.run_effect(
+                lease,
+                op,
+                fn,
+                extras=extras,
+                on_doubt=mode,
+                probe=on_doubt if callable(on_doubt) else None,
+            )
 
         def first() -> RunFn | Probe | _Done:
             steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=mode)
             held.append(steps)
             return _advance(steps, None, None)
 
-        thread = self._steps_thread()
         try:
-            step = await thread.call(first)
+            step = await self._step(first)
             steps = held[0]
             while not isinstance(step, _Done):
                 reply: object = None
                 error: BaseException | None = None
                 if isinstance(step, RunFn):
                     try:
-                        reply = await _awaited(fn(step.context), "fn")
+                        reply = await awaited_result(fn(step.context), "fn")
                     except Exception as exc:
                         error = exc  # the generator removes the start and re-raises it
                 else:
                     assert callable(on_doubt)
                     probed = on_doubt(step.info)
                     reply = await probed if inspect.isawaitable(probed) else probed
-                step = await thread.call(functools.partial(_advance, steps, reply, error))
+                step = await self._step(functools.partial(_advance, steps, reply, error))
             return step.value
         finally:
             # Stopped at a yield (cancelled, or the probe raised): close the generator
@@ -314,6 +456,12 @@ class AsyncStore:
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
     ) -> None:
         """See ``Store.fail``."""
+        native = self._native_here()
+        if native is not None:
+            await native.transact(
+                native.store.fail_tx(lease, error, retryable=retryable, delay=delay)
+            )
+            return
         await self.call(lambda s: s.fail(lease, error, retryable=retryable, delay=delay))
 
     async def cancel(self, job_id: str, reason: str) -> None:
@@ -370,15 +518,23 @@ class AsyncStore:
         return await self.call(lambda s: s.now())
 
 
-async def _awaited(result: Awaitable[JSON] | JSON, what: str) -> JSON:
-    if not inspect.isawaitable(result):
-        raise InvalidInput(
-            f"the async store's run_effect needs an async {what} (async def fn(ctx)), "
-            f"but it returned {type(result).__name__} instead of an awaitable; "
-            "use the sync store for a sync function"
-        )
-    done: JSON = await result
-    return done
+def _is_async(fn: object) -> bool:
+    """Whether calling ``fn`` makes a coroutine (a function or a callable object)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def _native_for(store: SteppedStore) -> NativePostgres | None:
+    """The native PostgreSQL path for ``store`` when it is a PostgreSQL store."""
+    # Only a PostgreSQL store can be one, and its module is loaded then: psycopg is an
+    # optional dependency that a SQLite user need not have.
+    module = sys.modules.get("impl.postgres.store")
+    if module is None or not isinstance(store, module.PostgresStore):
+        return None
+    from impl.aio.native import NativePostgres  # noqa: PLC0415
+
+    return NativePostgres(store)
 
 
 def open_store(
@@ -386,11 +542,14 @@ def open_store(
     *,
     clock: Clock | None = None,
     config: Config | None = None,
+    native: bool = True,
 ) -> AsyncStore:
     """The async face of ``impl.open_store``: ``async with open_store(target) as store:``.
 
     The store opens (creating and migrating if needed) on its own thread when the
-    ``async with`` block is entered; errors are ``impl.open_store``'s.
+    ``async with`` block is entered; errors are ``impl.open_store``'s. On PostgreSQL the
+    hot path runs on psycopg's async connections (:mod:`impl.aio.native`) unless
+    ``native=False``, which keeps every call on the store's threads.
     """
     text = os.fspath(target)
     postgres = isinstance(text, str) and text.startswith(("postgresql://", "postgres://"))
@@ -400,4 +559,4 @@ def open_store(
         # PostgreSQL's); the Store protocol does not promise it to other implementations.
         return cast(SteppedStore, open_sync_store(target, clock=clock, config=config))
 
-    return AsyncStore(make, threads=POSTGRES_THREADS if postgres else 1)
+    return AsyncStore(make, threads=POSTGRES_THREADS if postgres else 1, native=native)

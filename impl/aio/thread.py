@@ -20,6 +20,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -53,13 +54,7 @@ class StoreThread:
             item = self._queue.get()
             if item is None:
                 return
-            fn, future = item
-            try:
-                result = fn()
-            except BaseException as exc:  # a failpoint's crash travels to the caller too
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
+            _run_item(*item)
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Hand ``fn`` to a thread; its future holds the result or the exception."""
@@ -70,12 +65,7 @@ class StoreThread:
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the store's thread and return its result (see module doc)."""
-        waiter = asyncio.wrap_future(self.submit(fn))
-        try:
-            return await asyncio.shield(waiter)
-        except asyncio.CancelledError:
-            await _outlast(waiter)
-            raise
+        return await settled(self.submit(fn))
 
     def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn()`` on the store's thread and wait for it, from outside any loop."""
@@ -87,8 +77,73 @@ class StoreThread:
             self._queue.put(None)
 
 
-async def _outlast(waiter: asyncio.Future[T]) -> None:
-    """Wait until ``waiter`` is done, whatever cancellations arrive meanwhile."""
+async def settled(future: Future[T]) -> T:
+    """Await a step handed over as ``future``; a cancelled caller waits for the step to
+    end, then raises ``CancelledError`` (see module doc)."""
+    waiter = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(waiter)
+    except asyncio.CancelledError:
+        await outlast(waiter)
+        raise
+
+
+class SideQueue:
+    """Steps run by a thread that is busy inside another step, while it waits.
+
+    A prune hands each batch to a callback on the loop and waits for it with the batch's
+    transaction open; the calls that callback makes to the store must run inside the
+    prune, on the prune's thread, as a sync callback's calls do (a thread waiting for
+    its own callback cannot take them from the store's queue: that was a deadlock).
+    The waiting thread runs them (:meth:`serve_until`); once the callback is done the
+    queue closes and :meth:`submit` answers None, so a late caller goes to the store's
+    own queue.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = True
+        self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T] | None:
+        """Hand ``fn`` to the waiting thread; None once it stopped waiting."""
+        with self._lock:
+            if not self._open:
+                return None
+            future: Future[T] = Future()
+            future.set_running_or_notify_cancel()
+            self._queue.put((fn, future))  # type: ignore[arg-type]
+            return future
+
+    def serve_until(self, done: Future[object]) -> None:
+        """Run the steps handed over until ``done`` is done (call it on the waiting
+        thread), then close: steps already handed over still run, later ones do not come."""
+        done.add_done_callback(lambda _: self._queue.put(None))
+        while (item := self._queue.get()) is not None:
+            _run_item(*item)
+        with self._lock:
+            self._open = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _run_item(*item)
+
+
+def _run_item(fn: Callable[[], object], future: Future[object]) -> None:
+    try:
+        result = fn()
+    except BaseException as exc:  # a failpoint's crash travels to the caller too
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+async def outlast(waiter: asyncio.Future[T]) -> None:
+    """Wait until ``waiter`` is done, whatever cancellations arrive meanwhile (its result
+    or exception is dropped: the caller is cancelled already)."""
     while not waiter.done():
         try:
             await asyncio.shield(waiter)

@@ -2,25 +2,33 @@
 
 ``MODULE:ATTR`` names either a mapping of job kind to handler, or a callable that returns
 one (called with no arguments, so it can open clients before the worker starts). The
-current directory is importable, as with ``python -m``.
+current directory is importable, as with ``python -m``. Handlers that are all ``async def``
+run in an :class:`impl.aio.AsyncWorker` instead: ``--concurrency`` tasks on one event
+loop, over ``impl.aio``'s store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import click
 
+from impl.aio.store import POSTGRES_THREADS, AsyncStore
+from impl.aio.worker import AsyncHandler, AsyncWorker
 from impl.cli import exit as exits
 from impl.cli.session import Session, pass_session
 from impl.metrics import DEFAULT_HOST
 from impl.retention import Retention
-from impl.worker import Worker
+from impl.worker import RunReport, Worker
+from model.effectstep import SteppedStore
 from model.store import Store
 
 Handlers = dict[str, Callable[..., object]]
@@ -76,7 +84,8 @@ def load_handlers(spec: str) -> Handlers:
     default=1,
     show_default=True,
     metavar="N",
-    help="Jobs run at the same time (threads in this process).",
+    help="Jobs run at the same time (threads in this process; tasks on one event loop "
+    "when the handlers are async def).",
 )
 @click.option("--name", metavar="NAME", help="Worker name recorded on its leases.")
 @click.option(
@@ -112,13 +121,17 @@ def worker(
     MODULE:ATTR is a dict of job kind to handler, or a callable returning one. The
     worker runs until SIGTERM or Ctrl-C, which stop it after the current effect and
     release its lease (exit 130). With --until-idle it stops when no job is eligible
-    and exits 1 if jobs failed during the run. With `retention` set in the configuration
-    (e.g. `retention: 30d`), it also prunes finished jobs at start and every
+    and exits 1 if jobs failed during the run. Handlers that are all `async def` run as
+    tasks on one event loop (impl.aio.AsyncWorker). With `retention` set in the
+    configuration (e.g. `retention: 30d`), it also prunes finished jobs at start and every
     `retention_interval` seconds (see `jobledger prune`)."""
     handlers = load_handlers(handlers_spec)
+    run_async = _all_async(handlers_spec, handlers)
     with session.store(create=True) as store, _metrics(metrics_host, metrics_port):
         failed_before = _failed_ids(store, handlers)
-        runner = Worker(store, handlers, name=name, concurrency=concurrency)
+        runner: Worker | AsyncWorker | None = None
+        if not run_async:
+            runner = Worker(store, handlers, name=name, concurrency=concurrency)
         retention = Retention.from_config(store, session.config)
         pruner = None
         if retention is not None:
@@ -126,7 +139,12 @@ def worker(
             pruner = threading.Thread(target=retention.run, name="jobledger-retention")
             pruner.start()
         try:
-            report = runner.run(until_idle=until_idle)
+            if isinstance(runner, Worker):
+                report = runner.run(until_idle=until_idle)
+            else:
+                runner, report = asyncio.run(
+                    _run_async(session, handlers, name, concurrency, until_idle=until_idle)
+                )
         finally:
             if retention is not None and pruner is not None:
                 retention.stop()
@@ -145,6 +163,50 @@ def worker(
             f"{len(newly_failed)} job(s) failed; see `jobledger jobs --state FAILED`", err=True
         )
         raise click.exceptions.Exit(exits.FAILED_JOBS)
+
+
+def _is_async(handler: Callable[..., object]) -> bool:
+    """Whether calling ``handler`` makes a coroutine (``async def``, or such a __call__)."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004
+    )
+
+
+def _all_async(spec: str, handlers: Handlers) -> bool:
+    """True when every handler is ``async def``, False when none is.
+
+    Raises:
+        click.BadParameter: some are and some are not (one worker runs one kind).
+    """
+    kinds = {kind for kind, handler in handlers.items() if _is_async(handler)}
+    if not kinds:
+        return False
+    if len(kinds) == len(handlers):
+        return True
+    raise click.BadParameter(
+        f"{spec}: the handlers of {sorted(kinds)} are async def and those of "
+        f"{sorted(set(handlers) - kinds)} are not; a worker runs either kind, not both: "
+        "name each kind's handlers in its own MODULE:ATTR and run a worker for each",
+        param_hint="MODULE:ATTR",
+    )
+
+
+async def _run_async(
+    session: Session, handlers: Handlers, name: str | None, concurrency: int, *, until_idle: bool
+) -> tuple[AsyncWorker, RunReport]:
+    """Open an async store on the session's target, run an AsyncWorker, close the store."""
+    target = session.target
+    postgres = target.startswith(("postgresql://", "postgres://"))
+    astore = AsyncStore(
+        # Every store the session opens has effect_steps (impl.aio needs them).
+        lambda: cast(SteppedStore, session.opener(target, session.config)),
+        threads=POSTGRES_THREADS if postgres else 1,
+    )
+    async with astore:
+        # _all_async checked that each handler is async def.
+        coroutines = cast("dict[str, AsyncHandler]", handlers)
+        runner = AsyncWorker(astore, coroutines, name=name, concurrency=concurrency)
+        return runner, await runner.run(until_idle=until_idle)
 
 
 @contextmanager

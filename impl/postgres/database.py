@@ -35,7 +35,6 @@ trigger's refusal :class:`IllegalTransition`.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +49,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
+from impl.postgres import steps
 from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
@@ -58,6 +58,7 @@ from impl.postgres.schema import (
     recorded_version,
     set_search_path,
 )
+from impl.postgres.steps import Op, Steps, Transaction
 from model.clock import Clock
 from model.config import Config
 from model.errors import (
@@ -79,7 +80,7 @@ CONNECT_TIMEOUT = 10
 """Seconds to wait for a new connection to the server."""
 TX_ATTEMPTS = 5
 """How many times a transaction runs at most when the server asks for a re-run."""
-_RETRY_PAUSE = 0.02
+RETRY_PAUSE = 0.02
 
 _CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
 
@@ -161,19 +162,38 @@ class Tx:
         detail: Mapping[str, Detail] | None = None,
     ) -> None:
         """Append ``event`` to the job's history at this transaction's ``now``."""
-        facts = dict(detail or {})
-        row = self.one(
-            q.LOG,
-            {
-                "job_id": job_id,
-                "event": event.value,
-                "token": token,
-                "worker": worker,
-                "detail": json.dumps(facts, sort_keys=True),
-            },
-        )
-        assert row is not None
-        self.events.append(HistoryEvent(job_id, row["at"], event, token, worker, facts))
+        self.drive(steps.log(job_id, event, token=token, worker=worker, detail=detail))
+
+    def drive(self, body: Steps[T]) -> T:
+        """Run a body written as steps (:mod:`impl.postgres.steps`) in this transaction."""
+        try:
+            op = next(body)
+            while True:
+                try:
+                    reply = self.execute(op)
+                except BaseException as exc:
+                    op = body.throw(exc)
+                else:
+                    op = body.send(reply)
+        except StopIteration as stop:
+            done: T = stop.value
+            return done
+
+    def execute(self, op: Op) -> object:
+        """Answer one step's request (see :meth:`drive`)."""
+        if isinstance(op, steps.One):
+            return self.one(op.query, op.params)
+        if isinstance(op, steps.All):
+            return self.all(op.query, op.params)
+        if isinstance(op, steps.Run):
+            return self.run(op.query, op.params)
+        if isinstance(op, steps.Now):
+            return self.now
+        if isinstance(op, steps.Logged):
+            self.logged(op.event)
+            return None
+        self.announce(op.kind, later=op.later)
+        return None
 
     def logged(self, event: HistoryEvent) -> None:
         """Note a history entry that a statement appended by itself (for telemetry)."""
@@ -212,7 +232,7 @@ def translate(exc: psycopg.Error, what: str, *, stage: str = "") -> JobledgerErr
         )
     if isinstance(exc, psycopg.DataError) or state.startswith("22"):
         return InvalidInput(f"{what}: PostgreSQL cannot store a value ({text}); pass a smaller one")
-    if _lost(exc):
+    if lost(exc):
         outcome = (
             "it may or may not have been committed: read the job before acting on it"
             if stage == "commit"
@@ -241,7 +261,8 @@ def read_schema_version(url: str, schema: str) -> int:
         raise translate(exc, f"read the schema version at {describe(url)}") from exc
 
 
-def _lost(exc: psycopg.Error) -> bool:
+def lost(exc: psycopg.Error) -> bool:
+    """Whether ``exc`` means the connection is gone (shared with impl.postgres.asyncdb)."""
     state = exc.sqlstate or ""
     if state:
         return state.startswith(_CONNECTION_LOST)
@@ -249,10 +270,11 @@ def _lost(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
-def _retryable(exc: psycopg.Error, stage: str) -> bool:
+def retryable(exc: psycopg.Error, stage: str) -> bool:
+    """Whether a transaction that raised ``exc`` at ``stage`` may simply run again."""
     if isinstance(exc, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected):
         return stage != "commit"
-    return _lost(exc) and stage in ("begin", "read")
+    return lost(exc) and stage in ("begin", "read")
 
 
 def _began(control: psycopg.Cursor[TupleRow]) -> bool:
@@ -345,6 +367,10 @@ class Database:
         failpoint.hit(f"{op}.after_commit")
         return out
 
+    def transact(self, transaction: Transaction[T]) -> T:
+        """Run a writing transaction written as steps (shared with the async face)."""
+        return self.write(transaction.op, lambda tx: tx.drive(transaction.body()))
+
     def read(self, what: str, body: Callable[[Tx], T]) -> T:
         """Run ``body`` in a read-only snapshot transaction."""
         return self._run(what, body, read_only=True)
@@ -417,11 +443,11 @@ class Database:
             except psycopg.Error as exc:
                 if stage == "begin" and control is not None and _began(control):
                     stage = "body"  # BEGIN was answered: the loss came inside the body
-                if attempt < TX_ATTEMPTS and _retryable(exc, stage):
-                    if _lost(exc):
+                if attempt < TX_ATTEMPTS and retryable(exc, stage):
+                    if lost(exc):
                         # One dead session usually means all idle ones died with it (a
                         # server restart): drop them now instead of one per attempt.
                         self._pool.check()
-                    time.sleep(_RETRY_PAUSE * attempt * (1 + random.random()))
+                    time.sleep(RETRY_PAUSE * attempt * (1 + random.random()))
                     continue
                 raise translate(exc, what, stage=stage) from exc

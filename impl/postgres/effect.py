@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from typing import Any, cast
 
 from attrs import frozen
 
 from impl import failpoint
 from impl.postgres import queries as q
-from impl.postgres.database import Database, Tx
+from impl.postgres import steps
+from impl.postgres.database import Database
 from impl.postgres.rows import locked_job, plain
+from impl.postgres.steps import Steps, Transaction
 from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, run_steps
 from model.errors import (
@@ -53,6 +56,10 @@ class _Begun:
     doubt: DoubtInfo | None = None
 
 
+EffectFlow = Generator["Transaction[Any] | RunFn | Probe", object, JSON]
+"""``run_effect`` with its transactions yielded too (:meth:`EffectRunner.flow`)."""
+
+
 @frozen
 class EffectRunner:
     """Runs effects for one store against its database."""
@@ -82,9 +89,54 @@ class EffectRunner:
     ) -> EffectSteps:
         """``run_effect`` as durable steps (:mod:`model.effectstep`); each step is one
         transaction on a pooled connection, so any thread may drive any step."""
+        return self._sync(self.flow(lease, op, extras=extras, on_doubt=on_doubt))
+
+    def _sync(self, flow: EffectFlow) -> EffectSteps:
+        """Run the flow's transactions here (blocking), hand its user code up."""
+        reply: object = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    step = flow.throw(error) if error is not None else flow.send(reply)
+                except StopIteration as stop:
+                    done: JSON = stop.value
+                    return done
+                reply, error = None, None
+                if isinstance(step, Transaction):
+                    try:
+                        reply = self.db.transact(step)
+                    except BaseException as exc:  # raised in the flow, where it was asked
+                        error = exc
+                else:
+                    try:
+                        reply = yield step
+                    except Exception as exc:  # fn's own exception (model.effectstep)
+                        error = exc
+        finally:
+            flow.close()
+
+    def flow(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectFlow:
+        """``run_effect`` as a flow that yields its transactions too (as
+        :class:`Transaction`, to be run and answered) besides the user code to run
+        (:class:`RunFn`, :class:`Probe`): the sync store runs them blocking
+        (:meth:`steps`), ``impl.aio`` awaits them on psycopg's async connections."""
         check_on_doubt(on_doubt)
-        begun = self.db.write(
-            "effect_start", lambda tx: self._begin(tx, lease, op, extras, on_doubt, probe=True)
+        begun = cast(
+            _Begun,
+            (
+                yield Transaction(
+                    "effect_start",
+                    lambda: self._begin(lease, op, extras, on_doubt, probe=True),
+                )
+            ),
         )
         if begun.doubt is not None and callable(on_doubt):
             # The probe is user code: it runs between transactions, never inside one.
@@ -95,13 +147,19 @@ class EffectRunner:
                     limit=self.config.result_limit,
                     depth_limit=self.config.json_depth_limit,
                 )
-                return self.db.write(
+                recorded = yield Transaction(
                     "effect_record",
-                    lambda tx: self._record(tx, lease, begun.context, text, probed=True),
+                    lambda: self._record(lease, begun.context, text, probed=True),
                 )
-            begun = self.db.write(
-                "effect_start",
-                lambda tx: self._begin(tx, lease, op, extras, on_doubt, probe=False),
+                return cast("JSON", recorded)
+            begun = cast(
+                _Begun,
+                (
+                    yield Transaction(
+                        "effect_start",
+                        lambda: self._begin(lease, op, extras, on_doubt, probe=False),
+                    )
+                ),
             )
         if begun.replay:
             return begun.result
@@ -110,7 +168,10 @@ class EffectRunner:
         try:
             result = yield RunFn(ctx)
         except Exception:
-            self._abort(ctx)
+            # The caller must see fn's own exception; a start we could not remove stays
+            # behind and is reported in doubt once this lease is dead, which is safe.
+            with contextlib.suppress(StorageError):
+                yield Transaction("effect_abort", lambda: self._abort(ctx))
             raise
         failpoint.hit("effect.before_record")
         try:
@@ -120,34 +181,33 @@ class EffectRunner:
                 depth_limit=self.config.json_depth_limit,
             )
         except EffectResultError:
-            self.db.write("effect_record", lambda tx: self._unrecordable(tx, lease, ctx))
+            yield Transaction("effect_record", lambda: self._unrecordable(lease, ctx))
             raise
-        out = self.db.write(
-            "effect_record", lambda tx: self._record(tx, lease, ctx, text, probed=False)
+        out = yield Transaction(
+            "effect_record", lambda: self._record(lease, ctx, text, probed=False)
         )
         failpoint.hit("effect.after_record")
-        return out
+        return cast("JSON", out)
 
     def _begin(
         self,
-        tx: Tx,
         lease: Lease,
         op: str,
         extras: Mapping[str, Scalar] | None,
         on_doubt: OnDoubt,
         *,
         probe: bool,
-    ) -> _Begun:
-        fast = self._start_fast(tx, lease, op, extras)
+    ) -> Steps[_Begun]:
+        fast = yield from self._start_fast(lease, op, extras)
         if fast is not None:
             return fast
-        lease, row = locked_job(tx, lease, "run_effect")
+        lease, row = yield from locked_job(lease, "run_effect")
         job_id = row["job_id"]
         key = op_key(job_id, op, extras)
         ctx = EffectContext(
             job_id=job_id, op=op, op_key=key, token=row["token"], attempt=row["attempts"]
         )
-        found = tx.one(q.EFFECT_FOR_UPDATE, {"op_key": key})
+        found = yield from steps.one(q.EFFECT_FOR_UPDATE, {"op_key": key})
         if found is not None and found["status"] == EffectStatus.DONE:
             return _Begun(ctx, replay=True, result=json.loads(found["result"]))
         if found is not None:
@@ -163,7 +223,7 @@ class EffectRunner:
                     started_by=found["started_by"],
                 )
                 return _Begun(ctx, doubt=doubt)
-            tx.log(
+            yield from steps.log(
                 job_id,
                 Event.EFFECT_IN_DOUBT,
                 token=row["token"],
@@ -171,19 +231,19 @@ class EffectRunner:
                 detail={"op": op},
             )
         ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
-        tx.one(
+        yield from steps.one(
             q.EFFECT_START,
             {
                 "op_key": key,
                 "job_id": job_id,
                 "op": op,
                 "extras": ext,
-                "now": tx.now,
+                "now": (yield from steps.now()),
                 "token": row["token"],
                 "worker": lease.worker,
             },
         )
-        tx.log(
+        yield from steps.log(
             job_id,
             Event.EFFECT_STARTED,
             token=row["token"],
@@ -193,8 +253,8 @@ class EffectRunner:
         return _Begun(ctx)
 
     def _start_fast(
-        self, tx: Tx, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
-    ) -> _Begun | None:
+        self, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
+    ) -> Steps[_Begun | None]:
         """Record the first start of an op key in one statement; None when that is not it.
 
         None (the general code then decides, in the same transaction) when the lease or
@@ -208,7 +268,7 @@ class EffectRunner:
             ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
         except (JobledgerError, ValueError, TypeError):
             return None  # the general code raises it, after the lease check as ever
-        row = tx.one(
+        row = yield from steps.one(
             q.EFFECT_START_NOW,
             {
                 "job_id": lease.job_id,
@@ -222,7 +282,7 @@ class EffectRunner:
         )
         if row is None or row["started_at"] is None:
             return None
-        tx.logged(
+        yield from steps.logged(
             HistoryEvent(
                 lease.job_id,
                 row["started_at"],
@@ -237,9 +297,9 @@ class EffectRunner:
         )
         return _Begun(ctx)
 
-    def _record_fast(self, tx: Tx, lease: Lease, ctx: EffectContext, text: str) -> bool:
+    def _record_fast(self, lease: Lease, ctx: EffectContext, text: str) -> Steps[bool]:
         """Record the result, fenced, in one statement; False when the fence refused it."""
-        done = tx.one(
+        done = yield from steps.one(
             q.EFFECT_RECORD_NOW,
             {
                 "job_id": ctx.job_id,
@@ -252,7 +312,7 @@ class EffectRunner:
         )
         if done is None:
             return False
-        tx.logged(
+        yield from steps.logged(
             HistoryEvent(
                 ctx.job_id,
                 done["finished_at"],
@@ -264,24 +324,24 @@ class EffectRunner:
         )
         return True
 
-    def _record(self, tx: Tx, lease: Lease, ctx: EffectContext, text: str, *, probed: bool) -> JSON:
-        if not probed and plain(lease) and self._record_fast(tx, lease, ctx, text):
+    def _record(self, lease: Lease, ctx: EffectContext, text: str, *, probed: bool) -> Steps[JSON]:
+        if not probed and plain(lease) and (yield from self._record_fast(lease, ctx, text)):
             return json.loads(text)  # type: ignore[no-any-return]
-        lease, row = locked_job(tx, lease, "run_effect")
+        lease, row = yield from locked_job(lease, "run_effect")
         if probed:
-            tx.log(
+            yield from steps.log(
                 ctx.job_id,
                 Event.EFFECT_IN_DOUBT,
                 token=row["token"],
                 worker=lease.worker,
                 detail={"op": ctx.op},
             )
-        done = tx.one(
+        done = yield from steps.one(
             q.EFFECT_RECORD,
             {
                 "op_key": ctx.op_key,
                 "result": text,
-                "now": tx.now,
+                "now": (yield from steps.now()),
                 "job_id": ctx.job_id,
                 "token": row["token"],
             },
@@ -289,7 +349,7 @@ class EffectRunner:
         if done is None:
             # Only a holder of this same token could have recorded or removed it meanwhile.
             raise LeaseLost(ctx.job_id, lease.token, row["token"], "the effect was taken over")
-        tx.log(
+        yield from steps.log(
             ctx.job_id,
             Event.EFFECT_RECORDED,
             token=row["token"],
@@ -298,13 +358,13 @@ class EffectRunner:
         )
         return json.loads(text)  # type: ignore[no-any-return]
 
-    def _unrecordable(self, tx: Tx, lease: Lease, ctx: EffectContext) -> None:
-        marked = tx.one(q.EFFECT_TO_DOUBT, {"op_key": ctx.op_key, "token": ctx.token})
+    def _unrecordable(self, lease: Lease, ctx: EffectContext) -> Steps[None]:
+        marked = yield from steps.one(q.EFFECT_TO_DOUBT, {"op_key": ctx.op_key, "token": ctx.token})
         if marked is None:
             return
-        job = tx.one(q.JOB, {"job_id": ctx.job_id})
+        job = yield from steps.one(q.JOB, {"job_id": ctx.job_id})
         assert job is not None
-        tx.log(
+        yield from steps.log(
             ctx.job_id,
             Event.EFFECT_IN_DOUBT,
             token=job["token"],
@@ -312,11 +372,5 @@ class EffectRunner:
             detail={"op": ctx.op},
         )
 
-    def _abort(self, ctx: EffectContext) -> None:
-        # The caller must see fn's own exception; a start we could not remove stays
-        # behind and is reported in doubt once this lease is dead, which is safe.
-        with contextlib.suppress(StorageError):
-            self.db.write(
-                "effect_abort",
-                lambda tx: tx.run(q.EFFECT_ABORT, {"op_key": ctx.op_key, "token": ctx.token}),
-            )
+    def _abort(self, ctx: EffectContext) -> Steps[int]:
+        return (yield from steps.run(q.EFFECT_ABORT, {"op_key": ctx.op_key, "token": ctx.token}))

@@ -9,7 +9,8 @@ NOTHING`` makes concurrent planners of one key agree on one row.
 from __future__ import annotations
 
 from impl.postgres import queries as q
-from impl.postgres.database import Tx
+from impl.postgres import steps
+from impl.postgres.steps import Steps
 from model.errors import IdempotencyConflict
 from model.key import canon, check_scalars, job_key
 from model.record import Event, Plan
@@ -18,8 +19,8 @@ from model.workflow import Workflow
 
 
 def plan_items(
-    tx: Tx, flow: Workflow, items: list[Plan], *, max_attempts: int, depth_limit: int
-) -> list[str]:
+    flow: Workflow, items: list[Plan], *, max_attempts: int, depth_limit: int
+) -> Steps[list[str]]:
     """Plan ``items`` of workflow ``flow``; return their ids in item order.
 
     Args:
@@ -56,12 +57,12 @@ def plan_items(
         }
         if jid in pruned:
             pass  # an earlier item of this batch found the key's tombstone
-        elif tx.one(q.INSERT_JOB, params) is not None:
+        elif (yield from steps.one(q.INSERT_JOB, params)) is not None:
             inserted.append(jid)
             # A given run_at may lie ahead: waiters read when it is due.
-            tx.announce(kind, later=item.run_at is not None)
+            yield from steps.announce(kind, later=item.run_at is not None)
         else:
-            row = tx.one(q.JOB_PAYLOAD, {"job_id": jid})
+            row = yield from steps.one(q.JOB_PAYLOAD, {"job_id": jid})
             if row is None:
                 # No row, and the insert did nothing: the key has a tombstone (its job
                 # was pruned), which keeps it planned and cannot conflict.
@@ -76,10 +77,11 @@ def plan_items(
     if inserted:
         # A prune that committed while an insert waited on the row it deleted: its
         # tombstone was not in the insert's snapshot, so look again in a fresh one.
-        late = {r["job_id"] for r in tx.all(q.PRUNED_AMONG, {"ids": inserted})}
+        rows = yield from steps.all_rows(q.PRUNED_AMONG, {"ids": inserted})
+        late = {r["job_id"] for r in rows}
         if late:
-            tx.run(q.UNPLAN, {"ids": sorted(late)})
+            yield from steps.run(q.UNPLAN, {"ids": sorted(late)})
         for jid in inserted:
             if jid not in late:
-                tx.log(jid, Event.PLANNED, token=0, worker=None)
+                yield from steps.log(jid, Event.PLANNED, token=0, worker=None)
     return ids

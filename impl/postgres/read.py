@@ -21,7 +21,7 @@ def job_row(tx: Tx, job_id: str, *, lock: bool = False) -> DictRow:
     query = q.JOB_FOR_UPDATE if lock else q.JOB
     row = tx.one(query, {"job_id": job_id}) if isinstance(job_id, str) else None
     if row is None:
-        raise missing_job(tx, job_id)
+        raise tx.drive(missing_job(job_id))
     return row
 
 

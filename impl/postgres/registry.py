@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 
 from impl.postgres import queries as q
+from impl.postgres import steps
 from impl.postgres.database import Tx
+from impl.postgres.steps import Steps
 from model.errors import UnknownWorkflow, WorkflowConflict
 from model.key import canon
 from model.workflow import Workflow
@@ -30,7 +32,11 @@ class Registry:
         self._known: dict[str, Workflow] = {}
 
     def get(self, tx: Tx, kind: str) -> Workflow:
-        """Return the workflow named ``kind``.
+        """Return the workflow named ``kind`` (in a plain transaction body)."""
+        return tx.drive(self.lookup(kind))
+
+    def lookup(self, kind: str) -> Steps[Workflow]:
+        """Return the workflow named ``kind`` (in a body written as steps).
 
         Raises:
             UnknownWorkflow: naming the registered workflows.
@@ -38,9 +44,10 @@ class Registry:
         flow = self._known.get(kind)
         if flow is not None:
             return flow
-        row = tx.one(q.WORKFLOW, {"name": kind}) if isinstance(kind, str) else None
+        row = (yield from steps.one(q.WORKFLOW, {"name": kind})) if isinstance(kind, str) else None
         if row is None:
-            names = [w.name for w in stored(tx)]
+            rows = yield from steps.all_rows(q.WORKFLOWS)
+            names = [Workflow.from_definition(json.loads(r["definition"])).name for r in rows]
             raise UnknownWorkflow(
                 f"no workflow named {kind!r} is registered; known: {names}; call "
                 "store.register(Workflow(...)) first"

@@ -12,7 +12,8 @@ from typing import Any
 from psycopg.rows import DictRow
 
 from impl.postgres import queries as q
-from impl.postgres.database import Tx
+from impl.postgres import steps
+from impl.postgres.steps import Steps
 from model.errors import InvalidInput, JobPruned, LeaseLost, UnknownJob
 from model.record import (
     EffectInfo,
@@ -141,7 +142,7 @@ def history_event(row: DictRow) -> HistoryEvent:
     )
 
 
-def locked_job(tx: Tx, lease: object, op: str) -> tuple[Lease, DictRow]:
+def locked_job(lease: object, op: str) -> Steps[tuple[Lease, DictRow]]:
     """Lock the job ``lease`` names and return both after the lease check.
 
     Raises:
@@ -151,19 +152,21 @@ def locked_job(tx: Tx, lease: object, op: str) -> tuple[Lease, DictRow]:
     """
     if not isinstance(lease, Lease):
         raise InvalidInput(f"{op} needs a Lease from lease_next, got {type(lease).__name__}")
-    row = tx.one(q.JOB_FOR_UPDATE, {"job_id": lease.job_id})
+    row = yield from steps.one(q.JOB_FOR_UPDATE, {"job_id": lease.job_id})
     if row is None:
-        missing = missing_job(tx, lease.job_id)
+        missing = yield from missing_job(lease.job_id)
         if isinstance(missing, JobPruned):
             raise LeaseLost(lease.job_id, lease.token, None, PRUNED_REASON, op)
         raise missing
-    return check_lease(lease, row, tx.now, op), row
+    return check_lease(lease, row, (yield from steps.now()), op), row
 
 
-def missing_job(tx: Tx, job_id: object) -> UnknownJob:
+def missing_job(job_id: object) -> Steps[UnknownJob]:
     """The error for a job id with no row: :class:`JobPruned` when a tombstone says it
     was pruned, else :class:`UnknownJob`."""
-    stone = tx.one(q.TOMBSTONE, {"job_id": job_id}) if isinstance(job_id, str) else None
+    stone = (
+        (yield from steps.one(q.TOMBSTONE, {"job_id": job_id})) if isinstance(job_id, str) else None
+    )
     if stone is None:
         return UnknownJob(job_id)  # type: ignore[arg-type]
     return JobPruned(

@@ -258,8 +258,13 @@ def lock_key(schema: str) -> int:
 
 def set_search_path(conn: psycopg.Connection[TupleRow], schema: str, *, local: bool) -> None:
     """Point unqualified names at ``schema`` for the session (or this transaction)."""
+    conn.execute(search_path(schema, local=local))
+
+
+def search_path(schema: str, *, local: bool) -> sql.Composed:
+    """The statement that points unqualified names at ``schema`` (see set_search_path)."""
     stmt = "SET LOCAL search_path TO {}" if local else "SET search_path TO {}"
-    conn.execute(sql.SQL(stmt).format(sql.Identifier(schema)))
+    return sql.SQL(stmt).format(sql.Identifier(schema))
 
 
 def recorded_version(conn: psycopg.Connection[TupleRow], schema: str) -> int:

@@ -30,14 +30,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from psycopg.rows import DictRow
 
-from impl.postgres import pickup, read, retention, rollup
+from impl.postgres import pickup, read, retention, rollup, steps
 from impl.postgres import queries as q
 from impl.postgres.database import CONNECT_TIMEOUT, Database, Tx, read_schema_version
-from impl.postgres.effect import EffectRunner
+from impl.postgres.effect import EffectFlow, EffectRunner
 from impl.postgres.plan import plan_items
 from impl.postgres.registry import Registry, stored
 from impl.postgres.rows import history_event, job_info, lease_of, locked_job, plain
 from impl.postgres.schema import check_not_newer, pending
+from impl.postgres.steps import Steps, Transaction
 from model.clock import Clock
 from model.config import Config
 from model.effectstep import EffectSteps
@@ -118,6 +119,12 @@ class PostgresStore:
             self._db.close()
             raise
 
+    @property
+    def url(self) -> str:
+        """The connection URL this store was opened with (``impl.aio`` opens its async
+        pool with it)."""
+        return self._db.url
+
     def __enter__(self) -> PostgresStore:
         return self
 
@@ -181,22 +188,36 @@ class PostgresStore:
         item = Plan(
             identity, payload=payload, priority=priority, max_attempts=max_attempts, run_at=run_at
         )
-        return self._db.write("plan", lambda tx: self._plan(tx, kind, [item]))[0]
+        return self._db.transact(self.plan_tx("plan", kind, [item]))[0]
 
     def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """Plan many jobs in one transaction, all or nothing; return ids in item order."""
         plans = [i if isinstance(i, Plan) else Plan(i) for i in items]
-        return self._db.write("plan_many", lambda tx: self._plan(tx, kind, plans))
+        return self._db.transact(self.plan_tx("plan_many", kind, plans))
 
-    def _plan(self, tx: Tx, kind: str, items: list[Plan]) -> list[str]:
-        flow = self._flows.get(tx, kind)
-        return plan_items(
-            tx,
-            flow,
-            items,
-            max_attempts=self.config.max_attempts,
-            depth_limit=self.config.json_depth_limit,
-        )
+    # -- the hot path's transactions, written once as steps ------------------------
+    #
+    # Each ``*_tx`` checks its arguments and returns the transaction as steps
+    # (impl.postgres.steps): this store runs it on a pooled connection in the calling
+    # thread (Database.transact), impl.aio natively on psycopg's async connections
+    # (impl.postgres.asyncdb.AsyncDatabase.transact). One body, so the faces agree.
+
+    def plan_tx(self, op: str, kind: str, items: list[Plan]) -> Transaction[list[str]]:
+        """``plan`` (op "plan") or ``plan_many`` (op "plan_many") as steps."""
+        self._db.check_open()
+
+        def body() -> Steps[list[str]]:
+            flow = yield from self._flows.lookup(kind)
+            return (
+                yield from plan_items(
+                    flow,
+                    items,
+                    max_attempts=self.config.max_attempts,
+                    depth_limit=self.config.json_depth_limit,
+                )
+            )
+
+        return Transaction(op, body)
 
     # -- leases --------------------------------------------------------------------
 
@@ -209,6 +230,12 @@ class PostgresStore:
         Claims skip rows other workers are locking, so concurrent callers never wait on
         each other and never get the same job.
         """
+        return self._db.transact(self.lease_next_tx(worker, ttl=ttl, kinds=kinds))
+
+    def lease_next_tx(
+        self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
+    ) -> Transaction[Lease | None]:
+        """``lease_next`` as steps (see :meth:`plan_tx`)."""
         self._db.check_open()
         if not isinstance(worker, str) or not worker:
             raise InvalidInput(f"worker must be a non-empty str, got {worker!r}")
@@ -219,16 +246,16 @@ class PostgresStore:
             raise InvalidInput(f"kinds must be a list of kinds, got the str {kinds!r}")
         wanted = None if kinds is None else list(kinds)
 
-        def body(tx: Tx) -> Lease | None:
+        def body() -> Steps[Lease | None]:
             claim = q.CLAIM_ANY if wanted is None else q.CLAIM_OF_KINDS
             params = {"kinds": wanted, "worker": worker, "ttl": float(seconds)}
             while True:
-                found = tx.one(claim, params)
+                found = yield from steps.one(claim, params)
                 if found is None:
                     return None
                 if found["job_id"] is not None:
                     if found["old_worker"] is not None:
-                        tx.logged(
+                        yield from steps.logged(
                             HistoryEvent(
                                 found["job_id"],
                                 found["updated_at"],
@@ -237,7 +264,7 @@ class PostgresStore:
                                 found["old_worker"],
                             )
                         )
-                    tx.logged(
+                    yield from steps.logged(
                         HistoryEvent(
                             found["job_id"],
                             found["updated_at"],
@@ -248,25 +275,28 @@ class PostgresStore:
                     )
                     return lease_of(found)
                 # The candidate has no attempts left (it is locked by this transaction).
-                row = tx.one(q.JOB, {"job_id": found["candidate"]})
+                row = yield from steps.one(q.JOB, {"job_id": found["candidate"]})
                 assert row is not None, "the candidate is locked by this transaction"
+                now = yield from steps.now()
                 if row["lease_worker"] is not None:
-                    tx.log(
+                    yield from steps.log(
                         row["job_id"], Event.EXPIRED, token=row["token"], worker=row["lease_worker"]
                     )
-                    tx.run(q.CLEAR_EXPIRED_LEASE, {**_key(row), "now": tx.now})
+                    yield from steps.run(q.CLEAR_EXPIRED_LEASE, {**_key(row), "now": now})
                 if row["attempts"] >= row["max_attempts"]:
-                    self._exhaust(tx, row)
+                    yield from self._exhaust(row)
                     continue
-                granted = tx.one(
+                granted = yield from steps.one(
                     q.GRANT,
-                    {**_key(row), "worker": worker, "expires_at": tx.now + seconds, "now": tx.now},
+                    {**_key(row), "worker": worker, "expires_at": now + seconds, "now": now},
                 )
                 assert granted is not None, "the row is locked by this transaction"
-                tx.log(granted["job_id"], Event.LEASED, token=granted["token"], worker=worker)
+                yield from steps.log(
+                    granted["job_id"], Event.LEASED, token=granted["token"], worker=worker
+                )
                 return lease_of(granted)
 
-        return self._db.write("lease_next", body)
+        return Transaction("lease_next", body)
 
     def wait_for_work(
         self,
@@ -301,26 +331,35 @@ class PostgresStore:
             stop=stop,
         )
 
-    def _exhaust(self, tx: Tx, row: DictRow) -> None:
-        flow = self._flows.get(tx, row["kind"])
+    def _exhaust(self, row: DictRow) -> Steps[None]:
+        flow = yield from self._flows.lookup(row["kind"])
         error = exhausted_message(row["attempts"], row["max_attempts"])
-        tx.run(q.ENTER_FAILED, {**_key(row), "failed": flow.failed, "error": error, "now": tx.now})
-        tx.log(
+        now = yield from steps.now()
+        yield from steps.run(
+            q.ENTER_FAILED, {**_key(row), "failed": flow.failed, "error": error, "now": now}
+        )
+        yield from steps.log(
             row["job_id"], Event.FAILED, token=row["token"], worker=None, detail={"error": error}
         )
 
     def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         """Extend the live lease to now + ttl (the default TTL when None)."""
+        return self._db.transact(self.renew_tx(lease, ttl=ttl))
+
+    def renew_tx(self, lease: Lease, *, ttl: float | None = None) -> Transaction[Lease]:
+        """``renew`` as steps (see :meth:`plan_tx`)."""
         self._db.check_open()
         seconds = check_seconds(
             self.config.lease_ttl if ttl is None else ttl, name="ttl", positive=True
         )
 
-        def body(tx: Tx) -> Lease:
+        def body() -> Steps[Lease]:
             if plain(lease):
-                fast = tx.one(q.RENEW_NOW, {**_fence_now(lease), "ttl": float(seconds)})
+                fast = yield from steps.one(
+                    q.RENEW_NOW, {**_fence_now(lease), "ttl": float(seconds)}
+                )
                 if fast is not None:
-                    tx.logged(
+                    yield from steps.logged(
                         HistoryEvent(
                             fast["job_id"],
                             fast["updated_at"],
@@ -330,35 +369,46 @@ class PostgresStore:
                         )
                     )
                     return lease_of(fast)
-            lease_, row = locked_job(tx, lease, "renew")
-            renewed = tx.one(q.RENEW, {**_fence(tx, lease_), "expires_at": tx.now + seconds})
+            lease_, row = yield from locked_job(lease, "renew")
+            now = yield from steps.now()
+            renewed = yield from steps.one(
+                q.RENEW, {**_fence_at(lease_, now), "expires_at": now + seconds}
+            )
             _fenced(renewed, lease_, row, "renew")
             assert renewed is not None
-            tx.log(row["job_id"], Event.RENEWED, token=row["token"], worker=renewed["lease_worker"])
+            yield from steps.log(
+                row["job_id"], Event.RENEWED, token=row["token"], worker=renewed["lease_worker"]
+            )
             return lease_of(renewed)
 
-        return self._db.write("renew", body)
+        return Transaction("renew", body)
 
     def release(self, lease: Lease, *, delay: float = 0.0, reason: str | None = None) -> None:
         """Give the job back unfinished; the attempt is returned, eligible after ``delay``.
 
         ``reason`` is kept in the history entry's detail (``{"reason": ...}``).
         """
+        self._db.transact(self.release_tx(lease, delay=delay, reason=reason))
+
+    def release_tx(
+        self, lease: Lease, *, delay: float = 0.0, reason: str | None = None
+    ) -> Transaction[None]:
+        """``release`` as steps (see :meth:`plan_tx`)."""
         self._db.check_open()
         seconds = check_seconds(delay, name="delay")
         if reason is not None:
             check_text(reason, name="release reason")
         detail = {"reason": reason} if reason is not None else None
 
-        def body(tx: Tx) -> None:
+        def body() -> Steps[None]:
             # The one-statement path logs an empty detail; a reason takes the general path.
             if plain(lease) and detail is None:
-                fast = tx.one(
+                fast = yield from steps.one(
                     q.RELEASE_NOW,
                     {**_fence_now(lease), "worker": lease.worker, "delay": float(seconds)},
                 )
                 if fast is not None:
-                    tx.logged(
+                    yield from steps.logged(
                         HistoryEvent(
                             fast["job_id"],
                             fast["updated_at"],
@@ -367,21 +417,24 @@ class PostgresStore:
                             lease.worker,
                         )
                     )
-                    tx.announce(lease.kind, later=seconds > 0)
+                    yield from steps.announce(lease.kind, later=seconds > 0)
                     return
-            lease_, row = locked_job(tx, lease, "release")
-            done = tx.one(q.RELEASE, {**_fence(tx, lease_), "run_at": tx.now + seconds})
+            lease_, row = yield from locked_job(lease, "release")
+            now = yield from steps.now()
+            done = yield from steps.one(
+                q.RELEASE, {**_fence_at(lease_, now), "run_at": now + seconds}
+            )
             _fenced(done, lease_, row, "release")
-            tx.log(
+            yield from steps.log(
                 row["job_id"],
                 Event.RELEASED,
                 token=row["token"],
                 worker=row["lease_worker"],
                 detail=detail,
             )
-            tx.announce(row["kind"], later=seconds > 0)
+            yield from steps.announce(row["kind"], later=seconds > 0)
 
-        self._db.write("release", body)
+        return Transaction("release", body)
 
     def advance(self, lease: Lease, to_state: str) -> bool:
         """Follow one declared edge to ``to_state``; False for a state already reached.
@@ -391,13 +444,17 @@ class PostgresStore:
             IllegalTransition: ``to_state`` is unknown, the failed state, or not reachable
                 by one declared edge from the current state.
         """
+        return self._db.transact(self.advance_tx(lease, to_state))
+
+    def advance_tx(self, lease: Lease, to_state: str) -> Transaction[bool]:
+        """``advance`` as steps (see :meth:`plan_tx`)."""
         self._db.check_open()
 
-        def body(tx: Tx) -> bool:
-            if plain(lease) and self._advance_fast(tx, lease, to_state):
+        def body() -> Steps[bool]:
+            if plain(lease) and (yield from self._advance_fast(lease, to_state)):
                 return True
-            lease_, row = locked_job(tx, lease, "advance")
-            flow = self._flows.get(tx, row["kind"])
+            lease_, row = yield from locked_job(lease, "advance")
+            flow = yield from self._flows.lookup(row["kind"])
             job_id, state = row["job_id"], row["state"]
             if to_state not in flow.states:
                 raise IllegalTransition(
@@ -417,17 +474,18 @@ class PostgresStore:
                     f"advance of job {job_id} from {state!r} to {to_state!r}: no such "
                     f"edge in workflow {flow.name!r}; from {state!r} it can go to {nexts}"
                 )
-            moved = tx.one(
+            now = yield from steps.now()
+            moved = yield from steps.one(
                 q.ADVANCE,
                 {
-                    **_fence(tx, lease_),
+                    **_fence_at(lease_, now),
                     "to_state": to_state,
                     "from_state": state,
                     "ends": flow.is_terminal(to_state),
                 },
             )
             _fenced(moved, lease_, row, "advance")
-            tx.log(
+            yield from steps.log(
                 job_id,
                 Event.ADVANCED,
                 token=row["token"],
@@ -436,9 +494,9 @@ class PostgresStore:
             )
             return True
 
-        return self._db.write("advance", body)
+        return Transaction("advance", body)
 
-    def _advance_fast(self, tx: Tx, lease: Lease, to_state: str) -> bool:
+    def _advance_fast(self, lease: Lease, to_state: str) -> Steps[bool]:
         """Take the edge in one statement when exactly one state can take it; True if done.
 
         The statement's conditions (the fence, the lease's worker and kind, the current
@@ -455,7 +513,7 @@ class PostgresStore:
         if source is None:
             return False
         detail = {"from": source, "to": to_state}
-        moved = tx.one(
+        moved = yield from steps.one(
             q.ADVANCE_NOW,
             {
                 **_fence_now(lease),
@@ -469,7 +527,7 @@ class PostgresStore:
         )
         if moved is None:
             return False
-        tx.logged(
+        yield from steps.logged(
             HistoryEvent(
                 moved["job_id"],
                 moved["updated_at"],
@@ -520,6 +578,19 @@ class PostgresStore:
         self._db.check_open()
         return self._effects.steps(lease, op, extras=extras, on_doubt=on_doubt)
 
+    def effect_flow(
+        self,
+        lease: Lease,
+        op: str,
+        *,
+        extras: Mapping[str, Scalar] | None = None,
+        on_doubt: OnDoubt = "retry",
+    ) -> EffectFlow:
+        """``run_effect`` as a flow that yields its transactions as well as the user code
+        to run (:meth:`EffectRunner.flow`), for a driver that runs them itself."""
+        self._db.check_open()
+        return self._effects.flow(lease, op, extras=extras, on_doubt=on_doubt)
+
     # -- failure and operator actions ----------------------------------------------
 
     def fail(
@@ -527,30 +598,40 @@ class PostgresStore:
     ) -> None:
         """Record a failed attempt: eligible again after a backoff while attempts remain,
         else the job enters its workflow's failed state with ``error`` kept."""
+        self._db.transact(self.fail_tx(lease, error, retryable=retryable, delay=delay))
+
+    def fail_tx(
+        self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
+    ) -> Transaction[None]:
+        """``fail`` as steps (see :meth:`plan_tx`)."""
         self._db.check_open()
         check_text(error, name="error")
         seconds = None if delay is None else check_seconds(delay, name="delay")
 
-        def body(tx: Tx) -> None:
-            lease_, row = locked_job(tx, lease, "fail")
+        def body() -> Steps[None]:
+            lease_, row = yield from locked_job(lease, "fail")
             worker = row["lease_worker"]
             detail: dict[str, Detail] = {"error": error}
+            now = yield from steps.now()
             if retryable and row["attempts"] < row["max_attempts"]:
                 wait = self.config.backoff(row["attempts"]) if seconds is None else seconds
-                detail["retry_at"] = run_at = tx.now + wait
-                done = tx.one(
-                    q.FAIL_LATER, {**_fence(tx, lease_), "run_at": run_at, "error": error}
+                detail["retry_at"] = run_at = now + wait
+                done = yield from steps.one(
+                    q.FAIL_LATER, {**_fence_at(lease_, now), "run_at": run_at, "error": error}
                 )
-                tx.announce(row["kind"], later=wait > 0)
+                yield from steps.announce(row["kind"], later=wait > 0)
             else:
-                flow = self._flows.get(tx, row["kind"])
-                done = tx.one(
-                    q.FAIL_FINAL, {**_fence(tx, lease_), "failed": flow.failed, "error": error}
+                flow = yield from self._flows.lookup(row["kind"])
+                done = yield from steps.one(
+                    q.FAIL_FINAL,
+                    {**_fence_at(lease_, now), "failed": flow.failed, "error": error},
                 )
             _fenced(done, lease_, row, "fail")
-            tx.log(row["job_id"], Event.FAILED, token=row["token"], worker=worker, detail=detail)
+            yield from steps.log(
+                row["job_id"], Event.FAILED, token=row["token"], worker=worker, detail=detail
+            )
 
-        self._db.write("fail", body)
+        return Transaction("fail", body)
 
     def cancel(self, job_id: str, reason: str) -> None:
         """Operator: move the job into the failed state, fencing out any lease holder."""
@@ -634,7 +715,7 @@ class PostgresStore:
                 tx.logged(history_event(logged))
             exhausted = tx.all(q.EXHAUSTED, {"now": tx.now})
             for row in exhausted:
-                self._exhaust(tx, row)
+                tx.drive(self._exhaust(row))
             return ReconcileReport(
                 leases_expired=len(expired),
                 effects_in_doubt=len(doubted),
@@ -779,8 +860,8 @@ def flow_source(flow: Workflow, to_state: str) -> str | None:
     return sources[0] if len(sources) == 1 else None
 
 
-def _fence(tx: Tx, lease: Lease) -> dict[str, object]:
-    return {"job_id": lease.job_id, "token": lease.token, "now": tx.now}
+def _fence_at(lease: Lease, now: float) -> dict[str, object]:
+    return {"job_id": lease.job_id, "token": lease.token, "now": now}
 
 
 def _fenced(written: DictRow | None, lease: Lease, row: DictRow, op: str) -> None:

@@ -482,7 +482,16 @@ def _emit(events: list[HistoryRow]) -> None:
 
 @contextmanager
 def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """Run several reads against one consistent snapshot (a read-only transaction)."""
+    """Run several reads against one consistent snapshot (a read-only transaction).
+
+    Inside a transaction already (a prune's archive callback reading the store on the
+    prune's connection), the reads see that transaction's view, which is one snapshot;
+    beginning another failed ('cannot start a transaction within a transaction') and
+    rolling back would have ended the prune's batch.
+    """
+    if conn.in_transaction:
+        yield conn
+        return
     conn.execute(q.BEGIN_DEFERRED)
     try:
         yield conn

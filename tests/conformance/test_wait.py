@@ -17,20 +17,6 @@ from model import IdempotencyConflict, InvalidInput, ManualClock, Plan, Store
 
 from .flows import BRANCH, LINEAR, TTL, StoreFactory, plan_and_lease, setup
 
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """The sync backends. Through the async face's test adapter these tests hang: a waiter in a
-    thread of its own never returned there (to be found: issue 17's note).
-    The async face's wait_for_work is one delegation to the same sync call."""
-    name: str = request.param
-    if name == "postgres":
-        from tests.pg import require_postgres
-
-        require_postgres()
-    return name
-
-
 LONG = 30.0
 """A timeout the tests below never wait out: returning before it proves a wake-up."""
 WATCHDOG = 10.0

@@ -47,3 +47,38 @@ def test_async_worker_fuzz_history_is_clean(tmp_path: Path) -> None:
     assert result.kills >= MIN_KILLS, text
     assert result.jobs > 0, text
     assert sum(result.by_state.values()) == result.jobs, text
+
+
+@pytest.mark.postgres
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(2 * SECONDS + 300)
+def test_async_worker_fuzz_on_postgres_history_is_clean(tmp_path: Path) -> None:
+    """The same on PostgreSQL, where the children's hot path runs natively on psycopg's
+    async connections (impl.aio.native): kills land inside async transactions too."""
+    from tests.pg import PG_URL, require_postgres
+
+    require_postgres()
+    seed = _seed()
+    result = run_fuzz(
+        tmp_path,
+        FuzzSettings(
+            seconds=SECONDS,
+            seed=seed,
+            workers=3,
+            min_kills=MIN_KILLS,
+            max_seconds=SECONDS + 30,
+            child_module=ASYNC_CHILD,
+            db=PG_URL,
+        ),
+    )
+    rerun = (
+        f"JOBLEDGER_FUZZ_SEED={seed} JOBLEDGER_FUZZ_SECONDS={SECONDS:g} python -m pytest "
+        "-p no:cacheprovider tests/fuzz/test_fuzz_async.py::"
+        "test_async_worker_fuzz_on_postgres_history_is_clean"
+    )
+    text = _report(result, rerun)
+    print(text)
+    assert result.ok, text
+    assert result.kills >= MIN_KILLS, text
+    assert result.jobs > 0, text
+    assert sum(result.by_state.values()) == result.jobs, text
