@@ -35,7 +35,7 @@ from pathlib import Path
 from attrs import define, field, frozen
 
 from impl.download.cas import Layout
-from impl.download.host import HostGuard, HostReport
+from impl.download.host import BreakerEvent, HostGuard, HostReport
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
 from impl.download.manifest import Manifest, parse_manifest
@@ -54,7 +54,13 @@ from impl.store import open_store
 from impl.worker import Worker, default_worker_name
 from impl.world import EnvironmentFault, Fault, ensure_file_handles, fault_of
 from model.config import Config
-from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, JobledgerError
+from model.errors import (
+    DatabaseFull,
+    DatabaseReadOnly,
+    InvalidInput,
+    JobledgerError,
+    StorageError,
+)
 from model.store import Store
 
 POLL_SECONDS = 0.2
@@ -222,6 +228,33 @@ class _Watch:
             # Dead leases: mark their unfinished effects in doubt so the next lease
             # replays them with on_doubt, and count them in the ledger's history.
             self.store.reconcile()
+
+
+@define
+class _BreakerRecorder:
+    """Records the run's breaker transitions in the ledger (``Store.record_breaker``),
+    under the run's worker name, for ``jobledger status``."""
+
+    store: Store
+    worker: str
+    unrecorded: int = 0
+    """Transitions the ledger refused (full, read-only, locked)."""
+
+    def __call__(self, event: BreakerEvent) -> None:
+        try:
+            self.store.record_breaker(
+                event.host,
+                worker=self.worker,
+                state=event.state,
+                failures=event.failures,
+                last_error=event.last_error,
+                cooldown=event.cooldown,
+            )
+        except StorageError:
+            # The row is a view for operators, not a decision: the run goes on without
+            # it. A ledger that refuses this write refuses the jobs' next write too, and
+            # that one stops the run with the fault's one line (exit 4).
+            self.unrecorded += 1
 
 
 def _summary(
@@ -429,6 +462,7 @@ def _download(
 
     thread = threading.Thread(target=run_worker, name="download-worker", daemon=True)
     if not watch.tick():
+        http.hosts.watch(_BreakerRecorder(store, own))
         thread.start()
         try:
             while not watch.tick():
@@ -445,6 +479,7 @@ def _download(
         finally:
             worker.stop()
             thread.join(STOP_JOIN_SECONDS)
+            http.hosts.watch(None)
             if client is None:
                 http.close()
     if not thread.is_alive():  # else its connections are left to the garbage collector
