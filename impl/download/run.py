@@ -52,7 +52,7 @@ from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
 from impl.download.url import host_key
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
-from impl.world import EnvironmentFault, Fault, ensure_file_handles, fault_of
+from impl.world import EnvironmentFault, Fault, LedgerReserve, ensure_file_handles, fault_of
 from model.config import Config
 from model.errors import (
     DatabaseFull,
@@ -389,8 +389,16 @@ def download(
         if isinstance(store, str | os.PathLike):
             # A target we open is ours to close; a store we were handed is the caller's.
             store = owned.enter_context(open_store(store, config=cfg))
+        # A store kept in a file says where (``SqliteStore.path``): hold room beside it
+        # for handing jobs back should its disk fill up (see LedgerReserve).
+        ledger = getattr(store, "path", None)
+        reserve = LedgerReserve(ledger) if isinstance(ledger, Path) else None
+        if reserve is not None:
+            reserve.hold()
+            owned.callback(reserve.free)
         return _download(
             store,
+            reserve=reserve,
             manifest=manifest,
             out_dir=out_dir,
             workers=workers,
@@ -411,6 +419,7 @@ def _download(
     progress: Progress | None,
     client: HttpClient | None,
     stop: threading.Event | None,
+    reserve: LedgerReserve | None,
 ) -> DownloadSummary:
     started = time.monotonic()
     ensure_file_handles(workers)
@@ -438,6 +447,9 @@ def _download(
         # handed back eligible now (world_delay=0): the run ends here, and the next run
         # (after the fix) should not wait.
         faults.append(fault)
+        if reserve is not None:
+            # Before the job is handed back: a full ledger disk needs the room for it.
+            reserve.free()
         worker.stop()
 
     handler = DownloadHandler(

@@ -8,12 +8,16 @@ finishes with only the requests still needed (a partial file resumes with Range)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import resource
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -206,3 +210,83 @@ def test_too_few_file_handles_for_the_workers_is_refused_up_front_with_one_line(
     ok = _download_with_nofile(tmp_path, manifest, workers=16, soft=64, hard=4096)
     assert ok.returncode == 0, ok.stderr
     assert "3 artifact(s): 3 downloaded" in ok.stdout
+
+
+def _fill(directory: Path) -> Path:
+    """Write a ballast file into ``directory`` until its file system is full."""
+    ballast = directory / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                os.write(fd, b"\0" * 4096)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return ballast
+    finally:
+        os.close(fd)
+
+
+def test_a_ledger_whose_disk_fills_mid_run_stops_with_one_line_and_spends_no_attempt(
+    run_process: Callable[..., Outcome], tmp_path: Path, server: FileServer
+) -> None:
+    """The ledger itself on a 2 MiB tmpfs that another program fills while the run is
+    under way (the output directory is elsewhere). SQLite answers SQLITE_FULL (the
+    transaction is rolled back whole), the store raises DatabaseFull, and the run stops
+    with exit 4; the room the run held beside the ledger (LedgerReserve) lets every job
+    in flight be handed back, so none keeps a lease or spends an attempt."""
+    bodies = {f"f{i:02}.bin": generated_bytes(200 + i, 8 * KIB) for i in range(40)}
+    urls = [server.add(f"/{name}", body, rate=64 * KIB) for name, body in bodies.items()]
+    path = _manifest(tmp_path, urls)
+    out = tmp_path / "out"
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
+        db = ["--db", str(disk / "l.sqlite")]
+        ballast: list[Path] = []
+
+        def fill_mid_run() -> None:
+            deadline = time.monotonic() + 60
+            while len(server.requests(method="GET")) < 8 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            ballast.append(_fill(disk))
+
+        filler = threading.Thread(target=fill_mid_run)
+        filler.start()
+        try:
+            first = run_process(*db, "download", str(path), "--out", str(out), "--workers", "2")
+        finally:
+            filler.join(60)
+        assert ballast, "the disk was never filled"
+        assert first.code == WORLD_REFUSED, first.out + first.err
+        line = _one_error_line(first.err)
+        assert line.startswith(f"error: database full: cannot write {disk / 'l.sqlite'} (")
+        assert "SQLITE_FULL" in line
+        assert "free space where the database lives, then run the same command again" in line
+        assert not list(disk.glob("l.sqlite-reserve.*"))  # the room was given back
+        ballast[0].unlink()  # the operator frees space
+
+        jobs = _jobs(run_process, db)
+        finished = {name for name, (state, _) in jobs.items() if state == "INDEXED"}
+        assert 0 < len(finished) < len(bodies), jobs  # it stopped mid-run
+        for name, (state, attempts) in jobs.items():
+            assert state != "FAILED"
+            assert attempts == (1 if name in finished else 0), (name, state, attempts)
+        leases = run_process(*db, "leases", "--json")
+        assert json.loads(leases.out) == []  # every job in flight was handed back
+        with sqlite3.connect(disk / "l.sqlite") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+        before = len(server.requests())
+        second = run_process(*db, "download", str(path), "--out", str(out), "--workers", "2")
+        assert second.code == 0, second.out + second.err
+        assert "Traceback" not in second.err
+        gets = [r.path.lstrip("/") for r in server.requests()[before:] if r.method == "GET"]
+        # Nothing finalized (its file in the store) is fetched again, nothing twice; jobs
+        # that had not begun streaming are fetched (a job whose STREAM result was
+        # recorded finishes from its partial file without a request).
+        finalized = {name for name, (state, _) in jobs.items() if state in ("FINALIZED", "INDEXED")}
+        assert not set(gets) & finalized
+        assert len(gets) == len(set(gets))
+        assert {name for name, (state, _) in jobs.items() if state == "PLANNED"} <= set(gets)
+        assert _jobs(run_process, db) == dict.fromkeys(bodies, ("INDEXED", 1))
+    assert _stored(out) == bodies
