@@ -460,8 +460,21 @@ def _download(
         on_fault=on_fault,
         world_delay=0.0,
     )
+
+    def on_worker_error(exc: JobledgerError) -> None:
+        # A fault the worker met outside the handler (taking a lease from a full or
+        # read-only ledger) stops the run the same way.
+        fault = fault_of(exc)
+        if fault is not None:
+            on_fault(fault)
+
     worker = Worker(
-        store, {KIND: handler}, name=own, ttl=cfg.download_lease_ttl, concurrency=workers
+        store,
+        {KIND: handler},
+        name=own,
+        ttl=cfg.download_lease_ttl,
+        concurrency=workers,
+        on_error=on_worker_error,
     )
     watch = _Watch(store, watch_ids, progress, own)
     errors: list[BaseException] = []

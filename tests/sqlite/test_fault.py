@@ -154,3 +154,47 @@ def test_a_real_full_file_system_mid_transaction_rolls_back_whole_and_is_a_world
             store.release(lease)
             assert store.job(kept).attempts == 0
         assert _integrity(path) == "ok"
+
+
+@pytest.mark.xdist_group("mounts")
+def test_a_worker_that_cannot_take_a_lease_from_a_full_ledger_tells_its_on_error(
+    tmp_path: Path,
+) -> None:
+    """Taking a lease from a ledger whose disk is full fails outside any handler: the
+    worker passes the DatabaseFull to ``on_error`` (``jobledger download`` stops the run
+    there with exit 4); a callback that stops the worker ends ``run`` at once, with
+    nothing leased and no attempt spent."""
+    from impl.worker import Worker
+    from model import JobledgerError, ManualClock
+    from tests.download.mounts import tmpfs
+
+    with (
+        tmpfs(tmp_path / "disk", size="1m") as disk,
+        SqliteStore(disk / "db.sqlite", clock=ManualClock()) as store,
+    ):
+        job = store.plan("download", {"url": "waiting"})
+        # An empty WAL: the next commit needs new pages (an allocated WAL would be reused).
+        store._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError, match="No space left"):  # noqa: PT012
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        seen: list[JobledgerError] = []
+        ran: list[str] = []
+
+        def on_error(exc: JobledgerError) -> None:
+            seen.append(exc)
+            worker.stop()
+
+        worker = Worker(store, {"download": lambda ctx: ran.append(ctx.job_id)}, on_error=on_error)
+        started = time.monotonic()
+        worker.run()
+        assert time.monotonic() - started < 10
+        assert len(seen) == 1
+        assert isinstance(seen[0], DatabaseFull)
+        assert ran == []
+        info = store.job(job)
+        assert (info.state, info.attempts, info.lease) == ("PLANNED", 0, None)
