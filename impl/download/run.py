@@ -62,6 +62,7 @@ from model.errors import (
     StorageError,
 )
 from model.store import Store
+from model.validate import storable_text
 
 POLL_SECONDS = 0.2
 STOP_JOIN_SECONDS = 60.0
@@ -247,7 +248,8 @@ class _BreakerRecorder:
                 worker=self.worker,
                 state=event.state,
                 failures=event.failures,
-                last_error=event.last_error,
+                # An error text may hold what no store accepts (a NUL): made storable.
+                last_error=None if event.last_error is None else storable_text(event.last_error),
                 cooldown=event.cooldown,
             )
         except StorageError:
