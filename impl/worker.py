@@ -266,6 +266,10 @@ class Worker:
         idle_poll: the longest wait, in seconds, when no job is eligible: the store wakes
             an idle worker as soon as one is (``Store.wait_for_work``), and the worker
             looks anyway once this has passed.
+        on_error: called (in the handler thread) with a store error met outside a
+            handler, such as taking a lease from a full ledger. The worker logs it and
+            tries again after ``idle_poll``, unless the callback stopped the worker
+            (``jobledger download`` does, for a fault of the world).
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class Worker:
         concurrency: int = 1,
         renew_every: float | None = None,
         idle_poll: float = IDLE_POLL_DEFAULT,
+        on_error: Callable[[JobledgerError], None] | None = None,
     ) -> None:
         if not handlers:
             raise InvalidInput("Worker needs at least one handler: handlers={'kind': fn}")
@@ -299,6 +304,7 @@ class Worker:
             # The store's TTL, not a default: renewing less often than it expires loses it.
             self.renew_every = store.config.renew_interval
         self.idle_poll = idle_poll
+        self.on_error = on_error
         self._stopping = threading.Event()
         self._report = RunReport()
         self._report_lock = threading.Lock()
@@ -449,6 +455,10 @@ class Worker:
             try:
                 did = self._run_one(name, renewer)
             except JobledgerError as exc:
+                if self.on_error is not None:
+                    self.on_error(exc)
+                if self._stopping.is_set():
+                    break  # the callback stopped the worker: it has dealt with the error
                 log.error("worker %s: %s", name, exc)
                 did = False
                 if not until_idle:

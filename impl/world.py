@@ -18,7 +18,9 @@ the same full disk), ending with :class:`EnvironmentFault` (exit code 4).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import os
 import resource
 from pathlib import Path
@@ -215,6 +217,91 @@ def ensure_file_handles(workers: int) -> None:
     )
 
 
+LEDGER_RESERVE_BYTES = 1024 * 1024
+"""Room a download run keeps beside a file ledger (:class:`LedgerReserve`): enough for
+the releases and history entries of the jobs in flight when the disk fills up."""
+
+
+class LedgerReserve:
+    """Room held beside a ledger file so that, once its disk is full, the jobs in flight
+    can still be handed back.
+
+    A full disk refuses every write, the release of a job's lease too: the job would keep
+    its lease until it expires, and that lease would count as an attempt. So a download
+    run on a file ledger holds a file of :data:`LEDGER_RESERVE_BYTES` beside it
+    (``<ledger>-reserve.<pid>``, really allocated) and deletes it at the first fault of
+    the world, *before* handing the jobs back: the releases fit in the room it leaves.
+    The run deletes it at its end too; a file left by a process that died is removed by
+    the next run. A PostgreSQL ledger has no file here, and no reserve.
+
+    Args:
+        ledger: the ledger's database file.
+        size: bytes to hold.
+    """
+
+    def __init__(self, ledger: Path, *, size: int = LEDGER_RESERVE_BYTES) -> None:
+        self.ledger = ledger
+        self.size = size
+        self.path = ledger.with_name(f"{ledger.name}-reserve.{os.getpid()}")
+
+    def hold(self) -> None:
+        """Allocate the reserve (and remove those of dead processes). In a directory
+        that refuses files for another reason than space, do without.
+
+        Raises:
+            EnvironmentFault: the disk has not even that much room left.
+        """
+        for left in self.ledger.parent.glob(f"{glob.escape(self.ledger.name)}-reserve.*"):
+            pid = left.name.rsplit(".", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):  # gone already, or not ours to remove
+                    left.unlink()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.free()
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                # A directory the ledger cannot write in (read-only, no permission):
+                # run without the reserve; the ledger's own first write reports it.
+                return
+            fault = fault_of(exc, path=self.ledger, needed=self.size)
+            assert fault is not None
+            raise EnvironmentFault(
+                Fault(
+                    what=fault.what,
+                    path=str(self.ledger),
+                    errno=fault.errno,
+                    needed=None,
+                    free=fault.free,
+                    advice=(
+                        f"free at least {_size(self.size)} where the database lives (the "
+                        "run keeps that much beside it to hand jobs back if the disk fills)"
+                    ),
+                    detail=fault.detail,
+                )
+            ) from exc
+
+    def free(self) -> None:
+        """Give the room back (idempotent; safe from any thread; never raises: a
+        reserve that cannot be removed leaves the run as it would be without one)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class EnvironmentFault(JobledgerError):
     """The machine refused a write the download needs: a full disk or quota, a read-only
     file system, no file handles left, or a full or read-only ledger.
@@ -240,10 +327,12 @@ class WorldPaused(RetryLater):
 
 __all__ = [
     "LEDGER",
+    "LEDGER_RESERVE_BYTES",
     "WORLD_ERRNOS",
     "WORLD_PAUSE_SECONDS",
     "EnvironmentFault",
     "Fault",
+    "LedgerReserve",
     "WorldPaused",
     "ensure_file_handles",
     "fault_of",

@@ -7,6 +7,7 @@ backend in ``impl`` is checked against.
 
 from __future__ import annotations
 
+from model.breaker import BreakerMove, BreakerRow
 from model.clock import Clock, ManualClock, wall_clock
 from model.config import Config
 from model.errors import (
@@ -66,6 +67,8 @@ __all__ = [
     "JSON",
     "PRUNE_BATCH_DEFAULT",
     "ArchiveFn",
+    "BreakerMove",
+    "BreakerRow",
     "Clock",
     "Config",
     "ConfigError",

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from attrs import define, field
 
+from model.breaker import BreakerMove, BreakerRow, check_before, check_breaker
 from model.clock import Clock, wall_clock
 from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, run_steps
@@ -180,6 +181,7 @@ class MemoryStore:
     _effects: dict[str, _Effect] = field(factory=dict, init=False)
     _history: dict[str, list[HistoryEvent]] = field(factory=dict, init=False)
     _tombstones: dict[str, Tombstone] = field(factory=dict, init=False)
+    _breakers: dict[tuple[str, str], BreakerRow] = field(factory=dict, init=False)
     _seq: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     _lock: threading.RLock = field(factory=threading.RLock, init=False, eq=False)
@@ -1172,3 +1174,76 @@ class MemoryStore:
             failed=failed,
             oldest_eligible_age=None if oldest is None else now - oldest,
         )
+
+    # -- breakers ----------------------------------------------------------------------
+
+    @_atomic
+    def record_breaker(
+        self,
+        host: str,
+        *,
+        worker: str,
+        state: str,
+        failures: int,
+        last_error: str | None = None,
+        cooldown: float | None = None,
+    ) -> None:
+        """Upsert the row of ``(host, worker)``: opened (probe after ``cooldown``) or
+        closed (``opened_at`` and, unless given, ``last_error`` kept)."""
+        change = check_breaker(
+            host,
+            worker=worker,
+            state=state,
+            failures=failures,
+            last_error=last_error,
+            cooldown=cooldown,
+        )
+        now = self._now()
+        key = (change.host, change.worker)
+        before = self._breakers.get(key)
+        if change.state is BreakerMove.OPEN:
+            assert change.cooldown is not None
+            row = BreakerRow(
+                host=change.host,
+                worker=change.worker,
+                state=BreakerMove.OPEN,
+                failures=change.failures,
+                last_error=change.last_error,
+                opened_at=now,
+                until=now + change.cooldown,
+                changed_at=now,
+                opens=(before.opens if before is not None else 0) + 1,
+            )
+        else:
+            row = BreakerRow(
+                host=change.host,
+                worker=change.worker,
+                state=BreakerMove.CLOSED,
+                failures=change.failures,
+                last_error=(
+                    change.last_error
+                    if change.last_error is not None or before is None
+                    else before.last_error
+                ),
+                opened_at=before.opened_at if before is not None else None,
+                until=None,
+                changed_at=now,
+                opens=before.opens if before is not None else 0,
+            )
+        self._breakers[key] = row
+
+    @_atomic
+    def breakers(self) -> list[BreakerRow]:
+        """Every recorded breaker row, by host then worker."""
+        self._now()
+        return [self._breakers[key] for key in sorted(self._breakers)]
+
+    @_atomic
+    def forget_breakers(self, *, changed_before: float) -> int:
+        """Remove the rows last changed before ``changed_before``; return how many."""
+        cutoff = check_before(changed_before)
+        self._now()
+        gone = [key for key, row in self._breakers.items() if row.changed_at < cutoff]
+        for key in gone:
+            del self._breakers[key]
+        return len(gone)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
+from model.breaker import BreakerRow
 from model.config import Config
 from model.key import Scalar
 from model.record import (
@@ -201,6 +202,34 @@ class Store(Protocol):
     ) -> PruneReport:
         """Remove terminal jobs that finished before ``finished_before``, in batches,
         keeping a tombstone of each key unless ``forget_keys`` (see ``model.retention``)."""
+        ...
+
+    def record_breaker(
+        self,
+        host: str,
+        *,
+        worker: str,
+        state: str,
+        failures: int,
+        last_error: str | None = None,
+        cooldown: float | None = None,
+    ) -> None:
+        """Record that ``worker``'s circuit breaker for ``host`` opened (``state="open"``,
+        its probe due in ``cooldown`` seconds) or closed (``state="closed"``).
+
+        One row per ``(host, worker)``, overwritten by each call; a close keeps the
+        row's ``opened_at`` and, when ``last_error`` is None, its last error. Called only
+        on those transitions, never per request (see ``model.breaker``).
+        """
+        ...
+
+    def breakers(self) -> list[BreakerRow]:
+        """List every recorded breaker row, by host then worker."""
+        ...
+
+    def forget_breakers(self, *, changed_before: float) -> int:
+        """Remove the breaker rows last changed before ``changed_before``; return how
+        many went."""
         ...
 
     @property

@@ -33,6 +33,7 @@ from model import (
     Stats,
     Workflow,
 )
+from model.breaker import BreakerRow
 from model.retention import PruneReport
 from model.store import EffectFn, OnDoubt
 from tests.loopwatch import LoopWatch
@@ -225,3 +226,12 @@ class SyncFace:
 
     def stats(self) -> Stats:
         return self._run(self.astore.stats())
+
+    def record_breaker(self, host: str, **options: Any) -> None:
+        self._run(self.astore.record_breaker(host, **options))
+
+    def breakers(self) -> list[BreakerRow]:
+        return self._run(self.astore.breakers())
+
+    def forget_breakers(self, *, changed_before: float) -> int:
+        return self._run(self.astore.forget_breakers(changed_before=changed_before))

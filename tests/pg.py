@@ -42,6 +42,7 @@ LEDGER_TABLES = frozenset(
         "state_counts",
         "count_mark",
         "count_pending",
+        "breakers",
     }
 )
 """Every table impl/postgres/schema.py creates; a new one must be emptied by ``_RESET`` too."""
@@ -51,6 +52,7 @@ LEDGER_TABLES = frozenset(
 _RESET = """
 DELETE FROM {history};
 DELETE FROM {tombstones};
+DELETE FROM {breakers};
 DELETE FROM {state_counts};
 DELETE FROM {count_pending};
 UPDATE {count_mark} SET seq = 0;
@@ -166,6 +168,7 @@ def _reset(session: _Session) -> None:
     statement = sql.SQL(_RESET).format(
         history=ident("history"),
         tombstones=ident("tombstones"),
+        breakers=ident("breakers"),
         state_counts=ident("state_counts"),
         count_pending=ident("count_pending"),
         count_mark=ident("count_mark"),

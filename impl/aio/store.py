@@ -37,6 +37,7 @@ from attrs import frozen
 from impl.aio.thread import SideQueue, StoreThread, settled
 from impl.aio.userfn import awaited_result
 from impl.store import open_store as open_sync_store
+from model.breaker import BreakerRow
 from model.clock import Clock
 from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, SteppedStore
@@ -512,6 +513,36 @@ class AsyncStore:
     async def stats(self) -> Stats:
         """See ``Store.stats``."""
         return await self.call(lambda s: s.stats())
+
+    async def record_breaker(
+        self,
+        host: str,
+        *,
+        worker: str,
+        state: str,
+        failures: int,
+        last_error: str | None = None,
+        cooldown: float | None = None,
+    ) -> None:
+        """See ``Store.record_breaker``."""
+        await self.call(
+            lambda s: s.record_breaker(
+                host,
+                worker=worker,
+                state=state,
+                failures=failures,
+                last_error=last_error,
+                cooldown=cooldown,
+            )
+        )
+
+    async def breakers(self) -> list[BreakerRow]:
+        """See ``Store.breakers``."""
+        return await self.call(lambda s: s.breakers())
+
+    async def forget_breakers(self, *, changed_before: float) -> int:
+        """See ``Store.forget_breakers``."""
+        return await self.call(lambda s: s.forget_breakers(changed_before=changed_before))
 
     async def now(self) -> float:
         """See ``Store.now`` (on PostgreSQL without a clock, a round trip)."""

@@ -145,7 +145,8 @@ def prune(
     Jobs in a terminal state whose last change is older than AGE go, in short batches
     (workers keep running meanwhile). Each leaves a tombstone of its key, so planning
     the same identity again changes nothing, and `show` says when it was pruned; with
-    --forget-keys no tombstone is kept. On SQLite the freed pages are then given back to
+    --forget-keys no tombstone is kept. Circuit breaker rows (see `status`) last changed
+    before AGE go too. On SQLite the freed pages are then given back to
     the file system (files created by jobledger 0.1 before retention: see
     specs/009-retention.md for the one-time VACUUM)."""
     seconds = parse_age(age)
@@ -162,6 +163,11 @@ def prune(
                 archive=archive,
                 progress=progress,
             )
+            # Breaker rows (model/breaker.py) last changed before the same cutoff go too.
+            if dry_run:
+                breakers = sum(1 for row in store.breakers() if row.changed_at < cutoff)
+            else:
+                breakers = store.forget_breakers(changed_before=cutoff)
     finally:
         if archive is not None:
             archive.close()
@@ -171,6 +177,7 @@ def prune(
         out["dry_run"] = dry_run
         out["finished_before"] = cutoff
         out["archive"] = None if archive_path is None or dry_run else str(archive_path)
+        out["breakers_forgotten"] = breakers
         output.print_json(out)
         return
     verb = "would prune" if dry_run else "pruned"
@@ -185,6 +192,7 @@ def prune(
         + (f"; forgot {report.forgotten} older key(s)" if report.forgotten else "")
         + ("" if dry_run else f"; {report.batches} batch(es)")
         + (f"; archived to {archive_path}" if archive is not None else "")
+        + (f"; {verb} {breakers} circuit breaker row(s)" if breakers else "")
     )
 
 

@@ -6,22 +6,79 @@ import click
 
 from impl.cli import output
 from impl.cli.session import Session, pass_session
+from model.breaker import BREAKER_RECENT_SECONDS, BreakerMove, BreakerRow
 from model.record import LeaseRow, Stats
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the Stats fields as one JSON object.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the Stats fields and `breakers` (a list) as one JSON object.",
+)
 @pass_session
 def status(session: Session, as_json: bool) -> None:
     """Show counts by kind and state, leases, in-doubt effects, failures.
 
-    Also the queue lag: the age of the oldest eligible job."""
+    Also the queue lag (the age of the oldest eligible job) and the circuit breakers
+    that download runs recorded: every open one, and those closed in the last hour.
+    A breaker is decided by one process: a host may have one row per process. An
+    open breaker whose probe was due more than a minute ago is marked stale (its
+    process stopped asking that host); `jobledger prune` removes rows last changed
+    before its cutoff."""
     with session.store() as store:
         stats = store.stats()
+        # Breaker times are in the store's clock (the server's, on PostgreSQL).
+        now = store.now()
+        rows = [row for row in store.breakers() if row.shown(now)]
     if as_json:
-        output.print_json(stats)
+        data = output.plain(stats)
+        assert isinstance(data, dict)
+        data["breakers"] = [_breaker_json(row, now) for row in rows]
+        output.print_json(data)
         return
     _print_stats(stats)
+    if rows:
+        _print_breakers(rows, now)
+
+
+def _breaker_json(row: BreakerRow, now: float) -> dict[str, object]:
+    out = output.plain(row)
+    assert isinstance(out, dict)
+    out["stale"] = row.stale(now)
+    return out
+
+
+def _print_breakers(rows: list[BreakerRow], now: float) -> None:
+    con = output.console()
+    con.print(
+        f"circuit breakers (each process's own; closed ones for "
+        f"{output.duration(BREAKER_RECENT_SECONDS)}):"
+    )
+    out = output.table("host", "worker", "state", "failures", "when", "last error")
+    for row in rows:
+        out.add_row(
+            row.host,
+            row.worker,
+            "open (stale)" if row.stale(now) else str(row.state),
+            str(row.failures),
+            _breaker_when(row, now),
+            output.clip(row.last_error),
+        )
+    con.print(out)
+
+
+def _breaker_when(row: BreakerRow, now: float) -> str:
+    if row.state is BreakerMove.CLOSED:
+        return f"closed {output.duration(max(now - row.changed_at, 0.0))} ago"
+    assert row.until is not None
+    if row.until > now:
+        return f"probe in {output.duration(row.until - now)}"
+    late = output.duration(now - row.until)
+    if row.stale(now):
+        return f"probe was due {late} ago; its process stopped asking"
+    return f"probe due {late} ago"
 
 
 def _print_stats(stats: Stats) -> None:

@@ -22,8 +22,10 @@ machine is forty lines, proved by a Hypothesis stateful test against a tiny mode
 
 Breakers live in one process (one per host in the run's HTTP client). Several
 processes each learn that a host is down after ``threshold`` failed requests of their
-own: a handful of connection attempts, which is what sharing the state through the
-ledger would save, at the price of a ledger write per request outcome.
+own: a handful of connection attempts, which is what sharing the decision through the
+ledger would save, at the price of a ledger read or write per request. The ledger only
+*records* each process's transitions (``Store.record_breaker``, written by
+``jobledger download`` when a breaker opens or closes) so operators see them.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class Breaker:
     _probes: int = field(default=0, alias="probes")
     """Probes granted so far; the current probe's number while one is out."""
     _probing: bool = field(default=False, alias="probing")
+
+    @property
+    def closed(self) -> bool:
+        """True while the breaker lets every request through."""
+        return self.state is BreakerState.CLOSED
 
     def allow(self, now: float) -> Decision:
         """Decide whether a request may go now."""

@@ -10,6 +10,11 @@ One :class:`HostGuard` per HTTP client (so per process) holds, for every ``host:
 * a **circuit breaker** (``breaker.py``): connection failures and 5xx in a row open it,
   and the host's requests are refused for a cool-down instead of being sent.
 
+When a breaker opens or closes, the guard tells its listener (:meth:`HostGuard.watch`)
+once, with a :class:`BreakerEvent`: ``jobledger download`` records it in the ledger
+(``Store.record_breaker``) so that ``jobledger status`` shows it. Only those
+transitions are reported, never each request.
+
 A wait of at most :data:`HOLD_SECONDS` is slept in the worker thread; a longer one (an
 open breaker, a long ``Retry-After``) raises :class:`HostDeferred`, and the pipeline hands
 the job back for that long without spending an attempt, so the thread serves another
@@ -72,6 +77,22 @@ class HostReport:
     last_error: str | None
 
 
+@frozen
+class BreakerEvent:
+    """A host's breaker opened (probe due in ``cooldown`` seconds) or closed.
+
+    ``seq`` counts the host's transitions, so a listener never records an older one
+    after a newer one that another thread reported first.
+    """
+
+    host: str
+    state: str
+    failures: int
+    last_error: str | None
+    cooldown: float | None
+    seq: int
+
+
 @define
 class _Bucket:
     """A token bucket of one host: ``rate`` tokens per second, at most one banked.
@@ -101,6 +122,8 @@ class _Host:
     pause_reason: str = ""
     deferred: int = 0
     throttled: int = 0
+    changes: int = 0
+    """Transitions of the breaker (opened, closed) so far: :attr:`BreakerEvent.seq`."""
 
 
 class HostGuard:
@@ -137,6 +160,18 @@ class HostGuard:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._hosts: dict[str, _Host] = {}
+        self._listener: Callable[[BreakerEvent], None] | None = None
+        # Reports leave in order, one at a time, outside the lock the requests take.
+        self._report_lock = threading.Lock()
+        self._reported: dict[str, int] = {}
+
+    def watch(self, listener: Callable[[BreakerEvent], None] | None) -> None:
+        """Call ``listener`` whenever a host's breaker opens or closes (None: stop).
+
+        It runs in the thread whose request caused the change, after the request's
+        slot is freed; it must not raise.
+        """
+        self._listener = listener
 
     def _host(self, host: str) -> _Host:
         with self._lock:
@@ -208,13 +243,38 @@ class HostGuard:
         """
         h = self._host(host)
         with self._lock:
+            b = h.breaker
+            was, opens = b.state, b.opens
             if ok is True:
-                h.breaker.succeeded()
+                b.succeeded()
             elif ok is False:
-                h.breaker.failed(self._clock(), error, probe=probe)
+                b.failed(self._clock(), error, probe=probe)
             else:
-                h.breaker.abandoned(probe)
+                b.abandoned(probe)
+            event = None
+            if b.opens != opens or (was is not BreakerState.CLOSED and b.closed):
+                h.changes += 1
+                event = BreakerEvent(
+                    host=host,
+                    state="closed" if b.closed else "open",
+                    failures=b.failures,
+                    last_error=b.last_error,
+                    cooldown=None if b.closed else b.cooldown,
+                    seq=h.changes,
+                )
         h.slot.release()
+        if event is not None:
+            self._report(event)
+
+    def _report(self, event: BreakerEvent) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        with self._report_lock:
+            if self._reported.get(event.host, 0) >= event.seq:
+                return  # a newer transition was reported already
+            self._reported[event.host] = event.seq
+            listener(event)
 
     def check(self, host: str, url: str) -> None:
         """Raise :class:`HostDeferred` when ``host``'s breaker is open (no state change)."""

@@ -169,7 +169,9 @@ class DownloadHandler:
             # The host is down or asks everyone to slow down: not this job's fault.
             raise RetryLater(str(exc), delay=exc.delay) from exc
         except (OSError, DatabaseFull, DatabaseReadOnly) as exc:
-            fault = fault_of(exc, path=self.layout.root)
+            # A ledger error names no path: the caller knows the ledger's (the CLI
+            # names its target), and the output directory would be the wrong one.
+            fault = fault_of(exc, path=self.layout.root if isinstance(exc, OSError) else None)
             if fault is None:
                 raise
             raise self._pause(fault) from exc

@@ -35,7 +35,7 @@ from pathlib import Path
 from attrs import define, field, frozen
 
 from impl.download.cas import Layout
-from impl.download.host import HostGuard, HostReport
+from impl.download.host import BreakerEvent, HostGuard, HostReport
 from impl.download.http import HttpClient
 from impl.download.index import ArtifactIndex
 from impl.download.manifest import Manifest, parse_manifest
@@ -52,10 +52,17 @@ from impl.download.reconcile import DiskReport, plan_repairs, reconcile_disk
 from impl.download.url import host_key
 from impl.store import open_store
 from impl.worker import Worker, default_worker_name
-from impl.world import EnvironmentFault, Fault, ensure_file_handles, fault_of
+from impl.world import EnvironmentFault, Fault, LedgerReserve, ensure_file_handles, fault_of
 from model.config import Config
-from model.errors import DatabaseFull, DatabaseReadOnly, InvalidInput, JobledgerError
+from model.errors import (
+    DatabaseFull,
+    DatabaseReadOnly,
+    InvalidInput,
+    JobledgerError,
+    StorageError,
+)
 from model.store import Store
+from model.validate import storable_text
 
 POLL_SECONDS = 0.2
 SCAN_PENDING = 128
@@ -247,6 +254,34 @@ class _Watch:
             self.store.reconcile()
 
 
+@define
+class _BreakerRecorder:
+    """Records the run's breaker transitions in the ledger (``Store.record_breaker``),
+    under the run's worker name, for ``jobledger status``."""
+
+    store: Store
+    worker: str
+    unrecorded: int = 0
+    """Transitions the ledger refused (full, read-only, locked)."""
+
+    def __call__(self, event: BreakerEvent) -> None:
+        try:
+            self.store.record_breaker(
+                event.host,
+                worker=self.worker,
+                state=event.state,
+                failures=event.failures,
+                # An error text may hold what no store accepts (a NUL): made storable.
+                last_error=None if event.last_error is None else storable_text(event.last_error),
+                cooldown=event.cooldown,
+            )
+        except StorageError:
+            # The row is a view for operators, not a decision: the run goes on without
+            # it. A ledger that refuses this write refuses the jobs' next write too, and
+            # that one stops the run with the fault's one line (exit 4).
+            self.unrecorded += 1
+
+
 def _summary(
     store: Store,
     *,
@@ -379,8 +414,16 @@ def download(
         if isinstance(store, str | os.PathLike):
             # A target we open is ours to close; a store we were handed is the caller's.
             store = owned.enter_context(open_store(store, config=cfg))
+        # A store kept in a file says where (``SqliteStore.path``): hold room beside it
+        # for handing jobs back should its disk fill up (see LedgerReserve).
+        ledger = getattr(store, "path", None)
+        reserve = LedgerReserve(ledger) if isinstance(ledger, Path) else None
+        if reserve is not None:
+            reserve.hold()
+            owned.callback(reserve.free)
         return _download(
             store,
+            reserve=reserve,
             manifest=manifest,
             out_dir=out_dir,
             workers=workers,
@@ -401,6 +444,7 @@ def _download(
     progress: Progress | None,
     client: HttpClient | None,
     stop: threading.Event | None,
+    reserve: LedgerReserve | None,
 ) -> DownloadSummary:
     started = time.monotonic()
     ensure_file_handles(workers)
@@ -428,6 +472,9 @@ def _download(
         # handed back eligible now (world_delay=0): the run ends here, and the next run
         # (after the fix) should not wait.
         faults.append(fault)
+        if reserve is not None:
+            # Before the job is handed back: a full ledger disk needs the room for it.
+            reserve.free()
         worker.stop()
 
     handler = DownloadHandler(
@@ -438,8 +485,21 @@ def _download(
         on_fault=on_fault,
         world_delay=0.0,
     )
+
+    def on_worker_error(exc: JobledgerError) -> None:
+        # A fault the worker met outside the handler (taking a lease from a full or
+        # read-only ledger) stops the run the same way.
+        fault = fault_of(exc)
+        if fault is not None:
+            on_fault(fault)
+
     worker = Worker(
-        store, {KIND: handler}, name=own, ttl=cfg.download_lease_ttl, concurrency=workers
+        store,
+        {KIND: handler},
+        name=own,
+        ttl=cfg.download_lease_ttl,
+        concurrency=workers,
+        on_error=on_worker_error,
     )
     watch = _Watch(store, watch_ids, progress, own)
     errors: list[BaseException] = []
@@ -452,6 +512,7 @@ def _download(
 
     thread = threading.Thread(target=run_worker, name="download-worker", daemon=True)
     if not watch.tick():
+        http.hosts.watch(_BreakerRecorder(store, own))
         thread.start()
         try:
             while not watch.tick():
@@ -468,6 +529,7 @@ def _download(
         finally:
             worker.stop()
             thread.join(STOP_JOIN_SECONDS)
+            http.hosts.watch(None)
             if client is None:
                 http.close()
     if not thread.is_alive():  # else its connections are left to the garbage collector

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from model.breaker import BreakerMove, BreakerRow
 from model.errors import JobledgerError
 from model.record import Stats
 from model.store import Store
@@ -30,6 +31,11 @@ FAILED = "jobledger_failed_jobs"
 QUEUE_LAG = "jobledger_queue_lag_seconds"
 UP = "jobledger_ledger_up"
 READ_SECONDS = "jobledger_stats_read_seconds"
+BREAKERS = "jobledger_breakers"
+
+BREAKER_STATES = ("open", "stale", "closed")
+"""The ``state`` label of :data:`BREAKERS`: open, open but stale (its process stopped
+asking the host), closed (in the last hour)."""
 
 
 class LedgerCollector:
@@ -42,7 +48,11 @@ class LedgerCollector:
         ``jobledger_effects_in_doubt``; ``jobledger_failed_jobs`` (in their workflow's
         failed state); ``jobledger_queue_lag_seconds``: age of the oldest eligible job,
         0 when none waits; ``jobledger_ledger_up``: 1 when the read worked;
-        ``jobledger_stats_read_seconds``: how long the read took.
+        ``jobledger_stats_read_seconds``: how long the read took;
+        ``jobledger_breakers{host,state}``: circuit breakers the download runs recorded
+        (``store.breakers()``, the rows ``jobledger status`` shows), counted by host and
+        state (open, stale, closed); each process has its own row for a host, so a
+        count above 1 means several processes saw that host down.
     """
 
     def __init__(self, store: Store) -> None:
@@ -53,18 +63,25 @@ class LedgerCollector:
     def describe(self) -> Iterator[Metric]:
         """The families, without samples (so registering reads nothing)."""
         yield from self._families(None)
+        yield _breaker_family([], 0.0)
 
     def collect(self) -> Iterator[Metric]:
         """Read ``store.stats()`` and yield the families."""
         started = time.perf_counter()
+        now = 0.0
         with self._lock:
             try:
                 stats: Stats | None = self.store.stats()
+                now = self.store.now()
+                breakers = [row for row in self.store.breakers() if row.shown(now)]
             except JobledgerError as exc:
                 log.warning("metrics: cannot read the ledger's stats: %s", exc)
                 stats = None
+                breakers = []
         took = time.perf_counter() - started
         families = self._families(stats)
+        if stats is not None:
+            families.append(_breaker_family(breakers, now))
         if stats is None:
             families = [f for f in families if f.name in (UP, READ_SECONDS)]
         for family in families:
@@ -103,3 +120,23 @@ class LedgerCollector:
             failed.add_metric([], float(stats.failed))
             lag.add_metric([], float(stats.oldest_eligible_age or 0.0))
         return [jobs, leases, in_doubt, failed, lag, up, took]
+
+
+def _breaker_family(rows: list[BreakerRow], now: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        BREAKERS,
+        "Circuit breakers recorded by download runs, per host and state (open, stale: "
+        "open but its process stopped asking, closed: in the last hour); one per process.",
+        labels=["host", "state"],
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        if row.state is BreakerMove.CLOSED:
+            state = "closed"
+        else:
+            state = "stale" if row.stale(now) else "open"
+        counts.setdefault(row.host, dict.fromkeys(BREAKER_STATES, 0))[state] += 1
+    for host in sorted(counts):
+        for state, count in counts[host].items():
+            family.add_metric([host, state], float(count))
+    return family

@@ -637,3 +637,32 @@ NEXT_DUE_OF_KINDS = _NEXT_DUE + " AND kind = ANY(%(kinds)s::text[])"
 def listen(channel: str) -> sql.Composed:
     """``LISTEN channel``: a channel is an identifier, which no parameter can carry."""
     return sql.SQL("LISTEN {}").format(sql.Identifier(channel))
+
+
+# -- circuit breakers (schema version 3, model/breaker.py) -------------------------------
+
+OPEN_BREAKER = """
+INSERT INTO breakers (host, worker, state, failures, last_error, opened_at, until_at,
+    changed_at, opens)
+VALUES (%(host)s, %(worker)s, 'open', %(failures)s, %(last_error)s, %(now)s, %(until)s,
+    %(now)s, 1)
+ON CONFLICT (host, worker) DO UPDATE SET
+    state = 'open', failures = excluded.failures, last_error = excluded.last_error,
+    opened_at = excluded.opened_at, until_at = excluded.until_at,
+    changed_at = excluded.changed_at, opens = breakers.opens + 1
+"""
+CLOSE_BREAKER = """
+INSERT INTO breakers (host, worker, state, failures, last_error, opened_at, until_at,
+    changed_at, opens)
+VALUES (%(host)s, %(worker)s, 'closed', %(failures)s, %(last_error)s, NULL, NULL, %(now)s, 0)
+ON CONFLICT (host, worker) DO UPDATE SET
+    state = 'closed', failures = excluded.failures,
+    last_error = coalesce(excluded.last_error, breakers.last_error),
+    until_at = NULL, changed_at = excluded.changed_at
+"""
+# Sorted by code point, as the other backends and the model sort.
+BREAKERS = """
+SELECT host, worker, state, failures, last_error, opened_at, until_at, changed_at, opens
+FROM breakers ORDER BY host COLLATE "C", worker COLLATE "C"
+"""
+FORGET_BREAKERS = "DELETE FROM breakers WHERE changed_at < %(before)s"

@@ -13,6 +13,7 @@ from impl.postgres import rollup
 from impl.postgres.database import Tx
 from impl.postgres.registry import stored
 from impl.postgres.rows import effect_info, history_event, job_info, lease_row, missing_job
+from model.breaker import BreakerMove, BreakerRow
 from model.record import EffectInfo, HistoryEvent, JobInfo, LeaseRow, Stats
 
 
@@ -78,3 +79,21 @@ def due_in(tx: Tx, kinds: list[str] | None) -> float | None:
     assert row is not None
     due = row["due_in"]
     return None if due is None else float(due)
+
+
+def breakers(tx: Tx) -> list[BreakerRow]:
+    """Every recorded breaker row, by host then worker."""
+    return [
+        BreakerRow(
+            host=r["host"],
+            worker=r["worker"],
+            state=BreakerMove(r["state"]),
+            failures=int(r["failures"]),
+            last_error=r["last_error"],
+            opened_at=r["opened_at"],
+            until=r["until_at"],
+            changed_at=float(r["changed_at"]),
+            opens=int(r["opens"]),
+        )
+        for r in tx.all(q.BREAKERS)
+    ]

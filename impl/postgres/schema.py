@@ -225,9 +225,30 @@ _V2 = (
     "ALTER TABLE history SET (autovacuum_vacuum_scale_factor = 0.05)",
 )
 
+# Version 3 records the circuit breakers of the download pipeline (model/breaker.py): one
+# row per host and process, written only when a breaker opens or closes.
+_V3 = (
+    """
+    CREATE TABLE breakers (
+        host text NOT NULL,
+        worker text NOT NULL,
+        state text NOT NULL CHECK (state IN ('open', 'closed')),
+        failures bigint NOT NULL CHECK (failures >= 0),
+        last_error text,
+        opened_at double precision,
+        until_at double precision,
+        changed_at double precision NOT NULL,
+        opens bigint NOT NULL CHECK (opens >= 0),
+        CHECK ((state = 'open') = (until_at IS NOT NULL)),
+        PRIMARY KEY (host, worker)
+    )
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "tombstones of pruned jobs; counts by watermark; autovacuum for prune", _V2),
+    Migration(3, "circuit breakers as each process last recorded them", _V3),
 )
 """Every migration, oldest first; append only."""
 

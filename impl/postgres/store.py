@@ -39,6 +39,7 @@ from impl.postgres.registry import Registry, stored
 from impl.postgres.rows import history_event, job_info, lease_of, locked_job, plain
 from impl.postgres.schema import check_not_newer, pending
 from impl.postgres.steps import Steps, Transaction
+from model.breaker import BreakerMove, BreakerRow, check_before, check_breaker
 from model.clock import Clock
 from model.config import Config
 from model.effectstep import EffectSteps
@@ -786,6 +787,60 @@ class PostgresStore:
         return self._db.read("stats", read.stats)
 
     # -- retention -----------------------------------------------------------------
+
+    # -- circuit breakers ------------------------------------------------------------------
+
+    def record_breaker(
+        self,
+        host: str,
+        *,
+        worker: str,
+        state: str,
+        failures: int,
+        last_error: str | None = None,
+        cooldown: float | None = None,
+    ) -> None:
+        """Upsert the row of ``(host, worker)``: opened (probe after ``cooldown``) or
+        closed (``opened_at`` and, unless given, ``last_error`` kept)."""
+        self._db.check_open()
+        change = check_breaker(
+            host,
+            worker=worker,
+            state=state,
+            failures=failures,
+            last_error=last_error,
+            cooldown=cooldown,
+        )
+
+        def body(tx: Tx) -> None:
+            params = {
+                "host": change.host,
+                "worker": change.worker,
+                "failures": change.failures,
+                "last_error": change.last_error,
+                "now": tx.now,
+            }
+            if change.state is BreakerMove.OPEN:
+                assert change.cooldown is not None
+                tx.run(q.OPEN_BREAKER, {**params, "until": tx.now + change.cooldown})
+            else:
+                tx.run(q.CLOSE_BREAKER, params)
+
+        self._db.write("record_breaker", body)
+
+    def breakers(self) -> list[BreakerRow]:
+        """List every recorded breaker row, by host then worker."""
+        self._db.check_open()
+        return self._db.read("breakers", read.breakers)
+
+    def forget_breakers(self, *, changed_before: float) -> int:
+        """Remove the breaker rows last changed before ``changed_before``; return how
+        many went."""
+        self._db.check_open()
+        cutoff = check_before(changed_before)
+        return self._db.write(
+            "forget_breakers", lambda tx: tx.run(q.FORGET_BREAKERS, {"before": cutoff})
+        )
 
     def prune(
         self,

@@ -559,3 +559,29 @@ FROM jobs INDEXED BY jobs_active WHERE terminal = 0"""
 NEXT_DUE = _NEXT_DUE
 NEXT_DUE_OF_KIND = _NEXT_DUE + _OF_KIND
 NEXT_DUE_OF_KINDS = _NEXT_DUE + _OF_KINDS
+
+# -- circuit breakers (schema version 6, model/breaker.py) -------------------------------
+
+BREAKER_COLUMNS = (
+    "host, worker, state, failures, last_error, opened_at, until_at, changed_at, opens"
+)
+OPEN_BREAKER = """
+INSERT INTO breakers (host, worker, state, failures, last_error, opened_at, until_at,
+    changed_at, opens)
+VALUES (:host, :worker, 'open', :failures, :last_error, :now, :until, :now, 1)
+ON CONFLICT (host, worker) DO UPDATE SET
+    state = 'open', failures = excluded.failures, last_error = excluded.last_error,
+    opened_at = excluded.opened_at, until_at = excluded.until_at,
+    changed_at = excluded.changed_at, opens = breakers.opens + 1
+"""
+CLOSE_BREAKER = """
+INSERT INTO breakers (host, worker, state, failures, last_error, opened_at, until_at,
+    changed_at, opens)
+VALUES (:host, :worker, 'closed', :failures, :last_error, NULL, NULL, :now, 0)
+ON CONFLICT (host, worker) DO UPDATE SET
+    state = 'closed', failures = excluded.failures,
+    last_error = coalesce(excluded.last_error, breakers.last_error),
+    until_at = NULL, changed_at = excluded.changed_at
+"""
+SELECT_BREAKERS = "SELECT " + BREAKER_COLUMNS + " FROM breakers ORDER BY host, worker"
+DELETE_BREAKERS_BEFORE = "DELETE FROM breakers WHERE changed_at < ?"

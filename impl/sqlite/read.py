@@ -20,6 +20,7 @@ from impl.sqlite.row import (
     missing_job,
     planned_entry,
 )
+from model.breaker import BreakerMove, BreakerRow
 from model.errors import InvalidInput
 from model.record import EffectInfo, Event, HistoryEvent, JobInfo, LeaseRow
 
@@ -100,3 +101,23 @@ def history_in_tx(conn: sqlite3.Connection, job_id: str) -> list[HistoryEvent]:
 def _require(conn: sqlite3.Connection, job_id: str) -> None:
     if conn.execute(q.JOB_EXISTS, (job_id,)).fetchone() is None:
         raise missing_job(conn, job_id)
+
+
+def breakers(conn: sqlite3.Connection) -> list[BreakerRow]:
+    """Every recorded breaker row, by host then worker."""
+    return [
+        BreakerRow(
+            host=str(host),
+            worker=str(worker),
+            state=BreakerMove(state),
+            failures=int(failures),
+            last_error=None if last_error is None else str(last_error),
+            opened_at=None if opened_at is None else float(opened_at),
+            until=None if until is None else float(until),
+            changed_at=float(changed_at),
+            opens=int(opens),
+        )
+        for host, worker, state, failures, last_error, opened_at, until, changed_at, opens in (
+            conn.execute(q.SELECT_BREAKERS)
+        )
+    ]

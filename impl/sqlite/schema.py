@@ -386,12 +386,34 @@ _V5 = (
     "CREATE TABLE count_pending (seq INTEGER PRIMARY KEY)",
 )
 
+# Version 6 records the circuit breakers of the download pipeline (model/breaker.py): one
+# row per host and process, written only when a breaker opens or closes, so that
+# ``jobledger status`` can show them. Rows are few (hosts x processes) and read whole.
+_V6 = (
+    """
+    CREATE TABLE breakers (
+        host TEXT NOT NULL,
+        worker TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+        failures INTEGER NOT NULL CHECK (failures >= 0),
+        last_error TEXT,
+        opened_at REAL,
+        until_at REAL,
+        changed_at REAL NOT NULL,
+        opens INTEGER NOT NULL CHECK (opens >= 0),
+        CHECK ((state = 'open') = (until_at IS NOT NULL)),
+        PRIMARY KEY (host, worker)
+    ) WITHOUT ROWID
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _V1),
     Migration(2, "leaner hot tables: fewer pages written per transaction", _V2),
     Migration(3, "history inline in the rows each transaction writes anyway", _V3),
     Migration(4, "no index written by every plan and state change for the counts alone", _V4),
     Migration(5, "tombstones of pruned jobs; counts of finished jobs by watermark", _V5),
+    Migration(6, "circuit breakers as each process last recorded them", _V6),
 )
 """Every migration, in version order. Append only; never edit a shipped one."""
 

@@ -32,6 +32,7 @@ from impl.sqlite.row import (
     text_of,
 )
 from impl.sqlite.schema import migrate
+from model.breaker import BreakerMove, BreakerRow, check_before, check_breaker
 from model.clock import Clock, wall_clock
 from model.config import Config
 from model.effectstep import EffectSteps, run_steps
@@ -592,6 +593,56 @@ class SqliteStore:
         if report.batches:
             retention.reclaim(conn, self._clock)
         return report
+
+    # -- circuit breakers ------------------------------------------------------------------
+
+    def record_breaker(
+        self,
+        host: str,
+        *,
+        worker: str,
+        state: str,
+        failures: int,
+        last_error: str | None = None,
+        cooldown: float | None = None,
+    ) -> None:
+        """Upsert the row of ``(host, worker)``: opened (probe after ``cooldown``) or
+        closed (``opened_at`` and, unless given, ``last_error`` kept)."""
+        change = check_breaker(
+            host,
+            worker=worker,
+            state=state,
+            failures=failures,
+            last_error=last_error,
+            cooldown=cooldown,
+        )
+        conn = self._connection()
+        with Tx(conn, "record_breaker", self._clock) as tx:
+            params = {
+                "host": change.host,
+                "worker": change.worker,
+                "failures": change.failures,
+                "last_error": change.last_error,
+                "now": tx.now,
+            }
+            if change.state is BreakerMove.OPEN:
+                assert change.cooldown is not None
+                conn.execute(q.OPEN_BREAKER, {**params, "until": tx.now + change.cooldown})
+            else:
+                conn.execute(q.CLOSE_BREAKER, params)
+
+    def breakers(self) -> list[BreakerRow]:
+        """List every recorded breaker row, by host then worker."""
+        conn = self._connection()
+        return reading(conn, "breakers", lambda: read.breakers(conn))
+
+    def forget_breakers(self, *, changed_before: float) -> int:
+        """Remove the breaker rows last changed before ``changed_before``; return how
+        many went."""
+        cutoff = check_before(changed_before)
+        conn = self._connection()
+        with Tx(conn, "forget_breakers", self._clock):
+            return int(conn.execute(q.DELETE_BREAKERS_BEFORE, (cutoff,)).rowcount)
 
     # -- helpers --------------------------------------------------------------------------
 

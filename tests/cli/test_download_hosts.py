@@ -22,6 +22,7 @@ from impl import open_store
 from impl.download.http import HttpClient
 from impl.download.run import Progress, download
 from impl.download.testserver import FileServer, generated_bytes
+from impl.worker import default_worker_name
 from model import Config
 from tests.cli.conftest import Outcome
 
@@ -91,6 +92,13 @@ def test_a_closed_port_skips_its_host_while_the_others_finish(
     assert sorted((r.method, r.path) for r in server.requests()) == sorted(
         (m, p) for p in bodies for m in ("HEAD", "GET")
     )
+    # The ledger shows the breaker as this process left it: open, with its last error.
+    (row,) = json.loads(run(*db, "status", "--json").out)["breakers"]
+    assert (row["host"], row["state"], row["opens"]) == (host["host"], "open", host["opens"])
+    assert row["worker"] == default_worker_name()
+    assert row["failures"] >= 2
+    assert "ConnectError" in row["last_error"]
+    assert row["until"] > row["opened_at"]
     plain = run(*db, *FAST, "download", str(path), "--out", "out", "--workers", "2")
     assert plain.code == 1
     assert f"skipped host 127.0.0.1:{port}: circuit open after" in plain.out
@@ -181,6 +189,10 @@ def test_a_503_outage_opens_the_breaker_and_spends_no_attempt(
     (host,) = summary["hosts"]
     assert (host["state"], host["last_error"]) == ("closed", "HTTP 503")
     assert host["opens"] >= 1
+    # Recorded in the ledger as it opened and closed again (one row per process).
+    (row,) = json.loads(run(*db, "status", "--json").out)["breakers"]
+    assert (row["host"], row["state"], row["until"]) == (host["host"], "closed", None)
+    assert (row["opens"], row["last_error"], row["failures"]) == (host["opens"], "HTTP 503", 0)
     assert set(_jobs(run, db).values()) == {("INDEXED", 1)}
     statuses = [r.status for r in server.requests()]
     assert statuses.count(503) == 6

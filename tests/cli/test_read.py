@@ -60,7 +60,8 @@ def test_status_json_is_the_stats_fields(cmd: Callable[..., Outcome], target: Ta
     out = cmd("status", "--json")
     assert out.code == 0, out.err
     data = json.loads(out.out)
-    assert list(data) == [f.name for f in attrs.fields(Stats)]
+    assert list(data) == [*(f.name for f in attrs.fields(Stats)), "breakers"]
+    assert data["breakers"] == []
     assert data["by_state"]["download"]["PLANNED"] == 2
     assert data["by_state"]["download"]["HEAD_DONE"] == 1
     assert data["by_state"]["download"]["FAILED"] == 1

@@ -1,4 +1,5 @@
-"""Real file-system faults for tests: a small tmpfs (disk full) and a read-only bind mount.
+"""Real file-system faults for tests: a small tmpfs (disk full), a read-only bind mount,
+and an ext4 image with user quotas (EDQUOT) where the kernel has them.
 
 Mounting needs root. Outside CI a refused mount skips the test with a message; in CI
 (``CI=true``) it fails, because there the faults must be proven, not assumed.
@@ -7,6 +8,7 @@ Mounting needs root. Outside CI a refused mount skips the test with a message; i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,3 +68,42 @@ def read_only(source: Path, view: Path) -> Iterator[Path]:
         yield view
     finally:
         _umount(view)
+
+
+@contextmanager
+def ext4_with_quota(path: Path, *, size: str) -> Iterator[Path]:
+    """Mount an ext4 image of ``size`` (e.g. ``"16M"``) with user quotas on ``path``.
+
+    Skips (in CI too: it is the kernel's feature, not a permission) when the image
+    cannot be made or mounted with quotas, or ``setquota`` (the quota tools) is missing.
+    """
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 is not installed, so no quota can be set up; EDQUOT is not proven")
+    image = path.parent / f"{path.name}.img"
+    path.mkdir(parents=True, exist_ok=True)
+    proc = _run("truncate", "-s", size, str(image))
+    assert proc.returncode == 0, proc.stderr
+    try:
+        made = _run("mkfs.ext4", "-q", "-O", "quota", "-E", "quotatype=usrquota", str(image))
+        if made.returncode != 0:
+            pytest.skip(f"cannot make an ext4 image with quotas ({made.stderr.strip()})")
+        mounted = _run("mount", "-o", "loop", str(image), str(path))
+        if mounted.returncode != 0:
+            pytest.skip(
+                f"cannot mount an ext4 image with quotas ({mounted.stderr.strip()}); this "
+                "kernel may lack CONFIG_QUOTA and CONFIG_QFMT_V2, so EDQUOT is not proven"
+            )
+        try:
+            if shutil.which("setquota") is None:
+                pytest.skip("setquota (the quota tools) is not installed; EDQUOT is not proven")
+            yield path
+        finally:
+            _umount(path)
+    finally:
+        image.unlink(missing_ok=True)
+
+
+def set_block_quota(mount: Path, *, user: str, hard_kib: int) -> None:
+    """Limit ``user`` to ``hard_kib`` KiB on ``mount`` (0: no limit)."""
+    proc = _run("setquota", "-u", user, "0", str(hard_kib), "0", "0", str(mount))
+    assert proc.returncode == 0, proc.stderr

@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from impl.download.breaker import Breaker, BreakerState, Decision
-from impl.download.host import HostDeferred, HostGuard
+from impl.download.host import BreakerEvent, HostDeferred, HostGuard
 
 THRESHOLD = 3
 COOLDOWN = 10.0
@@ -217,3 +217,47 @@ def test_an_open_breaker_defers_until_the_probe_and_a_good_probe_closes_it() -> 
         1,
         1,
     )
+
+
+def test_the_guard_reports_each_open_and_close_once_and_nothing_per_request() -> None:
+    """What ``jobledger download`` records in the ledger: a breaker's transitions only
+    (opened, opened again after a failed probe, closed), never each request's outcome."""
+    clock = _Clock()
+    guard = _guard(clock)
+    events: list[BreakerEvent] = []
+    guard.watch(events.append)
+    for _ in range(5):  # successes of a closed breaker: nothing to report
+        guard.done("a:80", probe=guard.admit("a:80", "http://a/"), ok=True)
+    guard.done("a:80", probe=guard.admit("a:80", "http://a/"), ok=False, error="refused")
+    assert events == []  # one failure is below the threshold
+    guard.done("a:80", probe=guard.admit("a:80", "http://a/"), ok=False, error="refused")
+    late = guard.admit("b:80", "http://b/")  # another host is not affected
+    guard.done("b:80", probe=late, ok=True)
+    clock.now += 30.0
+    probe = guard.admit("a:80", "http://a/")
+    guard.done("a:80", probe=probe, ok=False, error="HTTP 503")
+    clock.now += 30.0
+    probe = guard.admit("a:80", "http://a/")
+    guard.done("a:80", probe=probe, ok=True)
+    guard.done("a:80", probe=guard.admit("a:80", "http://a/"), ok=True)
+    assert events == [
+        BreakerEvent("a:80", "open", 2, "refused", 30.0, 1),
+        BreakerEvent("a:80", "open", 3, "HTTP 503", 30.0, 2),
+        BreakerEvent("a:80", "closed", 0, "HTTP 503", None, 3),
+    ]
+    guard.watch(None)
+    for _ in range(2):
+        guard.done("a:80", probe=guard.admit("a:80", "http://a/"), ok=False, error="x")
+    assert len(events) == 3  # no listener: nothing reported
+
+
+def test_a_transition_reported_late_by_another_thread_is_dropped() -> None:
+    """Two threads may finish requests at once: the listener never sees an older
+    transition after a newer one (the ledger keeps the newest)."""
+    clock = _Clock()
+    guard = _guard(clock)
+    events: list[BreakerEvent] = []
+    guard.watch(events.append)
+    guard._report(BreakerEvent("a:80", "closed", 0, None, None, 2))
+    guard._report(BreakerEvent("a:80", "open", 2, "refused", 30.0, 1))
+    assert [e.seq for e in events] == [2]

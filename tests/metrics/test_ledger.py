@@ -92,3 +92,29 @@ def test_an_unreadable_ledger_is_up_0_and_reports_nothing_else(
 def test_the_endpoint_binds_loopback_by_default(endpoint: MetricsServer) -> None:
     assert endpoint.host == "127.0.0.1"
     assert endpoint.url.startswith("http://127.0.0.1:")
+
+
+def test_a_scrape_counts_the_recorded_breakers_by_host_and_state(
+    store: Store, clock: ManualClock, endpoint: MetricsServer
+) -> None:
+    setup(store)
+    assert not [k for k in by_key(scrape(endpoint.url)) if k[0] == "jobledger_breakers"]
+    store.record_breaker("a:80", worker="p1", state="open", failures=3, cooldown=30.0)
+    clock.advance(200)  # p1's probe was due 170 s ago: stale
+    store.record_breaker("a:80", worker="p2", state="open", failures=3, cooldown=30.0)
+    store.record_breaker("b:80", worker="p2", state="open", failures=3, cooldown=30.0)
+    store.record_breaker("b:80", worker="p2", state="closed", failures=0)
+    got = by_key(scrape(endpoint.url))
+    breakers = {
+        (dict(labels)["host"], dict(labels)["state"]): value
+        for (name, labels), value in got.items()
+        if name == "jobledger_breakers"
+    }
+    assert breakers == {
+        ("a:80", "open"): 1,
+        ("a:80", "stale"): 1,
+        ("a:80", "closed"): 0,
+        ("b:80", "open"): 0,
+        ("b:80", "stale"): 0,
+        ("b:80", "closed"): 1,
+    }

@@ -223,3 +223,34 @@ def test_a_workflow_read_once_is_answered_without_a_transaction(
     store.close()
     with pytest.raises(StorageError, match="closed"):
         store.workflow("flow")
+
+
+def test_a_version_2_schema_gains_the_breakers_table_and_keeps_its_rows(
+    open_pg: OpenStore, pg_schema: str, pg_admin: Admin
+) -> None:
+    """Version 3 adds the breakers table: a schema left by version 2 (its tombstones
+    here) keeps its rows, and records and lists breakers after the upgrade."""
+    assert [m.version for m in pg_schema_mod.MIGRATIONS[:2]] == [1, 2]
+    with psycopg.connect(PG_URL, autocommit=True) as conn, conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
+        pg_schema_mod.set_search_path(conn, pg_schema, local=True)
+        conn.execute(pg_schema_mod._LEDGER_TABLE)
+        for step in pg_schema_mod.MIGRATIONS[:2]:
+            for statement in step.statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                [step.version, step.name],
+            )
+        conn.execute(
+            "INSERT INTO tombstones VALUES (%s, 'download', 'INDEXED', 5.0, 6.0)", ["2" * 64]
+        )
+    assert read_schema_version(PG_URL, pg_schema) == 2
+    store = open_pg(clock=ManualClock(20.0))
+    assert read_schema_version(PG_URL, pg_schema) == SCHEMA_VERSION == 3
+    assert store.breakers() == []
+    store.record_breaker("h:80", worker="w", state="open", failures=3, cooldown=30.0)
+    (row,) = store.breakers()
+    assert (row.host, row.opened_at, row.until) == ("h:80", 20.0, 50.0)
+    kept = pg_admin.execute(sql.SQL("SELECT job_id FROM {}").format(table(pg_schema, "tombstones")))
+    assert kept.fetchall() == [("2" * 64,)]

@@ -3,6 +3,7 @@ the database intact (SQLite's own I/O-error testing, scaled down to what a test 
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -108,3 +109,92 @@ def test_locked_past_the_busy_timeout_is_typed_and_loses_nothing(tmp_path: Path)
 def test_a_missing_directory_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot be opened"):
         SqliteStore(tmp_path / "no" / "such" / "dir" / "db.sqlite")
+
+
+@pytest.mark.xdist_group("mounts")
+def test_a_real_full_file_system_mid_transaction_rolls_back_whole_and_is_a_world_fault(
+    tmp_path: Path,
+) -> None:
+    """A ledger on a 1 MiB tmpfs that another program filled: SQLite answers SQLITE_FULL
+    when a transaction needs a page the disk cannot give (while writing the WAL), and
+    rolls the transaction back whole. The store raises DatabaseFull, which
+    ``impl.world`` takes for a fault of the world (exit 4 in ``jobledger download``);
+    nothing of the call is visible, what was committed before stays, and once space is
+    freed the same call succeeds."""
+    from impl.world import fault_of
+    from model import ManualClock
+    from tests.download.mounts import tmpfs
+
+    with tmpfs(tmp_path / "disk", size="1m") as disk:
+        path = disk / "db.sqlite"
+        with SqliteStore(path, clock=ManualClock()) as store:
+            kept = store.plan("download", {"url": "kept"})
+            lease = store.lease_next("w")
+            assert lease is not None
+            ballast = disk / "ballast"
+            fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                with pytest.raises(OSError, match="No space left"):  # noqa: PT012
+                    while True:
+                        os.write(fd, b"\0" * 4096)
+            finally:
+                os.close(fd)
+            items = [{"url": f"big{i}"} for i in range(200)]
+            with pytest.raises(DatabaseFull, match="SQLITE_FULL") as full:
+                store.plan_many("download", items)
+            conn = store._connection()
+            assert not conn.in_transaction
+            assert [j.job_id for j in store.jobs()] == [kept]  # nothing of the call
+            assert store.job(kept).lease == lease  # what was committed stays
+            fault = fault_of(full.value)
+            assert fault is not None
+            assert fault.what == "database full"
+            ballast.unlink()  # space is freed
+            assert len(store.plan_many("download", items)) == 200
+            store.release(lease)
+            assert store.job(kept).attempts == 0
+        assert _integrity(path) == "ok"
+
+
+@pytest.mark.xdist_group("mounts")
+def test_a_worker_that_cannot_take_a_lease_from_a_full_ledger_tells_its_on_error(
+    tmp_path: Path,
+) -> None:
+    """Taking a lease from a ledger whose disk is full fails outside any handler: the
+    worker passes the DatabaseFull to ``on_error`` (``jobledger download`` stops the run
+    there with exit 4); a callback that stops the worker ends ``run`` at once, with
+    nothing leased and no attempt spent."""
+    from impl.worker import Worker
+    from model import JobledgerError, ManualClock
+    from tests.download.mounts import tmpfs
+
+    with (
+        tmpfs(tmp_path / "disk", size="1m") as disk,
+        SqliteStore(disk / "db.sqlite", clock=ManualClock()) as store,
+    ):
+        job = store.plan("download", {"url": "waiting"})
+        # An empty WAL: the next commit needs new pages (an allocated WAL would be reused).
+        store._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError, match="No space left"):  # noqa: PT012
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        seen: list[JobledgerError] = []
+        ran: list[str] = []
+
+        def on_error(exc: JobledgerError) -> None:
+            seen.append(exc)
+            worker.stop()
+
+        worker = Worker(store, {"download": lambda ctx: ran.append(ctx.job_id)}, on_error=on_error)
+        started = time.monotonic()
+        worker.run()
+        assert time.monotonic() - started < 10
+        assert len(seen) == 1
+        assert isinstance(seen[0], DatabaseFull)
+        assert ran == []
+        info = store.job(job)
+        assert (info.state, info.attempts, info.lease) == ("PLANNED", 0, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from model import (
     SchemaVersionError,
     Workflow,
 )
-from model.key import canon
+from model.key import canon, job_key
 
 FLOW = Workflow(
     name="flow",
@@ -325,3 +326,42 @@ def test_a_version_3_database_counts_the_same_without_the_state_index(tmp_path: 
         }
     assert "jobs_kind_state" not in indexes
     assert "jobs_active" in indexes
+
+
+def test_a_version_5_database_gains_the_breakers_table_and_keeps_its_jobs(
+    tmp_path: Path,
+) -> None:
+    """Version 6 adds the breakers table (model/breaker.py): a ledger written by version 5
+    keeps its jobs and tombstones, and records and lists breakers after the upgrade."""
+    path = tmp_path / "db.sqlite"
+    conn = _raw(path)
+    try:
+        _schema_with_flow(conn, upto=5)
+        assert MIGRATIONS[4].version == 5
+        conn.execute(
+            "INSERT INTO jobs (seq, job_id, kind, identity, payload, state, terminal,"
+            " attempts, max_attempts, priority, run_at, token, created_at, updated_at,"
+            " hist, hist_n) VALUES (1, ?, 'flow', '{\"n\":1}', 'null', 'B', 0, 1, 5, 0,"
+            " 10.0, 1, 10.0, 10.0, '', 1)",
+            (job_key("flow", {"n": 1}),),
+        )
+        conn.execute("INSERT INTO tombstones VALUES (?, 'flow', 'C', 5.0, 6.0)", ("2" * 64,))
+        assert (
+            conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'breakers'").fetchone() is None
+        )
+    finally:
+        conn.close()
+    with SqliteStore(path, clock=ManualClock(20.0)) as store:
+        key = job_key("flow", {"n": 1})
+        assert store.state(key) == "B"
+        assert store.plan("flow", {"n": 1}) == key  # still planned: a no-op
+        assert store.breakers() == []
+        store.record_breaker("h:80", worker="w", state="open", failures=3, cooldown=30.0)
+        (row,) = store.breakers()
+        assert (row.host, row.opened_at, row.until) == ("h:80", 20.0, 50.0)
+    with closing(_raw(path)) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_migrations").fetchone() == (
+            SCHEMA_VERSION,
+        )
+        assert conn.execute("SELECT count(*) FROM tombstones").fetchone() == (1,)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
