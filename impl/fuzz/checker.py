@@ -370,7 +370,8 @@ def _tokens(ev: Evidence) -> list[Violation]:
         if entry.get("ev") != "lease":
             continue
         key = (_str(entry, "job"), _int(entry, "token"))
-        who = _str(entry, "w")
+        # The lease's holder: a worker process of several threads names each "w/i".
+        who = _str(entry, "holder") if "holder" in entry else _str(entry, "w")
         if key in holders and holders[key] != who:
             out.append(
                 Violation(
