@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -63,6 +64,9 @@ GROUP_MEMBERS_MAX = 64
 """A group commits once it holds this many members, even with threads still queued,
 so one group does not hold SQLite's write lock for ever under a steady stream."""
 
+AWAIT_PATIENCE = 0.01
+"""Seconds a member waits for its group's commit before it tries to commit it itself."""
+
 _FAILURES_KEPT = 64
 
 
@@ -70,10 +74,11 @@ class Group:
     """One process's group transaction on one file (see the module docstring).
 
     Shared by every store of the process on the file with the same ``synchronous``
-    setting (:func:`acquire`); each store releases it when it closes (:func:`release`).
+    setting and window (:func:`acquire`); each store releases it when it closes
+    (:func:`release`).
     """
 
-    def __init__(self, key: tuple[str, str], path: Path, config: Config) -> None:
+    def __init__(self, key: tuple[str, str, float], path: Path, config: Config) -> None:
         self.key = key
         self.path = path
         self.config = config
@@ -82,11 +87,14 @@ class Group:
         self.users = 0
         # Held by the member whose statements run on the group's connection now.
         self.lock = threading.Lock()
-        # Guards the counters below and wakes members waiting for their commit.
-        self.cond = threading.Condition(threading.Lock())
+        # Guards the counters below. A member waiting for its commit sleeps on a lock of
+        # its own, released when the commit is settled: waking a Condition's waiters
+        # makes each take the Condition's lock again in turn, one thread switch apiece.
+        self.mutex = threading.Lock()
         self.waiting = 0
         self.settled = 0
         self.failures: dict[int, BaseException] = {}
+        self.sleepers: list[threading.Lock] = []
         # The transaction, read and written only by the holder of ``lock``.
         self.held: Held | None = None
         self.open = False
@@ -128,7 +136,7 @@ class Group:
 
     def _queue(self, tx: Tx) -> None:
         """Wait for the group's lock, as a transaction waits for SQLite's write lock."""
-        with self.cond:
+        with self.mutex:
             self.waiting += 1
         try:
             limit = tx.conn.wait_limit
@@ -149,7 +157,7 @@ class Group:
                         return
                     pause = min(pause * 2, GATE_LONGEST_PROBE)
         finally:
-            with self.cond:
+            with self.mutex:
                 self.waiting -= 1
         raise DatabaseLocked(
             f"{tx.op}: other threads of this process held the ledger's group transaction "
@@ -247,9 +255,9 @@ class Group:
         the group's commit. Returns the commit's failure, or None once it is durable."""
         if not self.open or self.epoch != tx.epoch:
             self.lock.release()
-            with self.cond:
+            with self.mutex:
                 return self.failures.get(tx.epoch)
-        with self.cond:
+        with self.mutex:
             queued = self.waiting
         if (
             queued == 0
@@ -282,11 +290,20 @@ class Group:
 
     def _await(self, epoch: int) -> BaseException | None:
         """Wait until group ``epoch`` is settled; commit it if nobody else does."""
-        patience = max(self.window, GATE_FIRST_PROBE)
+        # Only a group whose queued threads all gave up is left uncommitted: rare, so
+        # the member does not give up on the others soon.
+        patience = max(4 * self.window, AWAIT_PATIENCE)
         while True:
-            with self.cond:
-                if self.settled < epoch:
-                    self.cond.wait(patience)
+            with self.mutex:
+                if self.settled >= epoch:
+                    return self.failures.get(epoch)
+                sleeper = threading.Lock()
+                sleeper.acquire()
+                self.sleepers.append(sleeper)
+            if not sleeper.acquire(timeout=patience):
+                with self.mutex, suppress(ValueError):
+                    self.sleepers.remove(sleeper)
+            with self.mutex:
                 if self.settled >= epoch:
                     return self.failures.get(epoch)
             # The threads that were queued behind it gave up waiting (nothing to do, or
@@ -297,13 +314,15 @@ class Group:
                 self.lock.release()
 
     def _settle(self, epoch: int, failure: BaseException | None) -> None:
-        with self.cond:
+        with self.mutex:
             self.settled = epoch
             if failure is not None:
                 self.failures[epoch] = failure
                 while len(self.failures) > _FAILURES_KEPT:
                     del self.failures[min(self.failures)]
-            self.cond.notify_all()
+            sleepers, self.sleepers = self.sleepers, []
+        for sleeper in sleepers:
+            sleeper.release()
 
     def _failed(self, tx: Tx, failure: BaseException) -> BaseException:
         """What a member raises when the group's COMMIT failed: its write is not durable."""
@@ -324,14 +343,14 @@ class Group:
             held.conn.close()
 
 
-_GROUPS: dict[tuple[str, str], Group] = {}
+_GROUPS: dict[tuple[str, str, float], Group] = {}
 _GROUPS_LOCK = threading.Lock()
 
 
 def acquire(path: Path, config: Config) -> Group:
-    """The group of this process for ``path`` and ``config``'s ``synchronous`` setting,
-    with one more user; pair every call with :func:`release`."""
-    key = (os.path.realpath(path), config.sqlite_synchronous)
+    """The group of this process for ``path``, ``config``'s ``synchronous`` setting and
+    its window, with one more user; pair every call with :func:`release`."""
+    key = (os.path.realpath(path), config.sqlite_synchronous, config.sqlite_group_window)
     with _GROUPS_LOCK:
         group = _GROUPS.get(key)
         if group is None or group.pid != os.getpid():
