@@ -116,7 +116,10 @@ class Group:
         try:
             conn = self._connection()
             if self.open:
-                conn.execute(q.SAVEPOINT_MEMBER)
+                try:
+                    conn.execute(q.SAVEPOINT_MEMBER)
+                except sqlite3.Error as exc:
+                    raise translate(exc, tx.op) from exc
                 tx.first = False
             else:
                 self._begin(tx, conn)
