@@ -108,15 +108,8 @@ class Tools:
         return f"{self.worker}#{next(self._counter)}"
 
 
-def sink_effect(
-    tools: Tools, job_id: str, op: str, *, worker: str | None = None
-) -> Callable[[EffectContext], JSON]:
-    """Return the effect function: one fenced execution in the sink, with its id.
-
-    ``worker`` is the lease holder's name (a ``Worker`` with several threads names each
-    ``name/i``); default ``tools.worker``.
-    """
-    holder = tools.worker if worker is None else worker
+def sink_effect(tools: Tools, job_id: str, op: str) -> Callable[[EffectContext], JSON]:
+    """Return the effect function: one fenced execution in the sink, with its id."""
 
     def fn(ectx: EffectContext) -> JSON:
         exec_id = tools.exec_id()
@@ -131,7 +124,7 @@ def sink_effect(
             op_key=ectx.op_key,
             token=ectx.token,
             exec_id=exec_id,
-            worker=holder,
+            worker=tools.worker,
         )
         tools.log.write(
             "sink", job=job_id, op_key=ectx.op_key, token=ectx.token, exec=exec_id, ok=accepted
@@ -148,9 +141,7 @@ def run_step_effect(
 ) -> JSON:
     """Run one effect through the ledger (fenced, recorded once) and log its result."""
     token = ctx.lease.token
-    result = ctx.effect(
-        op, sink_effect(tools, ctx.job_id, op, worker=ctx.lease.worker), extras=extras
-    )
+    result = ctx.effect(op, sink_effect(tools, ctx.job_id, op), extras=extras)
     tools.log.write(
         "result",
         job=ctx.job_id,
@@ -169,12 +160,7 @@ def make_handler(tools: Tools) -> Callable[[JobContext], None]:
         lease = ctx.lease
         log = tools.log
         log.write(
-            "lease",
-            job=lease.job_id,
-            token=lease.token,
-            attempt=lease.attempt,
-            state=lease.state,
-            holder=lease.worker,
+            "lease", job=lease.job_id, token=lease.token, attempt=lease.attempt, state=lease.state
         )
         try:
             payload = lease.payload if isinstance(lease.payload, dict) else {}
