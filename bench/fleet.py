@@ -43,8 +43,8 @@ SQLITE_TARGET = Target(0.8)
 PG_TARGET = Target(0.9)
 THREADS_TARGET = Target(0.85)
 GROUP_WINDOW = 0.001
-"""``sqlite_group_window`` of the grouped threads case (1 ms measured best of 1, 2, 5 and
-20 ms with 64 threads here)."""
+"""``sqlite_group_window`` of the grouped threads case (1 ms measured best of 1, 5 and 20 ms
+with 64 threads here)."""
 
 
 def io(_ctx: impl.EffectContext) -> None:
