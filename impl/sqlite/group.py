@@ -65,7 +65,10 @@ GROUP_MEMBERS_MAX = 64
 so one group does not hold SQLite's write lock for ever under a steady stream."""
 
 AWAIT_PATIENCE = 0.01
-"""Seconds a member waits for its group's commit before it tries to commit it itself."""
+"""Seconds a member waits for its group's commit before it tries to commit it itself
+(four windows, if longer, up to :data:`AWAIT_PATIENCE_LONGEST`)."""
+AWAIT_PATIENCE_LONGEST = 0.1
+
 
 _FAILURES_KEPT = 64
 
@@ -295,7 +298,7 @@ class Group:
         """Wait until group ``epoch`` is settled; commit it if nobody else does."""
         # Only a group whose queued threads all gave up is left uncommitted: rare, so
         # the member does not give up on the others soon.
-        patience = max(4 * self.window, AWAIT_PATIENCE)
+        patience = min(max(4 * self.window, AWAIT_PATIENCE), AWAIT_PATIENCE_LONGEST)
         while True:
             with self.mutex:
                 if self.settled >= epoch:

@@ -231,6 +231,46 @@ def test_a_failed_group_commit_fails_every_member(tmp_path: Path) -> None:
         assert _states(path)[leases[1].job_id] == "DONE"
 
 
+def test_a_group_left_open_by_threads_that_gave_up_is_committed_by_its_member(
+    tmp_path: Path,
+) -> None:
+    """A member that leaves its group open for a queued thread, which then gives up
+    waiting (nothing to do, or its busy timeout) without joining, commits the group
+    itself once it has waited a while: its call still returns, durable. The thread that
+    gives up is played by the queue's counter."""
+    path = tmp_path / "db.sqlite"
+    with SqliteStore(path, config=GROUPED) as store:
+        (lease,) = _leased(store, 1)
+        group = _group(store)
+        before = group.epoch
+        with group.mutex:
+            group.waiting += 1  # one thread queued, which will never take the lock
+        try:
+            (outcome,) = _run_alone(lambda: store.advance(lease, "DONE"))
+        finally:
+            with group.mutex:
+                group.waiting -= 1
+        assert outcome == ("ok", True)
+        assert group.epoch == before + 1
+        assert _states(path)[lease.job_id] == "DONE"
+
+
+def _run_alone(call: Callable[[], object]) -> list[Outcome]:
+    outcomes: list[Outcome] = [("none", None)]
+
+    def run() -> None:
+        try:
+            outcomes[0] = ("ok", call())
+        except BaseException as exc:
+            outcomes[0] = ("err", exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive()
+    return outcomes
+
+
 def _slow(ctx: EffectContext) -> dict[str, int]:
     time.sleep(0.002)
     return {"token": ctx.token}
