@@ -12,7 +12,9 @@ to some service), then advances to its terminal state.
   before the clock starts. Errors that reach the caller are counted: the Worker's own
   warnings and errors (a busy ledger, a lost lease) and, on the floor, busy errors.
 - **Threads.** One process, ``Worker(concurrency=64)``: efficiency against the ideal
-  (jobs x 20 ms / 64), on SQLite and on PostgreSQL.
+  (jobs x 20 ms / 64), on SQLite and on PostgreSQL; on SQLite also with grouped commits
+  (``sqlite_group_window``, :mod:`impl.sqlite.group`), run by run alternating with the
+  ungrouped store.
 
 Targets: SQLite >= 0.8x the floor at N = 8, 32 and 64 with no error reaching the caller and
 no fall in throughput from 16 to 64 processes; PostgreSQL >= 0.9x at N = 8 and 64; threads
@@ -40,6 +42,9 @@ THREADS = 64
 SQLITE_TARGET = Target(0.8)
 PG_TARGET = Target(0.9)
 THREADS_TARGET = Target(0.85)
+GROUP_WINDOW = 0.001
+"""``sqlite_group_window`` of the grouped threads case (1 ms measured best of 1, 5 and 20 ms
+with 64 threads here)."""
 
 
 def io(_ctx: impl.EffectContext) -> None:
@@ -257,8 +262,70 @@ def run_sqlite(settings: Settings) -> list[Result]:
             target=Target(1.0),
         )
     )
-    results.append(_threads("SQLite", settings, lambda: _sqlite_store(settings, jobs), jobs))
+    plain, grouped = _threads_paired(settings, jobs)
+    results += [plain, grouped]
+    results.append(
+        Result(
+            bench="fleet",
+            case="SQLite, Worker(concurrency=64): grouped commits against ungrouped, same run",
+            subject=grouped.subject,
+            baseline=plain.subject,
+            ratio=Series(
+                "ratio",
+                "x",
+                tuple(
+                    g / p for g, p in zip(grouped.subject.values, plain.subject.values, strict=True)
+                ),
+            ),
+        )
+    )
     return results
+
+
+def _threads_paired(settings: Settings, jobs: int) -> tuple[Result, Result]:
+    """The SQLite threads case without and with grouped commits, alternating run by run."""
+    windows = (0.0, GROUP_WINDOW)
+    found: dict[float, list[Result]] = {w: [] for w in windows}
+    for run_index in range(_runs(settings)):
+        for window in windows if run_index % 2 == 0 else windows[::-1]:
+            engine = "SQLite" if window == 0 else f"SQLite, sqlite_group_window={window:g}"
+            found[window].append(
+                _threads(
+                    engine,
+                    settings,
+                    lambda w=window: _sqlite_store(settings, jobs, group_window=w),
+                    jobs,
+                    runs=1,
+                )
+            )
+    plain, grouped = (_merged(found[w]) for w in windows)
+    return plain, grouped
+
+
+def _merged(results: list[Result]) -> Result:
+    first = results[0]
+    assert first.baseline is not None
+    assert first.ratio is not None
+    return Result(
+        bench=first.bench,
+        case=first.case,
+        subject=Series(
+            first.subject.label,
+            first.subject.unit,
+            tuple(v for r in results for v in r.subject.values),
+        ),
+        baseline=Series(
+            first.baseline.label,
+            first.baseline.unit,
+            tuple(v for r in results if r.baseline is not None for v in r.baseline.values),
+        ),
+        ratio=Series(
+            first.ratio.label,
+            first.ratio.unit,
+            tuple(v for r in results if r.ratio is not None for v in r.ratio.values),
+        ),
+        target=first.target,
+    )
 
 
 def run_postgres(settings: Settings) -> list[Result]:
@@ -318,16 +385,23 @@ class _Dropping:
         procs.pg_drop(self._target)
 
 
-def _sqlite_store(settings: Settings, jobs: int) -> impl.Store:
+def _sqlite_store(settings: Settings, jobs: int, *, group_window: float = 0.0) -> impl.Store:
     path = procs.sqlite_target(settings, "sqlite-api", jobs)
-    return ledger.open_sqlite(Path(path))
+    return ledger.open_sqlite(Path(path), group_window=group_window)
 
 
-def _threads(engine: str, settings: Settings, fresh: Callable[[], impl.Store], jobs: int) -> Result:
+def _threads(
+    engine: str,
+    settings: Settings,
+    fresh: Callable[[], impl.Store],
+    jobs: int,
+    *,
+    runs: int | None = None,
+) -> Result:
     ideal = jobs * SLEEP / THREADS
     efficiency: list[float] = []
     rates: list[float] = []
-    for _ in range(_runs(settings)):
+    for _ in range(_runs(settings) if runs is None else runs):
         store = fresh()
         try:
             worker = impl.Worker(
@@ -348,5 +422,5 @@ def _threads(engine: str, settings: Settings, fresh: Callable[[], impl.Store], j
         subject=Series("jobledger", "jobs/s", tuple(rates)),
         baseline=Series("ideal", "jobs/s", tuple(THREADS / SLEEP for _ in rates)),
         ratio=Series("efficiency", "x", tuple(efficiency)),
-        target=THREADS_TARGET if engine == "SQLite" else None,
+        target=THREADS_TARGET if engine.startswith("SQLite") else None,
     )

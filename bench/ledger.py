@@ -34,11 +34,15 @@ def identities(n: int, *, offset: int = 0) -> list[dict[str, str | int]]:
     return [{"n": i, "batch": "bench"} for i in range(offset, offset + n)]
 
 
-def open_sqlite(path: Path, synchronous: str = "NORMAL") -> SqliteStore:
-    """Open a SQLite store on ``path`` with the bench workflow registered."""
+def open_sqlite(
+    path: Path, synchronous: str = "NORMAL", *, group_window: float = 0.0
+) -> SqliteStore:
+    """Open a SQLite store on ``path`` with the bench workflow registered (its commits
+    grouped when ``group_window`` > 0, see ``impl.sqlite.group``)."""
+    config = Config(sqlite_synchronous=synchronous, sqlite_group_window=group_window)
     # Through the public entry point; the cast only tells mypy what a path opens (the
     # Store protocol does not declare the context-manager methods).
-    store = cast(SqliteStore, impl.open_store(path, config=Config(sqlite_synchronous=synchronous)))
+    store = cast(SqliteStore, impl.open_store(path, config=config))
     store.register(WORKFLOW)
     return store
 

@@ -13,6 +13,11 @@ on the N-th hit only. Names are ``<operation>.<point>`` with points ``before_tx`
 ``effect.after_start``, ``effect.before_record`` and ``effect.after_record``. Each batch
 of ``prune`` is a transaction with the three points of operation ``prune`` (hit once per
 batch), and ``prune.after_archive`` between the archive's write and the batch's delete.
+A SQLite store that groups commits (``sqlite_group_window`` > 0) also hits
+``group.before_commit`` and ``group.after_commit`` around the COMMIT of each group
+transaction (once per group, in the thread that commits it), and ``group.in_savepoint``
+in a member that joined an open group, after its body, inside its savepoint (a crash
+there rolls back that member's writes only).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ OPERATIONS = (
 EFFECT_POINTS = ("effect.after_start", "effect.before_record", "effect.after_record")
 PRUNE_POINTS = ("prune.after_archive",)
 ALL = tuple(f"{op}.{p}" for op in OPERATIONS for p in POINTS) + EFFECT_POINTS + PRUNE_POINTS
+"""Every failpoint name that every backend hits."""
+GROUP_POINTS = ("group.before_commit", "group.after_commit", "group.in_savepoint")
+"""The failpoints of SQLite's group commit (``impl.sqlite.group``), hit only by a store
+configured to group (``sqlite_group_window`` > 0)."""
+NAMES = ALL + GROUP_POINTS
 """Every failpoint name that ``impl`` hits."""
 
 
@@ -88,8 +98,8 @@ def _fire(name: str) -> None:
 
 def arm(name: str, action: str = "crash", *, on_hit: int = 1) -> None:
     """Arm failpoint ``name`` to perform ``action`` ("crash" or "kill") on hit ``on_hit``."""
-    if name not in ALL:
-        raise ValueError(f"unknown failpoint {name!r}; known: {', '.join(ALL)}")
+    if name not in NAMES:
+        raise ValueError(f"unknown failpoint {name!r}; known: {', '.join(NAMES)}")
     if action not in ("crash", "kill"):
         raise ValueError(f"failpoint action must be 'crash' or 'kill', got {action!r}")
     ARMED[name] = _Arm(action, on_hit)

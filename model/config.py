@@ -30,6 +30,8 @@ BUSY_TIMEOUT_DEFAULT = 5.0
 PER_HOST_DEFAULT = 4
 """Requests in flight per host when neither ``download_per_host`` nor a worker count says."""
 RETENTION_INTERVAL_DEFAULT = 3600.0
+SQLITE_GROUP_WINDOW_DEFAULT = 0.0
+"""Seconds a SQLite group transaction may gather other threads' writes (0: no grouping)."""
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -96,6 +98,9 @@ class Config:
     circuit breaker for ``download_breaker_cooldown`` seconds; a download run with only
     such a host's jobs left ends (leaving them pending) once the host has been down for
     ``download_host_patience`` seconds and a probe failed.
+    ``sqlite_group_window`` > 0 makes the write transactions of one process's threads on
+    one SQLite file share commits (see ``impl.sqlite.group``): a group stays open at most
+    that many seconds while other threads queue to join it; 0 commits each on its own.
     """
 
     db: str | None = field(default=None, validator=_optional_str)
@@ -109,6 +114,7 @@ class Config:
     json_depth_limit: int = field(default=JSON_DEPTH_LIMIT_DEFAULT, validator=_positive_int)
     sqlite_synchronous: str = field(default="NORMAL", validator=_synchronous)
     busy_timeout: float = field(default=BUSY_TIMEOUT_DEFAULT, validator=_non_negative)
+    sqlite_group_window: float = field(default=SQLITE_GROUP_WINDOW_DEFAULT, validator=_non_negative)
     postgres_schema: str = field(default="jobledger", validator=_optional_str)
     log_format: str = field(default="text")
     download_connect_timeout: float = field(default=10.0, validator=_positive)

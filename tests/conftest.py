@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -38,9 +39,18 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-BACKENDS = ["memory", "sqlite", "postgres", "aio-memory", "aio-sqlite", "aio-postgres"]
+BACKENDS = [
+    "memory",
+    "sqlite",
+    "sqlite-grouped",
+    "postgres",
+    "aio-memory",
+    "aio-sqlite",
+    "aio-postgres",
+]
 """The sync stores, then the same through the async face (``impl.aio``, driven by
-tests/aiosync.py's sync adapter on an event loop in debug mode)."""
+tests/aiosync.py's sync adapter on an event loop in debug mode). ``sqlite-grouped`` is
+the SQLite store with its commits grouped (``sqlite_group_window``, impl.sqlite.group)."""
 
 StoreFactory = Callable[..., Store]
 
@@ -60,10 +70,12 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-def _sqlite_factory(clock: ManualClock, path: Path) -> StoreFactory:
+def _sqlite_factory(clock: ManualClock, path: Path, *, grouped: bool = False) -> StoreFactory:
     from impl.sqlite.store import SqliteStore
 
     def make(*, config: Config | None = None) -> Store:
+        if grouped:
+            config = attrs.evolve(config or Config(), sqlite_group_window=0.005)
         return SqliteStore(path, clock=clock, config=config)
 
     return make
@@ -132,8 +144,10 @@ def _sync_factory(backend: str, clock: ManualClock, tmp_path: Path) -> Iterator[
         yield make
         return
     cleanup: Callable[[], None] = lambda: None  # noqa: E731
-    if backend == "sqlite":
-        inner = _sqlite_factory(clock, tmp_path / "jobs.sqlite")
+    if backend in ("sqlite", "sqlite-grouped"):
+        inner = _sqlite_factory(
+            clock, tmp_path / "jobs.sqlite", grouped=backend == "sqlite-grouped"
+        )
     else:
         from tests.pg import postgres_factory
 

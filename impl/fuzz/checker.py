@@ -248,7 +248,7 @@ def _sink(ev: Evidence) -> list[Violation]:
     }
     for x in ev.executions:
         holder = grants.get((x.job_id, x.token))
-        if holder != x.worker:
+        if not _same_worker(holder, x.worker):
             out.append(
                 Violation(
                     UNFENCED_EXECUTION,
@@ -378,7 +378,7 @@ def _tokens(ev: Evidence) -> list[Violation]:
                 )
             )
         holders[key] = who
-        if key not in granted or granted[key] != who:
+        if key not in granted or not _same_worker(granted[key], who):
             out.append(
                 Violation(
                     TOKEN_ORDER,
@@ -388,6 +388,13 @@ def _tokens(ev: Evidence) -> list[Violation]:
                 )
             )
     return out
+
+
+def _same_worker(holder: str | None, process: str) -> bool:
+    """True if the ledger's lease ``holder`` is the worker process named ``process``, or
+    one of its handler threads (a ``Worker`` with several threads names each
+    ``process/i``; the process's log and its sink executions name the process)."""
+    return holder is not None and (holder == process or holder.startswith(process + "/"))
 
 
 def _liveness(ev: Evidence) -> list[Violation]:

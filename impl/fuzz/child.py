@@ -51,6 +51,8 @@ class ChildSpec:
     pause: float
     yield_rate: float
     schema: str | None = None
+    concurrency: int = 1
+    group_window: float = 0.0
 
     def to_json(self) -> str:
         """Encode for the command line."""
@@ -70,6 +72,7 @@ class ChildSpec:
             backoff_base=self.backoff_base,
             backoff_cap=self.backoff_cap,
             busy_timeout=self.busy_timeout,
+            sqlite_group_window=self.group_window,
         )
         return cfg if self.schema is None else evolve(cfg, postgres_schema=self.schema)
 
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             ttl=spec.ttl,
             renew_every=spec.renew_every,
             idle_poll=spec.idle_poll,
+            concurrency=spec.concurrency,
         )
         report = worker.run()
         log.write("stop", jobs=report.jobs, finished=report.finished, lost=report.lost)

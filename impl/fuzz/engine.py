@@ -38,7 +38,7 @@ import attrs
 from attrs import define, field, frozen
 
 import impl
-from impl.failpoint import ALL, ENV_VAR
+from impl.failpoint import ALL, ENV_VAR, GROUP_POINTS
 from impl.fuzz.checker import Evidence, Violation, check
 from impl.fuzz.child import ChildSpec
 from impl.fuzz.clock import SharedClock
@@ -109,6 +109,9 @@ class FuzzSettings:
             jobs that finished ``prune_age`` simulated seconds ago or earlier, in batches
             of ``prune_batch``, and archives them: the checker reads the archived jobs
             with the ledger's, so a prune that lost or damaged a job is caught.
+        concurrency: handler threads per worker process (``Worker(concurrency=...)``).
+        group_window: the workers' ``sqlite_group_window`` (SQLite: their threads' writes
+            share group transactions, and the kills include the group failpoints).
     """
 
     seconds: float = 100.0
@@ -138,6 +141,8 @@ class FuzzSettings:
     prune_every: tuple[float, float] | None = None
     prune_age: float = 5.0
     prune_batch: int = 4
+    concurrency: int = 1
+    group_window: float = 0.0
 
 
 @frozen(kw_only=True)
@@ -246,6 +251,8 @@ class _Run:
             pause=s.pause,
             yield_rate=0.1,
             schema=self.ledger.schema,
+            concurrency=s.concurrency,
+            group_window=s.group_window,
         )
         env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
         root = str(Path(impl.__file__).resolve().parent.parent)
@@ -253,7 +260,11 @@ class _Run:
         env.update(s.child_env)
         failpoint = ""
         if not self.draining and self.rng.random() < s.failpoint_rate:
-            failpoint = f"{self.rng.choice(FAILPOINTS)}={self.rng.randint(1, 6)}*kill"
+            # Grouped workers die at the group's own failpoints half the time: they
+            # are three among dozens, and the new path's crashes are the point.
+            grouped = s.group_window > 0 and self.rng.random() < 0.5
+            points = GROUP_POINTS if grouped else FAILPOINTS
+            failpoint = f"{self.rng.choice(points)}={self.rng.randint(1, 6)}*kill"
             env[ENV_VAR] = failpoint
         doomed = not self.draining
         err = (self.logs / f"{name}.err").open("wb")

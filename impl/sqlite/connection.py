@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
@@ -43,6 +43,9 @@ from model.errors import (
 )
 from model.record import Event, HistoryEvent
 
+if TYPE_CHECKING:
+    from impl.sqlite.group import Group
+
 T = TypeVar("T")
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -58,13 +61,53 @@ _NOTADB = 26
 class LedgerConnection(sqlite3.Connection):
     """A connection that knows how long its callers may wait for a lock."""
 
-    __slots__ = ("gate", "wait_limit")
+    __slots__ = ("gate", "group", "wait_limit")
 
     wait_limit: float
     """Seconds (the configured ``busy_timeout``)."""
 
     gate: threading.Lock
     """The writers' gate of this process for this file (see :func:`writer_gate`)."""
+
+    group: Group | None
+    """The group whose transaction this connection's transactions join (see
+    :mod:`impl.sqlite.group`), or None: each commits on its own."""
+
+
+class GroupedConnection(LedgerConnection):
+    """A thread's connection whose write transactions run on its group's connection.
+
+    While its thread is a member of the group transaction (inside a :class:`Tx`),
+    every statement goes to the group's connection, so the code of a transaction's body
+    is the same grouped or not; outside one, it reads on its own connection, which sees
+    only committed writes.
+    """
+
+    __slots__ = ("route",)
+
+    route: sqlite3.Connection | None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        """Run ``sql`` on the group's connection inside a transaction, else on this one."""
+        route = self.route
+        if route is None:
+            return sqlite3.Connection.execute(self, sql, parameters)
+        return route.execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        """Run ``sql`` for each of ``parameters``, routed as :meth:`execute` is."""
+        route = self.route
+        if route is None:
+            return sqlite3.Connection.executemany(self, sql, parameters)
+        return route.executemany(sql, parameters)
+
+    @property
+    def total_changes(self) -> int:
+        """Rows changed on the connection that runs this thread's statements now."""
+        route = self.route
+        if route is None:
+            return sqlite3.Connection.total_changes.__get__(self)  # type: ignore[no-any-return]
+        return route.total_changes
 
 
 _GATES: dict[str, threading.Lock] = {}
@@ -95,11 +138,15 @@ def writer_gate(path: Path) -> threading.Lock:
         return gate
 
 
-def open_connection(path: Path, config: Config) -> LedgerConnection:
+def open_connection(
+    path: Path, config: Config, *, shared: bool = False, group: Group | None = None
+) -> LedgerConnection:
     """Open a connection to ``path`` with jobledger's pragmas applied.
 
     SQLite's own busy handler is off (timeout 0): every wait for a lock is jobledger's
-    (:mod:`impl.sqlite.waiting`), for up to ``config.busy_timeout`` seconds.
+    (:mod:`impl.sqlite.waiting`), for up to ``config.busy_timeout`` seconds. ``shared``
+    lets threads other than the opener use it (a group's connection, one thread at a
+    time); with ``group``, the connection's transactions join that group's.
 
     Raises:
         StorageError: (a subclass where one fits) if the file cannot be opened or is not
@@ -110,11 +157,14 @@ def open_connection(path: Path, config: Config) -> LedgerConnection:
             path,
             timeout=0.0,
             isolation_level=None,
-            check_same_thread=True,
-            factory=LedgerConnection,
+            check_same_thread=not shared,
+            factory=LedgerConnection if group is None else GroupedConnection,
         )
         conn.wait_limit = config.busy_timeout
         conn.gate = writer_gate(path)
+        conn.group = group
+        if isinstance(conn, GroupedConnection):
+            conn.route = None
         try:
             # Before the switch to WAL, which writes a new file's first page.
             conn.execute(q.PRAGMA_PAGE_SIZE)
@@ -184,12 +234,14 @@ os.register_at_fork(
 )
 
 
-def open_held(path: Path, config: Config) -> Held:
+def open_held(
+    path: Path, config: Config, *, shared: bool = False, group: Group | None = None
+) -> Held:
     """Open a connection (:func:`open_connection`) that a forked child never frees.
 
     Keep the returned holder for as long as the connection is used.
     """
-    held = Held(open_connection(path, config), _PID[0])
+    held = Held(open_connection(path, config, shared=shared, group=group), _PID[0])
     _LIVE.add(held)
     return held
 
@@ -211,6 +263,10 @@ class ThreadConnections:
         self._config = config
         self._local = threading.local()
         self._closed = False
+        self._group: Group | None = None
+        self._group_done: Callable[[], object] | None = None
+        if config.sqlite_group_window > 0:
+            self._join_group()
         self._checkpointer: Checkpointer | None = None
         if checkpoints_in_background(config):
             checkpointer = Checkpointer(
@@ -230,11 +286,23 @@ class ThreadConnections:
         held: Held | None = getattr(self._local, "held", None)
         if held is not None and held.pid == _PID[0]:
             return held.conn
-        held = open_held(self._path, self._config)
+        group = self._group
+        if group is not None and group.pid != _PID[0]:
+            # A store carried across fork: its parent's group is not this process's.
+            group = self._join_group()
+        held = open_held(self._path, self._config, group=group)
         self._local.held = held
         if self._checkpointer is not None:
             self._checkpointer.ensure_running()
         return held.conn
+
+    def _join_group(self) -> Group:
+        from impl.sqlite import group as groups  # noqa: PLC0415 - group imports this module
+
+        group = self._group = groups.acquire(self._path, self._config)
+        # A store dropped without close() must not keep the group's connection open.
+        self._group_done = weakref.finalize(self, groups.release, group)
+        return group
 
     def check_open(self) -> None:
         """Raise :class:`StorageError` if :meth:`close` was called."""
@@ -248,6 +316,8 @@ class ThreadConnections:
         self._closed = True
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        if self._group_done is not None:
+            self._group_done()
         held: Held | None = getattr(self._local, "held", None)
         if held is not None and held.pid == _PID[0]:
             held.conn.close()
@@ -306,7 +376,7 @@ class Tx:
     is raised instead of waiting on.
     """
 
-    __slots__ = ("_clock", "_names", "_pointless", "conn", "events", "now", "op")
+    __slots__ = ("_clock", "conn", "epoch", "events", "first", "names", "now", "op", "pointless")
 
     def __init__(
         self,
@@ -319,16 +389,28 @@ class Tx:
         self.conn = conn
         self.op = op
         self._clock = clock
-        self._pointless = pointless
+        self.pointless = pointless
         names = _NAMES.get(op)
-        self._names = names if names is not None else _names(op)
+        self.names = names if names is not None else _names(op)
         self.now = 0.0
         self.events: list[HistoryRow] = []
+        # A grouped transaction's place in its group (see impl.sqlite.group).
+        self.first = True
+        self.epoch = 0
+
+    def read_clock(self) -> None:
+        """Set ``now`` from the clock (once the write lock is held)."""
+        if self._clock is not None:
+            self.now = float(self._clock())
 
     def __enter__(self) -> Tx:
         if failpoint.ARMED:
-            failpoint.hit(self._names[0])
+            failpoint.hit(self.names[0])
         conn = self.conn
+        group = conn.group
+        if group is not None:
+            group.enter(self)
+            return self
         if not conn.gate.acquire(blocking=False):
             self._wait_at_gate()
         try:
@@ -345,7 +427,7 @@ class Tx:
                 try:
                     self.now = float(self._clock())
                 except BaseException:
-                    _rollback_quietly(conn)
+                    rollback_quietly(conn)
                     raise
         except BaseException:
             conn.gate.release()
@@ -356,14 +438,14 @@ class Tx:
         """Wait for another thread of this process to finish writing, as for the lock."""
         gate = self.conn.gate
         limit = self.conn.wait_limit
-        if self._pointless is None:
+        if self.pointless is None:
             if gate.acquire(timeout=limit):
                 return
         else:
             deadline = time.monotonic() + limit
             pause = GATE_FIRST_PROBE
             while True:
-                if self._pointless():
+                if self.pointless():
                     raise NothingToWaitFor(self.op)
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -379,7 +461,7 @@ class Tx:
 
     def _begin_unless_pointless(self) -> None:
         # A probe that meets a busy lock cannot tell: it is waited on like the lock.
-        if self._pointless is not None and self._pointless():
+        if self.pointless is not None and self.pointless():
             raise NothingToWaitFor(self.op)
         self.conn.execute(q.BEGIN_IMMEDIATE)
 
@@ -390,26 +472,30 @@ class Tx:
         tb: TracebackType | None,
     ) -> None:
         conn = self.conn
+        group = conn.group
+        if group is not None:
+            group.exit(self, exc)
+            return
         if exc is None:
             try:
                 if failpoint.ARMED:
-                    failpoint.hit(self._names[1])
+                    failpoint.hit(self.names[1])
                 conn.execute(q.COMMIT)
             except BaseException as err:
                 if conn.in_transaction:
-                    _rollback_quietly(conn)
+                    rollback_quietly(conn)
                 conn.gate.release()
                 if isinstance(err, sqlite3.Error):
                     raise translate(err, self.op) from err
                 raise
             conn.gate.release()
             if self.events and telemetry.history_wanted():
-                _emit(self.events)
+                emit_events(self.events)
             if failpoint.ARMED:
-                failpoint.hit(self._names[2])
+                failpoint.hit(self.names[2])
             return
         if conn.in_transaction:
-            _rollback_quietly(conn)
+            rollback_quietly(conn)
         conn.gate.release()
         if isinstance(exc, sqlite3.Error):
             raise translate(exc, self.op) from exc
@@ -466,7 +552,8 @@ class Tx:
         self.events.append((job_id, self.now, event, token, worker, detail))
 
 
-def _emit(events: list[HistoryRow]) -> None:
+def emit_events(events: list[HistoryRow]) -> None:
+    """Pass a committed transaction's history entries to telemetry."""
     for job_id, at, event, token, worker, detail in events:
         telemetry.emit_history(
             HistoryEvent(
@@ -497,10 +584,11 @@ def snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         yield conn
     finally:
         if conn.in_transaction:
-            _rollback_quietly(conn)
+            rollback_quietly(conn)
 
 
-def _rollback_quietly(conn: sqlite3.Connection) -> None:
+def rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back ``conn``'s transaction, if any; a failure to is not raised."""
     # A failed rollback (e.g. after SQLITE_FULL SQLite may have rolled back already) must
     # not hide the error that caused it.
     with suppress(sqlite3.Error):

@@ -14,6 +14,11 @@ BEGIN_IMMEDIATE = "BEGIN IMMEDIATE"
 BEGIN_DEFERRED = "BEGIN DEFERRED"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
+# One member's writes inside a group transaction (impl.sqlite.group): a member's error
+# rolls back to its savepoint, leaving the other members' writes in the transaction.
+SAVEPOINT_MEMBER = "SAVEPOINT member"
+RELEASE_MEMBER = "RELEASE member"
+ROLLBACK_TO_MEMBER = "ROLLBACK TO member"
 
 # -- pragmas (applied on every connection) ----------------------------------------------
 

@@ -36,6 +36,8 @@ OTHER = Workflow(
     name="other", states=["X", "Y"], transitions=[("X", "Y")], initial="X", terminal=["Y"]
 )
 CONFIG = Config(lease_ttl=10.0, max_attempts=3)
+GROUPED = Config(lease_ttl=10.0, max_attempts=3, sqlite_group_window=0.005)
+"""The same, for a SQLite store that groups its commits (impl.sqlite.group)."""
 START = 1_000_000.0
 
 
@@ -93,6 +95,8 @@ OPERATIONS: dict[str, Call] = {
     "effect_record": lambda s, w: s.run_effect(w.live, "e", ok_fn),
     "effect_abort": lambda s, w: s.run_effect(w.live, "e", raising_fn),
     "effect": lambda s, w: s.run_effect(w.live, "e", ok_fn),
+    # A grouped store's group failpoints, in a group of one: the advance's commit.
+    "group": lambda s, w: s.advance(w.live, "B"),
 }
 
 
@@ -124,17 +128,18 @@ def predict(model: MemoryStore, world: World, point: str) -> None:
             OPERATIONS[op](model, world)
 
 
-def child_main(path: str, point: str) -> None:
+def child_main(path: str, point: str, grouped: bool = False) -> None:
     """Run the scenario in this process against SQLite, dying at ``point``.
 
     The parent sets ``JOBLEDGER_FAILPOINTS`` to ``point=kill`` only for the final call,
-    so setup runs unharmed: the failpoint is armed here after setup.
+    so setup runs unharmed: the failpoint is armed here after setup. ``grouped`` opens
+    the store with :data:`GROUPED`.
     """
     from impl import failpoint
     from impl.sqlite.store import SqliteStore
 
     clock = ManualClock(START)
-    store = SqliteStore(Path(path), clock=clock, config=CONFIG)
+    store = SqliteStore(Path(path), clock=clock, config=GROUPED if grouped else CONFIG)
     world = setup(store, clock)
     failpoint.arm(point, "kill")
     with contextlib.suppress(RuntimeError):
@@ -143,4 +148,4 @@ def child_main(path: str, point: str) -> None:
 
 
 if __name__ == "__main__":
-    child_main(sys.argv[1], sys.argv[2])
+    child_main(sys.argv[1], sys.argv[2], grouped=sys.argv[3:] == ["grouped"])

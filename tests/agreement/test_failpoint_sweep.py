@@ -20,6 +20,7 @@ from model import ManualClock, MemoryStore
 from tests.agreement.scenario import (
     CONFIG,
     FLOW,
+    GROUPED,
     OPERATIONS,
     START,
     World,
@@ -83,14 +84,48 @@ def test_crash_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_path:
     check_reopened(path, point)
 
 
+# group.in_savepoint is hit only by a member that joined another's group, which a
+# sequential scenario never makes: tests/sqlite/test_group.py crashes there.
+GROUP_SEQUENTIAL = tuple(p for p in failpoint.GROUP_POINTS if p != "group.in_savepoint")
+
+
+@pytest.mark.parametrize("point", failpoint.ALL + GROUP_SEQUENTIAL)
+def test_crash_at_failpoint_in_a_grouped_store_leaves_what_the_model_predicts(
+    point: str, tmp_path: Path
+) -> None:
+    """The same sweep on a store that groups its commits: every operation's transaction
+    is then a member of a group, and crashes around the group's own COMMIT too."""
+    path = tmp_path / "jobs.sqlite"
+    clock = ManualClock(START)
+    store = SqliteStore(path, clock=clock, config=GROUPED)
+    world = setup(store, clock)
+    failpoint.arm(point)
+    try:
+        with pytest.raises(failpoint.Crash):
+            call_scenario(point, store, world)
+    finally:
+        failpoint.disarm_all()
+        store.close()
+    check_reopened(path, point)
+
+
+GROUP_KILL_SAMPLE = ("group.before_commit", "group.after_commit", "effect.after_start")
+
+
 @pytest.mark.xdist_group("processes")
-@pytest.mark.parametrize("point", KILL_SAMPLE)
-def test_sigkill_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("point", "grouped"),
+    [(p, False) for p in KILL_SAMPLE] + [(p, True) for p in GROUP_KILL_SAMPLE],
+)
+def test_sigkill_at_failpoint_leaves_what_the_model_predicts(
+    point: str, grouped: bool, tmp_path: Path
+) -> None:
     path = tmp_path / "jobs.sqlite"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("JOBLEDGER_FAILPOINTS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.agreement.scenario", str(path), point],
+        [sys.executable, "-m", "tests.agreement.scenario", str(path), point]
+        + (["grouped"] if grouped else []),
         cwd=ROOT,
         env=env,
         capture_output=True,

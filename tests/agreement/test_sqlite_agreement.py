@@ -13,10 +13,11 @@ import tempfile
 from contextlib import closing
 from pathlib import Path
 
+import attrs
 from hypothesis import settings
 
 from impl.sqlite.store import SqliteStore
-from model import Store
+from model import Config, Store
 from tests.stateful.machine import WORKERS, LedgerMachine
 
 
@@ -57,3 +58,16 @@ class SqliteMachine(LedgerMachine):
 
 TestSqliteAgreement = SqliteMachine.TestCase
 TestSqliteAgreement.settings = settings(settings.default, stateful_step_count=50)
+
+
+class GroupedSqliteMachine(SqliteMachine):
+    """The same machine on stores that group their commits (``impl.sqlite.group``):
+    every call's transaction is a member of a group transaction, and the crashes the
+    machine raises at the operations' failpoints happen inside a member."""
+
+    def config(self) -> Config:
+        return attrs.evolve(super().config(), sqlite_group_window=0.005)
+
+
+TestGroupedSqliteAgreement = GroupedSqliteMachine.TestCase
+TestGroupedSqliteAgreement.settings = settings(settings.default, stateful_step_count=50)
