@@ -12,8 +12,13 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
+from impl.pacing import LONGEST_PAUSE, Pacer
+from impl.sqlite import retention
 from impl.sqlite.store import SqliteStore
 from model import ManualClock, Plan, Workflow
+from model.retention import PrunedJob
 
 FLOW = Workflow(name="f", states=["A", "B"], transitions=[("A", "B")], initial="A", terminal=["B"])
 JOBS = 3000
@@ -87,3 +92,107 @@ def _fill_and_finish_more(store: SqliteStore, clock: ManualClock) -> None:
     while (lease := store.lease_next("w")) is not None:
         store.advance(lease, "B")
     clock.advance(10)
+
+
+class _Time:
+    """A clock the test moves by hand, and a sleep that only notes how long it was asked."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+PACED_JOBS = 600
+
+
+def _fill_quickly(store: SqliteStore, clock: ManualClock) -> None:
+    store.register(FLOW)
+    big = "z" * 1500
+    store.plan_many("f", [Plan({"n": n}, payload={"blob": big}) for n in range(PACED_JOBS)])
+    while (lease := store.lease_next("w")) is not None:
+        store.advance(lease, "B")
+    clock.advance(10)
+
+
+def _prune_paced(
+    store: SqliteStore, clock: ManualClock, pacer: Pacer, time_: _Time, cost: float
+) -> int:
+    """Prune every finished job with ``pacer``; the archive callback (which runs while the
+    batch holds the write lock) moves the pacer's clock ``cost`` seconds per job."""
+
+    def archive(jobs: list[PrunedJob]) -> None:
+        time_.now += cost * len(jobs)
+
+    report = retention.prune(
+        store._connection(),
+        clock,
+        finished_before=clock(),
+        keep_failed=False,
+        forget_keys=False,
+        dry_run=False,
+        batch_size=200,
+        limit=None,
+        archive=archive,
+        progress=None,
+        pacer=pacer,
+    )
+    return report.jobs
+
+
+def test_each_prune_batch_holds_the_write_lock_within_the_budget(tmp_path: Path) -> None:
+    # Each job costs 1 ms of lock time here: batches of 200 would hold the lock 200 ms.
+    # The pacer sizes them from the last one's hold to stay in the budget.
+    clock = ManualClock()
+    time_ = _Time()
+    pacer = Pacer(limit=200, budget=0.02, first=8, monotonic=time_.monotonic, sleep=time_.sleep)
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        assert _prune_paced(store, clock, pacer, time_, cost=0.001) == PACED_JOBS
+    steps = pacer.steps
+    assert sum(s.items for s in steps) == PACED_JOBS
+    assert all(s.seconds <= pacer.budget for s in steps), [s.seconds for s in steps]
+    assert max(s.items for s in steps) < 200
+    # After each batch the lock is left free for (1 - share) / share of its hold.
+    assert time_.slept == [s.pause for s in steps if s.pause > 0]
+    for s in steps:
+        assert s.pause == pytest.approx(
+            min(s.seconds * (1 - pacer.share) / pacer.share, LONGEST_PAUSE)
+        )
+
+
+def test_cheap_batches_grow_to_the_batch_size_at_most_twofold_at_a_time(tmp_path: Path) -> None:
+    clock = ManualClock()
+    time_ = _Time()
+    pacer = Pacer(limit=200, budget=0.02, first=8, monotonic=time_.monotonic, sleep=time_.sleep)
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        assert _prune_paced(store, clock, pacer, time_, cost=0.000001) == PACED_JOBS
+    sizes = [s.items for s in pacer.steps]
+    assert sizes[:6] == [8, 16, 32, 64, 128, 200]
+    assert max(sizes) == 200
+
+
+def test_the_vacuum_after_a_prune_frees_many_pages_per_transaction(tmp_path: Path) -> None:
+    # Python's sqlite3 steps "PRAGMA incremental_vacuum(N)" once per execute, which frees
+    # one page: each chunk must run the pragma once per page (it once freed one page per
+    # transaction, thousands of transactions after a big prune).
+    clock = ManualClock()
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        conn = store._connection()
+        time_ = _Time()
+        pruner = Pacer(limit=500, monotonic=time_.monotonic, sleep=time_.sleep)
+        _prune_paced(store, clock, pruner, time_, cost=0.0)
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        assert free > 200
+        vacuum = Pacer(limit=1024, first=64, monotonic=time_.monotonic, sleep=time_.sleep)
+        assert retention.reclaim(conn, clock, vacuum) == free
+    assert vacuum.steps[0].items == 64
+    assert sum(s.items for s in vacuum.steps) == free
+    assert _pages(tmp_path / "jobs.sqlite")[1] == 0
