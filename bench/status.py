@@ -67,10 +67,19 @@ def _sqlite(settings: Settings, size: int) -> list[Result]:
     else:
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
+            # Built under another name and renamed once complete (its WAL checkpointed
+            # and truncated by the build): an interrupted build is never reused.
+            building = keep / f"status-{size}.building.sqlite"
+            for leftover in keep.glob(building.name + "*"):
+                leftover.unlink()
+            took = lease.build(building, size)
             path = keep / f"status-{size}.sqlite"
+            building.replace(path)
+            for leftover in keep.glob(building.name + "*"):
+                leftover.unlink()
         else:
             path = settings.scratch(f"status-{size}") / "ledger.sqlite"
-        took = lease.build(path, size)
+            took = lease.build(path, size)
         print(f"  sqlite: built {size:,} jobs in {took:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
     store = ledger.open_sqlite(path)
     raw = sqlite3.connect(path)
