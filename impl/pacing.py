@@ -9,8 +9,10 @@ held the lock about 14 ms and then left it free for as long: the worker ran at 0
 of its speed alone. So a :class:`Pacer`
 
 - sizes each step from the last one's measured time (``items / seconds``), aiming at
-  ``aim`` of the ``budget`` so that a step that runs slower than the last stays under it,
-  never more than ``limit`` items and never growing more than twofold at once;
+  :data:`AIM` of the ``budget`` so that a step that runs slower than the last stays under
+  it, never more than ``limit`` items nor fewer than ``floor``, and never growing more
+  than twofold at once (a caller whose steps must keep their size, as a prune's batches
+  must, passes ``floor = limit``);
 - after each step, sleeps until the task has held at most ``share`` of the time since it
   began that step (a step of ``t`` seconds is followed by ``t * (1 - share) / share``,
   at most :data:`LONGEST_PAUSE`).
@@ -31,8 +33,9 @@ AIM = 0.5
 """The fraction of the budget a step is sized for: room for a step that runs slower."""
 SHARE = 0.3
 """The largest fraction of the time a paced task holds the lock (pauses fill the rest)."""
-LONGEST_PAUSE = 0.25
-"""The longest pause (seconds) after one step."""
+LONGEST_PAUSE = 1.0
+"""The longest pause (seconds) after one step (a step that held the lock longer than
+about 0.4 s, e.g. an archive on a slow disk, gets a shorter pause than its share asks)."""
 
 
 @define
@@ -54,6 +57,7 @@ class Pacer:
         budget: seconds one step may hold the lock.
         share: the largest fraction of the time the task holds the lock.
         first: the first step's size (None: ``limit``).
+        floor: the fewest items a step is sized to (``limit``: every step takes ``limit``).
         monotonic, sleep: the clock and the sleep (tests pass their own).
     """
 
@@ -61,6 +65,7 @@ class Pacer:
     budget: float = HOLD_BUDGET
     share: float = SHARE
     first: int | None = None
+    floor: int = 1
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     steps: list[Step] = field(factory=list)
@@ -84,7 +89,7 @@ class Pacer:
         seconds = max(self.monotonic() - started, 0.0)
         if items > 0 and seconds > 0:
             fitting = int(items * self.budget * AIM / seconds)
-            self._size = max(1, min(self.limit, 2 * max(items, 1), fitting))
+            self._size = max(self.floor, 1, min(self.limit, 2 * items, fitting))
         pause = min(seconds * (1.0 - self.share) / self.share, LONGEST_PAUSE)
         self.steps.append(Step(items=items, seconds=seconds, pause=pause))
         if pause > 0:

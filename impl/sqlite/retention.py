@@ -7,10 +7,13 @@ only those still prunable (an operator may have retried one meanwhile). Inside i
 archive callback gets the batch's jobs (what ``show --json`` prints) and must have made
 them durable before it returns: the delete commits after it, never before.
 
-Batches are paced (:class:`impl.pacing.Pacer`): each is sized from the last one's
-measured hold of the write lock to stay within ``pacing.HOLD_BUDGET`` (``batch_size`` is
-the largest), and after each the prune leaves the lock free for three times as long, so
-workers hold it at least three quarters of the time however long the prune runs.
+Batches are paced (:class:`impl.pacing.Pacer`): after each, the prune leaves the lock
+free for (1 - ``pacing.SHARE``) / ``pacing.SHARE`` times as long as the batch held it
+(timed from the lock being held to the commit), so the prune holds the lock at most 30%
+of the time however long it runs. Each batch takes exactly ``batch_size`` jobs, as
+:meth:`model.memory.MemoryStore.prune` defines (its batch boundaries are what a crash in
+the middle of a prune leaves behind): sizing batches to a lock-time budget instead would
+need the model to say "at most ``batch_size``" first.
 
 After a prune, the free pages go back to the file system by incremental vacuum (files
 created with ``auto_vacuum = INCREMENTAL``, every file created by this version) in
@@ -48,8 +51,6 @@ from model.retention import (
 _NO_LIMIT = -1  # SQLite's LIMIT -1: no limit
 CHECKPOINT_RETRY = 0.01
 """Seconds between two tries of the checkpoint after a prune."""
-FIRST_BATCH = 32
-"""Jobs the first batch of a prune takes (later ones are sized from the lock time)."""
 FIRST_VACUUM_CHUNK = 64
 """Pages the first incremental vacuum transaction frees (later ones are paced)."""
 CHECKPOINT_PATIENCE = 1.0
@@ -74,14 +75,15 @@ def prune(
 ) -> PruneReport:
     """Prune as :meth:`model.memory.MemoryStore.prune` decides; see the module docstring.
 
-    ``pacer`` sizes and paces the batches (default: a :class:`Pacer` of ``batch_size``).
+    ``pacer`` paces the batches (default: a :class:`Pacer` that keeps every batch at
+    ``batch_size``).
     """
     size = check_batch_size(batch_size)
     cap = check_limit(limit)
     where: Params = {"cutoff": finished_before, "keep_failed": bool(keep_failed)}
     if dry_run:
         return reading(conn, "prune", lambda: _would_prune(conn, where, cap, forget_keys))
-    pace = Pacer(limit=size, first=FIRST_BATCH) if pacer is None else pacer
+    pace = Pacer(limit=size, floor=size) if pacer is None else pacer
     run = _Pruning(conn, clock, where, forget_keys, archive, progress, pace)
     after = 0
     while cap is None or run.report.jobs < cap:
