@@ -128,12 +128,16 @@ class WalWrites:
             raise OSError(code, f"inotify_add_watch {wal}: {os.strerror(code)}")
         self.fd = fd
         self._wake_r, self._wake_w = os.pipe()  # wake(): a closing store need not wait
+        # poll, not select: select refuses descriptors numbered 1024 and above.
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
 
     def wait(self, timeout: float) -> bool:
         """Sleep until the WAL is written, :meth:`wake` is called or ``timeout`` seconds
         pass; True if written. Every event already queued is read, so one wake-up covers
         a burst of writes."""
-        ready, _, _ = select.select([self.fd, self._wake_r], [], [], timeout)
+        ready = [fd for fd, _ in self._poll.poll(max(0, int(timeout * 1000)))]
         if self.fd not in ready:
             return False
         with contextlib.suppress(BlockingIOError):
