@@ -72,14 +72,14 @@ def _sqlite(settings: Settings, size: int) -> list[Result]:
             building = keep / f"status-{size}.building.sqlite"
             for leftover in keep.glob(building.name + "*"):
                 leftover.unlink()
-            took = lease.build(building, size)
+            took = lease.build(building, size, ordered_ids=True)
             path = keep / f"status-{size}.sqlite"
             building.replace(path)
             for leftover in keep.glob(building.name + "*"):
                 leftover.unlink()
         else:
             path = settings.scratch(f"status-{size}") / "ledger.sqlite"
-            took = lease.build(path, size)
+            took = lease.build(path, size, ordered_ids=True)
         print(f"  sqlite: built {size:,} jobs in {took:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
     store = ledger.open_sqlite(path)
     raw = sqlite3.connect(path)
