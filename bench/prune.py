@@ -149,7 +149,29 @@ def _pg_run(settings: Settings, size: int) -> tuple[float, float, float, float]:
     schema = f"bench_prune_{uuid.uuid4().hex[:8]}"
     config = Config(postgres_schema=schema)
     store = PostgresStore(url, config=config)
-    store.register(ledger.WORKFLOW)
+    try:
+        store.register(ledger.WORKFLOW)
+        _fill_postgres(url, schema, size)
+        logs = settings.scratch(f"prune-pg-{size}")
+        ctx = mp.get_context("fork")
+
+        def start_worker(stop: object, log: str) -> mp.process.BaseProcess:
+            proc = ctx.Process(target=_pg_worker, args=(url, schema, stop, log))
+            proc.start()
+            return proc
+
+        return _measure(store, start_worker, logs)
+    finally:
+        store.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _fill_postgres(url: str, schema: str, size: int) -> None:
+    """``size`` finished jobs, inserted by the server itself (the guard trigger off)."""
+    import psycopg
+    from psycopg import sql
+
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         conn.execute("ALTER TABLE jobs DISABLE TRIGGER jobs_guard")
@@ -165,20 +187,6 @@ def _pg_run(settings: Settings, size: int) -> tuple[float, float, float, float]:
         )
         conn.execute("ALTER TABLE jobs ENABLE TRIGGER jobs_guard")
         conn.execute("VACUUM ANALYZE jobs")
-    logs = settings.scratch(f"prune-pg-{size}")
-    ctx = mp.get_context("fork")
-
-    def start_worker(stop: object, log: str) -> mp.process.BaseProcess:
-        proc = ctx.Process(target=_pg_worker, args=(url, schema, stop, log))
-        proc.start()
-        return proc
-
-    try:
-        return _measure(store, start_worker, logs)
-    finally:
-        store.close()
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
 
 
 def _results(
