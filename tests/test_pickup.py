@@ -9,6 +9,7 @@ change check, or the wait's own due time), never through the safety-net poll.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -336,3 +337,57 @@ def test_a_slow_postgres_read_is_not_repeated_on_every_announcement_for_later(
         for _ in it:
             pass
     assert len(reads) <= 5, f"{len(reads)} slow reads in one second of waiting"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_sqlite_commit_wakes_the_idle_watch_without_any_poll(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch sleeps on the WAL's writes: with every poll an hour apart (the watch's
+    and the worker's), a plan is still picked up, woken by the write alone."""
+    from impl.sqlite import pickup
+    from impl.sqlite.store import SqliteStore
+
+    monkeypatch.setattr(pickup, "FALLBACK_INTERVAL", 3600.0)
+    monkeypatch.setattr(pickup, "CHANGE_CHECK_INTERVAL", 3600.0)
+    db = tmp_path / "events.sqlite"
+    with SqliteStore(db) as store, SqliteStore(db) as planner:
+        store.register(FLOW)
+        done = threading.Event()
+
+        def handler(ctx: impl.JobContext) -> None:
+            ctx.advance("B")
+            done.set()
+
+        worker = impl.Worker(store, {"flow": handler}, idle_poll=3600.0)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        try:
+            _settle()
+            planner.plan("flow", {"n": 1})
+            assert done.wait(WATCHDOG), "the idle watch slept through the WAL's write"
+        finally:
+            worker.stop()
+            thread.join(WATCHDOG)
+        assert not thread.is_alive()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_wal_writes_wake_on_a_write_and_on_wake_only(tmp_path: Path) -> None:
+    from impl.sqlite.pickup import WalWrites
+
+    wal = tmp_path / "x.sqlite-wal"
+    wal.write_bytes(b"")
+    writes = WalWrites(wal)
+    try:
+        assert writes.wait(0) is False
+        with wal.open("ab") as f:
+            f.write(b"frame")
+        assert writes.wait(WATCHDOG) is True
+        assert writes.wait(0) is False, "the events of one write were all read"
+        writes.wake()
+        assert writes.wait(WATCHDOG) is False
+    finally:
+        writes.close()
+    with pytest.raises(OSError):
+        WalWrites(tmp_path / "missing.sqlite-wal")

@@ -342,6 +342,7 @@ class Database:
     def _configure(self, conn: psycopg.Connection[TupleRow]) -> None:
         set_search_path(conn, self.schema, local=False)
         conn.execute(q.SET_LOCK_TIMEOUT, {"timeout": self._lock_timeout})
+        conn.execute(q.SET_NO_JIT)
 
     def _clock_reading(self) -> float | None:
         return None if self._clock is None else float(self._clock())

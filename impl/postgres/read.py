@@ -56,7 +56,7 @@ def stats(tx: Tx) -> Stats:
     """Return counts by kind and state, leases, in-doubt effects, failures and lag."""
     flows = stored(tx)
     by_state = {f.name: dict.fromkeys(f.states, 0) for f in flows}
-    counted, oldest = rollup.counts(tx)
+    counted, oldest = rollup.counts(tx, flows)
     for kind, states in counted.items():
         by_state.setdefault(kind, {}).update(states)
     summary = tx.one(q.SUMMARY, {"now": tx.now})

@@ -1,10 +1,10 @@
 """Counts of finished jobs for ``stats`` on PostgreSQL, kept by watermark.
 
 The same scheme as SQLite's (see :mod:`impl.sqlite.rollup`): active jobs are counted
-from the rows the partial index of active jobs finds, finished jobs up to the watermark
-``count_mark.seq`` from ``state_counts`` (except those in ``count_pending``), the rest
-from the table's tail past the watermark and from the pending list. Nothing is written
-on the hot path.
+from the ``(kind, state)`` index (an index-only scan of each workflow's active states),
+finished jobs up to the watermark ``count_mark.seq`` from ``state_counts`` (except those
+in ``count_pending``), the rest from the table's tail past the watermark and from the
+pending list. Nothing is written on the hot path.
 
 What PostgreSQL adds is concurrency: a job numbered below the watermark must never commit
 after the watermark passed it, and a counted job must not change while a refresh reads.
@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from impl.postgres import queries as q
 from impl.postgres.database import Database, Tx
 from model.errors import DatabaseLocked, DatabaseReadOnly
+from model.workflow import Workflow
 
 STEP = 20_000
 """Jobs the watermark passes per refresh transaction."""
@@ -38,19 +39,27 @@ def _one(tx: Tx, sql: str, params: dict[str, object] | None = None) -> int:
     return int(row["seq"])
 
 
-def counts(tx: Tx) -> tuple[dict[str, dict[str, int]], float | None]:
+def counts(tx: Tx, flows: Iterable[Workflow]) -> tuple[dict[str, dict[str, int]], float | None]:
     """Every job by kind and state (the states that have jobs), and the run_at of the
-    oldest eligible job (None if none), in ``tx``'s snapshot."""
+    oldest eligible job (None if none), in ``tx``'s snapshot; ``flows`` are the stored
+    workflows (a job's kind is always one: the guard trigger checks it)."""
     mark = _one(tx, q.COUNT_MARK)
     out: dict[str, dict[str, int]] = {}
-    oldest: float | None = None
-    for sql in (q.ACTIVE_COUNTS, q.ROLLUP_COUNTS, q.TAIL_COUNTS, q.PENDING_DONE_COUNTS):
-        for row in tx.all(sql, {"mark": mark, "now": tx.now}):
-            by_state = out.setdefault(row["kind"], {})
-            by_state[row["state"]] = by_state.get(row["state"], 0) + int(row["n"])
-            first = row.get("oldest")
-            if first is not None and (oldest is None or float(first) < oldest):
-                oldest = float(first)
+    rows = [
+        row
+        for flow in flows
+        for row in tx.all(
+            q.ACTIVE_COUNTS,
+            {"kind": flow.name, "states": [s for s in flow.states if s not in flow.terminal]},
+        )
+    ]
+    for sql in (q.ROLLUP_COUNTS, q.TAIL_COUNTS, q.PENDING_DONE_COUNTS):
+        rows += tx.all(sql, {"mark": mark})
+    for row in rows:
+        by_state = out.setdefault(row["kind"], {})
+        by_state[row["state"]] = by_state.get(row["state"], 0) + int(row["n"])
+    first = tx.one(q.OLDEST_ELIGIBLE, {"now": tx.now})
+    oldest = None if first is None or first["oldest"] is None else float(first["oldest"])
     return out, oldest
 
 

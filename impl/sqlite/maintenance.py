@@ -128,7 +128,8 @@ def _stats(conn: sqlite3.Connection, clock: Clock, catalog: Catalog) -> Stats:
             by_state=by_state,
             leases_live=live,
             leases_expired=expired,
-            in_doubt=_count(conn, q.COUNT_IN_DOUBT, params),
+            in_doubt=_count(conn, q.COUNT_IN_DOUBT_MARKED, params)
+            + (_count(conn, q.COUNT_DEAD_STARTS_EXPIRED, params) if expired else 0),
             failed=sum(by_state[w.name][w.failed] for w in workflows),
             oldest_eligible_age=None if oldest is None else now - oldest,
         )

@@ -12,6 +12,18 @@ sleeps until the generation moves or that time comes: a job planned with a futur
 later without any write. A commit after the read is one the watch has not seen yet, so
 it moves the generation: none is missed between the read and the sleep.
 
+On Linux the watch does not poll at all while nothing happens: it asks the kernel
+(``inotify``, :class:`WalWrites`) to wake it when anything writes the WAL file, which
+every commit does, and checks ``data_version`` then; with nothing written it still checks
+every :data:`FALLBACK_INTERVAL` (a file system that sends no events, a WAL replaced).
+A write wakes it before the commit is complete (the WAL index is updated after the
+frames are written, and after their fsync with ``synchronous = FULL``), so a write that
+shows no change yet is looked at again shortly after (:data:`RECHECKS`). Measured with
+one idle worker on a loaded machine, polling every 10 ms cost 0.8-1.4% of a core, most
+of it the wake-ups themselves. An ``inotify`` watch is a watch of a path: it opens no
+descriptor of the file (see below why that matters). Where ``inotify`` is missing, the
+watch polls every :data:`CHANGE_CHECK_INTERVAL` as before.
+
 Why not read the WAL index (the ``-shm`` file) directly, which costs no statement: a
 process may not open and close a file descriptor of its own on a file SQLite locks.
 Closing any descriptor of a file drops every POSIX lock the process holds on it, its
@@ -22,10 +34,15 @@ a recorded effect result missing. Only SQLite touches the database's files.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import functools
 import logging
 import os
+import select
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,7 +59,12 @@ from model.config import Config
 log = logging.getLogger("jobledger.worker")
 
 CHANGE_CHECK_INTERVAL = 0.01
-"""Seconds between two change checks while anyone waits."""
+"""Seconds between two change checks while anyone waits (without ``inotify``)."""
+FALLBACK_INTERVAL = 0.25
+"""With ``inotify``: the longest time between two change checks while anyone waits."""
+RECHECKS = (0.001, 0.003, 0.01)
+"""With ``inotify``: after a write that showed no change yet, look again after these
+pauses (seconds): the commit that wrote may not have updated the WAL index yet."""
 IDLE_GRACE = 2.0
 """Seconds the watching thread outlives its last waiter (a worker between two jobs
 waits again at once; a thread per wait would cost more than it saves)."""
@@ -77,6 +99,62 @@ def due_query(kinds: tuple[str, ...] | None) -> DueQuery:
     return DueQuery(q.NEXT_DUE_OF_KINDS, {"kinds": text_of(list(kinds))})
 
 
+_IN_MODIFY = 0x2
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class WalWrites:
+    """Wakes a thread when anything writes the WAL file ``wal`` (Linux ``inotify``).
+
+    Raises :class:`OSError` where ``inotify`` is missing or refuses (no such calls, too
+    many watches, no WAL file yet); the caller then polls.
+    """
+
+    def __init__(self, wal: Path) -> None:
+        if not sys.platform.startswith("linux"):
+            raise OSError(errno.ENOSYS, "inotify is Linux's")
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC))
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"inotify_init1: {os.strerror(code)}")
+        mask = _IN_MODIFY | _IN_DELETE_SELF | _IN_MOVE_SELF
+        if libc.inotify_add_watch(fd, os.fsencode(wal), ctypes.c_uint32(mask)) < 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(code, f"inotify_add_watch {wal}: {os.strerror(code)}")
+        self.fd = fd
+        self._wake_r, self._wake_w = os.pipe()  # wake(): a closing store need not wait
+        # poll, not select: select refuses descriptors numbered 1024 and above.
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._poll.register(self._wake_r, select.POLLIN)
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until the WAL is written, :meth:`wake` is called or ``timeout`` seconds
+        pass; True if written. Every event already queued is read, so one wake-up covers
+        a burst of writes."""
+        ready = [fd for fd, _ in self._poll.poll(max(0, int(timeout * 1000)))]
+        if self.fd not in ready:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+        return True
+
+    def wake(self) -> None:
+        """End a :meth:`wait` now (from another thread)."""
+        os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        """Close the ``inotify`` descriptor (not a descriptor of the WAL) and the pipe."""
+        for fd in (self.fd, self._wake_r, self._wake_w):
+            os.close(fd)
+
+
 class ChangeWatch:
     """One thread that looks for commits to one file while anyone waits for them."""
 
@@ -92,6 +170,7 @@ class ChangeWatch:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closing = False
+        self._writes: WalWrites | None = None
 
     @property
     def generation(self) -> int:
@@ -140,6 +219,8 @@ class ChangeWatch:
         with self._cond:
             self._closing = True
             thread = self._thread
+            if self._writes is not None:
+                self._writes.wake()
         if thread is not None and thread is not threading.current_thread():
             thread.join(5.0)
 
@@ -153,26 +234,49 @@ class ChangeWatch:
 
     def _run(self, ready: threading.Event) -> None:
         conn: LedgerConnection | None = None
+        writes: WalWrites | None = None
         try:
             conn = open_connection(self.path, self.config)
-            # One cursor, one cached statement, no wrapper: this runs 100 times a second.
+            # One cursor, one cached statement, no wrapper: this may run 100 times a second.
             cursor = conn.cursor()
-            last = _data_version(cursor)
+            last = _data_version(cursor)  # opens the WAL, which the watch then follows
+            try:
+                writes = WalWrites(self.path.with_name(self.path.name + "-wal"))
+            except OSError as exc:
+                log.debug("no inotify on %s (%s): polling for changes", self.path, exc)
+            with self._cond:
+                self._writes = writes
             ready.set()
+            rechecks: tuple[float, ...] = ()
             while not self._done():
-                time.sleep(CHANGE_CHECK_INTERVAL)
+                if rechecks:
+                    time.sleep(rechecks[0])
+                    rechecks = rechecks[1:]
+                    written = False
+                elif writes is not None:
+                    written = writes.wait(FALLBACK_INTERVAL)
+                else:
+                    time.sleep(CHANGE_CHECK_INTERVAL)
+                    written = False
                 now = _data_version(cursor)
                 if now != last:
                     last = now
+                    rechecks = ()
                     with self._cond:
                         self._generation += 1
                         self._cond.notify_all()
+                elif written:
+                    rechecks = RECHECKS
         except Exception:  # the waiters fall back on their timeouts; say why
             log.exception("watching %s for new jobs failed; idle workers poll instead", self.path)
             with self._cond:
                 self._thread = None
         finally:
             ready.set()  # a watch that failed to start must not hold its waiters up
+            if writes is not None:
+                with self._cond:
+                    self._writes = None
+                writes.close()
             if conn is not None:
                 conn.close()
 

@@ -5,13 +5,21 @@ batch ended, so the whole prune reads the table once) and then removed in its ow
 ``BEGIN IMMEDIATE`` transaction, which reads the batch's rows again by seq and removes
 only those still prunable (an operator may have retried one meanwhile). Inside it, the
 archive callback gets the batch's jobs (what ``show --json`` prints) and must have made
-them durable before it returns: the delete commits after it, never before. Workers wait
-for the write lock at most one batch's time.
+them durable before it returns: the delete commits after it, never before.
+
+Batches are paced (:class:`impl.pacing.Pacer`): after each, the prune leaves the lock
+free for (1 - ``pacing.SHARE``) / ``pacing.SHARE`` times as long as the batch held it
+(timed from the lock being held to the commit), so the prune holds the lock at most 30%
+of the time however long it runs. Each batch takes exactly ``batch_size`` jobs, as
+:meth:`model.memory.MemoryStore.prune` defines (its batch boundaries are what a crash in
+the middle of a prune leaves behind): sizing batches to a lock-time budget instead would
+need the model to say "at most ``batch_size``" first.
 
 After a prune, the free pages go back to the file system by incremental vacuum (files
 created with ``auto_vacuum = INCREMENTAL``, every file created by this version) in
-chunks of ``queries.VACUUM_CHUNK_PAGES`` pages per transaction, and the WAL is
-checkpointed so the file itself shrinks (:func:`reclaim`).
+chunks paced the same way (at most ``queries.VACUUM_CHUNK_PAGES`` pages per
+transaction), and the WAL is checkpointed so the file itself shrinks (:func:`reclaim`):
+first passively (copying the WAL without holding writers up), then truncated.
 """
 
 from __future__ import annotations
@@ -19,12 +27,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from attrs import define, field
 
 from impl import failpoint
+from impl.pacing import Pacer
 from impl.sqlite import queries as q
 from impl.sqlite import rollup
 from impl.sqlite.connection import LedgerConnection, Tx, reading, snapshot
@@ -44,8 +51,8 @@ from model.retention import (
 _NO_LIMIT = -1  # SQLite's LIMIT -1: no limit
 CHECKPOINT_RETRY = 0.01
 """Seconds between two tries of the checkpoint after a prune."""
-TURN_LIMIT = 0.05
-"""The longest pause (seconds) between two batches of a prune or a vacuum."""
+FIRST_VACUUM_CHUNK = 64
+"""Pages the first incremental vacuum transaction frees (later ones are paced)."""
 CHECKPOINT_PATIENCE = 1.0
 """Seconds the checkpoint after a prune is tried for."""
 
@@ -64,17 +71,23 @@ def prune(
     limit: int | None,
     archive: ArchiveFn | None,
     progress: ProgressFn | None,
+    pacer: Pacer | None = None,
 ) -> PruneReport:
-    """Prune as :meth:`model.memory.MemoryStore.prune` decides; see the module docstring."""
+    """Prune as :meth:`model.memory.MemoryStore.prune` decides; see the module docstring.
+
+    ``pacer`` paces the batches (default: a :class:`Pacer` that keeps every batch at
+    ``batch_size``).
+    """
     size = check_batch_size(batch_size)
     cap = check_limit(limit)
     where: Params = {"cutoff": finished_before, "keep_failed": bool(keep_failed)}
     if dry_run:
         return reading(conn, "prune", lambda: _would_prune(conn, where, cap, forget_keys))
-    run = _Pruning(conn, clock, where, forget_keys, archive, progress)
+    pace = Pacer(limit=size, floor=size) if pacer is None else pacer
+    run = _Pruning(conn, clock, where, forget_keys, archive, progress, pace)
     after = 0
     while cap is None or run.report.jobs < cap:
-        n = size if cap is None else min(size, cap - run.report.jobs)
+        n = pace.size if cap is None else min(pace.size, cap - run.report.jobs)
         seqs = run.next_batch(q.SELECT_PRUNABLE, after, n)
         if not seqs:
             break
@@ -83,7 +96,7 @@ def prune(
     if forget_keys and cap is None:
         ids: list[object] = [""]
         while ids:
-            ids = run.next_batch(q.SELECT_FORGETTABLE, ids[-1], size)
+            ids = run.next_batch(q.SELECT_FORGETTABLE, ids[-1], pace.size)
             if ids:
                 run.forget_batch(ids)
     return run.report
@@ -99,6 +112,7 @@ class _Pruning:
     forget_keys: bool
     archive: ArchiveFn | None
     progress: ProgressFn | None
+    pacer: Pacer
     report: PruneReport = field(factory=PruneReport)
 
     def next_batch(self, sql: str, after: object, n: int) -> list[object]:
@@ -109,13 +123,12 @@ class _Pruning:
         )
 
     def prune_batch(self, seqs: list[object]) -> None:
-        """Remove the jobs of ``seqs`` that are still prunable, in one transaction."""
-        with _taking_turns():
-            self._prune_batch(seqs)
-
-    def _prune_batch(self, seqs: list[object]) -> None:
+        """Remove the jobs of ``seqs`` that are still prunable, in one transaction (paced:
+        the pacer times it from the moment the write lock is held to the commit)."""
         conn = self.conn
+        effects = 0
         with Tx(conn, "prune", self.clock) as tx:
+            started = self.pacer.start()
             params = {**self.where, "seqs": json.dumps(seqs)}
             if self.archive is not None:
                 rows = [job_row(r) for r in conn.execute(q.SELECT_PRUNE_ROWS, params)]
@@ -129,28 +142,39 @@ class _Pruning:
                     (int(s), str(j), str(k), str(st))
                     for s, j, k, st in conn.execute(q.SELECT_PRUNE_BATCH, params)
                 ]
-            if not batch:
-                return
-            live = {"seqs": json.dumps([b[0] for b in batch])}
-            ids = {"ids": json.dumps([b[1] for b in batch])}
-            rollup.uncount_deleted(conn, [(b[0], b[2], b[3]) for b in batch])
-            effects = conn.execute(q.DELETE_PRUNED_EFFECTS, ids).rowcount
-            conn.execute(q.DELETE_PRUNED_HISTORY, ids)
-            if not self.forget_keys:
-                conn.execute(q.INSERT_TOMBSTONES, {**live, "now": tx.now})
-            conn.execute(q.DELETE_PRUNED_JOBS, live)
-            rollup.after_delete(conn)
+            if batch:
+                effects = self._delete(batch, tx.now)
         jobs = len(batch)
+        self.pacer.done(started, jobs)  # after the commit: the pause leaves the lock free
+        if not batch:
+            return
         self._add(
             self.report.plus(jobs=jobs, effects=effects, tombstones=0 if self.forget_keys else jobs)
         )
 
+    def _delete(self, batch: list[tuple[int, str, str, str]], now: float) -> int:
+        """Delete ``batch`` (seq, job_id, kind, state) in the open transaction; return the
+        number of effects deleted."""
+        conn = self.conn
+        live = {"seqs": json.dumps([b[0] for b in batch])}
+        ids = {"ids": json.dumps([b[1] for b in batch])}
+        rollup.uncount_deleted(conn, [(b[0], b[2], b[3]) for b in batch])
+        effects = int(conn.execute(q.DELETE_PRUNED_EFFECTS, ids).rowcount)
+        conn.execute(q.DELETE_PRUNED_HISTORY, ids)
+        if not self.forget_keys:
+            conn.execute(q.INSERT_TOMBSTONES, {**live, "now": now})
+        conn.execute(q.DELETE_PRUNED_JOBS, live)
+        rollup.after_delete(conn)
+        return effects
+
     def forget_batch(self, ids: list[object]) -> None:
         """Remove the tombstones of ``ids`` that are still forgettable, in one transaction."""
-        with _taking_turns(), Tx(self.conn, "prune", self.clock):
+        with Tx(self.conn, "prune", self.clock):
+            started = self.pacer.start()
             gone = self.conn.execute(
                 q.DELETE_TOMBSTONES, {**self.where, "ids": json.dumps(ids)}
             ).rowcount
+        self.pacer.done(started, len(ids))
         if gone:
             self._add(self.report.plus(forgotten=gone))
 
@@ -158,17 +182,6 @@ class _Pruning:
         self.report = report
         if self.progress is not None:
             self.progress(report)
-
-
-@contextmanager
-def _taking_turns() -> Iterator[None]:
-    """Run one batch, then leave the write lock free for as long as the batch held it
-    (up to :data:`TURN_LIMIT`), so waiting workers get at least half of it however long
-    the prune runs (SQLite's lock is not fair: a prune that began its next batch at once
-    would win it again and again)."""
-    started = time.monotonic()
-    yield
-    time.sleep(min(time.monotonic() - started, TURN_LIMIT))
 
 
 def _pruned(conn: sqlite3.Connection, row: JobRow, now: float) -> PrunedJob:
@@ -198,26 +211,30 @@ def _would_prune(
     )
 
 
-def reclaim(conn: LedgerConnection, clock: Clock) -> int:
+def reclaim(conn: LedgerConnection, clock: Clock, pacer: Pacer | None = None) -> int:
     """Give the file's free pages back to the file system; return how many were freed.
 
     Runs only on files with ``auto_vacuum = INCREMENTAL``: each chunk is one short write
-    transaction. Then the WAL is checkpointed and truncated so the main file shrinks; a
-    checkpoint that meets a busy reader is left to the next one (nothing is lost, the
-    file shrinks later).
+    transaction, sized and paced by ``pacer`` (default: chunks of at most
+    ``queries.VACUUM_CHUNK_PAGES`` pages, the first of :data:`FIRST_VACUUM_CHUNK`). Then
+    the WAL is checkpointed and truncated so the main file shrinks; a checkpoint that
+    meets a busy reader is left to the next one (nothing is lost, the file shrinks later).
     """
     mode = reading(conn, "reclaim", lambda: int(conn.execute(q.PRAGMA_AUTO_VACUUM).fetchone()[0]))
     if mode != 2:  # 2 = INCREMENTAL
         return 0
+    pace = Pacer(limit=q.VACUUM_CHUNK_PAGES, first=FIRST_VACUUM_CHUNK) if pacer is None else pacer
     freed = 0
     while True:
-        with _taking_turns(), Tx(conn, "vacuum", clock):
+        with Tx(conn, "vacuum", clock):
+            started = pace.start()
             before = int(conn.execute(q.PRAGMA_FREELIST_COUNT).fetchone()[0])
             if before == 0:
                 break
-            conn.execute(q.INCREMENTAL_VACUUM).fetchall()
+            conn.executemany(q.INCREMENTAL_VACUUM_PAGE, [()] * min(pace.size, before))
             after = int(conn.execute(q.PRAGMA_FREELIST_COUNT).fetchone()[0])
         freed += before - after
+        pace.done(started, before - after)
         if after >= before:  # pragma: no cover - nothing movable: stop rather than spin
             break
     _checkpoint_truncate(conn)
@@ -229,6 +246,13 @@ def _checkpoint_truncate(conn: LedgerConnection) -> None:
     disk. Tried again for up to the connection's wait limit while a reader or the
     store's background checkpoint holds it up (at most :data:`CHECKPOINT_PATIENCE`, since
     each try holds the writers up a moment); then left to the next checkpoint."""
+    # A passive checkpoint copies the WAL without holding writers up; the truncating one
+    # after it (which does hold them up while it copies) then has little left to copy.
+    try:
+        conn.execute(q.CHECKPOINT_PASSIVE).fetchall()
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
     deadline = time.monotonic() + min(conn.wait_limit, CHECKPOINT_PATIENCE)
     while True:
         try:

@@ -127,6 +127,33 @@ def test_oldest_eligible_age_ignores_ineligible_jobs(store: Store, clock: Manual
     assert store.stats().oldest_eligible_age == 1000.0
 
 
+def test_oldest_eligible_age_is_the_oldest_of_every_priority(
+    store: Store, clock: ManualClock
+) -> None:
+    # The oldest eligible job can sit at any priority: not only the highest one, and not
+    # only at one whose first job in run_at order is eligible.
+    setup(store, LINEAR)
+    store.plan("linear", {"n": "old, low"}, priority=0)
+    clock.advance(10)
+    store.plan("linear", {"n": "held, high"}, priority=7)
+    store.plan("linear", {"n": "new, high"}, priority=7)
+    lease = store.lease_next("w1", ttl=1000)
+    assert lease is not None
+    clock.advance(2)
+    store.plan("linear", {"n": "newest, middle"}, priority=3)
+    assert store.stats().oldest_eligible_age == 12.0
+    # Every job of priorities 7 and 3 is leased: the oldest is found at priority 0.
+    high = store.lease_next("w1", ttl=1000)
+    middle = store.lease_next("w1", ttl=1000)
+    assert high is not None
+    assert middle is not None
+    clock.advance(1)
+    assert store.stats().oldest_eligible_age == 13.0
+    low = store.lease_next("w1", ttl=1000)
+    assert low is not None
+    assert store.stats().oldest_eligible_age is None
+
+
 def test_exhausted_jobs_are_not_eligible(store: Store, clock: ManualClock) -> None:
     setup(store)
     lease = plan_and_lease(store, max_attempts=1)

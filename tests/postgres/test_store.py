@@ -254,3 +254,13 @@ def test_a_version_2_schema_gains_the_breakers_table_and_keeps_its_rows(
     assert (row.host, row.opened_at, row.until) == ("h:80", 20.0, 50.0)
     kept = pg_admin.execute(sql.SQL("SELECT job_id FROM {}").format(table(pg_schema, "tombstones")))
     assert kept.fetchall() == [("2" * 64,)]
+
+
+def test_store_sessions_compile_no_statement_with_jit(open_pg: OpenStore) -> None:
+    # At ten million jobs the planner priced the pending count of stats past the JIT
+    # threshold and the server spent 590 ms compiling a statement that ran in 160 ms.
+    store = open_pg()
+    for _ in range(2):  # each transaction may take another pooled connection
+        row = store._db.read("stats", lambda tx: tx.one("SELECT current_setting('jit') AS jit"))
+        assert row is not None
+        assert row["jit"] == "off"

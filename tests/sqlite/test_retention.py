@@ -12,8 +12,13 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pytest
+
+from impl.pacing import LONGEST_PAUSE, Pacer
+from impl.sqlite import retention
 from impl.sqlite.store import SqliteStore
 from model import ManualClock, Plan, Workflow
+from model.retention import PrunedJob
 
 FLOW = Workflow(name="f", states=["A", "B"], transitions=[("A", "B")], initial="A", terminal=["B"])
 JOBS = 3000
@@ -87,3 +92,114 @@ def _fill_and_finish_more(store: SqliteStore, clock: ManualClock) -> None:
     while (lease := store.lease_next("w")) is not None:
         store.advance(lease, "B")
     clock.advance(10)
+
+
+class _Time:
+    """A clock the test moves by hand, and a sleep that only notes how long it was asked."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+PACED_JOBS = 600
+
+
+def _fill_quickly(store: SqliteStore, clock: ManualClock) -> None:
+    store.register(FLOW)
+    big = "z" * 1500
+    store.plan_many("f", [Plan({"n": n}, payload={"blob": big}) for n in range(PACED_JOBS)])
+    while (lease := store.lease_next("w")) is not None:
+        store.advance(lease, "B")
+    clock.advance(10)
+
+
+def _prune_paced(
+    store: SqliteStore, clock: ManualClock, pacer: Pacer, time_: _Time, cost: float
+) -> int:
+    """Prune every finished job with ``pacer``; the archive callback (which runs while the
+    batch holds the write lock) moves the pacer's clock ``cost`` seconds per job."""
+
+    def archive(jobs: list[PrunedJob]) -> None:
+        time_.now += cost * len(jobs)
+
+    report = retention.prune(
+        store._connection(),
+        clock,
+        finished_before=clock(),
+        keep_failed=False,
+        forget_keys=False,
+        dry_run=False,
+        batch_size=200,
+        limit=None,
+        archive=archive,
+        progress=None,
+        pacer=pacer,
+    )
+    return report.jobs
+
+
+def test_after_each_prune_batch_the_lock_is_left_free_for_most_of_the_time(
+    tmp_path: Path,
+) -> None:
+    # Each job costs 0.1 ms of lock time here (the archive runs while the batch holds the
+    # lock). After each batch the prune sleeps (1 - share) / share times its hold, so it
+    # holds the lock at most `share` of the time; every batch keeps the model's size.
+    clock = ManualClock()
+    time_ = _Time()
+    pacer = Pacer(limit=200, floor=200, monotonic=time_.monotonic, sleep=time_.sleep)
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        assert _prune_paced(store, clock, pacer, time_, cost=0.0001) == PACED_JOBS
+    steps = pacer.steps
+    assert [s.items for s in steps] == [200, 200, 200]
+    assert [s.seconds for s in steps] == pytest.approx([0.02, 0.02, 0.02])
+    assert time_.slept == [s.pause for s in steps]
+    for s in steps:
+        assert s.pause == pytest.approx(
+            min(s.seconds * (1 - pacer.share) / pacer.share, LONGEST_PAUSE)
+        )
+    held = sum(s.seconds for s in steps)
+    assert held / (held + sum(time_.slept)) <= pacer.share + 1e-9
+
+
+def test_a_prune_by_default_takes_batch_size_jobs_per_batch_however_long_they_hold(
+    tmp_path: Path,
+) -> None:
+    # The model's batches (MemoryStore.prune) are batch_size jobs each: pacing must not
+    # change them, or a crash mid-prune would leave other jobs behind than it predicts.
+    clock = ManualClock()
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        seen: list[int] = []
+        report = store.prune(
+            finished_before=clock(), batch_size=250, archive=lambda jobs: seen.append(len(jobs))
+        )
+    assert report.jobs == PACED_JOBS
+    assert seen == [250, 250, 100]
+
+
+def test_the_vacuum_after_a_prune_frees_many_pages_per_transaction(tmp_path: Path) -> None:
+    # Python's sqlite3 steps "PRAGMA incremental_vacuum(N)" once per execute, which frees
+    # one page: each chunk must run the pragma once per page (it once freed one page per
+    # transaction, thousands of transactions after a big prune).
+    clock = ManualClock()
+    with SqliteStore(tmp_path / "jobs.sqlite", clock=clock) as store:
+        _fill_quickly(store, clock)
+        conn = store._connection()
+        time_ = _Time()
+        pruner = Pacer(limit=500, monotonic=time_.monotonic, sleep=time_.sleep)
+        _prune_paced(store, clock, pruner, time_, cost=0.0)
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        assert free > 200
+        vacuum = Pacer(limit=1024, first=64, monotonic=time_.monotonic, sleep=time_.sleep)
+        assert retention.reclaim(conn, clock, vacuum) == free
+    assert vacuum.steps[0].items == 64
+    assert sum(s.items for s in vacuum.steps) == free
+    assert _pages(tmp_path / "jobs.sqlite")[1] == 0
