@@ -169,6 +169,7 @@ class AsyncDatabase:
     async def _configure(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         await conn.execute(search_path(self.schema, local=False))
         await conn.execute(q.SET_LOCK_TIMEOUT, {"timeout": self._lock_timeout})
+        await conn.execute(q.SET_NO_JIT)  # as the sync sessions: see Database._configure
 
     async def open(self) -> None:
         """Open the pool (its first connection made before this returns).

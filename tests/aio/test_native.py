@@ -199,3 +199,24 @@ def test_killed_sessions_are_replaced_and_a_call_killed_inside_raises_storage_er
             assert await store.advance(lease, "B") is True
 
     run_checked(main())
+
+
+def test_native_sessions_run_without_jit() -> None:
+    """The async pool's sessions are set up as the sync ones: JIT off (a planner that
+    overprices a statement at ten million jobs would otherwise compile it for longer
+    than it runs)."""
+    opener, _ = _opener()
+
+    async def main() -> list[str]:
+        async with opener as store:
+            assert store._native is not None
+            seen = []
+            for _ in range(2):
+                async with store._native.db._pool.connection() as conn:
+                    cur = await conn.execute("SELECT current_setting('jit')")
+                    row = await cur.fetchone()
+                    assert row is not None
+                    seen.append(str(row[0]))
+            return seen
+
+    assert asyncio.run(main()) == ["off", "off"]
