@@ -54,7 +54,15 @@ class DownloadError(JobledgerError):
 class HttpStatusError(DownloadError):
     """The server answered with a status that is not a success."""
 
-    def __init__(self, url: str, status: int, *, attempts: int = 1, method: str = "GET") -> None:
+    def __init__(
+        self,
+        url: str,
+        status: int,
+        *,
+        attempts: int = 1,
+        method: str = "GET",
+        content_range: str | None = None,
+    ) -> None:
         retryable = status == 429 or status >= 500
         hint = (
             "the server may recover; the job is retried with backoff"
@@ -68,6 +76,9 @@ class HttpStatusError(DownloadError):
             retryable=retryable,
         )
         self.status = status
+        # A 416's "bytes */N" says how long the representation is: a resume whose bytes
+        # on disk already number N is complete, not broken.
+        self.content_range = content_range
 
 
 class TransferError(DownloadError):

@@ -283,7 +283,14 @@ class HttpClient:
                 return self.hosts.defer(host, wait, reason, url=url), 0.0
             return None, 0.0
         if status < 500:
-            return HttpStatusError(url, status, attempts=attempt, method=method), 0.0
+            error = HttpStatusError(
+                url,
+                status,
+                attempts=attempt,
+                method=method,
+                content_range=response.headers.get("content-range"),
+            )
+            return error, 0.0
         return None, self._delay(attempt, response)
 
     def head(self, url: str) -> HeadInfo:

@@ -8,8 +8,10 @@ The rules:
   bytes already on disk, so it covers the whole file.
 * ``206`` with a ``Content-Range`` that starts at N continues the file. A ``200`` (the
   server ignored the range, or ``If-Range`` found the validators changed) restarts from
-  zero with that very body. A ``206`` for other bytes, or a ``416``, restarts from zero
-  with a plain request. Every restart is counted in the result.
+  zero with that very body. A ``206`` for other bytes restarts from zero with a plain
+  request, and so does a ``416`` unless its ``Content-Range: bytes */N`` says the file
+  is exactly the N bytes on disk (then the partial file is complete). Every restart is
+  counted in the result.
 * A body that breaks off (connection reset, timeout, fewer bytes than announced) keeps
   the bytes received, fsyncs them and continues with a ranged request, up to
   ``download_max_retries`` times.
@@ -265,6 +267,20 @@ def _stream(
                     status=status,
                 )
             except HttpStatusError as exc:
+                if exc.status == 416 and ranged and _whole(exc.content_range, part.size):
+                    # If-Range matched (else the answer is a 200 with the new body) and
+                    # nothing follows the bytes on disk: the partial file is the whole
+                    # file, typically when its STREAM result could not be recorded.
+                    part.sync()
+                    return StreamOutcome(
+                        sha256=part.hash.hexdigest(),
+                        size=part.size,
+                        resumed_from=part.size,
+                        received=received,
+                        restarts=restarts,
+                        breaks=breaks,
+                        status=exc.status,
+                    )
                 if exc.status == 416 and ranged:
                     restarts += 1
                     resumed_from = 0
@@ -294,6 +310,14 @@ def _stream(
         raise
     finally:
         part.close()
+
+
+def _whole(content_range: str | None, size: int) -> bool:
+    """Whether a 416's ``Content-Range: bytes */N`` says the file is ``size`` bytes long."""
+    if content_range is None:
+        return False
+    unit, _, total = content_range.strip().partition(" */")
+    return unit.strip().lower() == "bytes" and total.strip().isdigit() and int(total) == size
 
 
 def _expected_total(response: httpx.Response, part: _Part, ranged: bool) -> int | None:

@@ -112,3 +112,64 @@ def test_partial_file_at_head_done_enters_resume_ok(
     assert get.range == "bytes=150000-"
     assert get.status == 206
     _stored_ok(out, body)
+
+
+def test_a_whole_partial_file_is_finished_from_disk_after_a_416(
+    tmp_path: Path, db: Path, out: Path, cfg: Config, server: FileServer
+) -> None:
+    """Every byte of the file is on disk but its STREAM result was never recorded: the
+    ranged request for the rest is answered 416 with ``bytes */N``, N being the bytes on
+    disk, and the file is finished from disk instead of fetched again."""
+    body = generated_bytes(23, 300_000)
+    url = server.add("/whole", body)
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [{"work_id": "w", "artifact_id": "whole", "url": url}]
+    )
+    (entry,) = parse_manifest(manifest).entries
+    handler = DownloadHandler(str(out), config=cfg)
+    with SqliteStore(db, config=cfg) as store:
+        job_id = store.plan("download", entry.identity())
+        lease = store.lease_next("test:1:0", ttl=10)
+        assert lease is not None
+        ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
+        handler._head(ctx)
+        assert ctx.advance("HEAD_DONE")
+        store.release(ctx.lease)
+        handler.layout.part_path(job_id).write_bytes(body)
+        summary = download(store, manifest, out, workers=1, config=cfg)
+        moves = [e.detail.get("to") for e in store.history(job_id) if e.event == Event.ADVANCED]
+    assert summary.succeeded == 1
+    assert (summary.bytes_received, summary.bytes_resumed) == (0, len(body))
+    assert moves == ["HEAD_DONE", "RESUME_OK", "STREAMING", "FINALIZED", "INDEXED"]
+    (get,) = server.requests("/whole", "GET")
+    assert (get.range, get.status) == (f"bytes={len(body)}-", 416)
+    _stored_ok(out, body)
+
+
+def test_a_416_for_another_length_restarts_from_zero(
+    tmp_path: Path, db: Path, out: Path, cfg: Config, server: FileServer
+) -> None:
+    """A partial file longer than the file (the server's copy shrank under the same
+    validator, or the bytes on disk are not what they seem) is not taken as whole: the
+    416 names another length, and the file is fetched again from zero."""
+    body = generated_bytes(24, 200_000)
+    url = server.add("/shrunk", body)
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", [{"work_id": "w", "artifact_id": "shrunk", "url": url}]
+    )
+    (entry,) = parse_manifest(manifest).entries
+    handler = DownloadHandler(str(out), config=cfg)
+    with SqliteStore(db, config=cfg) as store:
+        job_id = store.plan("download", entry.identity())
+        lease = store.lease_next("test:1:0", ttl=10)
+        assert lease is not None
+        ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
+        handler._head(ctx)
+        assert ctx.advance("HEAD_DONE")
+        store.release(ctx.lease)
+        handler.layout.part_path(job_id).write_bytes(body + b"trailing garbage")
+        summary = download(store, manifest, out, workers=1, config=cfg)
+    assert summary.succeeded == 1
+    asked = [(r.range, r.status) for r in server.requests("/shrunk", "GET")]
+    assert asked == [(f"bytes={len(body) + 16}-", 416), (None, 200)]
+    _stored_ok(out, body)
