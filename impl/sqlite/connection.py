@@ -102,6 +102,15 @@ class GroupedConnection(LedgerConnection):
         return route.executemany(sql, parameters)
 
     @property
+    def in_transaction(self) -> bool:
+        """Whether this thread's statements run inside a transaction now: the group's,
+        while its thread is a member (a prune's archive callback reads in it)."""
+        route = self.route
+        if route is None:
+            return sqlite3.Connection.in_transaction.__get__(self)  # type: ignore[no-any-return]
+        return route.in_transaction
+
+    @property
     def total_changes(self) -> int:
         """Rows changed on the connection that runs this thread's statements now."""
         route = self.route
