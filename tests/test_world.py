@@ -1,7 +1,9 @@
-"""``impl.world.LedgerReserve``: the room a download run holds beside a file ledger."""
+"""``impl.world``: which OS errors are the world's, the line each becomes, and the room a
+download run holds beside a file ledger (``LedgerReserve``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -9,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from impl.world import LEDGER_RESERVE_BYTES, EnvironmentFault, LedgerReserve
+from impl.world import (
+    LEDGER_RESERVE_BYTES,
+    WORLD_ERRNOS,
+    EnvironmentFault,
+    LedgerReserve,
+    fault_of,
+    is_world_error,
+)
 from tests.download.mounts import tmpfs
 
 
@@ -49,3 +58,42 @@ def test_no_room_for_the_reserve_is_one_line_naming_the_ledger(tmp_path: Path) -
         assert line.startswith(f"disk full: cannot write {disk / 'l.sqlite'}")
         assert "free at least 1.0 MiB where the database lives" in line
         assert list(disk.iterdir()) == []  # nothing left behind
+
+
+REFUSALS = [
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EFBIG,
+    errno.EACCES,
+    errno.EPERM,
+]
+
+
+@pytest.mark.parametrize("number", REFUSALS)
+def test_each_refusal_of_the_machine_is_a_fault_that_names_path_and_remedy(number: int) -> None:
+    """Every errno the world answers with (EDQUOT included, which this kernel cannot
+    produce for real) becomes one line: what, which path, what to do, nothing lost."""
+    exc = OSError(number, os.strerror(number), "/data/out/f.part")
+    assert is_world_error(exc)
+    fault = fault_of(exc, needed=2048)
+    assert fault is not None
+    assert (fault.what, fault.path, fault.errno) == (
+        WORLD_ERRNOS[number],
+        "/data/out/f.part",
+        number,
+    )
+    line = fault.line()
+    assert line.startswith(f"{WORLD_ERRNOS[number]}: cannot write /data/out/f.part; 2.0 KiB more")
+    assert errno.errorcode[number] in line
+    assert "Nothing is lost and no attempt was spent" in line
+    assert "\n" not in line
+
+
+@pytest.mark.parametrize("number", [errno.ENOENT, errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG])
+def test_other_os_errors_are_not_faults_of_the_world(number: int) -> None:
+    exc = OSError(number, os.strerror(number), "/data/out/f.part")
+    assert not is_world_error(exc)
+    assert fault_of(exc) is None
