@@ -648,6 +648,12 @@ NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
 
 HEALTH_CHECK = "SELECT 1"
 
+TURN_LOCK_TIMEOUT = "SET lock_timeout = '2s'"
+"""How long a turn's connection queues for the turn before it looks at its waiters again."""
+TURN_TAKE = "SELECT pg_advisory_lock(%(key)s)"
+"""Queue for the turn to hear announcements of single jobs first (a session lock, FIFO)."""
+TURN_GIVE = "SELECT pg_advisory_unlock(%(key)s)"
+
 _NEXT_DUE = (
     """
 SELECT min(CASE WHEN lease_worker IS NULL THEN run_at
