@@ -532,7 +532,10 @@ def test_several_jobs_in_one_transaction_wake_every_waiter(
             pass
 
 
-def test_the_turn_goes_to_the_next_process_when_its_holder_leaves_to_claim() -> None:
+def test_the_turn_goes_to_the_next_process_once_its_holder_has_claimed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = _counting_reads(monkeypatch)
     it = _postgres()
     stores = next(it)
     try:
@@ -541,15 +544,18 @@ def test_the_turn_goes_to_the_next_process_when_its_holder_leaves_to_claim() -> 
         a = _Waiter(first, [])
         turn_a = a.turn()
         _until_value(lambda: turn_a.leading)  # type: ignore[attr-defined]
-        b = _Waiter(second, [])
+        b = _Waiter(second, reads)
         turn_b = b.turn()
         _until_value(lambda: turn_b.working and turn_b.waiters == 1)  # type: ignore[attr-defined]
         assert not turn_b.leading  # type: ignore[attr-defined]
+        assert len(reads) == 2  # each waiter's first
         planner.plan("flow", {"n": 1})
         assert a.finish() is True
+        assert first.lease_next("w", kinds=["flow"]) is not None
         _until_value(lambda: turn_b.leading)  # type: ignore[attr-defined]
         assert not turn_a.leading  # type: ignore[attr-defined]
-        assert first.lease_next("w", kinds=["flow"]) is not None
+        # b heard the job before the turn came: it read the queue, after the claim.
+        _until_value(lambda: len(reads) == 3)
         b.stop.set()
         assert b.finish() is False
     finally:

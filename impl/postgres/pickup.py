@@ -26,7 +26,9 @@ worker alone claims in 2 (``bench/pickup.py``). Idle waiters of one set of kinds
 turns across processes: a :class:`Turn` thread per process queues for a session-level
 advisory lock (PostgreSQL grants it first come, first served), and only the process that
 holds it acts on an announcement of a single job. Its waiter leaves to claim the job, the
-process gives the turn up at once, and the next process in the queue takes it. An
+process gives the turn up when the claim has ended (so that the next one cannot find the
+job still eligible and run into the locked row), and the next process in the queue takes
+it. An
 announcement of several jobs in one transaction (``many``) still wakes every waiter.
 Nothing is lost: a process that gains the turn after hearing an announcement reads the
 queue before it sleeps again; a holder that dies releases the lock with its connection
@@ -72,12 +74,10 @@ TURN_APPLICATION_NAME = "jobledger-turn"
 """What ``pg_stat_activity`` shows for a connection that holds or queues for a turn."""
 TURN_GRACE = 0.05
 """Seconds a process keeps the turn after its last waiter timed out (it polls and comes
-back); a waiter that leaves to claim announced work gives the turn up at once."""
-TURN_SETTLE = 0.02
-"""Seconds a process that took the turn after work was announced waits before it reads
-the queue: the claim of the process that gave the turn up is not visible until it
-commits, and a read before that sends this one into a claim that finds the row locked,
-again and again until it does."""
+back)."""
+TURN_CLAIM_WAIT = 0.05
+"""Seconds a process keeps the turn after its waiter left to claim, unless the claim
+ends first (:meth:`Listener.claimed`)."""
 FIRST_LISTEN_WAIT = 5.0
 """How long the first waiter waits for the listening connection before polling anyway."""
 
@@ -171,32 +171,30 @@ class Listener:
                     if turn is None or not turn.working:
                         return WORK
                     if turn.leading:
-                        if self.heard_since(turn.since, kinds):
-                            return WORK
-                        # Heard before the turn came here: most likely being claimed by
-                        # the process that gave the turn up, whose claim a read would
-                        # not see until it commits. Read once it should have.
-                        settle = turn.taken_at + TURN_SETTLE - time.monotonic()
-                        if settle <= 0:
-                            return READ
-                        until = min(until, time.monotonic() + settle)
+                        # Heard before the turn came here: the process that gave it up
+                        # has claimed since (it gives the turn up after its claim), or
+                        # died; only a read tells.
+                        return WORK if self.heard_since(turn.since, kinds) else READ
                 if reread and self._reread != reread_seen:
                     return READ
                 left = until - time.monotonic()
                 if left <= 0:
-                    return READ if self._settled(seen, kinds, turn) else None
+                    return None
                 self._cond.wait(min(left, STOP_SLICE))
         return None
 
-    def _settled(self, seen: int, kinds: Sequence[str] | None, turn: Turn | None) -> bool:
-        """True when this process holds the turn, took it after work was announced, and
-        the claim of whoever gave it up has had its time."""
-        return (
-            turn is not None
-            and turn.leading
-            and self.heard_since(seen, kinds)
-            and time.monotonic() >= turn.taken_at + TURN_SETTLE
-        )
+    def claimed(self) -> None:
+        """A claim of this process has ended: a turn whose waiter left to make it goes on
+        to the next process now (not earlier: that process would find the job still
+        eligible until the claim commits, and its own claim would skip the locked row)."""
+        with self._cond:
+            if not self._turns:
+                return
+            now = time.monotonic()
+            for turn in self._turns.values():
+                if turn.waiters == 0 and turn._give_at > now:
+                    turn._give_at = now
+                    turn._wake.notify_all()
 
     def close(self) -> None:
         """Stop listening, give up every turn and wait for the threads to end."""
@@ -304,8 +302,6 @@ class Turn:
         """True while this process holds the turn."""
         self.since = 0
         """The listener's generation when the turn came to this process."""
-        self.taken_at = 0.0
-        """``time.monotonic()`` when it did."""
         self.taken = 0
         """How many times this process has taken the turn (for tests and diagnostics)."""
         self._give_at = 0.0
@@ -327,12 +323,13 @@ class Turn:
             self._wake.notify_all()
 
     def leave(self, *, claiming: bool) -> None:
-        """A waiter stops waiting: to claim announced work (the turn goes on at once) or
-        for any other reason (the turn stays a moment for it to come back)."""
+        """A waiter stops waiting: to claim announced work (the turn goes on when the
+        claim ends) or for any other reason (the turn stays a moment for it to come
+        back)."""
         cond = self.listener._cond
         with cond:
             self.waiters -= 1
-            self._give_at = time.monotonic() + (0.0 if claiming else TURN_GRACE)
+            self._give_at = time.monotonic() + (TURN_CLAIM_WAIT if claiming else TURN_GRACE)
             self._wake.notify_all()
 
     def close(self) -> None:
@@ -354,7 +351,6 @@ class Turn:
                 self.working = working
             if leading and not self.leading:
                 self.since = self.listener._generation
-                self.taken_at = time.monotonic()
                 self.taken += 1
             self.leading = leading
             cond.notify_all()
