@@ -42,11 +42,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 import psycopg
+from psycopg import pq
 
 from impl.postgres import queries as q
 from impl.postgres.channel import DUE_NOW, DUE_NOW_MANY
@@ -75,6 +77,9 @@ TURN_APPLICATION_NAME = "jobledger-turn"
 TURN_GRACE = 0.05
 """Seconds a process keeps the turn after its last waiter timed out (it polls and comes
 back)."""
+TURN_ANSWER_WITHIN = 30.0
+"""Seconds without an answer to a lock request (its ``lock_timeout`` is 10 s) after
+which the turn's connection counts as dead."""
 TURN_CLAIM_WAIT = 0.05
 """Seconds a process keeps the turn after its waiter left to claim, unless the claim
 ends first (:meth:`Listener.claimed`)."""
@@ -192,7 +197,7 @@ class Listener:
                 return
             now = time.monotonic()
             for turn in self._turns.values():
-                if turn.waiters == 0 and turn._give_at > now:
+                if turn.waiters == 0 and turn._claiming and turn._give_at > now:
                     turn._give_at = now
                     turn._wake.notify_all()
 
@@ -305,6 +310,10 @@ class Turn:
         self.taken = 0
         """How many times this process has taken the turn (for tests and diagnostics)."""
         self._give_at = 0.0
+        self._claiming = False
+        """True when the last waiter left to claim announced work: the end of a claim
+        hands the turn on only then (an idle worker's poll is a claim too, and the turn
+        would change hands on every poll)."""
         self._wake = threading.Condition(listener._lock)
         """Wakes the thread (and only it) when waiters come and go."""
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
@@ -329,6 +338,7 @@ class Turn:
         cond = self.listener._cond
         with cond:
             self.waiters -= 1
+            self._claiming = claiming
             self._give_at = time.monotonic() + (TURN_CLAIM_WAIT if claiming else TURN_GRACE)
             self._wake.notify_all()
 
@@ -370,6 +380,39 @@ class Turn:
                     self._wake.wait()
         return True
 
+    def _take(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+        """Queue for the lock: True once granted, False when ``lock_timeout`` ran out.
+
+        Through libpq directly: psycopg's own wait wakes every 0.1 s to look for a
+        Ctrl-C, and with one such thread queued in every idle process that was a sixth
+        of an idle worker's CPU. This sleeps on the socket until the server answers
+        (the grant, the lock timeout, or the cancel of :meth:`close`); no answer in
+        ``TURN_ANSWER_WITHIN`` counts as a dead connection."""
+        pgconn = conn.pgconn
+        pgconn.send_query_params(q.TURN_TAKE, [str(self.key).encode()])
+        while pgconn.flush():
+            select.select([], [pgconn.socket], [], TURN_ANSWER_WITHIN)
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            readable, _, _ = select.select([pgconn.socket], [], [], TURN_ANSWER_WITHIN)
+            if not readable:
+                raise psycopg.OperationalError(
+                    f"no answer to a lock request in {TURN_ANSWER_WITHIN:g} s"
+                )
+        granted = True
+        failed: str | None = None
+        while (res := pgconn.get_result()) is not None:
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                if res.error_field(pq.DiagnosticField.SQLSTATE) == q.LOCK_NOT_AVAILABLE:
+                    granted = False
+                else:
+                    failed = (res.error_message or b"").decode("utf-8", "replace")
+        if failed is not None:
+            raise psycopg.OperationalError(failed)
+        return granted
+
     def _run(self) -> None:
         listener = self.listener
         closing = listener._closing
@@ -391,10 +434,8 @@ class Turn:
                             self._wake.wait_for(lambda: self.waiters > 0 or closing.is_set())
                         if closing.is_set():
                             break
-                        try:
-                            conn.execute(q.TURN_TAKE, {"key": self.key})
-                        except psycopg.errors.LockNotAvailable:
-                            continue  # queued 2 s: look whether anyone here still waits
+                        if not self._take(conn):
+                            continue  # queued 10 s: look whether anyone here still waits
                         self._set(leading=True)
                         if self._idle():
                             break
