@@ -391,3 +391,200 @@ def test_wal_writes_wake_on_a_write_and_on_wake_only(tmp_path: Path) -> None:
         writes.close()
     with pytest.raises(OSError):
         WalWrites(tmp_path / "missing.sqlite-wal")
+
+
+# -- PostgreSQL: idle processes take turns on announcements of single jobs --------------
+
+
+def test_a_second_job_of_a_kind_in_one_transaction_is_announced_as_many() -> None:
+    from impl.postgres.channel import payload_after
+
+    sent: set[str] = set()
+    for later, expected in [
+        (False, "now:flow"),
+        (False, "many:flow"),
+        (False, None),
+        (True, "later:flow"),
+        (True, None),
+    ]:
+        payload = payload_after(sent, "flow", later=later)
+        assert payload == expected
+        if payload is not None:
+            sent.add(payload)
+    assert payload_after(sent, "other", later=False) == "now:other"
+
+
+class _Waiter:
+    """``store.wait_for_work`` in a thread, counting the store's reads of the queue."""
+
+    def __init__(self, store: Store, reads: list[object]) -> None:
+        self.store = store
+        self.reads = reads
+        self.result: list[bool] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.result.append(self.store.wait_for_work(POLL, kinds=["flow"], stop=self.stop))
+
+    def turn(self) -> object:
+        listener = _until_value(lambda: self.store._listener)  # type: ignore[attr-defined]
+        return _until_value(lambda: listener._turns.get(("flow",)))
+
+    def finish(self) -> bool:
+        self.thread.join(WATCHDOG)
+        assert not self.thread.is_alive(), "the waiter did not wake"
+        return self.result[0]
+
+
+def _until_value(probe: Callable[[], object]) -> object:
+    deadline = time.monotonic() + WATCHDOG
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError("never came")
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    from impl.postgres import read
+
+    reads: list[object] = []
+    real = read.due_in
+
+    def counted(*args: object) -> float | None:
+        reads.append(args)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(read, "due_in", counted)
+    return reads
+
+
+def test_a_single_job_wakes_only_the_turn_holder_and_a_dead_holder_passes_the_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another session (here the test's own connection) holds the turn: a job planned
+    alone does not wake this store's waiter. When that session dies without claiming
+    the job, the turn comes here, and the waiter reads the queue (a second read; a
+    wake-up on the announcement itself claims without reading) and wakes."""
+    import psycopg
+
+    from impl.postgres.pickup import turn_key
+    from tests.pg import PG_URL
+
+    reads = _counting_reads(monkeypatch)
+    it = _postgres()
+    stores = next(it)
+    try:
+        store, planner = stores(), stores()
+        store.register(FLOW)
+        holder = psycopg.connect(PG_URL, autocommit=True)
+        try:
+            key = turn_key(store._db.channel, ("flow",))  # type: ignore[attr-defined]
+            holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+            waiter = _Waiter(store, reads)
+            turn = waiter.turn()
+            _until_value(lambda: turn.working and turn.waiters == 1)  # type: ignore[attr-defined]
+            assert len(reads) == 1
+            planner.plan("flow", {"n": 1})
+            listener = store._listener  # type: ignore[attr-defined]
+            _until_value(lambda: listener._heard.get("flow"))
+            assert waiter.thread.is_alive()
+            assert len(reads) == 1
+        finally:
+            holder.close()  # the holder dies with the announcement it heard
+        assert waiter.finish() is True
+        assert turn.taken == 1  # type: ignore[attr-defined]
+        assert len(reads) == 2, "woke on an announcement while another process had the turn"
+    finally:
+        for _ in it:
+            pass
+
+
+def test_several_jobs_in_one_transaction_wake_every_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psycopg
+
+    from impl.postgres.pickup import turn_key
+    from tests.pg import PG_URL
+
+    reads = _counting_reads(monkeypatch)
+    it = _postgres()
+    stores = next(it)
+    try:
+        store, planner = stores(), stores()
+        store.register(FLOW)
+        with psycopg.connect(PG_URL, autocommit=True) as holder:
+            key = turn_key(store._db.channel, ("flow",))  # type: ignore[attr-defined]
+            holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+            waiter = _Waiter(store, reads)
+            turn = waiter.turn()
+            _until_value(lambda: turn.working and turn.waiters == 1)  # type: ignore[attr-defined]
+            planner.plan_many("flow", [{"n": 1}, {"n": 2}])
+            assert waiter.finish() is True
+            assert turn.taken == 0  # type: ignore[attr-defined]
+            assert len(reads) == 1, "the waiter read the queue instead of claiming"
+    finally:
+        for _ in it:
+            pass
+
+
+def test_the_turn_goes_to_the_next_process_once_its_holder_has_claimed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads = _counting_reads(monkeypatch)
+    it = _postgres()
+    stores = next(it)
+    try:
+        first, second, planner = stores(), stores(), stores()
+        first.register(FLOW)
+        a = _Waiter(first, [])
+        turn_a = a.turn()
+        _until_value(lambda: turn_a.leading)  # type: ignore[attr-defined]
+        b = _Waiter(second, reads)
+        turn_b = b.turn()
+        _until_value(lambda: turn_b.working and turn_b.waiters == 1)  # type: ignore[attr-defined]
+        assert not turn_b.leading  # type: ignore[attr-defined]
+        assert len(reads) == 2  # each waiter's first
+        planner.plan("flow", {"n": 1})
+        assert a.finish() is True
+        assert first.lease_next("w", kinds=["flow"]) is not None
+        _until_value(lambda: turn_b.leading)  # type: ignore[attr-defined]
+        assert not turn_a.leading  # type: ignore[attr-defined]
+        # b heard the job before the turn came: it read the queue, after the claim.
+        _until_value(lambda: len(reads) == 3)
+        b.stop.set()
+        assert b.finish() is False
+    finally:
+        for _ in it:
+            pass
+
+
+def test_while_the_turn_cannot_be_taken_every_waiter_acts_on_every_announcement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The turn's connection fails (here its first statement): its waiters must not
+    wait for a turn that never comes."""
+    from impl.postgres import queries
+
+    monkeypatch.setattr(queries, "TURN_LOCK_TIMEOUT", "SELECT no_such_function()")
+    reads = _counting_reads(monkeypatch)
+    it = _postgres()
+    stores = next(it)
+    try:
+        store, planner = stores(), stores()
+        store.register(FLOW)
+        waiter = _Waiter(store, reads)
+        turn = waiter.turn()
+        _until_value(lambda: turn.waiters == 1)  # type: ignore[attr-defined]
+        planner.plan("flow", {"n": 1})
+        assert waiter.finish() is True
+        assert not turn.working
+        assert turn.taken == 0
+        assert len(reads) == 1
+    finally:
+        for _ in it:
+            pass

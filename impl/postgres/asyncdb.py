@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
 from impl.postgres import steps
-from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
+from impl.postgres.channel import channel_of, payload_after
 from impl.postgres.database import (
     CONNECT_TIMEOUT,
     POOL_MIN_SIZE,
@@ -115,8 +115,12 @@ class AsyncTx:
         if isinstance(op, steps.Logged):
             self.events.append(op.event)
             return None
-        payload = f"{DUE_LATER if op.later else DUE_NOW}:{op.kind}"
-        if self.channel is not None and payload not in self._announced:
+        payload = (
+            None
+            if self.channel is None
+            else payload_after(self._announced, op.kind, later=op.later)
+        )
+        if self.channel is not None and payload is not None:
             self._announced.add(payload)
             await self.cur.connection.cursor().execute(
                 q.NOTIFY, {"channel": self.channel, "payload": payload}

@@ -50,7 +50,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from impl import failpoint, telemetry
 from impl.postgres import queries as q
 from impl.postgres import steps
-from impl.postgres.channel import DUE_LATER, DUE_NOW, channel_of
+from impl.postgres.channel import channel_of, payload_after
 from impl.postgres.schema import (
     FENCE_BACKWARDS_SQLSTATE,
     ILLEGAL_EDGE_SQLSTATE,
@@ -144,8 +144,10 @@ class Tx:
         and after it did. In a pipeline nobody waits for its answer: it costs no round
         trip (an error would still surface at the commit).
         """
-        payload = f"{DUE_LATER if later else DUE_NOW}:{kind}"
-        if self.channel is None or payload in self._announced:
+        if self.channel is None:
+            return
+        payload = payload_after(self._announced, kind, later=later)
+        if payload is None:
             return
         self._announced.add(payload)
         self.cur.connection.cursor().execute(

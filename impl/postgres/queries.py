@@ -648,6 +648,15 @@ NOTIFY = "SELECT pg_notify(%(channel)s, %(payload)s)"
 
 HEALTH_CHECK = "SELECT 1"
 
+TURN_LOCK_TIMEOUT = "SET lock_timeout = '10s'"
+"""How long a turn's connection queues for the turn before it looks at its waiters again."""
+TURN_TAKE = b"SELECT pg_advisory_lock($1::bigint)"
+"""Queue for the turn to hear announcements of single jobs first (a session lock, FIFO).
+Sent through libpq directly (``impl.postgres.pickup.Turn``), hence ``$1`` and bytes."""
+LOCK_NOT_AVAILABLE = b"55P03"
+"""The SQLSTATE of a lock wait that ran out of ``lock_timeout``."""
+TURN_GIVE = "SELECT pg_advisory_unlock(%(key)s)"
+
 _NEXT_DUE = (
     """
 SELECT min(CASE WHEN lease_worker IS NULL THEN run_at

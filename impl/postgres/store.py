@@ -231,7 +231,12 @@ class PostgresStore:
         Claims skip rows other workers are locking, so concurrent callers never wait on
         each other and never get the same job.
         """
-        return self._db.transact(self.lease_next_tx(worker, ttl=ttl, kinds=kinds))
+        try:
+            return self._db.transact(self.lease_next_tx(worker, ttl=ttl, kinds=kinds))
+        finally:
+            listener = self._listener
+            if listener is not None:
+                listener.claimed()  # hands the turn on (impl.postgres.pickup)
 
     def lease_next_tx(
         self, worker: str, *, ttl: float | None = None, kinds: Sequence[str] | None = None
