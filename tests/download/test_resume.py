@@ -41,6 +41,24 @@ def _wait_for_part(out: Path, size: int, timeout: float = 30.0) -> Path:
     raise AssertionError(f"no partial file reached {size} bytes in {timeout} s")
 
 
+def _at_head_done(
+    store: SqliteStore, manifest: Path, out: Path, cfg: Config, *, part: bytes
+) -> str:
+    """Plan the manifest's one job, record its HEAD and HEAD_DONE, hand it back, and leave
+    ``part`` as its partial file, as a worker that died after HEAD_DONE would; return its id."""
+    (entry,) = parse_manifest(manifest).entries
+    handler = DownloadHandler(str(out), config=cfg)
+    job_id = store.plan("download", entry.identity())
+    lease = store.lease_next("test:1:0", ttl=10)
+    assert lease is not None
+    ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
+    handler._head(ctx)
+    assert ctx.advance("HEAD_DONE")
+    store.release(ctx.lease)
+    handler.layout.part_path(job_id).write_bytes(part)
+    return job_id
+
+
 def test_sigkill_mid_stream_then_resume_with_range(
     tmp_path: Path, db: Path, out: Path, cfg: Config, server: FileServer
 ) -> None:
@@ -93,17 +111,8 @@ def test_partial_file_at_head_done_enters_resume_ok(
     manifest = write_manifest(
         tmp_path / "m.jsonl", [{"work_id": "w", "artifact_id": "half", "url": url}]
     )
-    (entry,) = parse_manifest(manifest).entries
-    handler = DownloadHandler(str(out), config=cfg)
     with SqliteStore(db, config=cfg) as store:
-        job_id = store.plan("download", entry.identity())
-        lease = store.lease_next("test:1:0", ttl=10)
-        assert lease is not None
-        ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
-        handler._head(ctx)
-        assert ctx.advance("HEAD_DONE")
-        store.release(ctx.lease)
-        handler.layout.part_path(job_id).write_bytes(body[:150_000])
+        job_id = _at_head_done(store, manifest, out, cfg, part=body[:150_000])
         summary = download(store, manifest, out, workers=1, config=cfg)
         moves = [e.detail.get("to") for e in store.history(job_id) if e.event == Event.ADVANCED]
     assert summary.succeeded == 1
@@ -125,17 +134,8 @@ def test_a_whole_partial_file_is_finished_from_disk_after_a_416(
     manifest = write_manifest(
         tmp_path / "m.jsonl", [{"work_id": "w", "artifact_id": "whole", "url": url}]
     )
-    (entry,) = parse_manifest(manifest).entries
-    handler = DownloadHandler(str(out), config=cfg)
     with SqliteStore(db, config=cfg) as store:
-        job_id = store.plan("download", entry.identity())
-        lease = store.lease_next("test:1:0", ttl=10)
-        assert lease is not None
-        ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
-        handler._head(ctx)
-        assert ctx.advance("HEAD_DONE")
-        store.release(ctx.lease)
-        handler.layout.part_path(job_id).write_bytes(body)
+        job_id = _at_head_done(store, manifest, out, cfg, part=body)
         summary = download(store, manifest, out, workers=1, config=cfg)
         moves = [e.detail.get("to") for e in store.history(job_id) if e.event == Event.ADVANCED]
     assert summary.succeeded == 1
@@ -157,17 +157,8 @@ def test_a_416_for_another_length_restarts_from_zero(
     manifest = write_manifest(
         tmp_path / "m.jsonl", [{"work_id": "w", "artifact_id": "shrunk", "url": url}]
     )
-    (entry,) = parse_manifest(manifest).entries
-    handler = DownloadHandler(str(out), config=cfg)
     with SqliteStore(db, config=cfg) as store:
-        job_id = store.plan("download", entry.identity())
-        lease = store.lease_next("test:1:0", ttl=10)
-        assert lease is not None
-        ctx = JobContext(store, lease, lost=threading.Event(), stopping=threading.Event())
-        handler._head(ctx)
-        assert ctx.advance("HEAD_DONE")
-        store.release(ctx.lease)
-        handler.layout.part_path(job_id).write_bytes(body + b"trailing garbage")
+        _at_head_done(store, manifest, out, cfg, part=body + b"trailing garbage")
         summary = download(store, manifest, out, workers=1, config=cfg)
     assert summary.succeeded == 1
     asked = [(r.range, r.status) for r in server.requests("/shrunk", "GET")]
