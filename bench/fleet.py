@@ -24,10 +24,13 @@ no fall in throughput from 16 to 64 processes; PostgreSQL >= 0.9x at N = 8 and 6
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import impl
@@ -194,14 +197,27 @@ def _sweep(
             order = modes if run_index % 2 == 0 else modes[::-1]
             for mode in order:
                 target = make(mode)
+                before = os.times()
                 try:
                     rate, busy, other = procs.drain(mode, target, n, jobs, opener=opener)
                 finally:
                     drop(target)
+                after = os.times()
+                # The children's CPU (they are joined by now), from fork to exit.
+                spent = sum(after[2:4]) - sum(before[2:4])
                 rates[mode][n].append(rate)
+                CPU_MS[mode, n].append(spent / jobs * 1000)
                 errors[mode] += busy + other
-                print(f"    {mode} x{n}: {rate:,.0f} jobs/s, errors {busy + other}")
+                print(
+                    f"    {mode} x{n}: {rate:,.0f} jobs/s, errors {busy + other}, "
+                    f"CPU per job {spent / jobs * 1000:.2f} ms"
+                )
     return rates, errors
+
+
+CPU_MS: defaultdict[tuple[str, int], list[float]] = defaultdict(list)
+"""Milliseconds of CPU per job of every sweep run, by (mode, processes): the children's
+user and system time from fork to exit (start-up included) over the jobs drained."""
 
 
 def _ratio_result(
@@ -222,7 +238,11 @@ def _ratio_result(
         baseline=Series("bare SQL floor", "jobs/s", tuple(raw)),
         ratio=Series("ratio", "x", tuple(a / r for a, r in zip(api, raw, strict=True))),
         target=target,
-        note=f"errors reaching the caller: jobledger {errors[modes[0]]}, floor {errors[modes[1]]}",
+        note=(
+            f"errors reaching the caller: jobledger {errors[modes[0]]}, floor {errors[modes[1]]}; "
+            f"CPU per job (median): jobledger {median(CPU_MS[modes[0], n]):.2f} ms, "
+            f"floor {median(CPU_MS[modes[1], n]):.2f} ms"
+        ),
         ok=errors[modes[0]] == 0,
     )
 
