@@ -9,12 +9,19 @@ the last process to see the queue empty did so 30-40 ms after the last job was d
 
 So every connection is opened with SQLite's busy timeout at 0 and whoever meets a busy
 lock waits here instead: sleeps that start at :data:`FIRST_PAUSE`, double up to
-:data:`LONGEST_PAUSE` (a waiter always tries again within a few milliseconds) and are
-jittered (waiters that met the lock together do not wake together), until the configured
-``busy_timeout`` has passed. Short sleeps are not better: a waiter that takes the lock
-from a process that was about to take it again costs that process a sleep and costs
-itself a reread of every cached page (SQLite drops a connection's page cache whenever
-another connection committed), so waking every 50-200 us made 4 processes slower still.
+:data:`LONGEST_PAUSE` and are jittered (waiters that met the lock together do not wake
+together), until the configured ``busy_timeout`` has passed. Short sleeps are not better:
+a waiter that takes the lock from a process that was about to take it again costs that
+process a sleep and costs itself a reread of every cached page (SQLite drops a
+connection's page cache whenever another connection committed), so waking every
+50-200 us made 4 processes slower still. Nor is a short longest sleep: with dozens of
+processes on one file every try that finds the lock taken costs CPU (SQLite's file locks,
+the WAL index, ``lease_next``'s probe) that the process holding the lock then lacks. With
+8 ms, 64 processes each doing one 20 ms effect per job tried ``BEGIN IMMEDIATE`` 7.5 times
+per transaction and spent 4.8-6.8 ms of CPU per job; with 32 ms, 3.7-4.0 ms, and 20-60%
+more jobs per second (+10-20% with 32 processes, unchanged with 8; one sitting,
+alternating; ``bench/README.md``). A waiter reaches the longest sleep only after five
+tries in a row found the lock taken.
 
 A caller can also stop waiting early: ``lease_next`` asks, between two tries, whether
 anything is eligible at all (a read, which never waits for the writer in WAL mode), and
@@ -34,7 +41,7 @@ T = TypeVar("T")
 FIRST_PAUSE = 0.001
 """Seconds of the first sleep after a busy lock (before jitter)."""
 
-LONGEST_PAUSE = 0.008
+LONGEST_PAUSE = 0.032
 """The longest sleep between two tries (before jitter)."""
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from impl.sqlite import waiting
 from impl.sqlite.store import SqliteStore
-from impl.sqlite.waiting import is_busy, patiently
+from impl.sqlite.waiting import FIRST_PAUSE, LONGEST_PAUSE, is_busy, patiently
 from model import Config, DatabaseLocked, Workflow
 
 OTHER = Workflow("other", ["NEW", "DONE"], [("NEW", "DONE")], "NEW", ["DONE"])
@@ -176,3 +177,37 @@ def test_patiently_tries_again_only_on_a_busy_lock(tmp_path: Path) -> None:
         assert len(tries) == 1
     finally:
         waiter.close()
+
+
+def test_patiently_sleeps_double_from_the_first_pause_to_the_longest_jittered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1, 2, 4, ... ms up to the longest pause, each within [0.5, 1.5) of its step: a
+    waiter behind dozens of processes tries rarely, one behind a short write soon."""
+    path = tmp_path / "db.sqlite"
+    sqlite3.connect(path).close()
+    waiter = sqlite3.connect(path, isolation_level=None, timeout=0)
+    slept: list[float] = []
+    monkeypatch.setattr(waiting.time, "sleep", slept.append)
+    tries = 0
+
+    def begin() -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 12:
+            holder.rollback()
+        waiter.execute("BEGIN IMMEDIATE")
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        patiently(3600.0, begin)
+        assert waiter.in_transaction
+    finally:
+        waiter.close()
+        holder.close()
+    steps = [min(FIRST_PAUSE * 2**i, LONGEST_PAUSE) for i in range(11)]
+    assert len(slept) == len(steps)
+    for pause, step in zip(slept, steps, strict=True):
+        assert 0.5 * step <= pause < 1.5 * step
+    assert steps[-1] == LONGEST_PAUSE == 0.032
