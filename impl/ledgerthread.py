@@ -4,18 +4,19 @@ A threaded :class:`impl.Worker` with many handler threads on SQLite spends most 
 CPU handing the interpreter lock around, not in SQL: every ``sqlite3`` call releases it,
 every handler thread has a connection of its own to open (with its own cold page cache
 and statement cache), and the threads queue at the process's writer gate one write at a
-time (bench/README.md, issue 15). With ``Worker(ledger_thread=True)`` the handler threads
+time (bench/README.md, issue 15). With ``Worker(ledger_threads=1)`` the handler threads
 make no ledger call themselves: each call (claim, renewal, an effect's durable steps,
 advance, release, fail, and whatever a handler calls on ``ctx.store``) is handed to one
 thread that runs it on its own connection, and the handler thread sleeps until the call
-has returned. An effect's ``fn`` (and an ``on_doubt`` probe) still runs in the handler
-thread, between the durable steps, exactly as ``run_effect`` drives them
-(:mod:`model.effectstep`).
+has returned (on PostgreSQL a few threads share the calls: see :class:`LedgerThread`).
+An effect's ``fn`` (and an ``on_doubt`` probe) still runs in the handler thread, between
+the durable steps, exactly as ``run_effect`` drives them (:mod:`model.effectstep`).
 
 Nothing of the contract moves: each call is the store's own method, run to its end
 (commit included) before the caller wakes, so an operation still returns only once what
 it reports is durable; its exception (a fencing refusal, a failpoint's simulated crash)
-is raised in the caller. Calls run one at a time in the order they were handed over.
+is raised in the caller. With one thread, calls run one at a time in the order they
+were handed over.
 
 Failpoints (:data:`impl.failpoint.LEDGER_THREAD_POINTS`), on the ledger thread:
 ``ledger_thread.before_call`` before a call runs (a crash there leaves nothing of it)
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import _thread
 import functools
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,24 +49,37 @@ _Item = tuple[Callable[[], object], list[object], "_thread.LockType"] | None
 
 
 class LedgerThread:
-    """One thread running the calls handed to it, one at a time (see module doc).
+    """The thread(s) running the calls handed to them (see module doc).
 
     A call waits on a lock of its own, released by the thread once the call returned:
     one wake-up per call (a ``Future``'s condition costs two or three).
+
+    Args:
+        threads: how many threads make the calls: 1 for SQLite (one connection, calls
+            one at a time in the order handed over); a few for PostgreSQL, whose store is
+            thread-safe over a pool and whose calls wait on the server (with one thread
+            they would wait one after another). Each calling thread is given one of them
+            for good, so the durable steps of one effect, whose store may bind them to a
+            connection of the thread that began them, all run on the same one.
     """
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+    def __init__(self, *, threads: int = 1) -> None:
+        self._queues: list[queue.SimpleQueue[_Item]] = [queue.SimpleQueue() for _ in range(threads)]
         self._closed = False
-        # A daemon: a worker whose caller never reaches close() must not keep the
+        self._callers = threading.local()
+        self._next = itertools.count()
+        # Daemons: a worker whose caller never reaches close() must not keep the
         # process alive (the calls handed over run to their end all the same).
-        thread = threading.Thread(target=self._work, name="ledger", daemon=True)
-        thread.start()
-        self._thread = thread
-        self._ident = thread.ident
+        self._threads = [
+            threading.Thread(target=self._work, args=(q,), name="ledger", daemon=True)
+            for q in self._queues
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._idents = frozenset(t.ident for t in self._threads)
 
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _work(self, calls: queue.SimpleQueue[_Item]) -> None:
+        while (item := calls.get()) is not None:
             fn, box, done = item
             try:
                 if failpoint.ARMED:
@@ -86,12 +101,16 @@ class LedgerThread:
         """
         if self._closed:
             raise StorageError("the worker's ledger thread is closed: the worker has stopped")
-        if _thread.get_ident() == self._ident:
+        if _thread.get_ident() in self._idents:
             return fn()  # a call made from inside a call (a telemetry listener's) runs here
         done = _thread.allocate_lock()
         done.acquire()
         box: list[object] = []
-        self._queue.put((fn, box, done))
+        calls: queue.SimpleQueue[_Item] | None = getattr(self._callers, "calls", None)
+        if calls is None:
+            calls = self._queues[next(self._next) % len(self._queues)]
+            self._callers.calls = calls
+        calls.put((fn, box, done))
         done.acquire()
         if len(box) == 2:
             raise cast(BaseException, box[0])
@@ -102,9 +121,11 @@ class LedgerThread:
         for it (at once when called on the thread itself)."""
         if not self._closed:
             self._closed = True
-            self._queue.put(None)
-        if threading.get_ident() != self._ident:
-            self._thread.join()
+            for calls in self._queues:
+                calls.put(None)
+        if threading.get_ident() not in self._idents:
+            for thread in self._threads:
+                thread.join()
 
 
 class ThreadedStore:

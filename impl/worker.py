@@ -274,10 +274,13 @@ class Worker:
             handler, such as taking a lease from a full ledger. The worker logs it and
             tries again after ``idle_poll``, unless the callback stopped the worker
             (``jobledger download`` does, for a fault of the world).
-        ledger_thread: make every ledger call of the handler threads on one thread of
-            the worker's own (:mod:`impl.ledgerthread`), which saves most of the CPU a
-            worker with dozens of threads spends handing the interpreter lock around;
-            handlers and effects still run in the handler threads. Default off.
+        ledger_threads: 0 (the default): each handler thread makes its own ledger calls.
+            n >= 1: the handler threads hand every ledger call to n threads of the
+            worker's own (:mod:`impl.ledgerthread`); handlers and effects still run in
+            the handler threads. On SQLite 1 saves about half the CPU a worker with
+            dozens of threads spends per job (handing the interpreter lock around, one
+            connection per thread); on PostgreSQL one thread would make the calls wait
+            on the server one after another: give it a few (8, the pool's size).
     """
 
     def __init__(
@@ -291,7 +294,7 @@ class Worker:
         renew_every: float | None = None,
         idle_poll: float = IDLE_POLL_DEFAULT,
         on_error: Callable[[JobledgerError], None] | None = None,
-        ledger_thread: bool = False,
+        ledger_threads: int = 0,
     ) -> None:
         if not handlers:
             raise InvalidInput("Worker needs at least one handler: handlers={'kind': fn}")
@@ -314,7 +317,13 @@ class Worker:
             self.renew_every = store.config.renew_interval
         self.idle_poll = idle_poll
         self.on_error = on_error
-        self.ledger_thread = ledger_thread
+        if (
+            isinstance(ledger_threads, bool)
+            or not isinstance(ledger_threads, int)
+            or ledger_threads < 0
+        ):
+            raise InvalidInput(f"ledger_threads must be an int >= 0, got {ledger_threads!r}")
+        self.ledger_threads = ledger_threads
         # What the handler threads call: the store, or the store on the ledger thread
         # (set for the length of a run).
         self._calls: Store = store
@@ -554,7 +563,7 @@ class Worker:
         idle = [False] * self.concurrency
         cond = threading.Condition()
         started = time.monotonic()
-        ledger = LedgerThread() if self.ledger_thread else None
+        ledger = LedgerThread(threads=self.ledger_threads) if self.ledger_threads else None
         if ledger is not None:
             self._calls = threaded(self.store, ledger)
         try:

@@ -1,5 +1,5 @@
 """Issue 15, threads: a worker's idle threads take turns looking for work, and with
-``ledger_thread=True`` every ledger call of its handler threads is made on one thread
+``ledger_threads=1`` every ledger call of its handler threads is made on one thread
 (impl.ledgerthread), with ``fn`` still in the handler thread and errors raised where
 the call was made."""
 
@@ -138,7 +138,7 @@ def test_every_ledger_call_of_the_handler_threads_runs_on_one_thread(tmp_path: P
         ctx.advance("B")
         ctx.advance("C")
 
-    w = impl.Worker(store, {"flow": handler}, concurrency=8, ledger_thread=True)  # type: ignore[arg-type]
+    w = impl.Worker(store, {"flow": handler}, concurrency=8, ledger_threads=1)  # type: ignore[arg-type]
     before = threading.active_count()
     report = w.run(until_idle=True)
     assert report.finished == 40
@@ -216,9 +216,57 @@ def test_a_worker_with_a_ledger_thread_fails_a_job_whose_handler_raised(tmp_path
         ctx.advance("B")
         raise ValueError("broken")
 
-    report = impl.Worker(store, {"flow": handler}, concurrency=2, ledger_thread=True).run(
+    report = impl.Worker(store, {"flow": handler}, concurrency=2, ledger_threads=1).run(
         until_idle=True
     )
     assert report.failed == 1
     assert store.state(job) == FLOW.failed
     store.close()
+
+
+def test_ledger_threads_must_be_a_count(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.register(FLOW)
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(impl.InvalidInput, match="ledger_threads"):
+            impl.Worker(store, {"flow": lambda ctx: None}, ledger_threads=bad)  # type: ignore[arg-type]
+
+
+def test_several_ledger_threads_share_the_calls(tmp_path: Path) -> None:
+    """With n threads (PostgreSQL's case: calls that wait on the server), n calls run at
+    once, and every job still runs once."""
+    inner = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=30.0))
+    inner.register(FLOW)
+    ids = inner.plan_many("flow", [{"n": i} for i in range(30)])
+    store = Recording(inner)
+    together = threading.Barrier(3, timeout=30)
+    first: list[int] = []
+    met: list[bool] = []
+    lock = threading.Lock()
+    claim = inner.lease_next
+
+    def lease_next(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            waits = len(first) < 3
+            first.append(threading.get_ident())
+        if waits:
+            # Only three calls in flight at once get past this: one per ledger thread.
+            together.wait()
+            met.append(True)
+        return claim(*args, **kwargs)
+
+    inner.lease_next = lease_next  # type: ignore[method-assign]
+
+    def handler(ctx: impl.JobContext) -> None:
+        ctx.effect("work", lambda e: e.token)
+        ctx.advance("B")
+        ctx.advance("C")
+
+    w = impl.Worker(store, {"flow": handler}, concurrency=6, ledger_threads=3)  # type: ignore[arg-type]
+    report = w.run(until_idle=True)
+    assert met == [True, True, True]
+    assert len(set(first[:3])) == 3
+    assert report.finished == 30
+    assert {inner.state(j) for j in ids} == {"C"}
+    assert {who for (_name, who) in store.threads} == {"ledger"}
+    inner.close()
