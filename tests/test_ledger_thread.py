@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 
 import impl
-from impl import failpoint, worker
+from impl import failpoint, telemetry, worker
 from impl.ledgerthread import LedgerThread, threaded
 from impl.sqlite.store import SqliteStore
-from model import Config, MemoryStore, Workflow
+from model import Config, Event, HistoryEvent, MemoryStore, Workflow
 from model.errors import LeaseLost
 
 FLOW = Workflow("flow", ["A", "B", "C"], [("A", "B"), ("B", "C")], initial="A", terminal=["C"])
@@ -270,3 +270,46 @@ def test_several_ledger_threads_share_the_calls(tmp_path: Path) -> None:
     assert {inner.state(j) for j in ids} == {"C"}
     assert {who for (_name, who) in store.threads} == {"ledger"}
     inner.close()
+
+
+def test_a_call_made_on_the_ledger_thread_itself_runs_there_at_once(tmp_path: Path) -> None:
+    """A telemetry listener runs on the ledger thread (history is emitted after the
+    commit, in the call); its own call through the same ledger thread must not wait for
+    the thread it is running on."""
+    store = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=30.0))
+    store.register(FLOW)
+    job = store.plan("flow", {"n": 1})
+    thread = LedgerThread()
+    calls = threaded(store, thread)
+    seen: list[str] = []
+
+    def listener(event: object) -> None:
+        if isinstance(event, HistoryEvent) and event.event is Event.ADVANCED:
+            seen.append(calls.state(job))
+
+    telemetry.add_listener(listener)
+    try:
+        lease = calls.lease_next("w")
+        assert lease is not None
+        assert calls.advance(lease, "B")
+    finally:
+        telemetry.remove_listener(listener)
+        thread.close()
+        store.close()
+    assert seen == ["B"]
+
+
+def test_other_store_calls_through_the_ledger_thread_run_there(tmp_path: Path) -> None:
+    inner = SqliteStore(tmp_path / "j.sqlite", config=Config(lease_ttl=30.0))
+    inner.register(FLOW)
+    store = Recording(inner)
+    thread = LedgerThread()
+    calls = threaded(store, thread)  # type: ignore[arg-type]
+    try:
+        job = calls.plan("flow", {"n": 1})
+        assert calls.job(job).state == "A"
+        assert calls.path == inner.path  # an attribute, read here
+    finally:
+        thread.close()
+        inner.close()
+    assert store.threads == Counter({("plan", "ledger"): 1, ("job", "ledger"): 1})
