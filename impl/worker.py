@@ -280,7 +280,8 @@ class Worker:
             the handler threads. On SQLite 1 saves about half the CPU a worker with
             dozens of threads spends per job (handing the interpreter lock around, one
             connection per thread); on PostgreSQL one thread would make the calls wait
-            on the server one after another: give it a few (8, the pool's size).
+            on the server one after another: give it a few (8, the pool's size). With
+            ``concurrency=1`` leave it 0: the hand-off costs more than it saves.
     """
 
     def __init__(
@@ -514,7 +515,8 @@ class Worker:
         Another thread may still be working, and its job can make more eligible (or
         end, leaving the worker idle). One idle thread at a time looks again every
         ``idle_poll`` (the looker); the others sleep until it finds work, until every
-        thread is idle, or until the looker's turn is free. Without the turn, 63 idle
+        thread is idle or the worker stops (or, as a safety net, for
+        :data:`IDLE_SLEEPER_WAIT`: then one of them may take the turn). Without it, 63 idle
         threads of a 64-thread worker each took the write lock every ``idle_poll`` to
         find nothing, and the last jobs' own transactions queued behind them: draining
         the last round took 50 times its 20 ms handlers (issue 15, bench/README.md).
