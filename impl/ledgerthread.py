@@ -35,11 +35,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 from impl import failpoint
+from model.config import Config
 from model.effectstep import EffectSteps, Probe, RunFn, SteppedStore
 from model.errors import StorageError
 from model.key import Scalar
-from model.record import JSON, Lease
+from model.record import JSON, Lease, Plan
 from model.store import EffectFn, OnDoubt, Store
+from model.workflow import Workflow
 
 T = TypeVar("T")
 
@@ -156,11 +158,11 @@ class ThreadedStore:
         return on_thread
 
     @property
-    def config(self) -> Any:
+    def config(self) -> Config:
         """The store's configuration."""
         return self._store.config
 
-    def workflow(self, name: str) -> Any:
+    def workflow(self, name: str) -> Workflow:
         """See ``Store.workflow``."""
         return self._store.workflow(name)
 
@@ -204,7 +206,7 @@ class ThreadedStore:
         store = self._store
         self._thread.call(lambda: store.fail(lease, error, retryable=retryable, delay=delay))
 
-    def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar]]) -> list[str]:
+    def plan_many(self, kind: str, items: Iterable[Mapping[str, Scalar] | Plan]) -> list[str]:
         """See ``Store.plan_many`` (the items are read in the caller first)."""
         store = self._store
         listed = list(items)
