@@ -13,8 +13,10 @@ to some service), then advances to its terminal state.
   warnings and errors (a busy ledger, a lost lease) and, on the floor, busy errors.
 - **Threads.** One process, ``Worker(concurrency=64)``: efficiency against the ideal
   (jobs x 20 ms / 64), on SQLite and on PostgreSQL; on SQLite also with grouped commits
-  (``sqlite_group_window``, :mod:`impl.sqlite.group`), run by run alternating with the
-  ungrouped store.
+  (``sqlite_group_window``, :mod:`impl.sqlite.group`) and with the worker's ledger thread
+  (``Worker(ledger_threads=1)``, :mod:`impl.ledgerthread`), run by run alternating with
+  the default worker on an ungrouped store; on PostgreSQL with and without ledger
+  threads (8) too.
 
 Targets: SQLite >= 0.8x the floor at N = 8, 32 and 64 with no error reaching the caller and
 no fall in throughput from 16 to 64 processes; PostgreSQL >= 0.9x at N = 8 and 64; threads
@@ -45,6 +47,9 @@ THREADS = 64
 SQLITE_TARGET = Target(0.8)
 PG_TARGET = Target(0.9)
 THREADS_TARGET = Target(0.85)
+PG_LEDGER_THREADS = 8
+"""``Worker(ledger_threads=...)`` of the PostgreSQL threads case: its pool's size (one
+thread would make the calls wait on the server one after another)."""
 GROUP_WINDOW = 0.001
 """``sqlite_group_window`` of the grouped threads case (1 ms measured best of 1, 5 and 20 ms
 with 64 threads here)."""
@@ -282,8 +287,8 @@ def run_sqlite(settings: Settings) -> list[Result]:
             target=Target(1.0),
         )
     )
-    plain, grouped = _threads_paired(settings, jobs)
-    results += [plain, grouped]
+    plain, grouped, on_thread = _threads_paired(settings, jobs)
+    results += [plain, grouped, on_thread]
     results.append(
         Result(
             bench="fleet",
@@ -299,27 +304,47 @@ def run_sqlite(settings: Settings) -> list[Result]:
             ),
         )
     )
+    results.append(_against_default("SQLite", on_thread, plain))
     return results
 
 
-def _threads_paired(settings: Settings, jobs: int) -> tuple[Result, Result]:
-    """The SQLite threads case without and with grouped commits, alternating run by run."""
-    windows = (0.0, GROUP_WINDOW)
-    found: dict[float, list[Result]] = {w: [] for w in windows}
+def _against_default(engine: str, on_thread: Result, plain: Result) -> Result:
+    return Result(
+        bench="fleet",
+        case=f"{engine}, Worker(concurrency={THREADS}): ledger thread / default, same run",
+        subject=on_thread.subject,
+        baseline=plain.subject,
+        ratio=Series(
+            "ratio",
+            "x",
+            tuple(
+                t / p for t, p in zip(on_thread.subject.values, plain.subject.values, strict=True)
+            ),
+        ),
+    )
+
+
+def _threads_paired(settings: Settings, jobs: int) -> tuple[Result, Result, Result]:
+    """The SQLite threads case: the default worker, grouped commits, and the ledger
+    thread, alternating run by run."""
+    # (sqlite_group_window, ledger_threads)
+    variants = ((0.0, 0), (GROUP_WINDOW, 0), (0.0, 1))
+    found: dict[tuple[float, int], list[Result]] = {v: [] for v in variants}
     for run_index in range(_runs(settings)):
-        for window in windows if run_index % 2 == 0 else windows[::-1]:
+        for window, ledger_threads in variants if run_index % 2 == 0 else variants[::-1]:
             engine = "SQLite" if window == 0 else f"SQLite, sqlite_group_window={window:g}"
-            found[window].append(
+            found[window, ledger_threads].append(
                 _threads(
                     engine,
                     settings,
                     lambda w=window: _sqlite_store(settings, jobs, group_window=w),
                     jobs,
                     runs=1,
+                    ledger_threads=ledger_threads,
                 )
             )
-    plain, grouped = (_merged(found[w]) for w in windows)
-    return plain, grouped
+    plain, grouped, on_thread = (_merged(found[v]) for v in variants)
+    return plain, grouped, on_thread
 
 
 def _merged(results: list[Result]) -> Result:
@@ -386,7 +411,14 @@ def run_postgres(settings: Settings) -> list[Result]:
         store.register(ledger.WORKFLOW)
         return _Dropping(store, target)
 
-    results.append(_threads("PostgreSQL", settings, fresh, jobs))
+    found: dict[int, list[Result]] = {0: [], PG_LEDGER_THREADS: []}
+    for run_index in range(_runs(settings)):
+        for threads in (0, PG_LEDGER_THREADS) if run_index % 2 == 0 else (PG_LEDGER_THREADS, 0):
+            found[threads].append(
+                _threads("PostgreSQL", settings, fresh, jobs, runs=1, ledger_threads=threads)
+            )
+    plain, on_thread = _merged(found[0]), _merged(found[PG_LEDGER_THREADS])
+    results += [plain, on_thread, _against_default("PostgreSQL", on_thread, plain)]
     return results
 
 
@@ -417,15 +449,22 @@ def _threads(
     jobs: int,
     *,
     runs: int | None = None,
+    ledger_threads: int = 0,
 ) -> Result:
     ideal = jobs * SLEEP / THREADS
+    how = f"Worker(concurrency={THREADS}"
+    how += f", ledger_threads={ledger_threads})" if ledger_threads else ")"
     efficiency: list[float] = []
     rates: list[float] = []
     for _ in range(_runs(settings) if runs is None else runs):
         store = fresh()
         try:
             worker = impl.Worker(
-                store, {ledger.KIND: handler}, concurrency=THREADS, idle_poll=0.005
+                store,
+                {ledger.KIND: handler},
+                concurrency=THREADS,
+                idle_poll=0.005,
+                ledger_threads=ledger_threads,
             )
             with stopwatch() as t:
                 report = worker.run(until_idle=True)
@@ -435,10 +474,10 @@ def _threads(
             raise RuntimeError(f"{engine} threads: {report.finished} of {jobs} jobs finished")
         efficiency.append(ideal / t[0])
         rates.append(jobs / t[0])
-        print(f"    {engine} Worker(concurrency={THREADS}): {jobs / t[0]:,.0f} jobs/s")
+        print(f"    {engine} {how}: {jobs / t[0]:,.0f} jobs/s")
     return Result(
         bench="fleet",
-        case=f"{engine}, one process, Worker(concurrency={THREADS}), {jobs} jobs of 20 ms I/O",
+        case=f"{engine}, one process, {how}, {jobs} jobs of 20 ms I/O",
         subject=Series("jobledger", "jobs/s", tuple(rates)),
         baseline=Series("ideal", "jobs/s", tuple(THREADS / SLEEP for _ in rates)),
         ratio=Series("efficiency", "x", tuple(efficiency)),

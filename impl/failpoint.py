@@ -54,7 +54,10 @@ ALL = tuple(f"{op}.{p}" for op in OPERATIONS for p in POINTS) + EFFECT_POINTS + 
 GROUP_POINTS = ("group.before_commit", "group.after_commit", "group.in_savepoint")
 """The failpoints of SQLite's group commit (``impl.sqlite.group``), hit only by a store
 configured to group (``sqlite_group_window`` > 0)."""
-NAMES = ALL + GROUP_POINTS
+LEDGER_THREAD_POINTS = ("ledger_thread.before_call", "ledger_thread.after_call")
+"""The failpoints of a worker's ledger thread (``impl.ledgerthread``), around each call it
+makes for a handler thread."""
+NAMES = ALL + GROUP_POINTS + LEDGER_THREAD_POINTS
 """Every failpoint name that ``impl`` hits."""
 
 

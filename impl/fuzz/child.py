@@ -53,6 +53,7 @@ class ChildSpec:
     schema: str | None = None
     concurrency: int = 1
     group_window: float = 0.0
+    ledger_threads: int = 0
 
     def to_json(self) -> str:
         """Encode for the command line."""
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             renew_every=spec.renew_every,
             idle_poll=spec.idle_poll,
             concurrency=spec.concurrency,
+            ledger_threads=spec.ledger_threads,
         )
         report = worker.run()
         log.write("stop", jobs=report.jobs, finished=report.finished, lost=report.lost)

@@ -38,7 +38,7 @@ import attrs
 from attrs import define, field, frozen
 
 import impl
-from impl.failpoint import ALL, ENV_VAR, GROUP_POINTS
+from impl.failpoint import ALL, ENV_VAR, GROUP_POINTS, LEDGER_THREAD_POINTS
 from impl.fuzz.checker import Evidence, Violation, check
 from impl.fuzz.child import ChildSpec
 from impl.fuzz.clock import SharedClock
@@ -112,6 +112,8 @@ class FuzzSettings:
         concurrency: handler threads per worker process (``Worker(concurrency=...)``).
         group_window: the workers' ``sqlite_group_window`` (SQLite: their threads' writes
             share group transactions, and the kills include the group failpoints).
+        ledger_threads: the workers' ``Worker(ledger_threads=...)`` (their threads' ledger
+            calls made on ledger threads), and the kills include their failpoints.
     """
 
     seconds: float = 100.0
@@ -143,6 +145,7 @@ class FuzzSettings:
     prune_batch: int = 4
     concurrency: int = 1
     group_window: float = 0.0
+    ledger_threads: int = 0
 
 
 @frozen(kw_only=True)
@@ -253,6 +256,7 @@ class _Run:
             schema=self.ledger.schema,
             concurrency=s.concurrency,
             group_window=s.group_window,
+            ledger_threads=s.ledger_threads,
         )
         env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
         root = str(Path(impl.__file__).resolve().parent.parent)
@@ -263,7 +267,9 @@ class _Run:
             # Grouped workers die at the group's own failpoints half the time: they
             # are three among dozens, and the new path's crashes are the point.
             grouped = s.group_window > 0 and self.rng.random() < 0.5
-            points = GROUP_POINTS if grouped else FAILPOINTS
+            # The same for a ledger thread's own failpoints.
+            ledger = s.ledger_threads > 0 and self.rng.random() < 0.5
+            points = GROUP_POINTS if grouped else LEDGER_THREAD_POINTS if ledger else FAILPOINTS
             failpoint = f"{self.rng.choice(points)}={self.rng.randint(1, 6)}*kill"
             env[ENV_VAR] = failpoint
         doomed = not self.draining

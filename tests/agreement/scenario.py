@@ -97,6 +97,8 @@ OPERATIONS: dict[str, Call] = {
     "effect": lambda s, w: s.run_effect(w.live, "e", ok_fn),
     # A grouped store's group failpoints, in a group of one: the advance's commit.
     "group": lambda s, w: s.advance(w.live, "B"),
+    # A worker's ledger thread (impl.ledgerthread) around the call it makes: the advance.
+    "ledger_thread": lambda s, w: s.advance(w.live, "B"),
 }
 
 
@@ -121,6 +123,10 @@ def predict(model: MemoryStore, world: World, point: str) -> None:
         else:
             model.begin_effect(world.live, "e")
         return
+    if op == "ledger_thread":
+        if where == "after_call":
+            OPERATIONS[op](model, world)
+        return
     if where == "after_commit":
         if op == "effect_start":
             model.begin_effect(world.live, "e")
@@ -128,12 +134,13 @@ def predict(model: MemoryStore, world: World, point: str) -> None:
             OPERATIONS[op](model, world)
 
 
-def child_main(path: str, point: str, grouped: bool = False) -> None:
+def child_main(path: str, point: str, grouped: bool = False, ledger: bool = False) -> None:
     """Run the scenario in this process against SQLite, dying at ``point``.
 
     The parent sets ``JOBLEDGER_FAILPOINTS`` to ``point=kill`` only for the final call,
     so setup runs unharmed: the failpoint is armed here after setup. ``grouped`` opens
-    the store with :data:`GROUPED`.
+    the store with :data:`GROUPED`; ``ledger`` makes the final call on a worker's
+    ledger thread (impl.ledgerthread).
     """
     from impl import failpoint
     from impl.sqlite.store import SqliteStore
@@ -142,10 +149,20 @@ def child_main(path: str, point: str, grouped: bool = False) -> None:
     store = SqliteStore(Path(path), clock=clock, config=GROUPED if grouped else CONFIG)
     world = setup(store, clock)
     failpoint.arm(point, "kill")
+    subject: Store = store
+    if ledger:
+        from impl.ledgerthread import LedgerThread, threaded
+
+        subject = threaded(store, LedgerThread())
     with contextlib.suppress(RuntimeError):
-        OPERATIONS[operation_of(point)](store, world)
+        OPERATIONS[operation_of(point)](subject, world)
     sys.exit(3)  # reached only if the failpoint never fired
 
 
 if __name__ == "__main__":
-    child_main(sys.argv[1], sys.argv[2], grouped=sys.argv[3:] == ["grouped"])
+    child_main(
+        sys.argv[1],
+        sys.argv[2],
+        grouped=sys.argv[3:] == ["grouped"],
+        ledger=sys.argv[3:] == ["ledger"],
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from impl import failpoint
+from impl.ledgerthread import LedgerThread, threaded
 from impl.sqlite.store import SqliteStore
 from model import ManualClock, MemoryStore
 from tests.agreement.scenario import (
@@ -109,23 +110,49 @@ def test_crash_at_failpoint_in_a_grouped_store_leaves_what_the_model_predicts(
     check_reopened(path, point)
 
 
+@pytest.mark.parametrize("point", failpoint.ALL + failpoint.LEDGER_THREAD_POINTS)
+def test_crash_at_failpoint_through_a_ledger_thread_leaves_what_the_model_predicts(
+    point: str, tmp_path: Path
+) -> None:
+    """The same sweep with the final call made on a worker's ledger thread
+    (impl.ledgerthread): every operation's failpoints are then hit on that thread, and the
+    crash reaches the caller; and crashes before and after the call it makes."""
+    path = tmp_path / "jobs.sqlite"
+    clock = ManualClock(START)
+    store = SqliteStore(path, clock=clock, config=CONFIG)
+    world = setup(store, clock)
+    thread = LedgerThread()
+    failpoint.arm(point)
+    try:
+        with pytest.raises(failpoint.Crash):
+            call_scenario(point, threaded(store, thread), world)  # type: ignore[arg-type]
+    finally:
+        failpoint.disarm_all()
+        thread.close()
+        store.close()
+    check_reopened(path, point)
+
+
 GROUP_KILL_SAMPLE = ("group.before_commit", "group.after_commit", "effect.after_start")
+LEDGER_KILL_SAMPLE = (*failpoint.LEDGER_THREAD_POINTS, "effect.after_start", "effect.after_record")
 
 
 @pytest.mark.xdist_group("processes")
 @pytest.mark.parametrize(
-    ("point", "grouped"),
-    [(p, False) for p in KILL_SAMPLE] + [(p, True) for p in GROUP_KILL_SAMPLE],
+    ("point", "mode"),
+    [(p, "") for p in KILL_SAMPLE]
+    + [(p, "grouped") for p in GROUP_KILL_SAMPLE]
+    + [(p, "ledger") for p in LEDGER_KILL_SAMPLE],
 )
 def test_sigkill_at_failpoint_leaves_what_the_model_predicts(
-    point: str, grouped: bool, tmp_path: Path
+    point: str, mode: str, tmp_path: Path
 ) -> None:
     path = tmp_path / "jobs.sqlite"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("JOBLEDGER_FAILPOINTS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "tests.agreement.scenario", str(path), point]
-        + (["grouped"] if grouped else []),
+        + ([mode] if mode else []),
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 from hypothesis import settings
 
+from impl.ledgerthread import LedgerThread, threaded
 from impl.sqlite.store import SqliteStore
 from model import Config, Store
 from tests.stateful.machine import WORKERS, LedgerMachine
@@ -71,3 +72,27 @@ class GroupedSqliteMachine(SqliteMachine):
 
 TestGroupedSqliteAgreement = GroupedSqliteMachine.TestCase
 TestGroupedSqliteAgreement.settings = settings(settings.default, stateful_step_count=50)
+
+
+class LedgerThreadSqliteMachine(SqliteMachine):
+    """The same machine with every call made on a worker's ledger thread
+    (``impl.ledgerthread``), as ``Worker(ledger_threads=1)`` makes its handler threads'
+    calls: the crashes the machine raises at the operations' failpoints happen on that
+    thread and reach the caller."""
+
+    def __init__(self) -> None:
+        self.ledger = LedgerThread()
+        super().__init__()
+
+    def subject(self, worker: str) -> Store | None:
+        return threaded(self.handles[worker], self.ledger)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            self.ledger.close()
+
+
+TestLedgerThreadSqliteAgreement = LedgerThreadSqliteMachine.TestCase
+TestLedgerThreadSqliteAgreement.settings = settings(settings.default, stateful_step_count=50)

@@ -106,6 +106,40 @@ def test_grouped_commit_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
     assert result.jobs > 0, text
 
 
+LEDGER_SECONDS = 20.0
+
+
+@pytest.mark.xdist_group("fuzz")
+@pytest.mark.timeout(LEDGER_SECONDS * 2 + 400)
+def test_ledger_thread_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
+    """Workers of four threads whose ledger calls are made on a ledger thread
+    (``Worker(ledger_threads=1)``, impl.ledgerthread), SIGKILLed at random and at every
+    failpoint, the ledger thread's own included (a kill before its call leaves nothing of
+    it, one after leaves all of it with the caller never told): the history check and the
+    drain's reconcile find nothing wrong."""
+    seed = _seed()
+    result = run_fuzz(
+        tmp_path,
+        FuzzSettings(
+            seconds=LEDGER_SECONDS,
+            seed=seed,
+            workers=3,
+            concurrency=4,
+            ledger_threads=1,
+            backlog=24,
+            min_kills=GROUPED_MIN_KILLS,
+            max_seconds=LEDGER_SECONDS * 3,
+        ),
+    )
+    text = _report(
+        result, _rerun(seed, LEDGER_SECONDS, "test_ledger_thread_crash_fuzz_history_is_clean")
+    )
+    print(text)
+    assert result.ok, text
+    assert result.kills >= GROUPED_MIN_KILLS, text
+    assert result.jobs > 0, text
+
+
 @pytest.mark.xdist_group("fuzz")
 @pytest.mark.timeout(300)
 def test_zombie_heavy_run_is_clean(tmp_path: Path) -> None:
