@@ -100,7 +100,7 @@ this as its last message, after any answer it had buffered."""
 
 
 class Again:
-    """The answer of a body that must run again the ordinary way (:meth:`Tx.alone`)."""
+    """The answer of a body that must run again the ordinary way (:meth:`Tx.settle`)."""
 
 
 AGAIN = Again()
@@ -341,7 +341,7 @@ def _readable(conn: psycopg.Connection[TupleRow]) -> bool:
 
 
 class _OneTrip(psycopg.ClientCursor[DictRow]):
-    """Runs ``BEGIN; statement; COMMIT`` as one simple query (:data:`queries.one_trip`),
+    """Runs ``BEGIN; EXECUTE ...; COMMIT`` as one simple query (:func:`queries.prepared`),
     its parameters bound by psycopg on the client, and keeps what each part answered,
     also when one failed (to tell whether the server had begun)."""
 
@@ -370,8 +370,8 @@ def _one_trip_stage(exc: psycopg.Error, trip: _OneTrip | None) -> str:
 
 
 def _unused(_tx: Tx) -> Any:
-    """The body slot of a transaction run by :meth:`Tx.alone` instead."""
-    raise AssertionError("unreachable: the steps are run by Tx.alone")
+    """The body slot of a one-trip transaction, whose steps run in ``_run`` itself."""
+    raise AssertionError("unreachable: a one-trip transaction runs its steps itself")
 
 
 def _roll_back(conn: psycopg.Connection[TupleRow]) -> None:
@@ -407,13 +407,13 @@ class Database:
         self._lock_timeout = f"{max(1, round(config.busy_timeout * 1000))}ms"
         self._closed = False
         self.speculate = True
+        """Whether :meth:`transact` commits a first step that is complete by itself in
+        one round trip (:meth:`Tx.settle`); off, every transaction takes two."""
         self._plans: dict[str, q.Prepared] = {}
         self._ready: weakref.WeakKeyDictionary[psycopg.Connection[TupleRow], set[str]] = (
             weakref.WeakKeyDictionary()
         )
         """The statements prepared on each pooled connection (a new one has none)."""
-        """Whether :meth:`transact` commits a first step that is complete by itself in
-        one round trip (:meth:`Tx.alone`); off, every transaction takes two."""
         try:
             with psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
                 migrate(conn, schema)
