@@ -268,7 +268,7 @@ class EffectRunner:
             ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
         except (JobledgerError, ValueError, TypeError):
             return None  # the general code raises it, after the lease check as ever
-        row = yield from steps.one(
+        row = yield from steps.alone(
             q.EFFECT_START_NOW,
             {
                 "job_id": lease.job_id,
@@ -299,7 +299,7 @@ class EffectRunner:
 
     def _record_fast(self, lease: Lease, ctx: EffectContext, text: str) -> Steps[bool]:
         """Record the result, fenced, in one statement; False when the fence refused it."""
-        done = yield from steps.one(
+        done = yield from steps.alone(
             q.EFFECT_RECORD_NOW,
             {
                 "job_id": ctx.job_id,

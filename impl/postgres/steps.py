@@ -33,10 +33,19 @@ Params = Mapping[str, object] | None
 
 @frozen
 class One:
-    """Run ``query``; answer its first row or None."""
+    """Run ``query``; answer its first row or None.
+
+    ``alone``: the statement may be committed on its own, in the same round trip as its
+    ``BEGIN`` and ``COMMIT`` (:meth:`impl.postgres.database.Database.transact`), because
+    it is complete by itself: after its answer the body either returns (noting
+    :class:`Logged` entries only) or asks for more only when the statement wrote
+    nothing. Only the first step of a body can be run so; any other driver runs it as a
+    plain statement.
+    """
 
     query: str
     params: Params = None
+    alone: bool = False
 
 
 @frozen
@@ -93,6 +102,11 @@ class Transaction(Generic[T]):
 def one(query: str, params: Params = None) -> Steps[DictRow | None]:
     """``tx.one``: the first row of ``query``, or None."""
     return cast("DictRow | None", (yield One(query, params)))
+
+
+def alone(query: str, params: Params = None) -> Steps[DictRow | None]:
+    """``tx.one`` of a statement that is complete by itself (see :class:`One`)."""
+    return cast("DictRow | None", (yield One(query, params, alone=True)))
 
 
 def all_rows(query: str, params: Params = None) -> Steps[list[DictRow]]:

@@ -256,7 +256,7 @@ class PostgresStore:
             claim = q.CLAIM_ANY if wanted is None else q.CLAIM_OF_KINDS
             params = {"kinds": wanted, "worker": worker, "ttl": float(seconds)}
             while True:
-                found = yield from steps.one(claim, params)
+                found = yield from steps.alone(claim, params)
                 if found is None:
                     return None
                 if found["job_id"] is not None:
@@ -519,7 +519,7 @@ class PostgresStore:
         if source is None:
             return False
         detail = {"from": source, "to": to_state}
-        moved = yield from steps.one(
+        moved = yield from steps.alone(
             q.ADVANCE_NOW,
             {
                 **_fence_now(lease),
