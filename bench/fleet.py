@@ -13,10 +13,11 @@ to some service), then advances to its terminal state.
   warnings and errors (a busy ledger, a lost lease) and, on the floor, busy errors.
 - **Threads.** One process, ``Worker(concurrency=64)``: efficiency against the ideal
   (jobs x 20 ms / 64), on SQLite and on PostgreSQL; on SQLite also with grouped commits
-  (``sqlite_group_window``, :mod:`impl.sqlite.group`) and with the worker's ledger thread
-  (``Worker(ledger_threads=1)``, :mod:`impl.ledgerthread`), run by run alternating with
-  the default worker on an ungrouped store; on PostgreSQL with and without ledger
-  threads (8) too.
+  (``sqlite_group_window``, :mod:`impl.sqlite.group`) and with every handler thread
+  making its own ledger calls (``ledger_threads=0``, as before the default became the
+  worker's ledger thread, :mod:`impl.ledgerthread`), run by run alternating with the
+  default; on PostgreSQL the default (handler threads make their calls) against ledger
+  threads (8).
 
 Targets: SQLite >= 0.8x the floor at N = 8, 32 and 64 with no error reaching the caller and
 no fall in throughput from 16 to 64 processes; PostgreSQL >= 0.9x at N = 8 and 64; threads
@@ -287,49 +288,55 @@ def run_sqlite(settings: Settings) -> list[Result]:
             target=Target(1.0),
         )
     )
-    plain, grouped, on_thread = _threads_paired(settings, jobs)
-    results += [plain, grouped, on_thread]
+    plain, grouped, own_calls = _threads_paired(settings, jobs)
+    results += [plain, grouped, own_calls]
     results.append(
         Result(
             bench="fleet",
-            case="SQLite, Worker(concurrency=64): grouped commits against ungrouped, same run",
+            case=(
+                "SQLite, Worker(concurrency=64, ledger_threads=0): grouped commits against "
+                "ungrouped, same run"
+            ),
             subject=grouped.subject,
-            baseline=plain.subject,
+            baseline=own_calls.subject,
             ratio=Series(
                 "ratio",
                 "x",
                 tuple(
-                    g / p for g, p in zip(grouped.subject.values, plain.subject.values, strict=True)
+                    g / p
+                    for g, p in zip(grouped.subject.values, own_calls.subject.values, strict=True)
                 ),
             ),
         )
     )
-    results.append(_against_default("SQLite", on_thread, plain))
+    results.append(
+        _against("SQLite", plain, own_calls, "default (ledger thread) / ledger_threads=0")
+    )
     return results
 
 
-def _against_default(engine: str, on_thread: Result, plain: Result) -> Result:
+def _against(engine: str, subject: Result, baseline: Result, what: str) -> Result:
     return Result(
         bench="fleet",
-        case=f"{engine}, Worker(concurrency={THREADS}): ledger thread / default, same run",
-        subject=on_thread.subject,
-        baseline=plain.subject,
+        case=f"{engine}, Worker(concurrency={THREADS}): {what}, same run",
+        subject=subject.subject,
+        baseline=baseline.subject,
         ratio=Series(
             "ratio",
             "x",
             tuple(
-                t / p for t, p in zip(on_thread.subject.values, plain.subject.values, strict=True)
+                t / p for t, p in zip(subject.subject.values, baseline.subject.values, strict=True)
             ),
         ),
     )
 
 
 def _threads_paired(settings: Settings, jobs: int) -> tuple[Result, Result, Result]:
-    """The SQLite threads case: the default worker, grouped commits, and the ledger
-    thread, alternating run by run."""
+    """The SQLite threads case: the default worker (its ledger thread), grouped commits,
+    and every handler thread making its own calls, alternating run by run."""
     # (sqlite_group_window, ledger_threads)
-    variants = ((0.0, 0), (GROUP_WINDOW, 0), (0.0, 1))
-    found: dict[tuple[float, int], list[Result]] = {v: [] for v in variants}
+    variants: tuple[tuple[float, int | None], ...] = ((0.0, None), (GROUP_WINDOW, 0), (0.0, 0))
+    found: dict[tuple[float, int | None], list[Result]] = {v: [] for v in variants}
     for run_index in range(_runs(settings)):
         for window, ledger_threads in variants if run_index % 2 == 0 else variants[::-1]:
             engine = "SQLite" if window == 0 else f"SQLite, sqlite_group_window={window:g}"
@@ -343,8 +350,8 @@ def _threads_paired(settings: Settings, jobs: int) -> tuple[Result, Result, Resu
                     ledger_threads=ledger_threads,
                 )
             )
-    plain, grouped, on_thread = (_merged(found[v]) for v in variants)
-    return plain, grouped, on_thread
+    plain, grouped, own_calls = (_merged(found[v]) for v in variants)
+    return plain, grouped, own_calls
 
 
 def _merged(results: list[Result]) -> Result:
@@ -411,14 +418,19 @@ def run_postgres(settings: Settings) -> list[Result]:
         store.register(ledger.WORKFLOW)
         return _Dropping(store, target)
 
-    found: dict[int, list[Result]] = {0: [], PG_LEDGER_THREADS: []}
+    pair: tuple[int | None, int | None] = (None, PG_LEDGER_THREADS)
+    found: dict[int | None, list[Result]] = {v: [] for v in pair}
     for run_index in range(_runs(settings)):
-        for threads in (0, PG_LEDGER_THREADS) if run_index % 2 == 0 else (PG_LEDGER_THREADS, 0):
+        for threads in pair if run_index % 2 == 0 else pair[::-1]:
             found[threads].append(
                 _threads("PostgreSQL", settings, fresh, jobs, runs=1, ledger_threads=threads)
             )
-    plain, on_thread = _merged(found[0]), _merged(found[PG_LEDGER_THREADS])
-    results += [plain, on_thread, _against_default("PostgreSQL", on_thread, plain)]
+    plain, on_thread = _merged(found[None]), _merged(found[PG_LEDGER_THREADS])
+    results += [
+        plain,
+        on_thread,
+        _against("PostgreSQL", on_thread, plain, f"ledger_threads={PG_LEDGER_THREADS} / default"),
+    ]
     return results
 
 
@@ -449,11 +461,11 @@ def _threads(
     jobs: int,
     *,
     runs: int | None = None,
-    ledger_threads: int = 0,
+    ledger_threads: int | None = None,
 ) -> Result:
     ideal = jobs * SLEEP / THREADS
     how = f"Worker(concurrency={THREADS}"
-    how += f", ledger_threads={ledger_threads})" if ledger_threads else ")"
+    how += ")" if ledger_threads is None else f", ledger_threads={ledger_threads})"
     efficiency: list[float] = []
     rates: list[float] = []
     for _ in range(_runs(settings) if runs is None else runs):

@@ -274,14 +274,15 @@ class Worker:
             handler, such as taking a lease from a full ledger. The worker logs it and
             tries again after ``idle_poll``, unless the callback stopped the worker
             (``jobledger download`` does, for a fault of the world).
-        ledger_threads: 0 (the default): each handler thread makes its own ledger calls.
-            n >= 1: the handler threads hand every ledger call to n threads of the
-            worker's own (:mod:`impl.ledgerthread`); handlers and effects still run in
-            the handler threads. On SQLite 1 saves about half the CPU a worker with
-            dozens of threads spends per job (handing the interpreter lock around, one
-            connection per thread); on PostgreSQL one thread would make the calls wait
-            on the server one after another: give it a few (8, the pool's size). With
-            ``concurrency=1`` leave it 0: the hand-off costs more than it saves.
+        ledger_threads: n >= 1: the handler threads hand every ledger call to n threads
+            of the worker's own (:mod:`impl.ledgerthread`); handlers and effects still
+            run in the handler threads. 0: each handler thread makes its own calls.
+            None (the default): the store's ``worker_ledger_threads`` when
+            ``concurrency`` > 1 (1 on SQLite, where it saves about half the CPU a
+            worker with dozens of threads spends per job: handing the interpreter lock
+            around, one connection per thread), else 0 (PostgreSQL, whose calls on one
+            thread would wait on the server one after another, and any worker with one
+            handler thread, where the hand-off costs more than it saves).
     """
 
     def __init__(
@@ -295,7 +296,7 @@ class Worker:
         renew_every: float | None = None,
         idle_poll: float = IDLE_POLL_DEFAULT,
         on_error: Callable[[JobledgerError], None] | None = None,
-        ledger_threads: int = 0,
+        ledger_threads: int | None = None,
     ) -> None:
         if not handlers:
             raise InvalidInput("Worker needs at least one handler: handlers={'kind': fn}")
@@ -318,12 +319,17 @@ class Worker:
             self.renew_every = store.config.renew_interval
         self.idle_poll = idle_poll
         self.on_error = on_error
+        if ledger_threads is None:
+            wanted = getattr(store, "worker_ledger_threads", 0)
+            ledger_threads = wanted if self.concurrency > 1 and isinstance(wanted, int) else 0
         if (
             isinstance(ledger_threads, bool)
             or not isinstance(ledger_threads, int)
             or ledger_threads < 0
         ):
-            raise InvalidInput(f"ledger_threads must be an int >= 0, got {ledger_threads!r}")
+            raise InvalidInput(
+                f"ledger_threads must be None or an int >= 0, got {ledger_threads!r}"
+            )
         self.ledger_threads = ledger_threads
         # What the handler threads call: the store, or the store on the ledger thread
         # (set for the length of a run).

@@ -224,6 +224,40 @@ def test_a_worker_with_a_ledger_thread_fails_a_job_whose_handler_raised(tmp_path
     store.close()
 
 
+def test_by_default_a_threaded_worker_on_sqlite_calls_the_ledger_on_one_thread(
+    tmp_path: Path,
+) -> None:
+    """SQLite admits one writer: a worker with several handler threads funnels its calls
+    through one ledger thread unless told otherwise; one handler thread, another store,
+    or an explicit count keeps what it asks."""
+    inner = SqliteStore(tmp_path / "j.sqlite")
+    inner.register(FLOW)
+    inner.plan_many("flow", [{"n": i} for i in range(12)])
+    store = Recording(inner)
+
+    def handler(ctx: impl.JobContext) -> None:
+        ctx.effect("work", lambda e: {"token": e.token})
+        ctx.advance("B")
+        ctx.advance("C")
+
+    w = impl.Worker(store, {"flow": handler}, concurrency=4)  # type: ignore[arg-type]
+    assert w.ledger_threads == 1
+    assert w.run(until_idle=True).finished == 12
+    assert {who for (_name, who) in store.threads} == {"ledger"}, store.threads
+
+    assert impl.Worker(inner, {"flow": handler}).ledger_threads == 0
+    assert (
+        impl.Worker(inner, {"flow": handler}, concurrency=4, ledger_threads=0).ledger_threads == 0
+    )
+    assert (
+        impl.Worker(inner, {"flow": handler}, concurrency=4, ledger_threads=2).ledger_threads == 2
+    )
+    memory = MemoryStore()
+    memory.register(FLOW)
+    assert impl.Worker(memory, {"flow": handler}, concurrency=4).ledger_threads == 0
+    inner.close()
+
+
 def test_ledger_threads_must_be_a_count(tmp_path: Path) -> None:
     store = MemoryStore()
     store.register(FLOW)

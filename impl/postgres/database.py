@@ -347,9 +347,13 @@ class _OneTrip(psycopg.ClientCursor[DictRow]):
 
     answers: tuple[psycopg.pq.ExecStatus, ...] = ()
 
-    def _check_results(self, results: list[psycopg.pq.abc.PGresult]) -> None:
+    # psycopg's hook for a query's results (private, psycopg 3.1 to 3.3): it raises on an
+    # error before the cursor keeps them. Should a later psycopg stop calling it, the
+    # answers stay empty and a lost session is taken as "may have committed" (reported,
+    # never re-run): safe, only less forgiving.
+    def _check_results(self, results: list[psycopg.pq.abc.PGresult], *args: Any) -> None:
         self.answers = tuple(psycopg.pq.ExecStatus(r.status) for r in results)
-        super()._check_results(results)
+        super()._check_results(results, *args)
 
 
 def _one_trip_stage(exc: psycopg.Error, trip: _OneTrip | None) -> str:

@@ -85,6 +85,12 @@ class SqliteStore:
         StorageError: the file cannot be opened or migrated.
     """
 
+    worker_ledger_threads = 1
+    """How many threads a :class:`impl.Worker` with several handler threads makes its
+    ledger calls on by default (:mod:`impl.ledgerthread`): SQLite admits one writer per
+    file, and one thread with one connection spends about half the CPU per job that
+    dozens of handler threads spend calling the store themselves (bench/README.md)."""
+
     def __init__(
         self, path: Path, *, clock: Clock | None = None, config: Config | None = None
     ) -> None:
