@@ -278,7 +278,8 @@ class Worker:
             of the worker's own (:mod:`impl.ledgerthread`); handlers and effects still
             run in the handler threads. 0: each handler thread makes its own calls.
             None (the default): the store's ``worker_ledger_threads`` when
-            ``concurrency`` > 1 (1 on SQLite, where it saves about half the CPU a
+            ``concurrency`` > 1 (1 on SQLite unless its commits are grouped by
+            ``sqlite_group_window``, where it saves about half the CPU a
             worker with dozens of threads spends per job: handing the interpreter lock
             around, one connection per thread), else 0 (PostgreSQL, whose calls on one
             thread would wait on the server one after another, and any worker with one

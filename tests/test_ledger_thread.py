@@ -256,6 +256,8 @@ def test_by_default_a_threaded_worker_on_sqlite_calls_the_ledger_on_one_thread(
     memory.register(FLOW)
     assert impl.Worker(memory, {"flow": handler}, concurrency=4).ledger_threads == 0
     inner.close()
+    with SqliteStore(tmp_path / "j.sqlite", config=Config(sqlite_group_window=0.001)) as grouped:
+        assert impl.Worker(grouped, {"flow": handler}, concurrency=4).ledger_threads == 0
 
 
 def test_ledger_threads_must_be_a_count(tmp_path: Path) -> None:

@@ -85,11 +85,15 @@ class SqliteStore:
         StorageError: the file cannot be opened or migrated.
     """
 
-    worker_ledger_threads = 1
-    """How many threads a :class:`impl.Worker` with several handler threads makes its
-    ledger calls on by default (:mod:`impl.ledgerthread`): SQLite admits one writer per
-    file, and one thread with one connection spends about half the CPU per job that
-    dozens of handler threads spend calling the store themselves (bench/README.md)."""
+    @property
+    def worker_ledger_threads(self) -> int:
+        """How many threads a :class:`impl.Worker` with several handler threads makes its
+        ledger calls on by default (:mod:`impl.ledgerthread`): 1, since SQLite admits one
+        writer per file and one thread with one connection spends about half the CPU per
+        job that dozens of handler threads spend calling the store themselves
+        (bench/README.md); 0 when commits are grouped (``sqlite_group_window``), which
+        gathers the writes of the handler threads themselves."""
+        return 0 if self._config.sqlite_group_window > 0 else 1
 
     def __init__(
         self, path: Path, *, clock: Clock | None = None, config: Config | None = None

@@ -397,8 +397,9 @@ def test_stop_releases_the_lease_and_keeps_the_partial_file(
 
 
 class _CountingStore:
-    """A real store that counts ``run_effect`` calls by op (every call, a replay too, is
-    a whole fenced write transaction)."""
+    """A real store that counts the effects asked of it by op (every call, a replay too,
+    is a whole fenced write transaction): ``run_effect``, or ``effect_steps`` when a
+    worker's ledger thread drives the effect's steps (impl.ledgerthread)."""
 
     def __init__(self, store: SqliteStore) -> None:
         self._store = store
@@ -407,6 +408,10 @@ class _CountingStore:
     def run_effect(self, lease: Lease, op: str, fn: EffectFn, **kwargs: Any) -> JSON:
         self.ops[op] += 1
         return self._store.run_effect(lease, op, fn, **kwargs)
+
+    def effect_steps(self, lease: Lease, op: str, **kwargs: Any) -> Any:
+        self.ops[op] += 1
+        return self._store.effect_steps(lease, op, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
