@@ -6,7 +6,7 @@ same response once ``HEAD_DONE``, ``STREAMING`` and its own start are durable.
 What is proven here: a fresh file costs exactly one request; the recorded ``HEAD`` result
 is the one a ``HEAD`` request gives; a crash anywhere between that result and the
 ``STREAM`` start leaves a job that a rerun finishes with one plain ``GET`` and the right
-bytes; and the response is closed (its host slot given back) on every way out, a failed
+bytes (one ranged ``GET`` once the body reached the disk); and the response is closed (its host slot given back) on every way out, a failed
 ledger write or a crash included.
 """
 
@@ -150,6 +150,11 @@ def _one_job(
     return manifest, ctx
 
 
+TTL = 1.5
+"""The crashed worker's lease: long enough that it cannot expire before the crash on a
+loaded machine, short enough that the rerun need not wait long for it."""
+
+
 # Every crash point between the HEAD result (recorded from the open GET) and the STREAM
 # start: (failpoint, hit, the job's state left in the ledger). Hits count from the job's
 # start: HEAD is the first effect, HEAD_DONE the first advance, STREAMING the second.
@@ -174,7 +179,7 @@ def test_a_crash_between_the_head_result_and_the_stream_start_resumes_with_one_g
     client = _client(cfg, transport)
     handler = DownloadHandler(str(out), config=cfg, client=client)
     with SqliteStore(tmp_path / "ledger.sqlite", config=cfg) as store:
-        manifest, ctx = _one_job(tmp_path, store, url, ttl=0.5)
+        manifest, ctx = _one_job(tmp_path, store, url, ttl=TTL)
         job_id = ctx.lease.job_id
         failpoint.arm(point, on_hit=hit)
         try:
@@ -193,7 +198,7 @@ def test_a_crash_between_the_head_result_and_the_stream_start_resumes_with_one_g
         handler.close()
         # The lease expires (the crashed worker is gone); a rerun takes the job over.
         before = len(server.requests())
-        threading.Event().wait(0.6)
+        threading.Event().wait(TTL + 0.1)
         summary = download(store, manifest, out, workers=1, config=cfg, client=client)
         assert (summary.succeeded, summary.failed) == (1, 0)
         assert store.state(job_id) == "INDEXED"
@@ -201,6 +206,42 @@ def test_a_crash_between_the_head_result_and_the_stream_start_resumes_with_one_g
     assert [(r.method, r.range) for r in server.requests()[before:]] == [("GET", None)]
     _stored(out, body)
     assert transport.open == 0
+    client.close()
+
+
+def test_a_crash_after_the_body_of_the_open_get_is_on_disk_resumes_with_one_ranged_get(
+    tmp_path: Path, out: Path, cfg: Config, server: FileServer
+) -> None:
+    """The body read from the HEAD step's GET is fsynced, then the worker dies before
+    STREAM's result is recorded: the rerun asks only for what follows the bytes on disk
+    (nothing: the server answers 416 for the whole file) and keeps them."""
+    body = generated_bytes(5, 200_000)
+    url = server.add("/a.bin", body)
+    transport = _Tracking()
+    client = _client(cfg, transport)
+    handler = DownloadHandler(str(out), config=cfg, client=client)
+    with SqliteStore(tmp_path / "ledger.sqlite", config=cfg) as store:
+        manifest, ctx = _one_job(tmp_path, store, url, ttl=TTL)
+        job_id = ctx.lease.job_id
+        failpoint.arm("effect.before_record", on_hit=2)  # STREAM's (HEAD's is the first)
+        try:
+            with pytest.raises(failpoint.Crash) as crashed:
+                handler(ctx)
+        finally:
+            failpoint.disarm_all()
+        assert transport.open == 0
+        del crashed
+        assert handler.layout.part_path(job_id).read_bytes() == body
+        handler.close()
+        before = len(server.requests())
+        threading.Event().wait(TTL + 0.1)
+        summary = download(store, manifest, out, workers=1, config=cfg, client=client)
+        assert (summary.succeeded, summary.failed) == (1, 0)
+    assert [(r.method, r.range) for r in server.requests()[:before]] == [("GET", None)]
+    assert [(r.method, r.range, r.status) for r in server.requests()[before:]] == [
+        ("GET", f"bytes={len(body)}-", 416)
+    ]
+    _stored(out, body)
     client.close()
 
 
