@@ -4,10 +4,10 @@ status and headers what a ``HEAD`` request records, and ``STREAM`` reads the bod
 same response once ``HEAD_DONE``, ``STREAMING`` and its own start are durable.
 
 What is proven here: a fresh file costs exactly one request; the recorded ``HEAD`` result
-is the one a ``HEAD`` request gives; a crash anywhere between that result and the
+is the one a ``HEAD`` request gives; a crash anywhere from the open ``GET`` to the
 ``STREAM`` start leaves a job that a rerun finishes with one plain ``GET`` and the right
-bytes (one ranged ``GET`` once the body reached the disk); and the response is closed (its host slot given back) on every way out, a failed
-ledger write or a crash included.
+bytes (one ranged ``GET`` once the body reached the disk); and the response is closed
+(its host slot given back) on every way out, a failed ledger write or a crash included.
 """
 
 from __future__ import annotations
@@ -155,10 +155,12 @@ TTL = 1.5
 loaded machine, short enough that the rerun need not wait long for it."""
 
 
-# Every crash point between the HEAD result (recorded from the open GET) and the STREAM
-# start: (failpoint, hit, the job's state left in the ledger). Hits count from the job's
+# Every crash point from the open GET's HEAD result to the STREAM start: (failpoint,
+# hit, the job's state left in the ledger). Hits count from the job's
 # start: HEAD is the first effect, HEAD_DONE the first advance, STREAMING the second.
 CRASHES = [
+    ("effect.before_record", 1, "PLANNED"),  # the GET open, its HEAD result not yet written
+    ("effect_record.before_commit", 1, "PLANNED"),
     ("effect_record.after_commit", 1, "PLANNED"),
     ("advance.before_commit", 1, "PLANNED"),
     ("advance.after_commit", 1, "HEAD_DONE"),
