@@ -138,6 +138,24 @@ def test_a_fresh_file_costs_one_get_and_records_what_a_head_records(
     client.close()
 
 
+@pytest.mark.parametrize("refusal", [405, 501])
+def test_a_server_that_refuses_head_costs_one_get_too(
+    tmp_path: Path, out: Path, cfg: Config, server: FileServer, refusal: int
+) -> None:
+    """A server refusing HEAD made the old HEAD step fall back to a GET it did not read,
+    then GET again; the fresh job's one GET never asks with HEAD."""
+    body = generated_bytes(6, 50_000)
+    url = server.add("/nohead", body, head_status=refusal)
+    manifest = write_manifest(tmp_path / "m.jsonl", [_entry(url, "nohead")])
+    client = _client(cfg)
+    with SqliteStore(tmp_path / "ledger.sqlite", config=cfg) as store:
+        summary = download(store, manifest, out, workers=1, config=cfg, client=client)
+    client.close()
+    assert (summary.succeeded, summary.failed) == (1, 0)
+    assert [(r.method, r.range, r.status) for r in server.requests()] == [("GET", None, 200)]
+    _stored(out, body)
+
+
 def _one_job(
     tmp_path: Path, store: SqliteStore, url: str, *, ttl: float = 30.0
 ) -> tuple[Path, JobContext]:
