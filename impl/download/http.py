@@ -22,7 +22,8 @@ import email.utils
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from types import TracebackType
 
 import httpx
 from attrs import frozen
@@ -309,6 +310,40 @@ class HttpClient:
             if exc.status not in (405, 501):
                 raise
             info = self._head("GET", url)
+        self._check_length(url, info)
+        return info
+
+    def head_by_get(self, url: str) -> tuple[HeadInfo, OpenResponse | None]:
+        """Ask ``url`` with the ``GET`` that carries its body; return what :meth:`head`
+        would (read from the GET's status and headers) and the response, still open, for
+        the streaming step to read (issue 15: one request per fresh file, not two).
+
+        The GET is the streaming step's first request (``Accept-Encoding: identity``, no
+        ``Range``), opened by :meth:`open`, so its errors, retries, host pauses and
+        breakers are :meth:`head`'s. Only a ``200`` can serve as both: for any other
+        success the response is closed and the answer comes from :meth:`head` as before
+        (the response is then None, and the streaming step makes its own request).
+        The caller must close the response (:meth:`OpenResponse.close`) on every path.
+
+        Raises:
+            DownloadError: (a subclass) as :meth:`head` does; the response is closed.
+        """
+        opened = OpenResponse(self.open("GET", url, headers=dict(BODY_HEADERS)))
+        try:
+            response = opened.response
+            if response.status_code != 200:
+                # A 206 to a request without Range (or another odd success) does not
+                # describe the whole artifact: ask as before, and let the stream judge it.
+                opened.close()
+                return self.head(url), None
+            info = _head_info(response)
+            self._check_length(url, info)
+        except BaseException:
+            opened.close()
+            raise
+        return info, opened
+
+    def _check_length(self, url: str, info: HeadInfo) -> None:
         limit = self.config.download_max_bytes
         if info.length is not None and info.length > limit:
             raise TooLarge(
@@ -316,21 +351,58 @@ class HttpClient:
                 "(download_max_bytes); raise the limit to fetch it",
                 url=url,
             )
-        return info
 
     def _head(self, method: str, url: str) -> HeadInfo:
         with self.open(method, url) as response:
-            headers = response.headers
-            ranges = headers.get("accept-ranges", "").lower()
-            return HeadInfo(
-                status=response.status_code,
-                final_url=str(response.url),
-                length=_content_length(response),
-                content_type=headers.get("content-type"),
-                etag=headers.get("etag"),
-                last_modified=headers.get("last-modified"),
-                accept_ranges="bytes" in ranges,
-            )
+            return _head_info(response)
+
+
+BODY_HEADERS = {"Accept-Encoding": "identity"}
+"""Headers of every request for an artifact's bytes: they are written as they come."""
+
+
+def _head_info(response: httpx.Response) -> HeadInfo:
+    """What the status and headers of ``response`` say about the artifact."""
+    headers = response.headers
+    ranges = headers.get("accept-ranges", "").lower()
+    return HeadInfo(
+        status=response.status_code,
+        final_url=str(response.url),
+        length=_content_length(response),
+        content_type=headers.get("content-type"),
+        etag=headers.get("etag"),
+        last_modified=headers.get("last-modified"),
+        accept_ranges="bytes" in ranges,
+    )
+
+
+class OpenResponse:
+    """A response opened by one step of the workflow and read by a later one.
+
+    It holds what :meth:`HttpClient.open` holds (the host's slot, the connection) until
+    it is used as a context manager (``with opened as response:``, which behaves as
+    ``with client.open(...) as response:`` from then on) or :meth:`close` d, whichever
+    comes first; closing again does nothing.
+    """
+
+    def __init__(self, opening: AbstractContextManager[httpx.Response]) -> None:
+        self._stack = ExitStack()
+        self.response = self._stack.enter_context(opening)
+
+    def __enter__(self) -> httpx.Response:
+        return self.response
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return bool(self._stack.__exit__(kind, exc, tb))
+
+    def close(self) -> None:
+        """Close the response and give its host slot back (idempotent)."""
+        self._stack.close()
 
 
 __all__ = [
@@ -339,6 +411,7 @@ __all__ = [
     "DownloadError",
     "HeadInfo",
     "HttpClient",
+    "OpenResponse",
     "parse_content_range",
     "parse_retry_after",
 ]

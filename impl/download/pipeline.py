@@ -13,6 +13,12 @@ States and the effect recorded before each move (CONTRACT section 5 and 6)::
   artifact index; when an earlier job holds that claim and has not failed, the result
   names it and the job moves to ``SKIPPED_DUPLICATE`` (the earlier job wins: "earlier"
   is the job whose ``HEAD`` claimed first, so two jobs never skip because of each other).
+  For a fresh job (no partial file, no ``HEAD`` recorded) the question is the ``GET`` of
+  the body itself: ``HEAD`` records what its status and headers say (the same result a
+  ``HEAD`` request gives), and ``STREAM`` reads the body from that still-open response,
+  after ``HEAD_DONE``, ``STREAMING`` and its own start are durable: one request per file.
+  The response is closed on every way out of the call; a job interrupted in between
+  makes its ordinary ``GET`` when it runs again.
 * ``STREAMING`` is entered *before* ``STREAM`` runs: it marks that bytes may be on disk.
   ``STREAM`` writes the job's partial file (resuming it with Range when the server and
   the validators allow) and checks the manifest's ``sha256``; ``FINALIZE`` moves it into
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from attrs import asdict
@@ -39,7 +46,7 @@ from attrs import asdict
 from impl.download.cas import Layout
 from impl.download.errors import ArtifactMissing, ChecksumMismatch, DownloadError
 from impl.download.host import HostDeferred
-from impl.download.http import HeadInfo, HttpClient
+from impl.download.http import HeadInfo, HttpClient, OpenResponse
 from impl.download.index import Artifact, ArtifactIndex
 from impl.download.stream import stream_to_part
 from impl.download.url import canonical_url
@@ -189,6 +196,15 @@ class DownloadHandler:
     # -- the state machine -----------------------------------------------------------
 
     def _drive(self, ctx: Context) -> None:
+        body = _Body()
+        try:
+            self._steps(ctx, body)
+        finally:
+            # The GET a fresh job's HEAD opened, if nothing read it: a ledger write that
+            # failed in between (a lost lease, a full ledger), a duplicate, a crash.
+            body.close()
+
+    def _steps(self, ctx: Context, body: _Body) -> None:
         state = ctx.state
         if state in TERMINAL:
             return
@@ -199,8 +215,9 @@ class DownloadHandler:
         head: dict[str, JSON] | None = None
         final: dict[str, JSON] | None = None
         if state == PLANNED:
-            head = self._head(ctx)
+            head = self._head(ctx, body=body)
             if head.get("duplicate_of"):
+                body.close()
                 ctx.advance(SKIPPED_DUPLICATE)
                 return
             ctx.advance(HEAD_DONE)
@@ -209,7 +226,8 @@ class DownloadHandler:
             head = head if head is not None else self._head(ctx)
             info = HeadInfo.from_json(head["head"])
             part = self.layout.part_path(job_id)
-            if part.is_file() and part.stat().st_size > 0 and _resumable(info):
+            if _has_bytes(part) and _resumable(info):
+                body.close()  # the bytes on disk are continued with a ranged request
                 ctx.advance(RESUME_OK)
                 state = RESUME_OK
         if state in (HEAD_DONE, RESUME_OK):
@@ -219,7 +237,12 @@ class DownloadHandler:
             head = head if head is not None else self._head(ctx)
             info = HeadInfo.from_json(head["head"])
             extras: dict[str, Scalar] = {"round": _round(ctx.store, job_id)}
-            stream = ctx.effect("STREAM", lambda _e: self._stream(ctx, info), extras=extras)
+            # The open response is taken only by a STREAM that runs (its start durable);
+            # a replayed STREAM leaves it to the close below.
+            stream = ctx.effect(
+                "STREAM", lambda _e: self._stream(ctx, info, body.take()), extras=extras
+            )
+            body.close()
             assert isinstance(stream, dict)
             sha, size = str(stream["sha256"]), int(str(stream["size"]))
             done = ctx.effect(
@@ -234,12 +257,18 @@ class DownloadHandler:
 
     # -- effects -----------------------------------------------------------------------
 
-    def _head(self, ctx: Context) -> dict[str, JSON]:
+    def _head(self, ctx: Context, *, body: _Body | None = None) -> dict[str, JSON]:
+        """Run (or replay) ``HEAD``. With ``body`` and no partial file, the request is the
+        GET of the body, kept open in ``body`` for ``STREAM`` (see the module docstring)."""
         job_id = ctx.lease.job_id
         url = str(ctx.lease.identity["canonical_url"])
 
         def run(_e: EffectContext) -> JSON:
-            info = self.client.head(url)
+            if body is not None and not _has_bytes(self.layout.part_path(job_id)):
+                info, opened = self.client.head_by_get(url)
+                body.keep(opened)
+            else:
+                info = self.client.head(url)
             key = _claim_key(info)
             holder = self.index.claim(key, job_id, info.final_url)
             if holder != job_id and _repair_of(ctx.lease.payload) == holder:
@@ -259,7 +288,7 @@ class DownloadHandler:
         assert isinstance(result, dict)
         return result
 
-    def _stream(self, ctx: Context, info: HeadInfo) -> JSON:
+    def _stream(self, ctx: Context, info: HeadInfo, opened: OpenResponse | None = None) -> JSON:
         job_id = ctx.lease.job_id
         url = str(ctx.lease.identity["canonical_url"])
         part = self.layout.part_path(job_id)
@@ -272,6 +301,7 @@ class DownloadHandler:
             allow_resume=_resumable(info),
             renew=lambda: ctx.renew(ttl=ttl),
             on_bytes=self.on_bytes,
+            opened=opened,
         )
         expected = _expected_sha(ctx.lease.payload)
         if expected is not None and outcome.sha256 != expected:
@@ -334,6 +364,30 @@ class DownloadHandler:
             ctx.advance(DEDUPED)
         else:
             ctx.advance(INDEXED)
+
+
+class _Body:
+    """The response a fresh job's ``HEAD`` step opened, until ``STREAM`` takes it."""
+
+    def __init__(self) -> None:
+        self._opened: OpenResponse | None = None
+
+    def keep(self, opened: OpenResponse | None) -> None:
+        self.close()  # an effect run again (in doubt) replaces what an earlier run opened
+        self._opened = opened
+
+    def take(self) -> OpenResponse | None:
+        opened, self._opened = self._opened, None
+        return opened
+
+    def close(self) -> None:
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.close()
+
+
+def _has_bytes(part: Path) -> bool:
+    return part.is_file() and part.stat().st_size > 0
 
 
 def _resumable(info: HeadInfo) -> bool:

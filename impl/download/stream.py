@@ -40,7 +40,7 @@ from impl.download.errors import (
     TooLarge,
     TransferError,
 )
-from impl.download.http import HttpClient, parse_content_range
+from impl.download.http import BODY_HEADERS, HttpClient, OpenResponse, parse_content_range
 from impl.world import EnvironmentFault, fault_of, is_world_error
 from model.record import JSON
 
@@ -136,6 +136,7 @@ def stream_to_part(
     allow_resume: bool,
     renew: Callable[[], object] = lambda: None,
     on_bytes: Callable[[int], None] | None = None,
+    opened: OpenResponse | None = None,
 ) -> StreamOutcome:
     """Fetch ``url`` into ``part_path`` and return what happened.
 
@@ -145,6 +146,9 @@ def stream_to_part(
         renew: called every few MB or seconds; it renews the lease (and raises
             ``LeaseLost`` to stop a worker that lost it).
         on_bytes: called with the number of new bytes after each chunk (progress).
+        opened: the response to a plain ``GET`` of ``url`` already opened (by the
+            ``HEAD`` step of a fresh job): it is read as the first request's answer,
+            from byte zero; it is closed on every path, errors included.
 
     Raises:
         DownloadError: (a subclass) when the artifact cannot be fetched.
@@ -160,6 +164,7 @@ def stream_to_part(
             renew=renew,
             on_bytes=on_bytes,
             expected=expected,
+            opened=opened,
         )
     except OSError as exc:
         # Writing the partial file failed: a full disk or a read-only mount is the
@@ -171,6 +176,9 @@ def stream_to_part(
         fault = fault_of(exc, path=part_path, needed=needed)
         assert fault is not None
         raise EnvironmentFault(fault) from None
+    finally:
+        if opened is not None:
+            opened.close()  # a no-op once read; else (the file failed to open) release it
 
 
 def _stream(
@@ -183,6 +191,7 @@ def _stream(
     renew: Callable[[], object],
     on_bytes: Callable[[int], None] | None,
     expected: list[int],
+    opened: OpenResponse | None,
 ) -> StreamOutcome:
     config = client.config
     limit = config.download_max_bytes
@@ -198,16 +207,21 @@ def _stream(
         plain = False
         last_renew = time.monotonic()
         since_renew = 0
+        first = opened
         while True:
-            headers = {"Accept-Encoding": "identity"}
-            ranged = part.size > 0 and not plain
+            headers = dict(BODY_HEADERS)
+            # The response opened beforehand answers a request without Range: its body
+            # starts at byte zero, whatever is on disk.
+            ranged = part.size > 0 and not plain and first is None
             if ranged:
                 headers["Range"] = f"bytes={part.size}-"
                 headers["If-Range"] = str(validator)
             elif part.size > 0:
                 part.reset()
+            opening = first if first is not None else client.open("GET", url, headers=headers)
+            first = None
             try:
-                with client.open("GET", url, headers=headers) as response:
+                with opening as response:
                     status = response.status_code
                     total = _expected_total(response, part, ranged)
                     if total is None and status == 206:

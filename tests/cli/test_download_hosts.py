@@ -89,8 +89,9 @@ def test_a_closed_port_skips_its_host_while_the_others_finish(
     assert host["deferred"] >= 5  # each of its jobs was handed back at least once
     jobs = _jobs(run, db)
     assert {jobs[f"127.0.0.1:{port}/d{i}.bin"] for i in range(5)} == {("PLANNED", 0)}
+    # One request per fresh file: the GET whose headers are also the HEAD result.
     assert sorted((r.method, r.path) for r in server.requests()) == sorted(
-        (m, p) for p in bodies for m in ("HEAD", "GET")
+        ("GET", p) for p in bodies
     )
     # The ledger shows the breaker as this process left it: open, with its last error.
     (row,) = json.loads(run(*db, "status", "--json").out)["breakers"]
@@ -112,9 +113,9 @@ def test_a_closed_port_skips_its_host_while_the_others_finish(
         again = run(*db, *FAST, "download", str(path), "--out", "out", "--workers", "2")
         assert again.code == 0, again.out + again.err
         assert sorted((r.method, r.path) for r in back.requests()) == sorted(
-            (m, f"/d{i}.bin") for i in range(5) for m in ("HEAD", "GET")
+            ("GET", f"/d{i}.bin") for i in range(5)
         )
-    assert len(server.requests()) == 4
+    assert len(server.requests()) == 2
     assert set(_jobs(run, db).values()) == {("INDEXED", 1)}
 
 
@@ -196,10 +197,10 @@ def test_a_503_outage_opens_the_breaker_and_spends_no_attempt(
     assert set(_jobs(run, db).values()) == {("INDEXED", 1)}
     statuses = [r.status for r in server.requests()]
     assert statuses.count(503) == 6
-    assert len(statuses) == 6 + 8  # the outage, then one HEAD and one GET per file
+    assert len(statuses) == 6 + 4  # the outage, then one GET per file
     again = run(*db, "download", str(path), "--out", "out")
     assert again.code == 0
-    assert len(server.requests()) == 14  # a finished manifest costs no request
+    assert len(server.requests()) == 10  # a finished manifest costs no request
 
 
 def test_a_429_with_retry_after_pauses_the_whole_host(
@@ -258,14 +259,15 @@ def test_the_per_host_limit_follows_workers_and_says_when_it_held_the_run_back(
 def test_the_request_rate_per_host_spaces_every_request_to_it(
     run: Callable[..., Outcome], tmp_path: Path, server: FileServer
 ) -> None:
-    urls = [server.add(f"/f{i}.bin", generated_bytes(i, 2 * KIB)) for i in range(5)]
+    # Ten files: ten requests (one GET each), as ten were with a HEAD and a GET for five.
+    urls = [server.add(f"/f{i}.bin", generated_bytes(i, 2 * KIB)) for i in range(10)]
     path = _manifest(tmp_path, urls)
     db = ["--db", str(tmp_path / "ledger.sqlite")]
     rate = ["--set", "download_rate_per_host=8"]
     out = run(*db, *rate, "download", str(path), "--out", "out", "--workers", "4")
     assert out.code == 0, out.err
     arrivals = sorted(r.at for r in server.requests())
-    assert len(arrivals) == 10  # a HEAD and a GET per file
+    assert len(arrivals) == 10  # one GET per file
     # 8 requests per second: ten requests span at least nine intervals of 1/8 s.
     assert arrivals[-1] - arrivals[0] >= 9 / 8 * 0.9
 
@@ -285,4 +287,4 @@ def test_a_host_that_keeps_asking_to_wait_hands_the_job_back_without_an_attempt(
     assert (host["throttled"], host["deferred"], host["opens"]) == (3, 1, 0)
     # Three answers of 503 + Retry-After used up one lease's tries: handed back, not failed.
     assert set(_jobs(run, db).values()) == {("INDEXED", 1)}
-    assert [r.status for r in server.requests()] == [503, 503, 503, 200, 200]
+    assert [r.status for r in server.requests()] == [503, 503, 503, 200]  # one GET in the end
