@@ -319,7 +319,7 @@ RETURNING job_id, at, event, token, worker, detail
 """
 DOUBT_DEAD_STARTS = """
 WITH dead AS (
-    SELECT e.op_key FROM effects e JOIN jobs j ON j.job_id = e.job_id
+    SELECT e.op_key, j.token FROM effects e JOIN jobs j ON j.job_id = e.job_id
      WHERE e.status = 'started'
        AND (e.token <> j.token OR j.lease_worker IS NULL OR j.lease_expires_at <= %(now)s)
      ORDER BY e.seq
@@ -327,15 +327,22 @@ WITH dead AS (
 ), marked AS (
     UPDATE effects SET status = 'in_doubt'
       FROM dead WHERE effects.op_key = dead.op_key
-    RETURNING effects.job_id, effects.op, effects.started_by, effects.seq
+    RETURNING effects.job_id, effects.op, effects.started_by, effects.seq, dead.token
 )
 INSERT INTO history (job_id, at, event, token, worker, detail)
-SELECT m.job_id, %(now)s, 'effect_in_doubt', j.token, m.started_by,
+SELECT m.job_id, %(now)s, 'effect_in_doubt', m.token, m.started_by,
        json_build_object('op', m.op)::text
-  FROM marked m JOIN jobs j ON j.job_id = m.job_id
+  FROM marked m
  ORDER BY m.seq
 RETURNING job_id, at, event, token, worker, detail
 """
+"""Mark the starts of dead leases in doubt, each entry under its job's token as locked.
+
+The token comes from the locked row, not from a join in the INSERT: a claim that
+committed while this statement waited for the job's lock is seen by the lock (which
+returns the row's newest version) but not by the statement's own snapshot, so a join
+there wrote the previous lease's token after the new lease's entry (found by the crash
+fuzz's token-order check)."""
 EXHAUSTED = """
 SELECT j.job_id, j.kind, j.token, j.attempts, j.max_attempts
   FROM jobs j
