@@ -74,70 +74,61 @@ def test_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
 
 GROUPED_SECONDS = 20.0
 GROUPED_MIN_KILLS = 20
+LEDGER_SECONDS = 20.0
+
+
+def _threaded_fuzz(tmp_path: Path, test: str, seconds: float, **settings: object) -> None:
+    """Three worker processes of four threads each, SIGKILLed at random and at every
+    failpoint, with ``settings`` choosing how the threads reach the ledger; the history
+    check and the drain's reconcile must find nothing wrong."""
+    seed = _seed()
+    result = run_fuzz(
+        tmp_path,
+        FuzzSettings(
+            seconds=seconds,
+            seed=seed,
+            workers=3,
+            concurrency=4,
+            backlog=24,
+            min_kills=GROUPED_MIN_KILLS,
+            max_seconds=seconds * 3,
+            **settings,  # type: ignore[arg-type]
+        ),
+    )
+    text = _report(result, _rerun(seed, seconds, test))
+    print(text)
+    assert result.ok, text
+    assert result.kills >= GROUPED_MIN_KILLS, text
+    assert result.jobs > 0, text
 
 
 @pytest.mark.xdist_group("fuzz")
 @pytest.mark.timeout(GROUPED_SECONDS * 2 + 400)
 def test_grouped_commit_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
-    """Workers of four threads whose writes share group transactions (impl.sqlite.group),
-    SIGKILLed at random and at every failpoint, the group's own included (a kill before
-    the group's COMMIT loses every member's write, one after it keeps them all): the
-    history check and the drain's reconcile find nothing wrong."""
-    seed = _seed()
-    result = run_fuzz(
+    """The threads' writes share group transactions (impl.sqlite.group), the group's own
+    failpoints included (a kill before the group's COMMIT loses every member's write, one
+    after it keeps them all)."""
+    _threaded_fuzz(
         tmp_path,
-        FuzzSettings(
-            seconds=GROUPED_SECONDS,
-            seed=seed,
-            workers=3,
-            concurrency=4,
-            group_window=0.005,
-            backlog=24,
-            min_kills=GROUPED_MIN_KILLS,
-            max_seconds=GROUPED_SECONDS * 3,
-        ),
+        "test_grouped_commit_crash_fuzz_history_is_clean",
+        GROUPED_SECONDS,
+        group_window=0.005,
     )
-    text = _report(
-        result, _rerun(seed, GROUPED_SECONDS, "test_grouped_commit_crash_fuzz_history_is_clean")
-    )
-    print(text)
-    assert result.ok, text
-    assert result.kills >= GROUPED_MIN_KILLS, text
-    assert result.jobs > 0, text
-
-
-LEDGER_SECONDS = 20.0
 
 
 @pytest.mark.xdist_group("fuzz")
 @pytest.mark.timeout(LEDGER_SECONDS * 2 + 400)
 def test_ledger_thread_crash_fuzz_history_is_clean(tmp_path: Path) -> None:
-    """Workers of four threads whose ledger calls are made on a ledger thread
-    (``Worker(ledger_threads=1)``, impl.ledgerthread), SIGKILLed at random and at every
-    failpoint, the ledger thread's own included (a kill before its call leaves nothing of
-    it, one after leaves all of it with the caller never told): the history check and the
-    drain's reconcile find nothing wrong."""
-    seed = _seed()
-    result = run_fuzz(
+    """The threads' ledger calls are made on a ledger thread (``Worker(ledger_threads=1)``,
+    impl.ledgerthread, the default of a threaded worker on SQLite), its own failpoints
+    included (a kill before its call leaves nothing of it, one after leaves all of it with
+    the caller never told)."""
+    _threaded_fuzz(
         tmp_path,
-        FuzzSettings(
-            seconds=LEDGER_SECONDS,
-            seed=seed,
-            workers=3,
-            concurrency=4,
-            ledger_threads=1,
-            backlog=24,
-            min_kills=GROUPED_MIN_KILLS,
-            max_seconds=LEDGER_SECONDS * 3,
-        ),
+        "test_ledger_thread_crash_fuzz_history_is_clean",
+        LEDGER_SECONDS,
+        ledger_threads=1,
     )
-    text = _report(
-        result, _rerun(seed, LEDGER_SECONDS, "test_ledger_thread_crash_fuzz_history_is_clean")
-    )
-    print(text)
-    assert result.ok, text
-    assert result.kills >= GROUPED_MIN_KILLS, text
-    assert result.jobs > 0, text
 
 
 @pytest.mark.xdist_group("fuzz")
