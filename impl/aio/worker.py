@@ -366,6 +366,9 @@ class AsyncWorker:
         previous: dict[signal.Signals, signal._HANDLER] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
+                # A loop without signal support (NotImplementedError: Windows' proactor)
+                # or not able to take them here (RuntimeError) runs without the handlers,
+                # as documented: a stop then comes from cancelling the task.
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     handler = signal.getsignal(sig)
                     loop.add_signal_handler(sig, self._on_signal, sig)

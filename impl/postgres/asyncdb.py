@@ -38,6 +38,7 @@ from impl.postgres.database import (
     TX_ATTEMPTS,
     describe,
     lost,
+    pool_failure,
     retryable,
     translate,
 )
@@ -45,7 +46,7 @@ from impl.postgres.schema import search_path
 from impl.postgres.steps import Op, Steps, Transaction
 from model.clock import Clock
 from model.config import Config
-from model.errors import DatabaseLocked, StorageError
+from model.errors import StorageError
 from model.record import HistoryEvent
 
 T = TypeVar("T")
@@ -250,16 +251,8 @@ class AsyncDatabase:
                 for event in tx.events:
                     telemetry.emit_history(event)
                 return out
-            except PoolTimeout as exc:
-                raise DatabaseLocked(
-                    f"{what}: no free connection to {self.where} within the busy timeout; "
-                    "too many concurrent calls, or the server is unreachable: retry, or raise "
-                    "busy_timeout"
-                ) from exc
-            except PoolClosed as exc:
-                raise StorageError(
-                    f"{what}: this store is closed; open a new one with impl.aio.open_store"
-                ) from exc
+            except (PoolTimeout, PoolClosed) as exc:
+                raise pool_failure(exc, what, self.where, "impl.aio.open_store") from exc
             except psycopg.Error as exc:
                 if stage == "begin" and control is not None and _began(control):
                     stage = "body"  # BEGIN was answered: the loss came inside the body

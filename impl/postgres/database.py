@@ -243,6 +243,18 @@ class Tx:
         return AGAIN
 
 
+def pool_failure(exc: PoolTimeout | PoolClosed, what: str, where: str, opener: str) -> StorageError:
+    """The typed error for a pool that gave ``what`` no connection: none free within the
+    busy timeout (:class:`DatabaseLocked`), or the store closed (``opener`` opens another)."""
+    if isinstance(exc, PoolTimeout):
+        return DatabaseLocked(
+            f"{what}: no free connection to {where} within the busy timeout; "
+            "too many concurrent calls, or the server is unreachable: retry, or raise "
+            "busy_timeout"
+        )
+    return StorageError(f"{what}: this store is closed; open a new one with {opener}")
+
+
 def describe(url: str) -> str:
     """Return ``host:port/dbname`` of ``url`` for messages (never the password)."""
     try:
@@ -587,16 +599,8 @@ class Database:
                 for event in tx.events:
                     telemetry.emit_history(event)
                 return out
-            except PoolTimeout as exc:
-                raise DatabaseLocked(
-                    f"{what}: no free connection to {self.where} within the busy timeout; "
-                    "too many concurrent calls, or the server is unreachable: retry, or raise "
-                    "busy_timeout"
-                ) from exc
-            except PoolClosed as exc:
-                raise StorageError(
-                    f"{what}: this store is closed; open a new one with impl.open_store"
-                ) from exc
+            except (PoolTimeout, PoolClosed) as exc:
+                raise pool_failure(exc, what, self.where, "impl.open_store") from exc
             except psycopg.Error as exc:
                 if stage == "begin" and control is not None and _began(control):
                     stage = "body"  # BEGIN was answered: the loss came inside the body

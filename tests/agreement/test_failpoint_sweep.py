@@ -9,6 +9,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from impl import failpoint
 from impl.ledgerthread import LedgerThread, threaded
 from impl.sqlite.store import SqliteStore
-from model import ManualClock, MemoryStore
+from model import Config, ManualClock, MemoryStore
 from tests.agreement.scenario import (
     CONFIG,
     FLOW,
@@ -69,20 +70,33 @@ def check_reopened(path: Path, point: str) -> None:
         assert [w.name for w in real.workflows()] == [w.name for w in model.workflows()]
 
 
-@pytest.mark.parametrize("point", failpoint.ALL)
-def test_crash_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_path: Path) -> None:
+def _crash_and_check(
+    point: str,
+    tmp_path: Path,
+    config: Config,
+    through: Callable[[SqliteStore], tuple[object, Callable[[], None]]] | None = None,
+) -> None:
+    """Crash the scenario's operation at ``point`` (on the store, or on what ``through``
+    makes of it, with its closer), then check the reopened file against the model."""
     path = tmp_path / "jobs.sqlite"
     clock = ManualClock(START)
-    store = SqliteStore(path, clock=clock, config=CONFIG)
+    store = SqliteStore(path, clock=clock, config=config)
     world = setup(store, clock)
+    target, close = through(store) if through is not None else (store, lambda: None)
     failpoint.arm(point)
     try:
         with pytest.raises(failpoint.Crash):
-            call_scenario(point, store, world)
+            call_scenario(point, target, world)  # type: ignore[arg-type]
     finally:
         failpoint.disarm_all()
+        close()
         store.close()
     check_reopened(path, point)
+
+
+@pytest.mark.parametrize("point", failpoint.ALL)
+def test_crash_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_path: Path) -> None:
+    _crash_and_check(point, tmp_path, CONFIG)
 
 
 # group.in_savepoint is hit only by a member that joined another's group, which a
@@ -96,18 +110,7 @@ def test_crash_at_failpoint_in_a_grouped_store_leaves_what_the_model_predicts(
 ) -> None:
     """The same sweep on a store that groups its commits: every operation's transaction
     is then a member of a group, and crashes around the group's own COMMIT too."""
-    path = tmp_path / "jobs.sqlite"
-    clock = ManualClock(START)
-    store = SqliteStore(path, clock=clock, config=GROUPED)
-    world = setup(store, clock)
-    failpoint.arm(point)
-    try:
-        with pytest.raises(failpoint.Crash):
-            call_scenario(point, store, world)
-    finally:
-        failpoint.disarm_all()
-        store.close()
-    check_reopened(path, point)
+    _crash_and_check(point, tmp_path, GROUPED)
 
 
 @pytest.mark.parametrize("point", failpoint.ALL + failpoint.LEDGER_THREAD_POINTS)
@@ -117,20 +120,12 @@ def test_crash_at_failpoint_through_a_ledger_thread_leaves_what_the_model_predic
     """The same sweep with the final call made on a worker's ledger thread
     (impl.ledgerthread): every operation's failpoints are then hit on that thread, and the
     crash reaches the caller; and crashes before and after the call it makes."""
-    path = tmp_path / "jobs.sqlite"
-    clock = ManualClock(START)
-    store = SqliteStore(path, clock=clock, config=CONFIG)
-    world = setup(store, clock)
-    thread = LedgerThread()
-    failpoint.arm(point)
-    try:
-        with pytest.raises(failpoint.Crash):
-            call_scenario(point, threaded(store, thread), world)  # type: ignore[arg-type]
-    finally:
-        failpoint.disarm_all()
-        thread.close()
-        store.close()
-    check_reopened(path, point)
+
+    def through(store: SqliteStore) -> tuple[object, Callable[[], None]]:
+        thread = LedgerThread()
+        return threaded(store, thread), thread.close
+
+    _crash_and_check(point, tmp_path, CONFIG, through)
 
 
 GROUP_KILL_SAMPLE = ("group.before_commit", "group.after_commit", "effect.after_start")
