@@ -88,6 +88,7 @@ class SteppedStore(Store, Protocol):
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectSteps:
         """``run_effect`` without calling ``fn`` or the probe: they are yielded instead.
 

@@ -82,7 +82,7 @@ from model.validate import (
     encode_result,
     exhausted_message,
 )
-from model.workflow import DOWNLOAD, Workflow
+from model.workflow import DOWNLOAD, THEN, Workflow, edge_to
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -574,25 +574,13 @@ class MemoryStore:
         """
         now = self._now()
         job = self._check(lease, now, "advance")
+        return self._move(job, to_state, now, asked="advance")
+
+    def _move(self, job: _Job, to_state: str, now: float, *, asked: str) -> bool:
+        """``advance``'s decision and change for a job whose lease was just checked."""
         flow = self._flow(job.kind)
-        if to_state not in flow.states:
-            raise IllegalTransition(
-                f"advance of job {job.job_id} to {to_state!r}: not a state of workflow "
-                f"{flow.name!r} (states: {list(flow.states)})"
-            )
-        if to_state == flow.failed:
-            raise IllegalTransition(
-                f"advance of job {job.job_id} to the failed state {to_state!r}: use "
-                "store.fail(lease, error) or store.cancel(job_id, reason)"
-            )
-        if to_state == job.state or to_state in flow.ancestors()[job.state]:
+        if not edge_to(flow, job.job_id, job.state, to_state, asked=asked):
             return False
-        if (job.state, to_state) not in flow.transitions:
-            nexts = sorted(flow.successors()[job.state])
-            raise IllegalTransition(
-                f"advance of job {job.job_id} from {job.state!r} to {to_state!r}: no such "
-                f"edge in workflow {flow.name!r}; from {job.state!r} it can go to {nexts}"
-            )
         previous = job.state
         worker = job.lease_worker
         job.state = to_state
@@ -614,17 +602,26 @@ class MemoryStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         """Run ``fn`` once per op key and record its result; replay a recorded result.
+
+        ``then``: a state to advance to in the same atomic step that records (or replays)
+        the result, as ``advance(lease, then)`` would right after, with no crash between.
+        It is checked before ``fn`` runs: a ``then`` that ``advance`` would refuse raises
+        ``IllegalTransition`` with nothing recorded and ``fn`` not called.
 
         Raises:
             LeaseLost: before ``fn`` runs, or after, when the result cannot be recorded
                 because the lease died meanwhile (the op is then in doubt).
             EffectInDoubt: a start of a dead lease and ``on_doubt="raise"``.
             EffectResultError: ``fn`` returned something that is not JSON or is too large.
+            IllegalTransition: ``then`` is not a move ``advance`` would make or replay.
         """
         return run_steps(
-            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt
+            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt, then=then),
+            fn,
+            on_doubt,
         )
 
     def effect_steps(
@@ -634,17 +631,18 @@ class MemoryStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectSteps:
         """``run_effect`` as durable steps (see :mod:`model.effectstep`): each step is
         one atomic call; ``fn`` and the probe run between them, outside the lock."""
         check_on_doubt(on_doubt)
-        begun = self._begin(lease, op, extras, on_doubt, probe=True)
+        begun = self._begin(lease, op, extras, on_doubt, probe=True, then=then)
         if isinstance(begun, DoubtInfo):
             probed = yield Probe(begun)
             ctx = self._context(lease, begun)
             if probed is not None:
-                return self.record_probe(lease, ctx, probed)
-            begun = self._begin(lease, op, extras, on_doubt, probe=False)
+                return self.record_probe(lease, ctx, probed, then=then)
+            begun = self._begin(lease, op, extras, on_doubt, probe=False, then=then)
             assert isinstance(begun, Started)
         if begun.replay:
             return begun.result
@@ -653,7 +651,7 @@ class MemoryStore:
         except Exception:
             self.abort_effect(begun.context)
             raise
-        return self.finish_effect(lease, begun.context, result)
+        return self.finish_effect(lease, begun.context, result, then=then)
 
     def _context(self, lease: Lease, info: DoubtInfo) -> EffectContext:
         return EffectContext(
@@ -671,17 +669,19 @@ class MemoryStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> Started:
         """The first half of ``run_effect``: check, replay, resolve doubt, record the start."""
         check_on_doubt(on_doubt)
-        begun = self._begin(lease, op, extras, on_doubt, probe=True)
+        begun = self._begin(lease, op, extras, on_doubt, probe=True, then=then)
         if isinstance(begun, DoubtInfo):
             assert callable(on_doubt)
             probed = on_doubt(begun)
             ctx = self._context(lease, begun)
             if probed is not None:
-                return Started(ctx, replay=True, result=self.record_probe(lease, ctx, probed))
-            begun = self._begin(lease, op, extras, on_doubt, probe=False)
+                result = self.record_probe(lease, ctx, probed, then=then)
+                return Started(ctx, replay=True, result=result)
+            begun = self._begin(lease, op, extras, on_doubt, probe=False, then=then)
             assert isinstance(begun, Started)
         return begun
 
@@ -694,11 +694,15 @@ class MemoryStore:
         on_doubt: OnDoubt,
         *,
         probe: bool,
+        then: str | None = None,
     ) -> Started | DoubtInfo:
-        """Check, replay, or record the start; a pending start with a callable
-        ``on_doubt`` and ``probe`` returns the probe's question instead (nothing written)."""
+        """Check, replay (taking ``then``), or record the start; a pending start with a
+        callable ``on_doubt`` and ``probe`` returns the probe's question instead (nothing
+        written)."""
         now = self._now()
         job = self._check(lease, now, "run_effect")
+        if then is not None:
+            edge_to(self._flow(job.kind), job.job_id, job.state, then, asked=THEN)
         key = op_key(job.job_id, op, extras)
         ctx = EffectContext(
             job_id=job.job_id, op=op, op_key=key, token=job.token, attempt=job.attempts
@@ -706,6 +710,8 @@ class MemoryStore:
         effect = self._effects.get(key)
         if effect is not None and effect.status is EffectStatus.DONE:
             assert effect.result_text is not None
+            if then is not None:
+                self._move(job, then, now, asked=THEN)
             return Started(ctx, replay=True, result=json.loads(effect.result_text))
         if effect is not None:
             if on_doubt == "raise":
@@ -735,8 +741,11 @@ class MemoryStore:
         return Started(ctx)
 
     @_atomic
-    def record_probe(self, lease: Lease, ctx: EffectContext, probed: object) -> JSON:
-        """Record the probe's answer as the op's result, fenced by the lease."""
+    def record_probe(
+        self, lease: Lease, ctx: EffectContext, probed: object, *, then: str | None = None
+    ) -> JSON:
+        """Record the probe's answer as the op's result, fenced by the lease (and take
+        ``then``, as :meth:`finish_effect` does)."""
         text = encode_result(
             probed, limit=self.config.result_limit, depth_limit=self.config.json_depth_limit
         )
@@ -749,6 +758,8 @@ class MemoryStore:
         effect.finished_at = now
         effect.token = job.token
         self._log(job, now, Event.EFFECT_RECORDED, worker=lease.worker, detail={"op": ctx.op})
+        if then is not None:
+            self._move(job, then, now, asked=THEN)
         return json.loads(text)  # type: ignore[no-any-return]
 
     @_atomic
@@ -764,8 +775,13 @@ class MemoryStore:
             del self._effects[ctx.op_key]
 
     @_atomic
-    def finish_effect(self, lease: Lease, ctx: EffectContext, result: object) -> JSON:
-        """The second half of ``run_effect``: record ``result``, fenced by the lease."""
+    def finish_effect(
+        self, lease: Lease, ctx: EffectContext, result: object, *, then: str | None = None
+    ) -> JSON:
+        """The second half of ``run_effect``: record ``result``, fenced by the lease, then
+        take ``then`` as ``advance`` would. Should ``advance`` refuse it now (``fn`` moved
+        the job meanwhile), the result stays recorded and ``IllegalTransition`` is raised,
+        exactly as the two calls in a row would do."""
         try:
             text = encode_result(
                 result,
@@ -797,6 +813,8 @@ class MemoryStore:
         effect.finished_at = now
         effect.token = job.token
         self._log(job, now, Event.EFFECT_RECORDED, worker=lease.worker, detail={"op": ctx.op})
+        if then is not None:
+            self._move(job, then, now, asked=THEN)
         return json.loads(text)  # type: ignore[no-any-return]
 
     # -- failure and operator actions ------------------------------------------------

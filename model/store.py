@@ -131,8 +131,14 @@ class Store(Protocol):
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
-        """Run ``fn`` once per op key and record its result; replay a recorded one."""
+        """Run ``fn`` once per op key and record its result; replay a recorded one.
+
+        With ``then``, the job also advances to that state in the transaction that records
+        (or replays) the result: one commit where ``run_effect`` and ``advance`` take two,
+        and no crash between them. ``then`` is checked before ``fn`` runs.
+        """
         ...
 
     def fail(

@@ -3,8 +3,8 @@
 A workflow is a directed acyclic graph of progress states. Jobs move only along declared
 edges and never backwards; the failed state is entered only through ``fail`` or ``cancel``
 and left only through the operator's ``retry``. The checks here are pure graph checks,
-shared by every backend; the *decisions* about a job's moves are made separately by the
-model and by each backend.
+shared by every backend, and so is :func:`edge_to`, the one rule of ``advance`` (which
+move a job in a state may make), so that every backend decides and words it alike.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ from collections.abc import Iterable, Mapping
 
 from attrs import field, frozen
 
-from model.errors import InvalidWorkflow
+from model.errors import IllegalTransition, InvalidWorkflow
 
 FAILED_DEFAULT = "FAILED"
+
+THEN = "run_effect(then=...)"
+"""How :func:`edge_to`'s messages name the move of ``run_effect``'s ``then``."""
 
 
 def _states(value: Iterable[str]) -> tuple[str, ...]:
@@ -255,3 +258,49 @@ DOWNLOAD = Workflow(
     failed="FAILED",
 )
 """The built-in download workflow (CONTRACT section 5); always registered."""
+
+
+def edge_to(
+    flow: Workflow,
+    job_id: str,
+    state: str,
+    to_state: str,
+    *,
+    passed: frozenset[str] | None = None,
+    asked: str = "advance",
+) -> bool:
+    """``advance``'s rule: may a job in ``state`` move to ``to_state``?
+
+    Args:
+        passed: ``flow.ancestors()[state]``, for a caller that keeps it cached.
+        asked: the call, for the message ("advance", or "run_effect(then=...)").
+
+    Returns:
+        True when ``to_state`` is one declared edge away (the move to make); False when the
+        job is in ``to_state`` or has passed it (a replay: nothing to do).
+
+    Raises:
+        IllegalTransition: ``to_state`` is not a state of ``flow``, is its failed state, or
+            is neither reached nor one declared edge away.
+    """
+    if to_state not in flow.states:
+        raise IllegalTransition(
+            f"{asked} of job {job_id} to {to_state!r}: not a state of workflow "
+            f"{flow.name!r} (states: {list(flow.states)}); use a declared state"
+        )
+    if to_state == flow.failed:
+        raise IllegalTransition(
+            f"{asked} of job {job_id} to the failed state {to_state!r}: it is entered only "
+            "through store.fail(lease, error) or the operator's store.cancel(job_id, reason)"
+        )
+    if passed is None:
+        passed = flow.ancestors()[state]
+    if to_state == state or to_state in passed:
+        return False
+    if (state, to_state) not in flow.transitions:
+        raise IllegalTransition(
+            f"{asked} of job {job_id} from {state!r} to {to_state!r}: no such edge in "
+            f"workflow {flow.name!r}; from {state!r} it can go to "
+            f"{sorted(flow.successors()[state])}"
+        )
+    return True
