@@ -220,6 +220,7 @@ class ThreadedStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         """See ``Store.run_effect``: the durable steps on the thread, ``fn`` and the probe
         here (as :func:`model.effectstep.run_steps` drives them)."""
@@ -227,7 +228,7 @@ class ThreadedStore:
         held: list[EffectSteps] = []
 
         def first() -> RunFn | Probe | _Done:
-            steps = stepped.effect_steps(lease, op, extras=extras, on_doubt=on_doubt)
+            steps = stepped.effect_steps(lease, op, extras=extras, on_doubt=on_doubt, then=then)
             held.append(steps)
             return _advance(steps, None, None)
 

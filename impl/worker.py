@@ -28,6 +28,7 @@ from model.key import Scalar
 from model.record import JSON, Lease
 from model.store import EffectFn, OnDoubt, Store
 from model.validate import storable_text
+from model.workflow import reached
 
 log = logging.getLogger("jobledger.worker")
 
@@ -124,16 +125,25 @@ class JobContext(LeaseView):
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
-        """Run an effect once per op key (see ``Store.run_effect``)."""
+        """Run an effect once per op key (see ``Store.run_effect``); with ``then``, the
+        job advances to that state in the transaction that records the result."""
         lease = self._guard("run_effect")
         started = time.perf_counter()
         try:
-            return self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+            result = self.store.run_effect(
+                lease, op, fn, extras=extras, on_doubt=on_doubt, then=then
+            )
         finally:
             telemetry.emit(
                 "worker.effect", kind=lease.kind, op=op, seconds=time.perf_counter() - started
             )
+        if then is not None and not reached(self.store.workflow(lease.kind), lease.state, then):
+            self.advanced = True
+            with self._lock:
+                self.lease = evolve(self.lease, state=then)
+        return result
 
     def renew(self, *, ttl: float | None = None) -> Lease:
         """Renew the lease now (long effects may call this between chunks)."""

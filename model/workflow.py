@@ -9,6 +9,7 @@ move a job in a state may make), so that every backend decides and words it alik
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 from attrs import field, frozen
@@ -304,3 +305,14 @@ def edge_to(
             f"{sorted(flow.successors()[state])}"
         )
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def passed_states(flow: Workflow) -> Mapping[str, frozenset[str]]:
+    """``flow.ancestors()``, computed once per workflow (hot paths ask it per call)."""
+    return flow.ancestors()
+
+
+def reached(flow: Workflow, state: str, to_state: str) -> bool:
+    """True when a job in ``state`` is in ``to_state`` or has passed it."""
+    return to_state == state or to_state in passed_states(flow)[state]

@@ -177,6 +177,7 @@ class SyncFace:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         # The test's sync fn (and probe) may call this store again, so it runs on a
         # thread of its own while the loop awaits it, as an async fn awaits I/O.
@@ -190,7 +191,9 @@ class SyncFace:
             async def probe(info: DoubtInfo) -> JSON:
                 return await asyncio.to_thread(sync_probe, info)
 
-        return self._run(self.astore.run_effect(lease, op, afn, extras=extras, on_doubt=probe))
+        return self._run(
+            self.astore.run_effect(lease, op, afn, extras=extras, on_doubt=probe, then=then)
+        )
 
     def fail(
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None

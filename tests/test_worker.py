@@ -120,6 +120,65 @@ def test_a_handler_that_advanced_but_did_not_finish_releases_the_job() -> None:
     assert [h.event for h in store.history(jid)][-1] is Event.RELEASED
 
 
+@pytest.mark.parametrize("concurrency", [1, 2], ids=["own-calls", "ledger-thread"])
+def test_effect_then_finishes_the_job_with_its_results(tmp_path: Path, concurrency: int) -> None:
+    """``ctx.effect(..., then=)`` advances in the effect's own transaction: the context
+    follows the state, and a terminal ``then`` finishes the job with no further call."""
+    store = SqliteStore(tmp_path / "j.sqlite")
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    seen: list[tuple[str, bool]] = []
+
+    def handler(ctx: impl.JobContext) -> None:
+        ctx.effect("fetch", lambda e: "fetched", then="B")
+        seen.append((ctx.state, ctx.advanced))
+        ctx.effect("store", lambda e: "stored", then="C")
+        seen.append((ctx.state, ctx.is_terminal()))
+
+    report = impl.Worker(store, {"flow": handler}, concurrency=concurrency).run(until_idle=True)
+    assert (report.finished, report.failed) == (1, 0)
+    assert seen == [("B", True), ("C", True)]
+    info = store.job(jid)
+    assert (info.state, info.attempts, info.lease) == ("C", 1, None)
+    assert [str(h.event) for h in store.history(jid)] == [
+        "planned",
+        "leased",
+        "effect_started",
+        "effect_recorded",
+        "advanced",
+        "effect_started",
+        "effect_recorded",
+        "advanced",
+    ]
+    store.close()
+
+
+def test_effect_then_to_a_middle_state_is_progress() -> None:
+    store = MemoryStore(clock=ManualClock())
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    worker = impl.Worker(store, {"flow": lambda ctx: ctx.effect("x", lambda e: 1, then="B")})
+    worker.run_once()
+    info = store.job(jid)
+    assert (info.state, info.attempts, info.lease_worker) == ("B", 0, None)
+    assert [h.event for h in store.history(jid)][-1] is Event.RELEASED
+
+
+def test_effect_then_to_a_state_already_reached_is_no_progress() -> None:
+    """A replayed effect whose ``then`` the job had passed moves nothing, so a handler
+    that does only that has made no progress and cannot spin."""
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    store.register(FLOW)
+    jid = store.plan("flow", {"n": 1})
+    worker = impl.Worker(store, {"flow": lambda ctx: ctx.effect("x", lambda e: 1, then="B")})
+    worker.run_once()
+    worker.run_once()
+    info = store.job(jid)
+    assert (info.state, info.attempts) == ("B", 1)
+    assert info.last_error == impl.worker.NO_PROGRESS_ERROR
+
+
 def test_effects_replay_after_a_handler_crash_instead_of_running_again() -> None:
     clock = ManualClock()
     store = MemoryStore(clock=clock)

@@ -403,6 +403,7 @@ class AsyncStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: AsyncOnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         """See ``Store.run_effect``; ``fn`` is ``async def fn(ctx)`` and runs on the loop.
 
@@ -423,10 +424,11 @@ class AsyncStore:
                 extras=extras,
                 on_doubt=mode,
                 probe=on_doubt if callable(on_doubt) else None,
+                then=then,
             )
 
         def first() -> RunFn | Probe | _Done:
-            steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=mode)
+            steps = self.sync.effect_steps(lease, op, extras=extras, on_doubt=mode, then=then)
             held.append(steps)
             return _advance(steps, None, None)
 

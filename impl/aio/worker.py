@@ -41,7 +41,7 @@ from model.errors import InvalidInput, JobledgerError, LeaseLost, StorageError
 from model.key import Scalar
 from model.record import JSON, Lease
 from model.validate import storable_text
-from model.workflow import Workflow
+from model.workflow import Workflow, reached
 
 log = logging.getLogger("jobledger.aio.worker")
 
@@ -90,10 +90,18 @@ class AsyncJobContext(LeaseView):
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: AsyncOnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
-        """Run an async effect once per op key (see ``Store.run_effect``)."""
+        """Run an async effect once per op key (see ``Store.run_effect``); with ``then``,
+        the job advances to that state in the transaction that records the result."""
         lease = self._guard("run_effect")
-        return await self.store.run_effect(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        result = await self.store.run_effect(
+            lease, op, fn, extras=extras, on_doubt=on_doubt, then=then
+        )
+        if then is not None and not reached(self.workflow, lease.state, then):
+            self.advanced = True
+            self.lease = evolve(self.lease, state=then)
+        return result
 
     async def renew(self, *, ttl: float | None = None) -> Lease:
         """Renew the lease now (long effects may call this between chunks)."""

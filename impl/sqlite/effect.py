@@ -8,6 +8,10 @@ transaction, ``effect.after_start``, ``effect.before_record``, ``effect_record.*
 the result transaction (and the in-doubt mark of an unrecordable result),
 ``effect.after_record``, and ``effect_abort.*`` around removing the start of an ``fn``
 that raised.
+
+With ``then``, the start transaction also checks the move (before ``fn`` runs), a replay
+takes it in the transaction that finds the result, and the result transaction takes it
+after recording: ``effect_record.*`` then covers the result and the move together.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from attrs import frozen
 
 from impl import failpoint
 from impl.sqlite import queries as q
+from impl.sqlite.advance import advance_in
+from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, Tx
 from impl.sqlite.row import bindable, fence, fenceable, json_of, op_detail, text_of
 from model.clock import Clock
@@ -27,6 +33,7 @@ from model.effectstep import EffectSteps, Probe, RunFn
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
+    IllegalTransition,
     InvalidIdentity,
     InvalidInput,
     LeaseLost,
@@ -36,6 +43,7 @@ from model.key import Scalar, check_scalars, op_key
 from model.record import DoubtInfo, EffectContext, Event, Lease
 from model.store import OnDoubt
 from model.validate import encode_result
+from model.workflow import THEN, edge_to
 
 _STARTED = Event.EFFECT_STARTED.value
 _RECORDED = Event.EFFECT_RECORDED.value
@@ -72,6 +80,16 @@ class _Doubt:
     info: DoubtInfo
 
 
+@frozen
+class _Then:
+    """A ``then`` checked in the start transaction: the job was in ``source``, and
+    ``move`` says whether the edge to ``state`` is still to take (False: reached)."""
+
+    state: str
+    source: str
+    move: bool
+
+
 def effect_steps(
     conn: LedgerConnection,
     clock: Clock,
@@ -79,8 +97,10 @@ def effect_steps(
     lease: Lease,
     op: str,
     *,
+    catalog: Catalog,
     extras: Mapping[str, Scalar] | None,
     on_doubt: OnDoubt,
+    then: str | None = None,
 ) -> EffectSteps:
     """``run_effect`` under ``lease`` as durable steps (see module doc and
     :mod:`model.effectstep`); every step runs on ``conn``, so in one thread.
@@ -89,6 +109,8 @@ def effect_steps(
         LeaseLost: the lease is not live (at the start or when recording).
         EffectInDoubt: a dead lease's start is pending and ``on_doubt="raise"``.
         EffectResultError: ``fn`` (or the probe) returned something not recordable.
+        IllegalTransition: ``advance`` would refuse ``then`` (before ``fn`` runs; or after
+            the result is recorded, if ``fn`` moved the job meanwhile).
         InvalidInput: a bad ``on_doubt``; InvalidIdentity: bad ``op`` or ``extras``.
     """
     if not (on_doubt in ("retry", "raise") or callable(on_doubt)):
@@ -97,7 +119,9 @@ def effect_steps(
         )
     mode: OnDoubt = on_doubt
     while True:
-        outcome = _start(conn, clock, lease, op, extras, mode=mode)
+        outcome, checked = _start(
+            conn, clock, lease, op, extras, catalog=catalog, mode=mode, then=then
+        )
         if isinstance(outcome, _Recorded):
             return json_of(outcome.text)
         the_op = outcome.op
@@ -106,7 +130,11 @@ def effect_steps(
         probed = yield Probe(outcome.info)
         if probed is not None:
             text = _encoded(probed, config, the_op, "the on_doubt probe")
-            return json_of(_record(conn, clock, lease, the_op, text, probed=True))
+            return json_of(
+                _record(
+                    conn, clock, lease, the_op, text, catalog=catalog, probed=True, then=checked
+                )
+            )
         # The probe found nothing done: run fn again, as "retry" would.
         mode = "retry"
     if failpoint.ARMED:
@@ -138,7 +166,9 @@ def effect_steps(
                 job_token = conn.execute(q.SELECT_FENCE, (the_op.job_id,)).fetchone()[0]
                 tx.history(the_op.job_id, _IN_DOUBT, job_token, lease.worker, op_detail(op))
         raise
-    recorded = _record(conn, clock, lease, the_op, text, probed=False)
+    recorded = _record(
+        conn, clock, lease, the_op, text, catalog=catalog, probed=False, then=checked
+    )
     if failpoint.ARMED:
         failpoint.hit("effect.after_record")
     return json_of(recorded)
@@ -151,58 +181,85 @@ def _start(
     op: str,
     extras: Mapping[str, Scalar] | None,
     *,
+    catalog: Catalog,
+    mode: OnDoubt,
+    then: str | None,
+) -> tuple[_Started | _Recorded | _Doubt, _Then | None]:
+    with Tx(conn, "effect_start", clock) as tx:
+        checked = None if then is None else _check_then(conn, tx, catalog, lease, then)
+        outcome = _start_in(conn, tx, lease, op, extras, mode=mode)
+        if isinstance(outcome, _Recorded) and checked is not None and checked.move:
+            advance_in(
+                conn, tx, catalog, lease, checked.state, asked=THEN, from_state=checked.source
+            )
+        return outcome, checked
+
+
+def _check_then(conn: LedgerConnection, tx: Tx, catalog: Catalog, lease: Lease, then: str) -> _Then:
+    """Check ``then`` as ``advance`` would, before anything else is decided or written."""
+    state, kind = fence(conn, lease, tx.now, "run_effect")[5:]
+    workflow = catalog.get(conn, kind)
+    passed = catalog.ancestors(workflow)[state]
+    move = edge_to(workflow, lease.job_id, state, then, passed=passed, asked=THEN)
+    return _Then(state=then, source=state, move=move)
+
+
+def _start_in(
+    conn: LedgerConnection,
+    tx: Tx,
+    lease: Lease,
+    op: str,
+    extras: Mapping[str, Scalar] | None,
+    *,
     mode: OnDoubt,
 ) -> _Started | _Recorded | _Doubt:
-    with Tx(conn, "effect_start", clock) as tx:
-        # The usual case first, before any read: no row yet and the lease live, so the
-        # start is one fenced insert, which also checks the lease's attempt (a caller's
-        # Lease object may say anything; the general path then reads the job's). A bad
-        # op or extras leaves the decision to the general path below, which checks the
-        # lease first, as the model does.
-        tried: int | None = None  # the attempt a fenced insert was tried with
-        if fenceable(lease) and bindable(lease.attempt):
-            try:
-                the_op = _op_of(lease.job_id, op, extras)
-            except InvalidIdentity:
-                pass
-            else:
-                tried = lease.attempt
-                if _insert_start(
-                    conn, tx, the_op, token=lease.token, worker=lease.worker, attempt=tried
-                ):
-                    return _Started(the_op, token=lease.token, attempt=tried)
-        token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
-        the_op = _op_of(lease.job_id, op, extras)
-        if tried != attempt and _insert_start(
-            conn, tx, the_op, token=token, worker=lease.worker, attempt=attempt
-        ):
-            return _Started(the_op, token=token, attempt=attempt)
-        job_id, key = the_op.job_id, the_op.key
-        found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
-        if found[4] == "done":
-            return _Recorded(the_op, str(found[5]))
-        info = DoubtInfo(
-            job_id=job_id,
-            op=op,
-            op_key=key,
-            started_at=float(found[6]),
-            started_token=int(found[8]),
-            started_by=str(found[9]),
-        )
-        if mode == "raise":
-            raise EffectInDoubt(
-                info.job_id, info.op, info.op_key, info.started_token, info.started_by
-            )
-        if callable(mode):
-            return _Doubt(the_op, info)
-        tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
-        _copy_entries_out(conn, the_op)
-        conn.execute(
-            q.RESTART_EFFECT,
-            _start_params(tx, the_op, token=token, worker=lease.worker, attempt=attempt),
-        )
-        tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
+    # The usual case first, before any read: no row yet and the lease live, so the
+    # start is one fenced insert, which also checks the lease's attempt (a caller's
+    # Lease object may say anything; the general path then reads the job's). A bad
+    # op or extras leaves the decision to the general path below, which checks the
+    # lease first, as the model does.
+    tried: int | None = None  # the attempt a fenced insert was tried with
+    if fenceable(lease) and bindable(lease.attempt):
+        try:
+            the_op = _op_of(lease.job_id, op, extras)
+        except InvalidIdentity:
+            pass
+        else:
+            tried = lease.attempt
+            if _insert_start(
+                conn, tx, the_op, token=lease.token, worker=lease.worker, attempt=tried
+            ):
+                return _Started(the_op, token=lease.token, attempt=tried)
+    token, _, _, attempt, _, _, _ = fence(conn, lease, tx.now, "run_effect")
+    the_op = _op_of(lease.job_id, op, extras)
+    if tried != attempt and _insert_start(
+        conn, tx, the_op, token=token, worker=lease.worker, attempt=attempt
+    ):
         return _Started(the_op, token=token, attempt=attempt)
+    job_id, key = the_op.job_id, the_op.key
+    found = conn.execute(q.SELECT_EFFECT, (job_id, key)).fetchone()
+    if found[4] == "done":
+        return _Recorded(the_op, str(found[5]))
+    info = DoubtInfo(
+        job_id=job_id,
+        op=op,
+        op_key=key,
+        started_at=float(found[6]),
+        started_token=int(found[8]),
+        started_by=str(found[9]),
+    )
+    if mode == "raise":
+        raise EffectInDoubt(info.job_id, info.op, info.op_key, info.started_token, info.started_by)
+    if callable(mode):
+        return _Doubt(the_op, info)
+    tx.history(job_id, _IN_DOUBT, token, lease.worker, op_detail(op))
+    _copy_entries_out(conn, the_op)
+    conn.execute(
+        q.RESTART_EFFECT,
+        _start_params(tx, the_op, token=token, worker=lease.worker, attempt=attempt),
+    )
+    tx.history(job_id, _STARTED, token, lease.worker, op_detail(op))
+    return _Started(the_op, token=token, attempt=attempt)
 
 
 def _op_of(job_id: str, op: str, extras: Mapping[str, Scalar] | None) -> _Op:
@@ -242,9 +299,24 @@ def _insert_start(
 
 
 def _record(
-    conn: LedgerConnection, clock: Clock, lease: Lease, the_op: _Op, text: str, *, probed: bool
+    conn: LedgerConnection,
+    clock: Clock,
+    lease: Lease,
+    the_op: _Op,
+    text: str,
+    *,
+    catalog: Catalog,
+    probed: bool,
+    then: _Then | None,
 ) -> str:
-    """Record ``text`` as the op's result under a live lease; return the recorded text."""
+    """Record ``text`` as the op's result under a live lease, and take ``then`` in the
+    same transaction; return the recorded text.
+
+    Raises:
+        IllegalTransition: after the result is committed, when ``fn`` moved the job so
+            that ``then`` is no longer a move ``advance`` would make.
+    """
+    refused: IllegalTransition | None = None
     with Tx(conn, "effect_record", clock) as tx:
         if not fenceable(lease):
             fence(conn, lease, tx.now, "run_effect")  # raises the reason it is refused
@@ -278,6 +350,13 @@ def _record(
             # The RECORDED entry is the row's own (finish_n), under the token that
             # started it, which is this one.
             tx.note(the_op.job_id, _RECORDED, token, lease.worker, detail)
+        if then is not None and then.move:
+            try:
+                advance_in(conn, tx, catalog, lease, then.state, asked=THEN, from_state=then.source)
+            except IllegalTransition as exc:
+                refused = exc  # the effect happened: its result is committed all the same
+    if refused is not None:
+        raise refused
     return text
 
 

@@ -11,7 +11,6 @@ never runs while a transaction is open.
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from types import TracebackType
 
 from impl.sqlite import claim, effect, maintenance, pickup, read, retention, rollup
 from impl.sqlite import queries as q
+from impl.sqlite.advance import advance_in
 from impl.sqlite.catalog import Catalog
 from impl.sqlite.connection import LedgerConnection, ThreadConnections, Tx, reading
 from impl.sqlite.plan import plan_items
@@ -338,68 +338,7 @@ class SqliteStore:
         """Follow one declared edge; False for a replay of the current or a passed state."""
         conn = self._connection()
         with Tx(conn, "advance", self._clock) as tx:
-            if self._advance_as_leased(conn, tx, lease, to_state):
-                return True
-            token, holder, _, _, _, state, kind = fence(conn, lease, tx.now, "advance")
-            job_id = lease.job_id
-            workflow = self._catalog.get(conn, kind)
-            if to_state not in workflow.states:
-                raise IllegalTransition(
-                    f"advance of job {job_id} to {to_state!r}: not a state of workflow "
-                    f"{workflow.name!r} (states: {list(workflow.states)}); use a declared state"
-                )
-            if to_state == workflow.failed:
-                raise IllegalTransition(
-                    f"advance of job {job_id} to {to_state!r}: the failed state is entered "
-                    "only through fail(lease, error) or the operator's cancel"
-                )
-            if to_state == state or to_state in self._catalog.ancestors(workflow)[state]:
-                return False
-            if (state, to_state) not in workflow.transitions:
-                raise IllegalTransition(
-                    f"advance of job {job_id} from {state!r} to {to_state!r}: not a "
-                    f"declared edge of workflow {workflow.name!r}; next states from "
-                    f"{state!r}: {sorted(workflow.successors()[state])}"
-                )
-            moved = _advance_row(
-                conn,
-                tx,
-                workflow,
-                job_id=job_id,
-                token=token,
-                worker=holder,
-                from_state=state,
-                to_state=to_state,
-            )
-            if not moved:  # pragma: no cover - fence has just read exactly this row
-                raise AssertionError("a fenced advance along a declared edge updated nothing")
-        return True
-
-    def _advance_as_leased(
-        self, conn: sqlite3.Connection, tx: Tx, lease: Lease, to_state: str
-    ) -> bool:
-        """The usual advance in one statement: from the state the job was leased in,
-        along a declared edge, under the live lease. False (nothing changed) leaves every
-        other case, refusals included, to the general path."""
-        if not fenceable(lease) or type(to_state) is not str or type(lease.state) is not str:
-            return False
-        workflow = self._catalog.cached(lease.kind)
-        if (
-            workflow is None
-            or (lease.state, to_state) not in workflow.transitions
-            or to_state == workflow.failed
-        ):
-            return False
-        return _advance_row(
-            conn,
-            tx,
-            workflow,
-            job_id=lease.job_id,
-            token=lease.token,
-            worker=lease.worker,
-            from_state=lease.state,
-            to_state=to_state,
-        )
+            return advance_in(conn, tx, self._catalog, lease, to_state)
 
     def fail(
         self, lease: Lease, error: str, *, retryable: bool = True, delay: float | None = None
@@ -488,10 +427,16 @@ class SqliteStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
-        """Run ``fn`` once per op key and record its result; replay a recorded one."""
+        """Run ``fn`` once per op key and record its result; replay a recorded one.
+
+        With ``then``, the job advances to it in the transaction that records (or
+        replays) the result (see ``Store.run_effect``)."""
         return run_steps(
-            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt
+            self.effect_steps(lease, op, extras=extras, on_doubt=on_doubt, then=then),
+            fn,
+            on_doubt,
         )
 
     def effect_steps(
@@ -501,6 +446,7 @@ class SqliteStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectSteps:
         """``run_effect`` as durable steps (:mod:`model.effectstep`); drive every step
         from the thread that called this (its connection is that thread's)."""
@@ -510,8 +456,10 @@ class SqliteStore:
             self._config,
             lease,
             op,
+            catalog=self._catalog,
             extras=extras,
             on_doubt=on_doubt,
+            then=then,
         )
 
     # -- reads ----------------------------------------------------------------------------
@@ -668,34 +616,3 @@ def _kinds(kinds: Sequence[str]) -> tuple[str, ...]:
             f"kinds must be a sequence of kind names, got the str {kinds!r}; pass [{kinds!r}]"
         )
     return tuple(str(k) for k in kinds)
-
-
-def _advance_row(
-    conn: sqlite3.Connection,
-    tx: Tx,
-    workflow: Workflow,
-    *,
-    job_id: str,
-    token: int,
-    worker: str | None,
-    from_state: str,
-    to_state: str,
-) -> bool:
-    """Move the job from ``from_state`` to ``to_state`` (a declared edge) if it is still
-    there under the live lease of ``token`` held by ``worker``; False if it is not."""
-    detail = move_detail(from_state, to_state)
-    params = {
-        "state": to_state,
-        "now": tx.now,
-        "job_id": job_id,
-        "token": token,
-        "kind": workflow.name,
-        "from_state": from_state,
-        "worker": worker,
-        "line": tx.line(_ADVANCED, token, worker, detail),
-    }
-    sql = q.ADVANCE_TO_TERMINAL if workflow.is_terminal(to_state) else q.ADVANCE_KEEP_LEASE
-    if conn.execute(sql, params).rowcount == 0:
-        return False
-    tx.note(job_id, _ADVANCED, token, worker, detail)
-    return True

@@ -76,6 +76,28 @@ def raising_fn(ctx: EffectContext) -> object:
 
 Call = Callable[[Store, World], object]
 
+THEN = "B"
+"""The ``then`` of the effect calls in the sweep's ``then=`` variant: J1's next state, so
+the result transaction also carries the advance."""
+EFFECT_OPERATIONS = ("effect_start", "effect_record", "effect_abort", "effect")
+"""The operations whose failpoints a ``run_effect`` reaches."""
+
+
+def operations(then: str | None = None) -> dict[str, Call]:
+    """``OPERATIONS``, with ``then`` given to every ``run_effect``."""
+
+    def effect(fn: Callable[[EffectContext], object]) -> Call:
+        return lambda s, w: s.run_effect(w.live, "e", fn, then=then)
+
+    return {
+        **OPERATIONS,
+        "effect_start": effect(ok_fn),
+        "effect_record": effect(ok_fn),
+        "effect_abort": effect(raising_fn),
+        "effect": effect(ok_fn),
+    }
+
+
 OPERATIONS: dict[str, Call] = {
     "register": lambda s, w: s.register(OTHER),
     "plan": lambda s, w: s.plan("flow", {"n": 100}),
@@ -107,21 +129,22 @@ def operation_of(point: str) -> str:
     return point.split(".", 1)[0]
 
 
-def predict(model: MemoryStore, world: World, point: str) -> None:
-    """Apply to ``model`` what survives a crash at ``point``."""
+def predict(model: MemoryStore, world: World, point: str, then: str | None = None) -> None:
+    """Apply to ``model`` what survives a crash at ``point`` (of a ``run_effect`` given
+    ``then``, for the effect operations)."""
     op, where = point.split(".", 1)
     if op == "effect":
         if where == "after_record":
-            model.run_effect(world.live, "e", ok_fn)
+            model.run_effect(world.live, "e", ok_fn, then=then)
         else:  # after_start, before_record: the start is durable, no result
-            model.begin_effect(world.live, "e")
+            model.begin_effect(world.live, "e", then=then)
         return
     if op in ("effect_record", "effect_abort"):
         if where == "after_commit":
             with contextlib.suppress(RuntimeError):
-                OPERATIONS[op](model, world)
+                operations(then)[op](model, world)
         else:
-            model.begin_effect(world.live, "e")
+            model.begin_effect(world.live, "e", then=then)
         return
     if op == "ledger_thread":
         if where == "after_call":
@@ -129,18 +152,20 @@ def predict(model: MemoryStore, world: World, point: str) -> None:
         return
     if where == "after_commit":
         if op == "effect_start":
-            model.begin_effect(world.live, "e")
+            model.begin_effect(world.live, "e", then=then)
         else:
             OPERATIONS[op](model, world)
 
 
-def child_main(path: str, point: str, grouped: bool = False, ledger: bool = False) -> None:
+def child_main(
+    path: str, point: str, grouped: bool = False, ledger: bool = False, then: str | None = None
+) -> None:
     """Run the scenario in this process against SQLite, dying at ``point``.
 
     The parent sets ``JOBLEDGER_FAILPOINTS`` to ``point=kill`` only for the final call,
     so setup runs unharmed: the failpoint is armed here after setup. ``grouped`` opens
     the store with :data:`GROUPED`; ``ledger`` makes the final call on a worker's
-    ledger thread (impl.ledgerthread).
+    ledger thread (impl.ledgerthread); ``then`` is given to the final ``run_effect``.
     """
     from impl import failpoint
     from impl.sqlite.store import SqliteStore
@@ -155,7 +180,7 @@ def child_main(path: str, point: str, grouped: bool = False, ledger: bool = Fals
 
         subject = threaded(store, LedgerThread())
     with contextlib.suppress(RuntimeError):
-        OPERATIONS[operation_of(point)](subject, world)
+        operations(then)[operation_of(point)](subject, world)
     sys.exit(3)  # reached only if the failpoint never fired
 
 
@@ -165,4 +190,5 @@ if __name__ == "__main__":
         sys.argv[2],
         grouped=sys.argv[3:] == ["grouped"],
         ledger=sys.argv[3:] == ["ledger"],
+        then=THEN if sys.argv[3:] == ["then"] else None,
     )

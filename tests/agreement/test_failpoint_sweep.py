@@ -21,12 +21,14 @@ from impl.sqlite.store import SqliteStore
 from model import Config, ManualClock, MemoryStore
 from tests.agreement.scenario import (
     CONFIG,
+    EFFECT_OPERATIONS,
     FLOW,
     GROUPED,
-    OPERATIONS,
     START,
+    THEN,
     World,
     operation_of,
+    operations,
     predict,
     setup,
 )
@@ -45,24 +47,24 @@ KILL_SAMPLE = (
 )
 
 
-def call_scenario(point: str, store: SqliteStore, world: World) -> None:
+def call_scenario(point: str, store: SqliteStore, world: World, then: str | None) -> None:
     # The effect_abort scenario's fn raises by design; its start is then removed.
     with contextlib.suppress(RuntimeError):
-        OPERATIONS[operation_of(point)](store, world)
+        operations(then)[operation_of(point)](store, world)
 
 
-def expected_after_crash(point: str) -> tuple[MemoryStore, list[str]]:
+def expected_after_crash(point: str, then: str | None) -> tuple[MemoryStore, list[str]]:
     clock = ManualClock(START)
     model = MemoryStore(clock=clock, config=CONFIG)
     world = setup(model, clock)
-    predict(model, world, point)
+    predict(model, world, point, then)
     return model, [j.job_id for j in model.jobs()]
 
 
-def check_reopened(path: Path, point: str) -> None:
+def check_reopened(path: Path, point: str, then: str | None = None) -> None:
     with closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    model, ids = expected_after_crash(point)
+    model, ids = expected_after_crash(point, then)
     clock = ManualClock(START + 2.0)
     with SqliteStore(path, clock=clock, config=CONFIG) as real:
         assert sorted(j.job_id for j in real.jobs()) == sorted(ids)
@@ -75,6 +77,7 @@ def _crash_and_check(
     tmp_path: Path,
     config: Config,
     through: Callable[[SqliteStore], tuple[object, Callable[[], None]]] | None = None,
+    then: str | None = None,
 ) -> None:
     """Crash the scenario's operation at ``point`` (on the store, or on what ``through``
     makes of it, with its closer), then check the reopened file against the model."""
@@ -86,12 +89,12 @@ def _crash_and_check(
     failpoint.arm(point)
     try:
         with pytest.raises(failpoint.Crash):
-            call_scenario(point, target, world)  # type: ignore[arg-type]
+            call_scenario(point, target, world, then)  # type: ignore[arg-type]
     finally:
         failpoint.disarm_all()
         close()
         store.close()
-    check_reopened(path, point)
+    check_reopened(path, point, then)
 
 
 @pytest.mark.parametrize("point", failpoint.ALL)
@@ -121,15 +124,41 @@ def test_crash_at_failpoint_through_a_ledger_thread_leaves_what_the_model_predic
     (impl.ledgerthread): every operation's failpoints are then hit on that thread, and the
     crash reaches the caller; and crashes before and after the call it makes."""
 
-    def through(store: SqliteStore) -> tuple[object, Callable[[], None]]:
-        thread = LedgerThread()
-        return threaded(store, thread), thread.close
+    _crash_and_check(point, tmp_path, CONFIG, _through_ledger_thread)
 
-    _crash_and_check(point, tmp_path, CONFIG, through)
+
+def _through_ledger_thread(store: SqliteStore) -> tuple[object, Callable[[], None]]:
+    thread = LedgerThread()
+    return threaded(store, thread), thread.close
+
+
+EFFECT_POINTS = tuple(p for p in failpoint.ALL if operation_of(p) in EFFECT_OPERATIONS)
+
+
+@pytest.mark.parametrize("mode", ["plain", "grouped", "ledger"])
+@pytest.mark.parametrize("point", EFFECT_POINTS)
+def test_crash_at_an_effect_failpoint_with_then_leaves_what_the_model_predicts(
+    point: str, mode: str, tmp_path: Path
+) -> None:
+    """``run_effect(then=...)``: the result transaction carries the advance, so a crash
+    before its commit leaves neither the result nor the move, and after it both; on the
+    plain, the grouped and the ledger-thread path."""
+    _crash_and_check(
+        point,
+        tmp_path,
+        GROUPED if mode == "grouped" else CONFIG,
+        _through_ledger_thread if mode == "ledger" else None,
+        then=THEN,
+    )
 
 
 GROUP_KILL_SAMPLE = ("group.before_commit", "group.after_commit", "effect.after_start")
 LEDGER_KILL_SAMPLE = (*failpoint.LEDGER_THREAD_POINTS, "effect.after_start", "effect.after_record")
+THEN_KILL_SAMPLE = (
+    "effect_record.before_commit",
+    "effect_record.after_commit",
+    "effect.after_record",
+)
 
 
 @pytest.mark.xdist_group("processes")
@@ -137,7 +166,8 @@ LEDGER_KILL_SAMPLE = (*failpoint.LEDGER_THREAD_POINTS, "effect.after_start", "ef
     ("point", "mode"),
     [(p, "") for p in KILL_SAMPLE]
     + [(p, "grouped") for p in GROUP_KILL_SAMPLE]
-    + [(p, "ledger") for p in LEDGER_KILL_SAMPLE],
+    + [(p, "ledger") for p in LEDGER_KILL_SAMPLE]
+    + [(p, "then") for p in THEN_KILL_SAMPLE],
 )
 def test_sigkill_at_failpoint_leaves_what_the_model_predicts(
     point: str, mode: str, tmp_path: Path
@@ -155,7 +185,7 @@ def test_sigkill_at_failpoint_leaves_what_the_model_predicts(
         check=False,
     )
     assert proc.returncode == -9, (proc.returncode, proc.stderr.decode()[-2000:])
-    check_reopened(path, point)
+    check_reopened(path, point, THEN if mode == "then" else None)
 
 
 PRUNE_BATCH_POINTS = (

@@ -45,6 +45,43 @@ async def _three_steps(ctx: impl.aio.AsyncJobContext) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_effect_then_advances_with_the_result(backend: str, tmp_path: Path) -> None:
+    """``await ctx.effect(..., then=)``: the move is taken with the record, the context
+    follows it, and a terminal ``then`` finishes the job."""
+    seen: list[tuple[str, bool]] = []
+
+    async def handler(ctx: impl.aio.AsyncJobContext) -> None:
+        async def fetch(ectx: EffectContext) -> str:
+            return ectx.op
+
+        await ctx.effect("fetch", fetch, then="B")
+        seen.append((ctx.state, ctx.advanced))
+        await ctx.effect("store", fetch, then="C")
+        seen.append((ctx.state, ctx.is_terminal()))
+
+    async def main() -> list[str]:
+        async with impl.aio.open_store(_target(backend, tmp_path)) as store:
+            await store.register(FLOW)
+            jid = await store.plan("flow", {"n": 1})
+            report = await impl.aio.AsyncWorker(store, {"flow": handler}).run(until_idle=True)
+            assert (report.finished, report.failed) == (1, 0)
+            info = await store.job(jid)
+            assert (info.state, info.lease) == ("C", None)
+            return [str(h.event) for h in await store.history(jid)]
+
+    history = run_checked(main())
+    assert seen == [("B", True), ("C", True)]
+    assert history[-6:] == [
+        "effect_started",
+        "effect_recorded",
+        "advanced",
+        "effect_started",
+        "effect_recorded",
+        "advanced",
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_tasks_finish_every_job_with_each_effect_recorded_once(
     backend: str, tmp_path: Path
 ) -> None:

@@ -88,7 +88,13 @@ CRASHES: tuple[tuple[str, str, str], ...] = (
     ("effect", "effect.before_record", "start"),
     ("effect", "effect_record.before_commit", "start"),
     ("effect", "effect.after_record", "full"),
+    # run_effect(then="B"): the result transaction carries the advance.
+    ("effect_then", "effect_record.before_commit", "start"),
+    ("effect_then", "effect_record.after_commit", "full"),
+    ("effect_then", "effect.after_record", "full"),
 )
+THENS = (None, None, None, "A", "B", "C", "D", "FAILED", "Z")
+"""``then`` of a ``run_effect`` rule: mostly none, else every state, legal or not."""
 
 # Where a prune can die: each batch passes these, in this order.
 PRUNE_POINTS = (
@@ -356,8 +362,11 @@ class LedgerMachine(RuleBasedStateMachine):
         mode=st.sampled_from(["ok", "ok", "raise", "nonjson", "value", "value"]),
         doubt=st.sampled_from(["retry", "raise", "probe_value", "probe_none"]),
         value=results(limit=RESULT_LIMIT, depth_limit=DEPTH_LIMIT, sizes=COMPACT),
+        then=st.sampled_from(THENS),
     )
-    def run_effect(self, worker: str, op: str, mode: str, doubt: str, value: object) -> None:
+    def run_effect(
+        self, worker: str, op: str, mode: str, doubt: str, value: object, then: str | None
+    ) -> None:
         def policy() -> OnDoubt:
             if doubt == "probe_value":
                 return lambda info: {"probed": info.op, "token": info.started_token}
@@ -373,7 +382,11 @@ class LedgerMachine(RuleBasedStateMachine):
             ledger = self.fn_calls if (store is not self.model) == real else None
             try:
                 return store.run_effect(
-                    lease, op, self.effect_fn(op, mode, ledger, store, value), on_doubt=policy()
+                    lease,
+                    op,
+                    self.effect_fn(op, mode, ledger, store, value),
+                    on_doubt=policy(),
+                    then=then,
                 )
             except RuntimeError:
                 return "fn raised"
@@ -469,11 +482,12 @@ class LedgerMachine(RuleBasedStateMachine):
         lease = held if held is not None else _NO_LEASE
         m = self.model
         real = self.subject(worker)
+        then = "B" if operation == "effect_then" else None
         if real is None or not self.supports_crash():
             # The model alone: a dead worker just stops calling; an effect it had
             # started stays started until its lease is dead (then it is in doubt).
-            if operation == "effect" and survives == "start":
-                outcome(lambda: m.begin_effect(lease, op))
+            if operation.startswith("effect") and survives == "start":
+                outcome(lambda: m.begin_effect(lease, op, then=then))
         else:
             failpoint.arm(point)
             try:
@@ -489,7 +503,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 # The subject died at the failpoint: the model keeps exactly what was
                 # committed before it.
                 if survives == "start":
-                    started = outcome(lambda: m.begin_effect(lease, op))
+                    started = outcome(lambda: m.begin_effect(lease, op, then=then))
                     assert started[0] == "ok", f"crashed after a start the model refused: {started}"
                 elif survives == "full":
                     done = outcome(lambda: self._call(operation, m, lease, worker, op, None))
@@ -534,7 +548,8 @@ class LedgerMachine(RuleBasedStateMachine):
             return store.renew(lease)
         if operation == "reconcile":
             return store.reconcile()
-        return store.run_effect(lease, op, self.effect_fn(op, "ok", ledger, store))
+        then = "B" if operation == "effect_then" else None
+        return store.run_effect(lease, op, self.effect_fn(op, "ok", ledger, store), then=then)
 
     # -- retention -----------------------------------------------------------------
 
