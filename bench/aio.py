@@ -6,8 +6,8 @@ worker, ``time.sleep`` for the threaded one: the same I/O wait, in each one's id
 advances to the terminal state. The measure is **efficiency** against the ideal, where
 256 handlers do nothing but wait: ``ideal = jobs x 20 ms / 256``, efficiency = ideal /
 the time ``run(until_idle=True)`` took. 1.0 means the ledger costs nothing; the rest is
-the ledger's transactions (four per job: lease, effect start, effect result, advance)
-and the runtime's scheduling. The ratio is the async worker's efficiency over the
+the ledger's transactions (three per job: lease, effect start, and the effect's result
+with the advance, ``then="DONE"``) and the runtime's scheduling. The ratio is the async worker's efficiency over the
 threaded one's, per run.
 """
 
@@ -54,16 +54,14 @@ async def _async_handler(ctx: impl.aio.AsyncJobContext) -> None:
     async def wait(_ctx: impl.EffectContext) -> None:
         await asyncio.sleep(WAIT)
 
-    await ctx.effect("io", wait)
-    await ctx.advance("DONE")
+    await ctx.effect("io", wait, then="DONE")
 
 
 def _sync_handler(ctx: impl.JobContext) -> None:
     def wait(_ctx: impl.EffectContext) -> None:
         time.sleep(WAIT)
 
-    ctx.effect("io", wait)
-    ctx.advance("DONE")
+    ctx.effect("io", wait, then="DONE")
 
 
 def _target(settings: Settings, backend: str) -> tuple[str, impl.Config, Callable[[], None]]:

@@ -1,7 +1,8 @@
 """Benchmark: the cost per job at real concurrency (issue 15, targets 1 to 3).
 
 I/O-bound work: each job runs one recorded effect whose ``fn`` sleeps 20 ms (a round trip
-to some service), then advances to its terminal state.
+to some service), then advances to its terminal state: ``ctx.effect("io", io,
+then="DONE")``, the way the API says it, so the result and the advance are one commit.
 
 - **Processes.** N processes, each running ``impl.Worker(concurrency=1)`` until idle,
   drain one ledger. The floor is the same work written as bare SQL in the same harness,
@@ -62,9 +63,8 @@ def io(_ctx: impl.EffectContext) -> None:
 
 
 def handler(ctx: impl.JobContext) -> None:
-    """One recorded I/O effect, then the terminal state."""
-    ctx.effect("io", io)
-    ctx.advance("DONE")
+    """One recorded I/O effect, and the terminal state with its result."""
+    ctx.effect("io", io, then="DONE")
 
 
 class _Complaints(logging.Handler):

@@ -94,6 +94,7 @@ class Context(Protocol):
         *,
         extras: dict[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON: ...
 
     def renew(self, *, ttl: float | None = None) -> Lease: ...
@@ -215,13 +216,14 @@ class DownloadHandler:
         head: dict[str, JSON] | None = None
         final: dict[str, JSON] | None = None
         if state == PLANNED:
-            head = self._head(ctx, body=body)
+            # HEAD_DONE is entered with the HEAD result, in its transaction; a duplicate
+            # goes on from there (SKIPPED_DUPLICATE is entered from PLANNED or HEAD_DONE).
+            head = self._head(ctx, body=body, then=HEAD_DONE)
+            state = HEAD_DONE
             if head.get("duplicate_of"):
                 body.close()
                 ctx.advance(SKIPPED_DUPLICATE)
                 return
-            ctx.advance(HEAD_DONE)
-            state = HEAD_DONE
         if state == HEAD_DONE:
             head = head if head is not None else self._head(ctx)
             info = HeadInfo.from_json(head["head"])
@@ -246,20 +248,25 @@ class DownloadHandler:
             assert isinstance(stream, dict)
             sha, size = str(stream["sha256"]), int(str(stream["size"]))
             done = ctx.effect(
-                "FINALIZE", lambda _e: self._finalize(job_id, sha, size), extras=extras
+                "FINALIZE",
+                lambda _e: self._finalize(job_id, sha, size),
+                extras=extras,
+                then=FINALIZED,
             )
             assert isinstance(done, dict)
             final = done
-            ctx.advance(FINALIZED)
             state = FINALIZED
         if state == FINALIZED:
             self._index(ctx, head=head, final=final)
 
     # -- effects -----------------------------------------------------------------------
 
-    def _head(self, ctx: Context, *, body: _Body | None = None) -> dict[str, JSON]:
-        """Run (or replay) ``HEAD``. With ``body`` and no partial file, the request is the
-        GET of the body, kept open in ``body`` for ``STREAM`` (see the module docstring)."""
+    def _head(
+        self, ctx: Context, *, body: _Body | None = None, then: str | None = None
+    ) -> dict[str, JSON]:
+        """Run (or replay) ``HEAD``, entering ``then`` with its result. With ``body`` and
+        no partial file, the request is the GET of the body, kept open in ``body`` for
+        ``STREAM`` (see the module docstring)."""
         job_id = ctx.lease.job_id
         url = str(ctx.lease.identity["canonical_url"])
 
@@ -284,7 +291,7 @@ class DownloadHandler:
                     holder = self.index.claim(key, job_id, info.final_url, replace=holder)
             return {"head": info.to_json(), "duplicate_of": holder if holder != job_id else None}
 
-        result = ctx.effect("HEAD", run)
+        result = ctx.effect("HEAD", run, then=then)
         assert isinstance(result, dict)
         return result
 

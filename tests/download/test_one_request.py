@@ -33,7 +33,7 @@ from impl.sqlite.store import SqliteStore
 from impl.worker import JobContext
 from model import Config
 from model.errors import DatabaseFull, LeaseLost
-from model.record import JSON, Lease
+from model.record import JSON, EffectContext, Lease
 from model.store import EffectFn
 from tests.download.conftest import write_manifest
 
@@ -174,16 +174,15 @@ loaded machine, short enough that the rerun need not wait long for it."""
 
 
 # Every crash point from the open GET's HEAD result to the STREAM start: (failpoint,
-# hit, the job's state left in the ledger). Hits count from the job's
-# start: HEAD is the first effect, HEAD_DONE the first advance, STREAMING the second.
+# hit, the job's state left in the ledger). Hits count from the job's start: HEAD is the
+# first effect, and its result transaction also enters HEAD_DONE (then=); STREAMING is
+# the first advance of its own.
 CRASHES = [
     ("effect.before_record", 1, "PLANNED"),  # the GET open, its HEAD result not yet written
     ("effect_record.before_commit", 1, "PLANNED"),
-    ("effect_record.after_commit", 1, "PLANNED"),
-    ("advance.before_commit", 1, "PLANNED"),
-    ("advance.after_commit", 1, "HEAD_DONE"),
-    ("advance.before_commit", 2, "HEAD_DONE"),
-    ("advance.after_commit", 2, "STREAMING"),
+    ("effect_record.after_commit", 1, "HEAD_DONE"),
+    ("advance.before_commit", 1, "HEAD_DONE"),
+    ("advance.after_commit", 1, "STREAMING"),
     ("effect_start.before_commit", 2, "STREAMING"),
     ("effect.after_start", 2, "STREAMING"),
 ]
@@ -266,7 +265,8 @@ def test_a_crash_after_the_body_of_the_open_get_is_on_disk_resumes_with_one_rang
 
 
 class _Failing:
-    """A real store whose ``advance`` to one state, or whose ``STREAM`` start, fails."""
+    """A real store whose write that enters one state (an ``advance``, or the effect
+    whose ``then`` it is), or whose ``STREAM`` start, fails."""
 
     def __init__(self, store: SqliteStore, *, at: str, error: BaseException) -> None:
         self._store = store
@@ -281,6 +281,14 @@ class _Failing:
     def run_effect(self, lease: Lease, op: str, fn: EffectFn, **kwargs: Any) -> JSON:
         if op == self._at:
             raise self._error
+        if kwargs.get("then") == self._at:
+            # The write that records the result and enters the state fails after fn ran
+            # (here: as fn returns, so nothing is recorded and the state is not entered).
+            def then_fails(ctx: EffectContext) -> JSON:
+                fn(ctx)
+                raise self._error
+
+            return self._store.run_effect(lease, op, then_fails, **kwargs)
         return self._store.run_effect(lease, op, fn, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
