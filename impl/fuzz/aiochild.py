@@ -28,7 +28,7 @@ from impl.fuzz.clock import ClockReader
 from impl.fuzz.history import HistoryWriter
 from impl.fuzz.ledger import is_postgres
 from impl.fuzz.sink import FencedSink
-from impl.fuzz.workload import KIND, STEPS, WORKFLOW, FencedOut, next_state
+from impl.fuzz.workload import KIND, STEPS, WORKFLOW, FencedOut, next_state, step_then
 from impl.store import open_store
 from model.effectstep import SteppedStore
 from model.errors import JobledgerError, LeaseLost, StorageError
@@ -87,7 +87,12 @@ def make_async_handler(
 ) -> AsyncHandler:
     """The async twin of :func:`impl.fuzz.workload.make_handler`, logging the same way."""
 
-    async def effect(ctx: AsyncJobContext, op: str, extras: Mapping[str, Scalar] | None) -> JSON:
+    async def effect(
+        ctx: AsyncJobContext,
+        op: str,
+        extras: Mapping[str, Scalar] | None,
+        then: str | None = None,
+    ) -> JSON:
         job_id, worker, token = ctx.job_id, ctx.lease.worker, ctx.lease.token
         log = tools.log_for(worker)
 
@@ -113,7 +118,7 @@ def make_async_handler(
                 raise FencedOut(f"the sink fenced out token {ectx.token} of job {job_id}")
             return {"exec": exec_id, "token": ectx.token}
 
-        result = await ctx.effect(op, fn, extras=extras)
+        result = await ctx.effect(op, fn, extras=extras, then=then)
         log.write(
             "result",
             job=job_id,
@@ -136,9 +141,14 @@ def make_async_handler(
                 raise RuntimeError("a flaky job fails its first attempt on purpose")
             while not ctx.is_terminal():
                 state = ctx.state
-                results = [await effect(ctx, op, x) for op, x in STEPS[state]]
+                steps = STEPS[state]
+                then = step_then(state, rng)
+                results = [
+                    await effect(ctx, op, x, then if i == len(steps) - 1 else None)
+                    for i, (op, x) in enumerate(steps)
+                ]
                 target = next_state(state, results)
-                moved = await ctx.advance(target)
+                moved = ctx.state != state if then is not None else await ctx.advance(target)
                 log.write(
                     "advance",
                     job=lease.job_id,

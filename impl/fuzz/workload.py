@@ -56,6 +56,19 @@ STEPS: dict[str, tuple[Step, ...]] = {
 
 SUCCESS = frozenset({"PUBLISHED", "ARCHIVED"})
 
+FIXED_NEXT: dict[str, str] = {"NEW": "FETCHED", "FETCHED": "SPLIT", "SPLIT": "MERGED"}
+"""The states whose next state is known before their effects run: the last effect of
+their step may enter it with its result (``then=``)."""
+THEN_RATE = 0.5
+"""How often such a step enters its next state with its last effect's result rather than
+with an ``advance`` of its own (both paths stay in every run)."""
+
+
+def step_then(state: str, rng: random.Random) -> str | None:
+    """The ``then`` of the last effect of ``state``'s step, or None to advance apart."""
+    target = FIXED_NEXT.get(state)
+    return target if target is not None and rng.random() < THEN_RATE else None
+
 
 def next_state(state: str, results: Sequence[JSON]) -> str:
     """Return where a job in ``state`` goes once its effects returned ``results``.
@@ -68,7 +81,7 @@ def next_state(state: str, results: Sequence[JSON]) -> str:
         exec_id = result.get("exec") if isinstance(result, dict) else None
         digest = hashlib.sha256(str(exec_id).encode()).digest()
         return "PUBLISHED" if digest[0] % 2 == 0 else "ARCHIVED"
-    return {"NEW": "FETCHED", "FETCHED": "SPLIT", "SPLIT": "MERGED"}[state]
+    return FIXED_NEXT[state]
 
 
 def all_steps() -> list[Step]:
@@ -137,11 +150,15 @@ def sink_effect(tools: Tools, job_id: str, op: str) -> Callable[[EffectContext],
 
 
 def run_step_effect(
-    ctx: JobContext, tools: Tools, op: str, extras: Mapping[str, Scalar] | None
+    ctx: JobContext,
+    tools: Tools,
+    op: str,
+    extras: Mapping[str, Scalar] | None,
+    then: str | None = None,
 ) -> JSON:
     """Run one effect through the ledger (fenced, recorded once) and log its result."""
     token = ctx.lease.token
-    result = ctx.effect(op, sink_effect(tools, ctx.job_id, op), extras=extras)
+    result = ctx.effect(op, sink_effect(tools, ctx.job_id, op), extras=extras, then=then)
     tools.log.write(
         "result",
         job=ctx.job_id,
@@ -168,10 +185,16 @@ def make_handler(tools: Tools) -> Callable[[JobContext], None]:
                 raise RuntimeError("a flaky job fails its first attempt on purpose")
             while not ctx.is_terminal():
                 state = ctx.state
+                steps = STEPS[state]
+                then = step_then(state, tools.rng)
                 # Looked up through the module so a test can swap in a broken wrapper.
-                results = [run_step_effect(ctx, tools, op, x) for op, x in STEPS[state]]
+                results = [
+                    run_step_effect(ctx, tools, op, x, then if i == len(steps) - 1 else None)
+                    for i, (op, x) in enumerate(steps)
+                ]
                 target = next_state(state, results)
-                moved = ctx.advance(target)
+                # With then, the last effect's call moved the job if the context moved.
+                moved = ctx.state != state if then is not None else ctx.advance(target)
                 log.write(
                     "advance",
                     job=lease.job_id,
