@@ -84,10 +84,12 @@ class NativePostgres:
         extras: Mapping[str, Scalar] | None,
         on_doubt: OnDoubt,
         probe: Callable[[DoubtInfo], Awaitable[JSON] | JSON] | None,
+        then: str | None = None,
     ) -> JSON:
         """``run_effect`` driven here: the flow's transactions awaited natively, ``fn``
-        and the probe awaited on the loop between them (``AsyncStore.run_effect``)."""
-        flow = self.store.effect_flow(lease, op, extras=extras, on_doubt=on_doubt)
+        and the probe awaited on the loop between them (``AsyncStore.run_effect``);
+        ``then`` is taken in the transaction that records or replays the result."""
+        flow = self.store.effect_flow(lease, op, extras=extras, on_doubt=on_doubt, then=then)
         reply: object = None
         error: BaseException | None = None
         try:

@@ -6,6 +6,12 @@ recorded result, or reports doubt), ``fn`` runs, and a second transaction record
 result fenced by the lease in the same statement. ``op_key`` is the primary key of the
 ``effects`` table and a ``done`` row is never updated again, so a result can never be
 recorded twice, whatever crashes or reconnects happen in between.
+
+``then`` (``advance(lease, then)`` in the transaction that records or replays the result)
+is checked in the start transaction right after the lease, and taken in the record
+transaction: in the common case (a fresh record, the job in the one state that can move
+to ``then``) one statement records the result, takes the edge and writes both history
+entries (``queries.EFFECT_RECORD_THEN_NOW``), so the pair costs one round trip.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from impl import failpoint
 from impl.postgres import queries as q
 from impl.postgres import steps
 from impl.postgres.database import Database
+from impl.postgres.edge import Edges, move, take
+from impl.postgres.registry import Registry
 from impl.postgres.rows import locked_job, plain
 from impl.postgres.steps import Steps, Transaction
 from model.config import Config
@@ -28,6 +36,7 @@ from model.effectstep import EffectSteps, Probe, RunFn, run_steps
 from model.errors import (
     EffectInDoubt,
     EffectResultError,
+    IllegalTransition,
     JobledgerError,
     LeaseLost,
     StorageError,
@@ -44,6 +53,7 @@ from model.record import (
 )
 from model.store import EffectFn, OnDoubt
 from model.validate import check_on_doubt, encode_result
+from model.workflow import THEN, Workflow, edge_to
 
 
 @frozen
@@ -56,6 +66,22 @@ class _Begun:
     doubt: DoubtInfo | None = None
 
 
+@frozen
+class _Recorded:
+    """What a record transaction committed: the result, and the refusal of ``then`` when
+    ``advance`` would no longer take it (``fn`` moved the job meanwhile), to be raised
+    once the result is committed, as ``run_effect`` and then ``advance`` would."""
+
+    result: JSON
+    refused: IllegalTransition | None = None
+
+    def outcome(self) -> JSON:
+        """The result, or the refusal raised."""
+        if self.refused is not None:
+            raise self.refused
+        return self.result
+
+
 EffectFlow = Generator["Transaction[Any] | RunFn | Probe", object, JSON]
 """``run_effect`` with its transactions yielded too (:meth:`EffectRunner.flow`)."""
 
@@ -66,6 +92,10 @@ class EffectRunner:
 
     db: Database
     config: Config
+    flows: Registry
+    """The store's workflows (``then`` follows their edges)."""
+    edges: Edges
+    """The store's cache of what the one-statement moves need."""
 
     def run(
         self,
@@ -75,9 +105,12 @@ class EffectRunner:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         """``store.run_effect``: see :meth:`PostgresStore.run_effect`."""
-        return run_steps(self.steps(lease, op, extras=extras, on_doubt=on_doubt), fn, on_doubt)
+        return run_steps(
+            self.steps(lease, op, extras=extras, on_doubt=on_doubt, then=then), fn, on_doubt
+        )
 
     def steps(
         self,
@@ -86,10 +119,11 @@ class EffectRunner:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectSteps:
         """``run_effect`` as durable steps (:mod:`model.effectstep`); each step is one
         transaction on a pooled connection, so any thread may drive any step."""
-        return self._sync(self.flow(lease, op, extras=extras, on_doubt=on_doubt))
+        return self._sync(self.flow(lease, op, extras=extras, on_doubt=on_doubt, then=then))
 
     def _sync(self, flow: EffectFlow) -> EffectSteps:
         """Run the flow's transactions here (blocking), hand its user code up."""
@@ -123,6 +157,7 @@ class EffectRunner:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectFlow:
         """``run_effect`` as a flow that yields its transactions too (as
         :class:`Transaction`, to be run and answered) besides the user code to run
@@ -134,7 +169,7 @@ class EffectRunner:
             (
                 yield Transaction(
                     "effect_start",
-                    lambda: self._begin(lease, op, extras, on_doubt, probe=True),
+                    lambda: self._begin(lease, op, extras, on_doubt, probe=True, then=then),
                 )
             ),
         )
@@ -149,15 +184,15 @@ class EffectRunner:
                 )
                 recorded = yield Transaction(
                     "effect_record",
-                    lambda: self._record(lease, begun.context, text, probed=True),
+                    lambda: self._record(lease, begun.context, text, probed=True, then=then),
                 )
-                return cast("JSON", recorded)
+                return cast(_Recorded, recorded).outcome()
             begun = cast(
                 _Begun,
                 (
                     yield Transaction(
                         "effect_start",
-                        lambda: self._begin(lease, op, extras, on_doubt, probe=False),
+                        lambda: self._begin(lease, op, extras, on_doubt, probe=False, then=then),
                     )
                 ),
             )
@@ -184,10 +219,10 @@ class EffectRunner:
             yield Transaction("effect_record", lambda: self._unrecordable(lease, ctx))
             raise
         out = yield Transaction(
-            "effect_record", lambda: self._record(lease, ctx, text, probed=False)
+            "effect_record", lambda: self._record(lease, ctx, text, probed=False, then=then)
         )
         failpoint.hit("effect.after_record")
-        return cast("JSON", out)
+        return cast(_Recorded, out).outcome()
 
     def _begin(
         self,
@@ -197,18 +232,28 @@ class EffectRunner:
         on_doubt: OnDoubt,
         *,
         probe: bool,
+        then: str | None,
     ) -> Steps[_Begun]:
-        fast = yield from self._start_fast(lease, op, extras)
+        fast = yield from self._start_fast(lease, op, extras, then)
         if fast is not None:
             return fast
         lease, row = yield from locked_job(lease, "run_effect")
         job_id = row["job_id"]
+        edge: tuple[Workflow, str] | None = None
+        if then is not None:
+            # Checked first, before any argument or row of the effect: a move advance
+            # would refuse writes nothing and runs nothing.
+            flow = yield from self.flows.lookup(row["kind"])
+            edge_to(flow, job_id, row["state"], then, asked=THEN)
+            edge = (flow, then)
         key = op_key(job_id, op, extras)
         ctx = EffectContext(
             job_id=job_id, op=op, op_key=key, token=row["token"], attempt=row["attempts"]
         )
         found = yield from steps.one(q.EFFECT_FOR_UPDATE, {"op_key": key})
         if found is not None and found["status"] == EffectStatus.DONE:
+            if edge is not None:
+                yield from move(lease, row, *edge, asked=THEN)
             return _Begun(ctx, replay=True, result=json.loads(found["result"]))
         if found is not None:
             if on_doubt == "raise":
@@ -253,13 +298,15 @@ class EffectRunner:
         return _Begun(ctx)
 
     def _start_fast(
-        self, lease: Lease, op: str, extras: Mapping[str, Scalar] | None
+        self, lease: Lease, op: str, extras: Mapping[str, Scalar] | None, then: str | None
     ) -> Steps[_Begun | None]:
         """Record the first start of an op key in one statement; None when that is not it.
 
         None (the general code then decides, in the same transaction) when the lease or
-        the arguments are not right, or when the op key already has a row: a recorded
-        result to replay or a start in doubt.
+        the arguments are not right, when the op key already has a row (a recorded
+        result to replay or a start in doubt), or, with ``then``, when the job is in no
+        state from which ``advance`` would take or replay it (or its workflow is not yet
+        known to this store).
         """
         if not plain(lease) or type(op) is not str:
             return None
@@ -268,18 +315,24 @@ class EffectRunner:
             ext = canon(check_scalars(extras or {}, what="extras")).decode("utf-8")
         except (JobledgerError, ValueError, TypeError):
             return None  # the general code raises it, after the lease check as ever
-        row = yield from steps.alone(
-            q.EFFECT_START_NOW,
-            {
-                "job_id": lease.job_id,
-                "token": lease.token,
-                "op_key": key,
-                "op": op,
-                "extras": ext,
-                "worker": lease.worker,
-                "detail": json.dumps({"op": op}, sort_keys=True),
-            },
-        )
+        params: dict[str, object] = {
+            "job_id": lease.job_id,
+            "token": lease.token,
+            "op_key": key,
+            "op": op,
+            "extras": ext,
+            "worker": lease.worker,
+            "detail": json.dumps({"op": op}, sort_keys=True),
+        }
+        query = q.EFFECT_START_NOW
+        if then is not None:
+            flow = self.flows.cached(lease.kind)
+            legal = () if flow is None or type(then) is not str else self.edges.legal(flow, then)
+            if flow is None or not legal:
+                return None
+            query = q.EFFECT_START_THEN_NOW
+            params.update(kind=flow.name, states=list(legal))
+        row = yield from steps.alone(query, params)
         if row is None or row["started_at"] is None:
             return None
         yield from steps.logged(
@@ -324,9 +377,63 @@ class EffectRunner:
         )
         return True
 
-    def _record(self, lease: Lease, ctx: EffectContext, text: str, *, probed: bool) -> Steps[JSON]:
-        if not probed and plain(lease) and (yield from self._record_fast(lease, ctx, text)):
-            return json.loads(text)  # type: ignore[no-any-return]
+    def _record_then_fast(
+        self, lease: Lease, ctx: EffectContext, text: str, then: str
+    ) -> Steps[bool]:
+        """Record the result and take the one edge to ``then`` in one statement; False
+        when the statement wrote nothing (the fence refused it, the job is not in the
+        one state that moves to ``then``, the op is not open) or cannot be used."""
+        flow = self.flows.cached(lease.kind)
+        source = None if flow is None or type(then) is not str else self.edges.source(flow, then)
+        if flow is None or source is None:
+            return False
+        edge = {"from": source, "to": then}
+        done = yield from steps.alone(
+            q.EFFECT_RECORD_THEN_NOW,
+            {
+                "job_id": ctx.job_id,
+                "token": lease.token,
+                "op_key": ctx.op_key,
+                "result": text,
+                "worker": lease.worker,
+                "kind": flow.name,
+                "from_state": source,
+                "to_state": then,
+                "ends": flow.is_terminal(then),
+                "op_detail": json.dumps({"op": ctx.op}, sort_keys=True),
+                "edge_detail": json.dumps(edge, sort_keys=True),
+            },
+        )
+        if done is None:
+            return False
+        assert done["updated_at"] is not None, "the job row is locked by this statement"
+        yield from steps.logged(
+            HistoryEvent(
+                ctx.job_id,
+                done["finished_at"],
+                Event.EFFECT_RECORDED,
+                lease.token,
+                lease.worker,
+                {"op": ctx.op},
+            )
+        )
+        yield from steps.logged(
+            HistoryEvent(
+                ctx.job_id, done["updated_at"], Event.ADVANCED, lease.token, lease.worker, edge
+            )
+        )
+        return True
+
+    def _record(
+        self, lease: Lease, ctx: EffectContext, text: str, *, probed: bool, then: str | None
+    ) -> Steps[_Recorded]:
+        if not probed and plain(lease):
+            if then is None:
+                fast = yield from self._record_fast(lease, ctx, text)
+            else:
+                fast = yield from self._record_then_fast(lease, ctx, text, then)
+            if fast:
+                return _Recorded(json.loads(text))
         lease, row = yield from locked_job(lease, "run_effect")
         if probed:
             yield from steps.log(
@@ -356,7 +463,18 @@ class EffectRunner:
             worker=lease.worker,
             detail={"op": ctx.op},
         )
-        return json.loads(text)  # type: ignore[no-any-return]
+        recorded = _Recorded(json.loads(text))
+        if then is None:
+            return recorded
+        flow = yield from self.flows.lookup(row["kind"])
+        try:
+            moves = edge_to(flow, ctx.job_id, row["state"], then, asked=THEN)
+        except IllegalTransition as exc:
+            # The effect happened and its result is recorded: commit that, raise after.
+            return _Recorded(recorded.result, refused=exc)
+        if moves:
+            yield from take(lease, row, flow, then, asked=THEN)
+        return recorded
 
     def _unrecordable(self, lease: Lease, ctx: EffectContext) -> Steps[None]:
         marked = yield from steps.one(q.EFFECT_TO_DOUBT, {"op_key": ctx.op_key, "token": ctx.token})

@@ -503,18 +503,21 @@ SELECT * FROM moved
 )
 """Follow the one edge from ``from_state``, the only state that can reach ``to_state``."""
 
-EFFECT_START_NOW = (
-    """
+
+def _effect_start(job_filter: str) -> str:
+    return (
+        """
 WITH job AS (
     SELECT job_id, token, attempts FROM jobs WHERE """
-    + FENCE_NOW
-    + """
+        + FENCE_NOW
+        + job_filter
+        + """
        FOR UPDATE
 ), started AS (
     INSERT INTO effects (op_key, job_id, op, extras, status, started_at, token, started_by)
     SELECT %(op_key)s::text, job_id, %(op)s::text, %(extras)s::text, 'started', """
-    + NOW
-    + """,
+        + NOW
+        + """,
            token, %(worker)s::text
       FROM job
     ON CONFLICT (op_key) DO NOTHING
@@ -526,8 +529,15 @@ WITH job AS (
 )
 SELECT job.token, job.attempts, started.started_at FROM job LEFT JOIN started ON true
 """
-)
+    )
+
+
+EFFECT_START_NOW = _effect_start("")
 """Record the first start of an op key; a NULL ``started_at`` means a row exists."""
+EFFECT_START_THEN_NOW = _effect_start(" AND kind = %(kind)s AND state = ANY(%(states)s::text[])")
+"""The same, for ``run_effect(then=...)``: only while the job is in one of ``states``, the
+states from which ``advance`` would take or replay ``then`` (no row otherwise, so the
+general code raises ``IllegalTransition`` having written nothing)."""
 
 EFFECT_RECORD_NOW = (
     """
@@ -552,6 +562,53 @@ WITH job AS (
 SELECT * FROM recorded
 """
 )
+
+EFFECT_RECORD_THEN_NOW = (
+    """
+WITH job AS (
+    SELECT job_id FROM jobs WHERE """
+    + FENCE_NOW
+    + """ AND lease_worker = %(worker)s AND kind = %(kind)s AND state = %(from_state)s
+       FOR UPDATE
+), recorded AS (
+    UPDATE effects
+       SET status = 'done', result = %(result)s, finished_at = """
+    + NOW
+    + """, token = %(token)s
+     WHERE op_key = %(op_key)s AND status <> 'done' AND EXISTS (SELECT 1 FROM job)
+    RETURNING job_id, finished_at
+), moved AS (
+    UPDATE jobs
+       SET state = %(to_state)s,
+           lease_worker = CASE WHEN %(ends)s THEN NULL ELSE lease_worker END,
+           lease_expires_at = CASE WHEN %(ends)s THEN NULL ELSE lease_expires_at END,
+           updated_at = """
+    + NOW
+    + """
+     WHERE job_id = %(job_id)s AND EXISTS (SELECT 1 FROM recorded)
+    RETURNING job_id, token, updated_at
+), logged AS (
+    INSERT INTO history (job_id, at, event, token, worker, detail)
+    SELECT job_id, at, event, token, worker, detail
+      FROM (
+          SELECT job_id, finished_at AS at, 'effect_recorded' AS event,
+                 %(token)s::bigint AS token, %(worker)s::text AS worker,
+                 %(op_detail)s::text AS detail, 1 AS ord
+            FROM recorded
+          UNION ALL
+          SELECT job_id, updated_at, 'advanced', token, %(worker)s::text,
+                 %(edge_detail)s::text, 2
+            FROM moved
+      ) AS e
+     ORDER BY ord
+)
+SELECT recorded.finished_at, moved.updated_at FROM recorded LEFT JOIN moved ON true
+"""
+)
+"""``run_effect(then=...)``'s record: the result, fenced, and the one edge from
+``from_state`` (the only state that can reach ``to_state``, as in :data:`ADVANCE_NOW`)
+taken with it, the two history entries at one time; nothing at all unless the lease is
+live, held by ``worker``, the job in ``from_state`` and the op not yet recorded."""
 
 # -- retention (schema version 2) ------------------------------------------------------
 

@@ -33,6 +33,7 @@ from psycopg.rows import DictRow
 from impl.postgres import pickup, read, retention, rollup, steps
 from impl.postgres import queries as q
 from impl.postgres.database import CONNECT_TIMEOUT, Database, Tx, read_schema_version
+from impl.postgres.edge import Edges, move
 from impl.postgres.effect import EffectFlow, EffectRunner
 from impl.postgres.plan import plan_items
 from impl.postgres.registry import Registry, stored
@@ -106,10 +107,8 @@ class PostgresStore:
             url, schema=self.config.postgres_schema, clock=clock, config=self.config
         )
         self._flows = Registry()
-        # (kind, to_state) -> the one state advance can leave for it; definitions never
-        # change once registered, so this is computed once per edge and store.
-        self._sources: dict[tuple[str, str], str | None] = {}
-        self._effects = EffectRunner(self._db, self.config)
+        self._edges = Edges()
+        self._effects = EffectRunner(self._db, self.config, self._flows, self._edges)
         self._listener: pickup.Listener | None = None
         self._listener_lock = threading.Lock()
         try:
@@ -461,44 +460,7 @@ class PostgresStore:
                 return True
             lease_, row = yield from locked_job(lease, "advance")
             flow = yield from self._flows.lookup(row["kind"])
-            job_id, state = row["job_id"], row["state"]
-            if to_state not in flow.states:
-                raise IllegalTransition(
-                    f"advance of job {job_id} to {to_state!r}: not a state of workflow "
-                    f"{flow.name!r} (states: {list(flow.states)})"
-                )
-            if to_state == flow.failed:
-                raise IllegalTransition(
-                    f"advance of job {job_id} to the failed state {to_state!r}: use "
-                    "store.fail(lease, error) or store.cancel(job_id, reason)"
-                )
-            if to_state == state or to_state in flow.ancestors()[state]:
-                return False
-            if (state, to_state) not in flow.transitions:
-                nexts = sorted(flow.successors()[state])
-                raise IllegalTransition(
-                    f"advance of job {job_id} from {state!r} to {to_state!r}: no such "
-                    f"edge in workflow {flow.name!r}; from {state!r} it can go to {nexts}"
-                )
-            now = yield from steps.now()
-            moved = yield from steps.one(
-                q.ADVANCE,
-                {
-                    **_fence_at(lease_, now),
-                    "to_state": to_state,
-                    "from_state": state,
-                    "ends": flow.is_terminal(to_state),
-                },
-            )
-            _fenced(moved, lease_, row, "advance")
-            yield from steps.log(
-                job_id,
-                Event.ADVANCED,
-                token=row["token"],
-                worker=row["lease_worker"],
-                detail={"from": state, "to": to_state},
-            )
-            return True
+            return (yield from move(lease_, row, flow, to_state, asked="advance"))
 
         return Transaction("advance", body)
 
@@ -512,10 +474,7 @@ class PostgresStore:
         flow = self._flows.cached(lease.kind)
         if flow is None:
             return False
-        edge = (flow.name, to_state)
-        if edge not in self._sources:
-            self._sources[edge] = flow_source(flow, to_state)
-        source = self._sources[edge]
+        source = self._edges.source(flow, to_state)
         if source is None:
             return False
         detail = {"from": source, "to": to_state}
@@ -555,21 +514,27 @@ class PostgresStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> JSON:
         """Run ``fn`` once per op key and record its result; replay a recorded result.
 
         The start is committed before ``fn`` runs and the result is recorded, fenced by
         the lease, after; no transaction is open while ``fn`` (or an ``on_doubt`` probe)
-        runs.
+        runs. ``then``: a state to advance to in the transaction that records (or
+        replays) the result, checked before ``fn`` runs (``advance``'s rule); the record
+        and the move of the common case are one statement.
 
         Raises:
             LeaseLost: before ``fn`` runs, or after, when the result cannot be recorded
                 because the lease died meanwhile (the op is then in doubt).
             EffectInDoubt: a start of a dead lease and ``on_doubt="raise"``.
             EffectResultError: ``fn`` returned something that is not JSON or is too large.
+            IllegalTransition: ``then`` is not a move ``advance`` would make or replay
+                (before ``fn``; or after it, the result recorded, when ``fn`` moved the
+                job meanwhile).
         """
         self._db.check_open()
-        return self._effects.run(lease, op, fn, extras=extras, on_doubt=on_doubt)
+        return self._effects.run(lease, op, fn, extras=extras, on_doubt=on_doubt, then=then)
 
     def effect_steps(
         self,
@@ -578,11 +543,12 @@ class PostgresStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectSteps:
         """``run_effect`` as durable steps (:mod:`model.effectstep`); each step is one
         transaction, so any thread may drive any step."""
         self._db.check_open()
-        return self._effects.steps(lease, op, extras=extras, on_doubt=on_doubt)
+        return self._effects.steps(lease, op, extras=extras, on_doubt=on_doubt, then=then)
 
     def effect_flow(
         self,
@@ -591,11 +557,12 @@ class PostgresStore:
         *,
         extras: Mapping[str, Scalar] | None = None,
         on_doubt: OnDoubt = "retry",
+        then: str | None = None,
     ) -> EffectFlow:
         """``run_effect`` as a flow that yields its transactions as well as the user code
         to run (:meth:`EffectRunner.flow`), for a driver that runs them itself."""
         self._db.check_open()
-        return self._effects.flow(lease, op, extras=extras, on_doubt=on_doubt)
+        return self._effects.flow(lease, op, extras=extras, on_doubt=on_doubt, then=then)
 
     # -- failure and operator actions ----------------------------------------------
 
@@ -900,24 +867,6 @@ def _key(row: DictRow) -> dict[str, object]:
 
 def _fence_now(lease: Lease) -> dict[str, object]:
     return {"job_id": lease.job_id, "token": lease.token}
-
-
-def flow_source(flow: Workflow, to_state: str) -> str | None:
-    """Return the one state from which ``advance`` to ``to_state`` moves, if only one can.
-
-    A state qualifies when it has a declared edge to ``to_state`` and the general rules
-    would take it (``to_state`` is neither the state itself, nor one it has passed, nor
-    the failed state). None when no state or several states qualify.
-    """
-    if to_state not in flow.states or to_state == flow.failed:
-        return None
-    ancestors = flow.ancestors()
-    sources = [
-        src
-        for src, dst in flow.transitions
-        if dst == to_state and src != to_state and to_state not in ancestors[src]
-    ]
-    return sources[0] if len(sources) == 1 else None
 
 
 def _fence_at(lease: Lease, now: float) -> dict[str, object]:

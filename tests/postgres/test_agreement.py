@@ -21,7 +21,16 @@ from psycopg import sql
 from impl import failpoint
 from impl.postgres.store import PostgresStore
 from model import Clock, Config, ManualClock, MemoryStore, Store
-from tests.agreement.scenario import CONFIG, OPERATIONS, START, operation_of, predict, setup
+from tests.agreement.scenario import (
+    CONFIG,
+    EFFECT_OPERATIONS,
+    START,
+    THEN,
+    operation_of,
+    operations,
+    predict,
+    setup,
+)
 from tests.pg import PG_URL, require_postgres
 from tests.stateful.machine import WORKERS, LedgerMachine, projection
 
@@ -133,32 +142,57 @@ PostgresMachine.TestCase.settings = settings(
 TestPostgresAgreement = PostgresMachine.TestCase
 
 
-def expected_after_crash(point: str) -> tuple[MemoryStore, list[str]]:
+def expected_after_crash(point: str, then: str | None = None) -> tuple[MemoryStore, list[str]]:
     clock = ManualClock(START)
     model = MemoryStore(clock=clock, config=CONFIG)
     world = setup(model, clock)
-    predict(model, world, point)
+    predict(model, world, point, then)
     return model, [j.job_id for j in model.jobs()]
+
+
+def crash_and_check(
+    point: str, shared_schema: Shared, *, then: str | None = None, warm: bool = False
+) -> None:
+    """Crash the scenario's operation at ``point`` (its ``run_effect`` given ``then``;
+    ``warm``: the store knows the workflow beforehand, so an effect's start takes its
+    one-statement path from the first call), then check the ledger against the model."""
+    shared_schema.empty()
+    clock = ManualClock(START)
+    cfg = shared_schema.config(CONFIG)
+    store = PostgresStore(PG_URL, clock=clock, config=cfg)
+    world = setup(store, clock)
+    if warm:
+        store.workflow("flow")
+    failpoint.arm(point)
+    try:
+        with pytest.raises(failpoint.Crash), contextlib.suppress(RuntimeError):
+            operations(then)[operation_of(point)](store, world)
+    finally:
+        failpoint.disarm_all()
+        store.close()
+    model, ids = expected_after_crash(point, then)
+    with PostgresStore(PG_URL, clock=ManualClock(START + 2.0), config=cfg) as real:
+        assert sorted(j.job_id for j in real.jobs()) == sorted(ids)
+        assert projection(real, ids) == projection(model, ids)
+        assert [w.name for w in real.workflows()] == [w.name for w in model.workflows()]
 
 
 @pytest.mark.parametrize("point", failpoint.ALL)
 def test_crash_at_failpoint_leaves_what_the_model_predicts(
     point: str, shared_schema: Shared
 ) -> None:
-    shared_schema.empty()
-    clock = ManualClock(START)
-    cfg = shared_schema.config(CONFIG)
-    store = PostgresStore(PG_URL, clock=clock, config=cfg)
-    world = setup(store, clock)
-    failpoint.arm(point)
-    try:
-        with pytest.raises(failpoint.Crash), contextlib.suppress(RuntimeError):
-            OPERATIONS[operation_of(point)](store, world)
-    finally:
-        failpoint.disarm_all()
-        store.close()
-    model, ids = expected_after_crash(point)
-    with PostgresStore(PG_URL, clock=ManualClock(START + 2.0), config=cfg) as real:
-        assert sorted(j.job_id for j in real.jobs()) == sorted(ids)
-        assert projection(real, ids) == projection(model, ids)
-        assert [w.name for w in real.workflows()] == [w.name for w in model.workflows()]
+    crash_and_check(point, shared_schema)
+
+
+THEN_POINTS = tuple(p for p in failpoint.ALL if operation_of(p) in EFFECT_OPERATIONS)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("point", THEN_POINTS)
+def test_crash_at_an_effect_failpoint_with_then_leaves_what_the_model_predicts(
+    point: str, warm: bool, shared_schema: Shared
+) -> None:
+    """``run_effect(then=...)``: a crash before the record's commit leaves neither the
+    result nor the move, after it both (the record and the move are one statement on
+    the hot path, and one transaction on the general one)."""
+    crash_and_check(point, shared_schema, then=THEN, warm=warm)

@@ -14,7 +14,16 @@ from impl import failpoint
 from impl.aio.store import POSTGRES_THREADS, AsyncStore
 from impl.postgres.store import PostgresStore
 from model import Config, ManualClock, MemoryStore, Store
-from tests.agreement.scenario import CONFIG, OPERATIONS, START, operation_of, predict, setup
+from tests.agreement.scenario import (
+    CONFIG,
+    EFFECT_OPERATIONS,
+    START,
+    THEN,
+    operation_of,
+    operations,
+    predict,
+    setup,
+)
 from tests.aiosync import LoopThread, SyncFace
 from tests.pg import PG_URL, postgres_factory, require_postgres
 from tests.stateful.machine import projection
@@ -22,16 +31,31 @@ from tests.stateful.machine import projection
 pytestmark = pytest.mark.postgres
 
 
-def expected_after_crash(point: str) -> tuple[MemoryStore, list[str]]:
+def expected_after_crash(point: str, then: str | None = None) -> tuple[MemoryStore, list[str]]:
     clock = ManualClock(START)
     model = MemoryStore(clock=clock, config=CONFIG)
     world = setup(model, clock)
-    predict(model, world, point)
+    predict(model, world, point, then)
     return model, [j.job_id for j in model.jobs()]
 
 
 @pytest.mark.parametrize("point", failpoint.ALL)
 def test_crash_at_failpoint_through_the_async_face(point: str) -> None:
+    crash_and_check(point)
+
+
+@pytest.mark.parametrize(
+    "point", [p for p in failpoint.ALL if operation_of(p) in EFFECT_OPERATIONS]
+)
+def test_crash_at_an_effect_failpoint_with_then_through_the_async_face(point: str) -> None:
+    """``run_effect(then=...)`` on the native path: a crash before the record's commit
+    leaves neither the result nor the move, after it both."""
+    crash_and_check(point, then=THEN)
+
+
+def crash_and_check(point: str, then: str | None = None) -> None:
+    """Crash the scenario's operation at ``point`` through the async face (its
+    ``run_effect`` given ``then``), then check the ledger against the model."""
     require_postgres()
     clock = ManualClock(START)
     make, _ = postgres_factory(clock)
@@ -50,7 +74,7 @@ def test_crash_at_failpoint_through_the_async_face(point: str) -> None:
             failpoint.arm(point)
             try:
                 with pytest.raises(failpoint.Crash), contextlib.suppress(RuntimeError):
-                    OPERATIONS[operation_of(point)](face, world)
+                    operations(then)[operation_of(point)](face, world)
             finally:
                 failpoint.disarm_all()
         finally:
@@ -58,7 +82,7 @@ def test_crash_at_failpoint_through_the_async_face(point: str) -> None:
     finally:
         blocked = loop.close()
     assert not blocked, f"the async face blocked its event loop: {blocked}"
-    model, ids = expected_after_crash(point)
+    model, ids = expected_after_crash(point, then)
     config: Config = attrs.evolve(CONFIG, postgres_schema=opened[0].config.postgres_schema)
     with PostgresStore(PG_URL, clock=ManualClock(START + 2.0), config=config) as real:
         assert sorted(j.job_id for j in real.jobs()) == sorted(ids)

@@ -269,3 +269,128 @@ def test_a_prepared_one_trip_numbers_each_parameter_once() -> None:
     assert plan.one_trip == f"BEGIN;\nEXECUTE {plan.name}(%(a)s, %(b)s);\nCOMMIT"
     assert q.prepared("SELECT %(a)s, %(b)s, %(a)s") == plan
     assert q.prepared("SELECT %(b)s").name != plan.name
+
+
+CHAIN = Workflow(
+    name="chain",
+    states=["NEW", "MID", "DONE", "FAILED"],
+    transitions=[("NEW", "MID"), ("MID", "DONE")],
+    initial="NEW",
+    terminal=["DONE"],
+)
+DIAMOND = Workflow(
+    name="diamond",
+    states=["NEW", "MID", "DONE", "FAILED"],
+    transitions=[("NEW", "MID"), ("MID", "DONE"), ("NEW", "DONE")],
+    initial="NEW",
+    terminal=["DONE"],
+)
+"""``DONE`` has two sources: no one statement can know the edge's ``from``."""
+
+
+def test_run_effect_with_then_records_and_advances_in_one_round_trip(
+    open_pg: OpenStore, counts: Counts
+) -> None:
+    """The point of ``then``: the effect's start and its record with the advance are
+    two round trips, where ``run_effect`` and ``advance`` take three."""
+    store = open_pg(clock=ManualClock())
+    store.register(FLOW)
+    store.workflow("flow")  # known to the store, as a Worker's store knows its kinds
+    job_id = store.plan("flow", {"n": 1})
+    lease = lease_of(store)
+    counts.trips.clear()
+    counts.ordinary = 0
+    assert store.run_effect(lease, "op", lambda ctx: {"ok": True}, then="DONE") == {"ok": True}
+    assert len(counts.trips) == 2  # effect start, effect record with the advance
+    assert counts.ordinary == 0
+    info = store.job(job_id)
+    assert (info.state, info.lease) == ("DONE", None)
+    history = store.history(job_id)
+    assert [e.event for e in history] == [
+        Event.PLANNED,
+        Event.LEASED,
+        Event.EFFECT_STARTED,
+        Event.EFFECT_RECORDED,
+        Event.ADVANCED,
+    ]
+    recorded, advanced = history[-2:]
+    assert advanced.detail == {"from": "NEW", "to": "DONE"}
+    assert (advanced.token, advanced.worker) == (lease.token, "w")
+    assert recorded.at == advanced.at == store.effects(job_id)[0].finished_at
+
+
+def test_a_then_from_the_wrong_state_is_refused_by_the_start_statement(
+    open_pg: OpenStore, counts: Counts
+) -> None:
+    """The one-statement start takes ``then``'s check into its ``WHERE``: a job in a
+    state from which ``advance`` would refuse ``then`` gets no start, and the general
+    code says why, having written nothing."""
+    store = open_pg(clock=ManualClock())
+    store.register(CHAIN)
+    store.workflow("chain")
+    job_id = store.plan("chain", {"n": 1})
+    lease = lease_of(store)
+    before = (store.job(job_id), store.history(job_id))
+    counts.trips.clear()
+    counts.ordinary = 0
+    with pytest.raises(impl.IllegalTransition, match="'NEW' to 'DONE'"):
+        store.run_effect(lease, "op", lambda ctx: 1, then="DONE")
+    assert (len(counts.trips), counts.ordinary) == (1, 1)
+    assert (store.job(job_id), store.history(job_id)) == before
+    assert store.effects(job_id) == []
+
+
+def test_a_then_with_two_sources_records_the_ordinary_way(
+    open_pg: OpenStore, counts: Counts
+) -> None:
+    store = open_pg(clock=ManualClock())
+    store.register(DIAMOND)
+    store.workflow("diamond")
+    job_id = store.plan("diamond", {"n": 1})
+    lease = lease_of(store)
+    counts.trips.clear()
+    counts.ordinary = 0
+    assert store.run_effect(lease, "op", lambda ctx: 2, then="DONE") == 2
+    assert (len(counts.trips), counts.ordinary) == (1, 1)  # the start; the record
+    assert store.state(job_id) == "DONE"
+    assert [e.event for e in store.history(job_id)][-2:] == [
+        Event.EFFECT_RECORDED,
+        Event.ADVANCED,
+    ]
+    assert store.history(job_id)[-1].detail == {"from": "NEW", "to": "DONE"}
+
+
+def test_a_then_record_on_the_servers_clock_keeps_one_time(open_pg: OpenStore) -> None:
+    """Without an injected clock the statement's two history entries and the result
+    carry the server's one transaction time."""
+    store = open_pg()
+    store.register(FLOW)
+    store.workflow("flow")
+    job_id = store.plan("flow", {"n": 1})
+    lease = lease_of(store)
+    assert store.run_effect(lease, "op", lambda ctx: None, then="DONE") is None
+    recorded, advanced = store.history(job_id)[-2:]
+    assert (recorded.event, advanced.event) == (Event.EFFECT_RECORDED, Event.ADVANCED)
+    assert recorded.at == advanced.at == store.effects(job_id)[0].finished_at
+    assert store.job(job_id).lease is None
+
+
+def test_a_crash_before_the_commit_of_a_then_record_commits_neither(
+    open_pg: OpenStore, counts: Counts
+) -> None:
+    store = open_pg(clock=ManualClock())
+    store.register(FLOW)
+    store.workflow("flow")
+    job_id = store.plan("flow", {"n": 1})
+    lease = lease_of(store)
+    failpoint.arm("effect_record.before_commit")
+    try:
+        with pytest.raises(failpoint.Crash):
+            store.run_effect(lease, "op", lambda ctx: 3, then="DONE")
+    finally:
+        failpoint.disarm_all()
+    assert store.state(job_id) == "NEW"
+    assert [e.status for e in store.effects(job_id)] == [impl.EffectStatus.STARTED]
+    assert len(counts.trips) == 2  # claim and start: the record was never sent
+    assert store.run_effect(lease, "op", lambda ctx: 3, then="DONE") == 3
+    assert store.state(job_id) == "DONE"
