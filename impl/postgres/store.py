@@ -2,15 +2,15 @@
 
 Same contract and semantics as the reference model (``model.memory.MemoryStore``), with
 every decision taken inside one transaction. On the hot path (``lease_next``, ``renew``,
-``release``, ``advance``, and an effect's start and record) one statement is the whole
-transaction body: it carries the fence in its ``WHERE``, writes, and appends the history
-(``queries.CLAIM_ANY`` and the other ``*_NOW`` statements). Only when it changes nothing
-does the general code run, in the same transaction: it locks the job row
-(``FOR UPDATE``), checks the lease to say why (``LeaseLost``, ``IllegalTransition``),
-or takes the rare branch (a job with no attempts left, a workflow edge the single
-statement does not cover). ``lease_next`` claims with ``FOR UPDATE SKIP LOCKED`` over a
-partial index of active jobs, so many workers claim in parallel without waiting for
-each other.
+``release``, ``advance``, and an effect's start and record, with ``then``'s advance in
+the record) one statement is the whole transaction body: it carries the fence in its
+``WHERE``, writes, and appends the history (``queries.CLAIM_ANY`` and the other
+``*_NOW`` statements). Only when it changes nothing does the general code run, in the
+same transaction: it locks the job row (``FOR UPDATE``), checks the lease to say why
+(``LeaseLost``, ``IllegalTransition``), or takes the rare branch (a job with no
+attempts left, a workflow edge the single statement does not cover). ``lease_next``
+claims with ``FOR UPDATE SKIP LOCKED`` over a partial index of active jobs, so many
+workers claim in parallel without waiting for each other.
 
 **The one clock rule.** With ``clock=None``, ``now`` comes from the database server's
 clock (the transaction's timestamp, taken inside the statements), so workers on

@@ -7,12 +7,18 @@ is never carried across processes).
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import traceback
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 
+import attrs
+
+from impl import failpoint
 from impl.postgres.store import PostgresStore
-from model import Config
+from model import Config, ManualClock
+from tests.agreement.scenario import CONFIG, START, operation_of, operations, setup
 
 Report = tuple[str, object]
 
@@ -40,3 +46,18 @@ def open_and_register(url: str, schema: str, name: str, start: Barrier, out: Que
             out.put((name, [w.name for w in store.workflows()]))
     except BaseException:
         out.put((name, traceback.format_exc()))
+
+
+def run_scenario_until_killed(url: str, schema: str, point: str, then: str | None) -> None:
+    """Set up the failpoint sweep's scenario (tests.agreement.scenario), arm ``point`` to
+    SIGKILL this process, and make the operation that reaches it (its ``run_effect``
+    given ``then``); the store knows the workflow first, so every transaction takes its
+    one-statement path. Exits 3 if the failpoint never fired."""
+    clock = ManualClock(START)
+    store = PostgresStore(url, clock=clock, config=attrs.evolve(CONFIG, postgres_schema=schema))
+    world = setup(store, clock)
+    store.workflow("flow")
+    failpoint.arm(point, "kill")
+    with contextlib.suppress(RuntimeError):
+        operations(then)[operation_of(point)](store, world)
+    sys.exit(3)

@@ -9,6 +9,8 @@ store (its own pool), as separate worker processes would have.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -32,6 +34,7 @@ from tests.agreement.scenario import (
     setup,
 )
 from tests.pg import PG_URL, require_postgres
+from tests.postgres import children
 from tests.stateful.machine import WORKERS, LedgerMachine, projection
 
 pytestmark = pytest.mark.postgres
@@ -196,3 +199,40 @@ def test_crash_at_an_effect_failpoint_with_then_leaves_what_the_model_predicts(
     result nor the move, after it both (the record and the move are one statement on
     the hot path, and one transaction on the general one)."""
     crash_and_check(point, shared_schema, then=THEN, warm=warm)
+
+
+KILL_SAMPLE = (
+    "effect_start.before_commit",
+    "effect_start.after_commit",
+    "effect_record.before_commit",
+    "effect_record.after_commit",
+    "effect.after_record",
+)
+
+
+@pytest.mark.xdist_group("processes")
+@pytest.mark.parametrize("point", KILL_SAMPLE)
+def test_sigkill_at_an_effect_failpoint_with_then_leaves_what_the_model_predicts(
+    point: str, shared_schema: Shared
+) -> None:
+    """A real SIGKILL of a child process in ``run_effect(then=...)``: the server ends its
+    session, and the ledger holds what the in-process crash leaves (the one-trip
+    record's ``before_commit`` comes before anything is sent)."""
+    shared_schema.empty()
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(
+        target=children.run_scenario_until_killed,
+        args=(PG_URL, shared_schema.schema, point, THEN),
+        daemon=True,
+    )
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == -signal.SIGKILL
+    model, ids = expected_after_crash(point, THEN)
+    cfg = shared_schema.config(CONFIG)
+    with PostgresStore(PG_URL, clock=ManualClock(START + 2.0), config=cfg) as real:
+        assert sorted(j.job_id for j in real.jobs()) == sorted(ids)
+        assert projection(real, ids) == projection(model, ids)

@@ -375,22 +375,34 @@ def test_a_then_record_on_the_servers_clock_keeps_one_time(open_pg: OpenStore) -
     assert store.job(job_id).lease is None
 
 
-def test_a_crash_before_the_commit_of_a_then_record_commits_neither(
-    open_pg: OpenStore, counts: Counts
+@pytest.mark.parametrize("where", ["before_commit", "after_commit"])
+@pytest.mark.parametrize("flow", [FLOW, DIAMOND], ids=["one-statement", "general"])
+def test_a_crash_at_the_commit_of_a_then_record_keeps_both_or_neither(
+    open_pg: OpenStore, flow: Workflow, where: str
 ) -> None:
+    """The record and ``then``'s move commit together, on the one-statement path and on
+    the general one (two ways into ``DONE``): a crash before the commit leaves the
+    start alone, after it the result and the move."""
     store = open_pg(clock=ManualClock())
-    store.register(FLOW)
-    store.workflow("flow")
-    job_id = store.plan("flow", {"n": 1})
+    store.register(flow)
+    store.workflow(flow.name)
+    job_id = store.plan(flow.name, {"n": 1})
     lease = lease_of(store)
-    failpoint.arm("effect_record.before_commit")
+    failpoint.arm(f"effect_record.{where}")
     try:
         with pytest.raises(failpoint.Crash):
             store.run_effect(lease, "op", lambda ctx: 3, then="DONE")
     finally:
         failpoint.disarm_all()
-    assert store.state(job_id) == "NEW"
-    assert [e.status for e in store.effects(job_id)] == [impl.EffectStatus.STARTED]
-    assert len(counts.trips) == 2  # claim and start: the record was never sent
-    assert store.run_effect(lease, "op", lambda ctx: 3, then="DONE") == 3
-    assert store.state(job_id) == "DONE"
+    (effect,) = store.effects(job_id)
+    if where == "before_commit":
+        assert (store.state(job_id), effect.status) == ("NEW", impl.EffectStatus.STARTED)
+        assert store.run_effect(lease, "op", lambda ctx: 3, then="DONE") == 3  # finishes
+    else:
+        assert (store.state(job_id), effect.status, effect.result) == (
+            "DONE",
+            impl.EffectStatus.DONE,
+            3,
+        )
+    info = store.job(job_id)
+    assert (info.state, info.lease) == ("DONE", None)

@@ -171,3 +171,52 @@ def test_a_crash_reports_exactly_what_was_committed(
         ("effect_record", "effect_abort")
     ):
         assert heard == []  # the operation's only transaction never committed
+
+
+def test_then_reports_the_record_and_the_advance_as_committed(
+    open_pg: OpenStore, pg_schema: str, heard: list[HistoryEvent]
+) -> None:
+    """``run_effect(then=...)`` on each of its paths: the one statement that records and
+    advances (reported from its own answer), a replay that takes the edge, the general
+    record with two ways into ``D``, and a ``then`` refused after the result was
+    recorded (the record committed and reported, no move)."""
+    clock = ManualClock(START)
+    store = open_pg(clock=clock, config=Config(postgres_schema=pg_schema, lease_ttl=10.0))
+    store.register(FLOW)
+    store.workflow("tel")
+    a, b = store.plan_many("tel", [{"n": 1}, {"n": 2}])
+    lease = store.lease_next("w1")
+    assert lease is not None
+    assert store.run_effect(lease, "e", ok, then="B") == {"op": "e"}  # one statement
+    assert store.run_effect(lease, "e", ok, then="C") == {"op": "e"}  # replay, moves
+    assert store.run_effect(lease, "f", ok, then="D") == {"op": "f"}  # two ways into D
+    other = store.lease_next("w2")
+    assert other is not None
+    assert other.job_id == b
+
+    def moves(ctx: impl.EffectContext) -> impl.JSON:
+        assert store.advance(other, "B")
+        return None
+
+    with pytest.raises(impl.IllegalTransition):
+        store.run_effect(other, "g", moves, then="D")
+    assert (store.state(a), store.state(b)) == ("D", "B")
+    expected = committed(pg_schema)
+    assert heard == expected
+    E = impl.Event
+    assert [(e.event, e.detail) for e in expected if e.job_id == a] == [
+        (E.PLANNED, {}),
+        (E.LEASED, {}),
+        (E.EFFECT_STARTED, {"op": "e"}),
+        (E.EFFECT_RECORDED, {"op": "e"}),
+        (E.ADVANCED, {"from": "A", "to": "B"}),
+        (E.ADVANCED, {"from": "B", "to": "C"}),
+        (E.EFFECT_STARTED, {"op": "f"}),
+        (E.EFFECT_RECORDED, {"op": "f"}),
+        (E.ADVANCED, {"from": "C", "to": "D"}),
+    ]
+    assert [e.event for e in expected if e.job_id == b][-3:] == [
+        E.EFFECT_STARTED,
+        E.ADVANCED,
+        E.EFFECT_RECORDED,
+    ]
