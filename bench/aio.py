@@ -7,8 +7,8 @@ advances to the terminal state. The measure is **efficiency** against the ideal,
 256 handlers do nothing but wait: ``ideal = jobs x 20 ms / 256``, efficiency = ideal /
 the time ``run(until_idle=True)`` took. 1.0 means the ledger costs nothing; the rest is
 the ledger's transactions (three per job: lease, effect start, and the effect's result
-with the advance, ``then="DONE"``) and the runtime's scheduling. The ratio is the async worker's efficiency over the
-threaded one's, per run.
+with the advance, ``then="DONE"``) and the runtime's scheduling. The ratio is the async
+worker's efficiency over the threaded one's, per run.
 """
 
 from __future__ import annotations

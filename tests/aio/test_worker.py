@@ -34,6 +34,18 @@ def _target(backend: str, tmp_path: Path) -> str:
     return PG_URL
 
 
+def _fresh(backend: str, tmp_path: Path) -> impl.aio.AsyncStore:
+    """An empty ledger of ``backend`` (on PostgreSQL, this process's emptied test schema)."""
+    if backend == "postgres":
+        from impl.aio.store import POSTGRES_THREADS, AsyncStore
+        from tests.pg import postgres_factory, require_postgres
+
+        require_postgres()
+        make, _ = postgres_factory(ManualClock())
+        return AsyncStore(make, threads=POSTGRES_THREADS)  # type: ignore[arg-type]
+    return impl.aio.open_store(_target(backend, tmp_path))
+
+
 async def _three_steps(ctx: impl.aio.AsyncJobContext) -> None:
     async def fetch(ectx: EffectContext) -> dict[str, str]:
         await asyncio.sleep(0.005)
@@ -59,8 +71,10 @@ def test_effect_then_advances_with_the_result(backend: str, tmp_path: Path) -> N
         await ctx.effect("store", fetch, then="C")
         seen.append((ctx.state, ctx.is_terminal()))
 
+    opener = _fresh(backend, tmp_path)  # off the loop: it empties a schema on PostgreSQL
+
     async def main() -> list[str]:
-        async with impl.aio.open_store(_target(backend, tmp_path)) as store:
+        async with opener as store:
             await store.register(FLOW)
             jid = await store.plan("flow", {"n": 1})
             report = await impl.aio.AsyncWorker(store, {"flow": handler}).run(until_idle=True)
@@ -85,16 +99,7 @@ def test_effect_then_advances_with_the_result(backend: str, tmp_path: Path) -> N
 def test_many_tasks_finish_every_job_with_each_effect_recorded_once(
     backend: str, tmp_path: Path
 ) -> None:
-    if backend == "postgres":
-        from impl.aio.store import POSTGRES_THREADS, AsyncStore
-        from tests.pg import postgres_factory, require_postgres
-
-        require_postgres()
-        # This process's test schema (tests/pg.py), emptied for this test.
-        make, _ = postgres_factory(ManualClock())
-        opener: impl.aio.AsyncStore = AsyncStore(make, threads=POSTGRES_THREADS)  # type: ignore[arg-type]
-    else:
-        opener = impl.aio.open_store(_target(backend, tmp_path))
+    opener = _fresh(backend, tmp_path)
 
     async def main() -> tuple[impl.RunReport, list[str], int]:
         async with opener as store:
