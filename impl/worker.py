@@ -348,6 +348,10 @@ class Worker:
         self._stopping = threading.Event()
         # The idle thread whose turn it is to look for work (run until_idle), or None.
         self._looker: int | None = None
+        # Run without until_idle: whether an idle thread is waiting on the store for
+        # work, while the other idle threads sleep on the condition (see _wait_for_work).
+        self._waiting = False
+        self._wait_cond = threading.Condition()
         self._report = RunReport()
         self._report_lock = threading.Lock()
 
@@ -557,12 +561,29 @@ class Worker:
     def _wait_for_work(self) -> None:
         """Sleep until the store says a job of our kinds is eligible (it hears of new
         work at once, see ``Store.wait_for_work``), at most ``idle_poll`` seconds: the
-        poll after it is the safety net for a sign the store missed."""
+        poll after it is the safety net for a sign the store missed.
+
+        One idle thread of the worker waits on the store; the others sleep until it
+        returns (work, its timeout, or a stop: it watches the stop event), then all
+        look. Before, each idle thread waited on the store: every commit of the busy
+        ones woke all of them, and each read the queue to find nothing (at the end of
+        a 64-thread download, thousands of reads and wake-ups, see bench/README.md).
+        """
+        with self._wait_cond:
+            if self._waiting:
+                if not self._stopping.is_set():
+                    self._wait_cond.wait(self.idle_poll)
+                return
+            self._waiting = True
         try:
             self.store.wait_for_work(self.idle_poll, kinds=self._kinds, stop=self._stopping)
         except JobledgerError as exc:
             log.warning("worker %s: waiting for work failed, polling instead: %s", self.name, exc)
             self._stopping.wait(self.idle_poll)
+        finally:
+            with self._wait_cond:
+                self._waiting = False
+                self._wait_cond.notify_all()
 
     def run(self, *, until_idle: bool = False) -> RunReport:
         """Run until stopped (SIGTERM/SIGINT or :meth:`stop`), or until idle.

@@ -9,7 +9,8 @@ URLs, so nothing can be written outside the output directory)::
 
 Finalising is crash-safe and idempotent: the partial file is fsynced, renamed into place
 with ``os.replace`` and the directory fsynced; when the object already holds the same
-bytes the partial file is simply removed, so identical content is stored once.
+bytes the partial file is simply removed, so identical content is stored once. Handler
+threads finalising at once share their directory fsyncs (:class:`DirSync`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 
 from attrs import frozen
@@ -47,6 +49,55 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirSync:
+    """The fsyncs of one directory, shared by the threads that need one at once.
+
+    :meth:`sync` returns once an fsync of the directory that *began after* it was
+    called has completed: such an fsync covers every change of the directory's entries
+    made before the call (a rename, a new file or directory). An fsync already running
+    when it is called began too early and does not count; the callers that arrive while
+    one runs all wait for the next, and one of them makes it. Numbered in the order
+    they begin (one at a time), so "began after" is a comparison of numbers. With 64
+    handler threads finalising, over 40% of the partial directory's fsyncs and about
+    half of the objects directory's began while another was in flight (bench/README.md).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition(threading.Lock())
+        self._begun = 0  # fsyncs begun so far; the one running, if any, is number _begun
+        self._done = 0  # the number of the last fsync that completed
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory begun after this call has completed.
+
+        Raises:
+            OSError: the fsync this call made failed (a caller that waited for it then
+                makes its own).
+        """
+        with self._cond:
+            wanted = self._begun + 1
+            while self._done < wanted:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._begun += 1
+                number = self._begun
+                self._running = True
+                completed = False
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                    completed = True
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    if completed:
+                        self._done = number
+                    self._cond.notify_all()
 
 
 def hash_file(path: Path) -> tuple[str, int]:
@@ -80,6 +131,8 @@ class Layout:
         # file's fsyncs). Only after the fsync returned, so a thread that finds a shard
         # here never relies on an entry still in flight; a new process starts empty.
         self._durable_shards: set[str] = set()
+        self._syncs: dict[Path, DirSync] = {}
+        self._syncs_lock = threading.Lock()
 
     def ensure(self) -> None:
         """Create the output, partial and objects directories if missing."""
@@ -94,6 +147,14 @@ class Layout:
         """Return where content with hash ``sha256`` is stored."""
         sha = _check_hex(sha256, "sha256")
         return self.objects / sha[:2] / sha
+
+    def _sync(self, directory: Path) -> None:
+        """fsync ``directory``, sharing the fsync with other threads (:class:`DirSync`)."""
+        with self._syncs_lock:
+            dir_sync = self._syncs.get(directory)
+            if dir_sync is None:
+                dir_sync = self._syncs[directory] = DirSync(directory)
+        dir_sync.sync()
 
     def relative(self, path: Path) -> str:
         """Return ``path`` relative to the output directory, with ``/`` separators."""
@@ -162,11 +223,11 @@ class Layout:
             self._durable_shards.discard(shard)
             self._make_shard(target.parent)
             os.replace(part, target)
-        fsync_dir(target.parent)
-        fsync_dir(self.partial)
+        self._sync(target.parent)
+        self._sync(self.partial)
         return Finalized(self.relative(target), existed=False)
 
     def _make_shard(self, shard: Path) -> None:
         shard.mkdir(parents=True, exist_ok=True)
-        fsync_dir(self.objects)
+        self._sync(self.objects)
         self._durable_shards.add(shard.name)

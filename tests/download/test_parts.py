@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,120 @@ def test_finalize_makes_a_removed_shard_again(tmp_path: Path) -> None:
     sha = hashlib.sha256(second).hexdigest()
     assert not layout.finalize("b" * 64, sha, len(second)).existed
     assert layout.object_path(sha).read_bytes() == second
+
+
+def test_concurrent_finalizes_share_directory_fsyncs_begun_after_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sixteen threads finalise at once (two of them into one shard). Each returns
+    only after an fsync of its shard and of the partial directory that *began after*
+    its rename had completed (an fsync already running began too early), and the
+    threads share those fsyncs: fewer than one per file."""
+    events: list[tuple[str, str, Path | None]] = []  # (what, who, directory), in order
+    lock = threading.Lock()
+    real_fsync_dir, real_replace = cas.fsync_dir, os.replace
+
+    def log(what: str, who: str, directory: Path | None = None) -> None:
+        with lock:
+            events.append((what, who, directory))
+
+    def fsync_dir(path: Path) -> None:
+        me = f"fsync {threading.get_ident()} {time.monotonic_ns()}"
+        log("begin", me, path)
+        time.sleep(0.005)  # long enough for the other threads' renames to pile up
+        real_fsync_dir(path)
+        log("end", me, path)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        real_replace(src, dst)
+        log("renamed", Path(src).name.removesuffix(".part"))
+
+    monkeypatch.setattr(cas, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(os, "replace", replace)
+    layout = Layout(tmp_path / "out")
+    layout.ensure()
+    bodies = list(dict.fromkeys(_same_shard(2) + [f"other {n}".encode() for n in range(14)]))
+    jobs = [f"{n:064x}" for n in range(len(bodies))]
+    for job, data in zip(jobs, bodies, strict=True):
+        layout.part_path(job).write_bytes(data)
+    start = threading.Barrier(len(jobs))
+    errors: list[BaseException] = []
+
+    def finalize(job: str, data: bytes) -> None:
+        try:
+            start.wait(10)
+            layout.finalize(job, hashlib.sha256(data).hexdigest(), len(data))
+            log("returned", job)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=finalize, args=(job, data))
+        for job, data in zip(jobs, bodies, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    at = {(what, who): n for n, (what, who, _d) in enumerate(events)}
+    for job, data in zip(jobs, bodies, strict=True):
+        shard = layout.object_path(hashlib.sha256(data).hexdigest()).parent
+        renamed, returned = at[("renamed", job)], at[("returned", job)]
+        for directory in (shard, layout.partial):
+            covering = [
+                who
+                for n, (what, who, d) in enumerate(events)
+                if what == "begin" and d == directory and n > renamed
+                if at[("end", who)] < returned
+            ]
+            assert covering, (
+                f"{job[-4:]} returned before an fsync of {directory.name} begun after its rename"
+            )
+    partial_fsyncs = [e for e in events if e[0] == "begin" and e[2] == layout.partial]
+    assert len(partial_fsyncs) < len(jobs), "the threads did not share the partial dir's fsyncs"
+
+
+def test_a_failed_shared_fsync_counts_for_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads arrive while an fsync runs and wait for the next; one of them makes
+    it and it fails: that one gets the error, and the other does not return as if the
+    fsync had completed, it makes its own."""
+    calls: list[str] = []
+    begun, waiting = threading.Event(), threading.Event()
+    real = cas.fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            begun.set()
+            waiting.wait(10)
+        elif len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(cas, "fsync_dir", fsync_dir)
+    dir_sync = cas.DirSync(tmp_path)
+    failed: list[str] = []
+
+    def sync() -> None:
+        try:
+            dir_sync.sync()
+        except OSError:
+            failed.append(threading.current_thread().name)
+
+    first = threading.Thread(target=sync, name="first")
+    first.start()
+    assert begun.wait(10)
+    later = [threading.Thread(target=sync, name=name) for name in ("second", "third")]
+    for thread in later:
+        thread.start()
+    time.sleep(0.1)  # both wait for the next fsync by now
+    waiting.set()
+    for thread in [first, *later]:
+        thread.join(10)
+    assert calls[0] == "first"
+    assert len(calls) == 3, calls
+    assert failed == [calls[1]]
+    assert calls[2] != calls[1]
