@@ -17,7 +17,9 @@ A SQLite store that groups commits (``sqlite_group_window`` > 0) also hits
 ``group.before_commit`` and ``group.after_commit`` around the COMMIT of each group
 transaction (once per group, in the thread that commits it), and ``group.in_savepoint``
 in a member that joined an open group, after its body, inside its savepoint (a crash
-there rolls back that member's writes only).
+there rolls back that member's writes only). An ungrouped SQLite transaction that took
+the writers' queue (``impl.sqlite.writers``) hits ``writers.after_acquire`` while holding
+it, before ``BEGIN IMMEDIATE``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ configured to group (``sqlite_group_window`` > 0)."""
 LEDGER_THREAD_POINTS = ("ledger_thread.before_call", "ledger_thread.after_call")
 """The failpoints of a worker's ledger thread (``impl.ledgerthread``), around each call it
 makes for a handler thread."""
-NAMES = ALL + GROUP_POINTS + LEDGER_THREAD_POINTS
+WRITERS_POINTS = ("writers.after_acquire",)
+"""The failpoints of SQLite's writers' queue (``impl.sqlite.writers``), hit by an
+ungrouped transaction that holds the queue, before it begins."""
+NAMES = ALL + GROUP_POINTS + LEDGER_THREAD_POINTS + WRITERS_POINTS
 """Every failpoint name that ``impl`` hits."""
 
 

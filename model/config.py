@@ -33,6 +33,10 @@ RETENTION_INTERVAL_DEFAULT = 3600.0
 SQLITE_GROUP_WINDOW_DEFAULT = 0.0
 """Seconds a SQLite group transaction may gather other threads' writes (0: no grouping)."""
 
+SQLITE_WRITERS_QUEUE_DEFAULT = "mutex"
+"""How the processes writing one SQLite file queue for its write lock: ``mutex`` (a robust
+process-shared mutex in ``<ledger>-writers``, where the platform has one) or ``none``."""
+
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
 
@@ -61,6 +65,11 @@ def _synchronous(_inst: object, attribute: attrs.Attribute[str], value: str) -> 
         raise ConfigError(
             f"{attribute.name} must be one of OFF, NORMAL, FULL, EXTRA, got {value!r}"
         )
+
+
+def _writers_queue(_inst: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if value not in ("mutex", "none"):
+        raise ConfigError(f"{attribute.name} must be 'mutex' or 'none', got {value!r}")
 
 
 def _age(_inst: object, attribute: attrs.Attribute[str | None], value: object) -> None:
@@ -101,6 +110,9 @@ class Config:
     ``sqlite_group_window`` > 0 makes the write transactions of one process's threads on
     one SQLite file share commits (see ``impl.sqlite.group``): a group stays open at most
     that many seconds while other threads queue to join it; 0 commits each on its own.
+    ``sqlite_writers_queue`` ``mutex`` makes the ungrouped write transactions of every
+    process on one SQLite file queue on one robust mutex before they take SQLite's lock
+    (see ``impl.sqlite.writers``; where it cannot be had they poll, as with ``none``).
     """
 
     db: str | None = field(default=None, validator=_optional_str)
@@ -115,6 +127,9 @@ class Config:
     sqlite_synchronous: str = field(default="NORMAL", validator=_synchronous)
     busy_timeout: float = field(default=BUSY_TIMEOUT_DEFAULT, validator=_non_negative)
     sqlite_group_window: float = field(default=SQLITE_GROUP_WINDOW_DEFAULT, validator=_non_negative)
+    sqlite_writers_queue: str = field(
+        default=SQLITE_WRITERS_QUEUE_DEFAULT, validator=_writers_queue
+    )
     postgres_schema: str = field(default="jobledger", validator=_optional_str)
     log_format: str = field(default="text")
     download_connect_timeout: float = field(default=10.0, validator=_positive)

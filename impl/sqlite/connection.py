@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from impl import failpoint, telemetry
 from impl.sqlite import queries as q
+from impl.sqlite import writers
 from impl.sqlite.checkpoint import Checkpointer, checkpoints_in_background
 from impl.sqlite.row import inline_entries, text_of
 from impl.sqlite.waiting import BUSY, LOCKED, is_busy, patiently, primary_code
@@ -61,7 +62,7 @@ _NOTADB = 26
 class LedgerConnection(sqlite3.Connection):
     """A connection that knows how long its callers may wait for a lock."""
 
-    __slots__ = ("gate", "group", "wait_limit")
+    __slots__ = ("gate", "group", "wait_limit", "writers")
 
     wait_limit: float
     """Seconds (the configured ``busy_timeout``)."""
@@ -72,6 +73,10 @@ class LedgerConnection(sqlite3.Connection):
     group: Group | None
     """The group whose transaction this connection's transactions join (see
     :mod:`impl.sqlite.group`), or None: each commits on its own."""
+
+    writers: writers.WritersQueue | None
+    """The queue of every process's writers on this file (:mod:`impl.sqlite.writers`)
+    that this connection's ungrouped transactions take, or None: they poll."""
 
 
 class GroupedConnection(LedgerConnection):
@@ -172,6 +177,11 @@ def open_connection(
         conn.wait_limit = config.busy_timeout
         conn.gate = writer_gate(path)
         conn.group = group
+        conn.writers = (
+            writers.queue_for(path)
+            if group is None and config.sqlite_writers_queue == "mutex"
+            else None
+        )
         if isinstance(conn, GroupedConnection):
             conn.route = None
         try:
@@ -378,14 +388,30 @@ class Tx:
     are passed to :func:`impl.telemetry.emit_history` once the commit succeeded, and
     never for a transaction that rolled back.
 
-    While another connection holds the write lock, beginning waits (see
-    :mod:`impl.sqlite.waiting`) up to the connection's ``wait_limit``, then raises
-    :class:`DatabaseLocked`. ``pointless``, if given, is asked between two tries whether
+    Before beginning, a transaction takes this process's gate for the file (one writing
+    thread per process) and then, where the connection has one, the writers' queue of
+    every process (:mod:`impl.sqlite.writers`), hitting ``writers.after_acquire``; both
+    are released after the COMMIT or ROLLBACK, on every path. Each wait (gate, queue)
+    lasts up to the connection's ``wait_limit``, then raises :class:`DatabaseLocked`.
+    While another connection holds the write lock all the same (a process that does not
+    queue), beginning waits (see :mod:`impl.sqlite.waiting`) up to ``wait_limit`` too.
+    ``pointless``, if given, is asked between two tries whether
     the transaction would change nothing anyway; if it says so, :class:`NothingToWaitFor`
     is raised instead of waiting on.
     """
 
-    __slots__ = ("_clock", "conn", "epoch", "events", "first", "names", "now", "op", "pointless")
+    __slots__ = (
+        "_clock",
+        "conn",
+        "epoch",
+        "events",
+        "first",
+        "names",
+        "now",
+        "op",
+        "pointless",
+        "queued",
+    )
 
     def __init__(
         self,
@@ -406,6 +432,8 @@ class Tx:
         # A grouped transaction's place in its group (see impl.sqlite.group).
         self.first = True
         self.epoch = 0
+        # The writers' queue this transaction holds, if any.
+        self.queued: writers.WritersQueue | None = None
 
     def read_clock(self) -> None:
         """Set ``now`` from the clock (once the write lock is held)."""
@@ -423,6 +451,14 @@ class Tx:
         if not conn.gate.acquire(blocking=False):
             self._wait_at_gate()
         try:
+            queue = conn.writers
+            if queue is not None and queue.usable:
+                if not queue.acquire(0.0):
+                    self._wait_in_queue(queue)
+                if queue.usable:
+                    self.queued = queue
+                if failpoint.ARMED:
+                    failpoint.hit(writers.AFTER_ACQUIRE)
             try:
                 conn.execute(q.BEGIN_IMMEDIATE)
             except sqlite3.Error as exc:
@@ -439,9 +475,42 @@ class Tx:
                     rollback_quietly(conn)
                     raise
         except BaseException:
-            conn.gate.release()
+            self._leave()
             raise
         return self
+
+    def _leave(self) -> None:
+        """Release the writers' queue (if held) and this process's gate."""
+        queue = self.queued
+        if queue is not None:
+            self.queued = None
+            queue.release()
+        self.conn.gate.release()
+
+    def _wait_in_queue(self, queue: writers.WritersQueue) -> None:
+        """Wait for other processes' writers ahead in the queue, as for the lock: for up
+        to ``wait_limit``, asking ``pointless`` now and then."""
+        limit = self.conn.wait_limit
+        deadline = time.monotonic() + limit
+        pause = GATE_FIRST_PROBE
+        while True:
+            if self.pointless is not None:
+                if self.pointless():
+                    raise NothingToWaitFor(self.op)
+                step = pause
+                pause = min(pause * 2, GATE_LONGEST_PROBE)
+            else:
+                step = limit
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if queue.acquire(min(left, step)):
+                return
+        raise DatabaseLocked(
+            f"{self.op}: another process held the ledger's writers' queue "
+            f"({queue.path}) for more than the busy timeout ({limit:g} s); raise "
+            "busy_timeout, or find the process that stays in a transaction or is stopped"
+        )
 
     def _wait_at_gate(self) -> None:
         """Wait for another thread of this process to finish writing, as for the lock."""
@@ -493,11 +562,11 @@ class Tx:
             except BaseException as err:
                 if conn.in_transaction:
                     rollback_quietly(conn)
-                conn.gate.release()
+                self._leave()
                 if isinstance(err, sqlite3.Error):
                     raise translate(err, self.op) from err
                 raise
-            conn.gate.release()
+            self._leave()
             if self.events and telemetry.history_wanted():
                 emit_events(self.events)
             if failpoint.ARMED:
@@ -505,7 +574,7 @@ class Tx:
             return
         if conn.in_transaction:
             rollback_quietly(conn)
-        conn.gate.release()
+        self._leave()
         if isinstance(exc, sqlite3.Error):
             raise translate(exc, self.op) from exc
 

@@ -121,6 +121,8 @@ OPERATIONS: dict[str, Call] = {
     "group": lambda s, w: s.advance(w.live, "B"),
     # A worker's ledger thread (impl.ledgerthread) around the call it makes: the advance.
     "ledger_thread": lambda s, w: s.advance(w.live, "B"),
+    # The writers' queue (impl.sqlite.writers), held before the advance begins.
+    "writers": lambda s, w: s.advance(w.live, "B"),
 }
 
 
@@ -145,6 +147,8 @@ def predict(model: MemoryStore, world: World, point: str, then: str | None = Non
                 operations(then)[op](model, world)
         else:
             model.begin_effect(world.live, "e", then=then)
+        return
+    if op == "writers":  # before BEGIN: nothing of the call is durable
         return
     if op == "ledger_thread":
         if where == "after_call":

@@ -44,6 +44,7 @@ KILL_SAMPLE = (
     "effect_record.before_commit",
     "effect.after_record",
     "reconcile.after_commit",
+    *failpoint.WRITERS_POINTS,
 )
 
 
@@ -100,6 +101,17 @@ def _crash_and_check(
 @pytest.mark.parametrize("point", failpoint.ALL)
 def test_crash_at_failpoint_leaves_what_the_model_predicts(point: str, tmp_path: Path) -> None:
     _crash_and_check(point, tmp_path, CONFIG)
+
+
+@pytest.mark.parametrize("point", failpoint.WRITERS_POINTS)
+def test_crash_holding_the_writers_queue_leaves_what_the_model_predicts_and_frees_it(
+    point: str, tmp_path: Path
+) -> None:
+    """A crash while holding the writers' queue (impl.sqlite.writers) leaves nothing of
+    the call, and the queue free: the next writer does not wait for it."""
+    _crash_and_check(point, tmp_path, CONFIG)
+    with SqliteStore(tmp_path / "jobs.sqlite", config=Config(busy_timeout=0.5)) as store:
+        store.plan("flow", {"n": 200})
 
 
 # group.in_savepoint is hit only by a member that joined another's group, which a
@@ -186,6 +198,10 @@ def test_sigkill_at_failpoint_leaves_what_the_model_predicts(
     )
     assert proc.returncode == -9, (proc.returncode, proc.stderr.decode()[-2000:])
     check_reopened(path, point, THEN if mode == "then" else None)
+    if point in failpoint.WRITERS_POINTS:
+        # The child died holding the queue: the next writer takes it over at once.
+        with SqliteStore(path, config=Config(busy_timeout=0.5)) as store:
+            store.plan("flow", {"n": 200})
 
 
 PRUNE_BATCH_POINTS = (
