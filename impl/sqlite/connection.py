@@ -177,11 +177,7 @@ def open_connection(
         conn.wait_limit = config.busy_timeout
         conn.gate = writer_gate(path)
         conn.group = group
-        conn.writers = (
-            writers.queue_for(path)
-            if group is None and config.sqlite_writers_queue == "mutex"
-            else None
-        )
+        conn.writers = None
         if isinstance(conn, GroupedConnection):
             conn.route = None
         try:
@@ -201,6 +197,10 @@ def open_connection(
         except BaseException:
             conn.close()
             raise
+        if group is None and config.sqlite_writers_queue == "mutex":
+            # Only once the file proved to be a database: a file that is not one is left
+            # alone, with nothing new beside it.
+            conn.writers = writers.queue_for(path)
     return conn
 
 
