@@ -70,17 +70,20 @@ class _Pthread:
     """The pthread functions the queue calls, looked up once per process."""
 
     def __init__(self) -> None:
-        # CDLL calls release the interpreter lock, so a waiter blocks only its thread.
+        # CDLL calls release the interpreter lock, so a waiter blocks only its thread;
+        # the calls that never block keep it (PyDLL): with dozens of threads in one
+        # process, every release of the interpreter lock is a likely thread switch.
         libc = ctypes.CDLL(None)
+        held = ctypes.PyDLL(None)
         ptr, timespec = ctypes.c_void_p, ctypes.POINTER(_Timespec)
-        self.attr_init = self._fn(libc, "pthread_mutexattr_init", ptr)
-        self.attr_pshared = self._fn(libc, "pthread_mutexattr_setpshared", ptr, ctypes.c_int)
-        self.attr_robust = self._fn(libc, "pthread_mutexattr_setrobust", ptr, ctypes.c_int)
-        self.attr_destroy = self._fn(libc, "pthread_mutexattr_destroy", ptr)
-        self.init = self._fn(libc, "pthread_mutex_init", ptr, ptr)
-        self.trylock = self._fn(libc, "pthread_mutex_trylock", ptr)
-        self.unlock = self._fn(libc, "pthread_mutex_unlock", ptr)
-        self.consistent = self._fn(libc, "pthread_mutex_consistent", ptr)
+        self.attr_init = self._fn(held, "pthread_mutexattr_init", ptr)
+        self.attr_pshared = self._fn(held, "pthread_mutexattr_setpshared", ptr, ctypes.c_int)
+        self.attr_robust = self._fn(held, "pthread_mutexattr_setrobust", ptr, ctypes.c_int)
+        self.attr_destroy = self._fn(held, "pthread_mutexattr_destroy", ptr)
+        self.init = self._fn(held, "pthread_mutex_init", ptr, ptr)
+        self.trylock = self._fn(held, "pthread_mutex_trylock", ptr)
+        self.unlock = self._fn(held, "pthread_mutex_unlock", ptr)
+        self.consistent = self._fn(held, "pthread_mutex_consistent", ptr)
         # pthread_mutex_clocklock (glibc >= 2.30) waits on the monotonic clock, which a
         # change of the wall clock does not move; older ones only have timedlock.
         self.clocklock = None
