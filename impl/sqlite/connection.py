@@ -493,19 +493,20 @@ class Tx:
         limit = self.conn.wait_limit
         deadline = time.monotonic() + limit
         pause = GATE_FIRST_PROBE
+        step = pause if self.pointless is not None else limit
         while True:
-            if self.pointless is not None:
-                if self.pointless():
-                    raise NothingToWaitFor(self.op)
-                step = pause
-                pause = min(pause * 2, GATE_LONGEST_PROBE)
-            else:
-                step = limit
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             if queue.acquire(min(left, step)):
                 return
+            # Asked only after a first wait: most turns in the queue come within it, and
+            # a probe is a read that the writer ahead would pay for too.
+            if self.pointless is not None:
+                if self.pointless():
+                    raise NothingToWaitFor(self.op)
+                pause = min(pause * 2, GATE_LONGEST_PROBE)
+                step = pause
         raise DatabaseLocked(
             f"{self.op}: another process held the ledger's writers' queue "
             f"({queue.path}) for more than the busy timeout ({limit:g} s); raise "
