@@ -411,6 +411,7 @@ class Tx:
         "op",
         "pointless",
         "queued",
+        "waited_since",
     )
 
     def __init__(
@@ -434,6 +435,9 @@ class Tx:
         self.epoch = 0
         # The writers' queue this transaction holds, if any.
         self.queued: writers.WritersQueue | None = None
+        # When this transaction first waited (for the gate, the queue or the lock): the
+        # three waits share one busy_timeout, so a caller waits that long in all.
+        self.waited_since: float | None = None
 
     def read_clock(self) -> None:
         """Set ``now`` from the clock (once the write lock is held)."""
@@ -465,7 +469,7 @@ class Tx:
                 if not is_busy(exc):
                     raise translate(exc, self.op) from exc
                 try:
-                    patiently(conn.wait_limit, self._begin_unless_pointless)
+                    patiently(self._wait_left(), self._begin_unless_pointless)
                 except sqlite3.Error as again:
                     raise translate(again, self.op) from again
             if self._clock is not None:
@@ -490,7 +494,7 @@ class Tx:
     def _wait_in_queue(self, queue: writers.WritersQueue) -> None:
         """Wait for other processes' writers ahead in the queue, as for the lock: for up
         to ``wait_limit``, asking ``pointless`` now and then."""
-        limit = self.conn.wait_limit
+        limit = self._wait_left()
         deadline = time.monotonic() + limit
         pause = GATE_FIRST_PROBE
         step = pause if self.pointless is not None else limit
@@ -509,14 +513,22 @@ class Tx:
                 step = pause
         raise DatabaseLocked(
             f"{self.op}: another process held the ledger's writers' queue "
-            f"({queue.path}) for more than the busy timeout ({limit:g} s); raise "
+            f"({queue.path}) for more than the busy timeout ({self.conn.wait_limit:g} s); raise "
             "busy_timeout, or find the process that stays in a transaction or is stopped"
         )
+
+    def _wait_left(self) -> float:
+        """Seconds this transaction may still wait: ``wait_limit`` from its first wait,
+        shared by the gate, the writers' queue and the lock."""
+        now = time.monotonic()
+        if self.waited_since is None:
+            self.waited_since = now
+        return max(0.0, self.conn.wait_limit - (now - self.waited_since))
 
     def _wait_at_gate(self) -> None:
         """Wait for another thread of this process to finish writing, as for the lock."""
         gate = self.conn.gate
-        limit = self.conn.wait_limit
+        limit = self._wait_left()
         if self.pointless is None:
             if gate.acquire(timeout=limit):
                 return
@@ -534,8 +546,8 @@ class Tx:
                 pause = min(pause * 2, GATE_LONGEST_PROBE)
         raise DatabaseLocked(
             f"{self.op}: another thread of this process held the ledger's write lock for "
-            f"more than the busy timeout ({limit:g} s); raise busy_timeout, or find the "
-            "transaction that stays open"
+            f"more than the busy timeout ({self.conn.wait_limit:g} s); raise busy_timeout, "
+            "or find the transaction that stays open"
         )
 
     def _begin_unless_pointless(self) -> None:

@@ -112,6 +112,39 @@ def test_a_stopped_holder_makes_a_write_raise_database_locked_not_hang(
         assert len(store.jobs()) == 1
 
 
+def test_the_gate_the_queue_and_the_lock_share_one_busy_timeout(
+    ledger: Path, holder: subprocess.Popen[str]
+) -> None:
+    """A writer that waited at this process's gate behind another thread, then waits in
+    the queue, gives up one busy timeout after it began waiting, not one per wait."""
+    holder.send_signal(signal.SIGSTOP)
+    limit = 1.0
+    with SqliteStore(ledger, config=Config(busy_timeout=limit)) as store:
+        outcomes: dict[str, tuple[type[BaseException] | None, float]] = {}
+
+        def write(name: str) -> None:
+            started = time.monotonic()
+            try:
+                store.plan("f", {"n": name})
+            except DatabaseLocked as exc:
+                outcomes[name] = (type(exc), time.monotonic() - started)
+            else:
+                outcomes[name] = (None, time.monotonic() - started)
+
+        first = threading.Thread(target=write, args=("first",))
+        first.start()
+        time.sleep(0.2)  # the first holds the gate, waiting in the queue
+        second = threading.Thread(target=write, args=("second",))
+        second.start()
+        first.join(30)
+        second.join(30)
+    assert outcomes["first"][0] is DatabaseLocked
+    error, waited = outcomes["second"]
+    assert error is DatabaseLocked
+    # One busy timeout in all (about 1.0 s); a timeout per wait made it about 1.8 s.
+    assert waited < limit + 0.6, waited
+
+
 def test_waiting_in_the_queue_still_asks_whether_anything_is_eligible(
     ledger: Path, holder: subprocess.Popen[str]
 ) -> None:
