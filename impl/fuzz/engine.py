@@ -38,7 +38,7 @@ import attrs
 from attrs import define, field, frozen
 
 import impl
-from impl.failpoint import ALL, ENV_VAR, GROUP_POINTS, LEDGER_THREAD_POINTS
+from impl.failpoint import ALL, ENV_VAR, GROUP_POINTS, LEDGER_THREAD_POINTS, WRITERS_POINTS
 from impl.fuzz.checker import Evidence, Violation, check
 from impl.fuzz.child import ChildSpec
 from impl.fuzz.clock import SharedClock
@@ -269,7 +269,20 @@ class _Run:
             grouped = s.group_window > 0 and self.rng.random() < 0.5
             # The same for a ledger thread's own failpoints.
             ledger = s.ledger_threads > 0 and self.rng.random() < 0.5
-            points = GROUP_POINTS if grouped else LEDGER_THREAD_POINTS if ledger else FAILPOINTS
+            # An ungrouped SQLite worker queues its writes (impl.sqlite.writers): a fifth
+            # die holding the queue, so the next writer must take it from a dead holder.
+            queued = (
+                self.ledger.backend == "sqlite" and s.group_window == 0 and self.rng.random() < 0.2
+            )
+            points = (
+                GROUP_POINTS
+                if grouped
+                else LEDGER_THREAD_POINTS
+                if ledger
+                else WRITERS_POINTS
+                if queued
+                else FAILPOINTS
+            )
             failpoint = f"{self.rng.choice(points)}={self.rng.randint(1, 6)}*kill"
             env[ENV_VAR] = failpoint
         doomed = not self.draining
