@@ -14,7 +14,7 @@ import impl
 from model import DoubtInfo, EffectContext, EffectStatus, Lease, ManualClock, Store
 
 from .flows import BRANCH, events, expire, plan_and_lease, setup, snapshot
-from .test_effect import Counter
+from .test_effect import Counter, _die_during_effect
 
 
 def test_then_records_the_result_and_advances_together(store: Store, clock: ManualClock) -> None:
@@ -143,18 +143,7 @@ def test_a_lease_lost_during_fn_moves_nothing(store: Store, clock: ManualClock) 
 
 def _doubt(store: Store, clock: ManualClock) -> Lease:
     """Leave op PUSH started by a lease that died; return the next lease of the job."""
-    setup(store)
-    first = plan_and_lease(store, worker="w1")
-
-    def dies(ctx: EffectContext) -> object:
-        expire(clock, first)
-        return "lost"
-
-    with pytest.raises(impl.LeaseLost):
-        store.run_effect(first, "PUSH", dies)
-    later = store.lease_next("w2")
-    assert later is not None
-    return later
+    return _die_during_effect(store, clock)[0]
 
 
 def test_a_probe_answer_with_then_is_recorded_and_advances(
