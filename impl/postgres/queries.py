@@ -432,7 +432,14 @@ SELECT cand.job_id AS candidate, granted.* FROM cand LEFT JOIN granted ON true
 CLAIM_ANY = _claim("")
 """Grant the first eligible job (EXPIRED and LEASED logged); ``candidate`` with NULL
 columns when that job has no attempts left (the caller fails it and claims again)."""
-CLAIM_OF_KINDS = _claim(" AND kind = ANY(%(kinds)s::text[])")
+CLAIM_OF_KINDS = _claim(" AND (kind || '') = ANY(%(kinds)s::text[])")
+"""The same, among jobs of ``kinds``. The kind is compared as an expression that no index
+covers, on purpose: so the claim walks ``jobs_ready`` (the active jobs, in claim order)
+and stops at the first one of those kinds. Compared as the bare column, a prepared
+statement's generic plan (or statistics taken while the table was young) chose
+``jobs_kind_state``, which holds every job of the kind, finished ones included, and sorted
+them all: 1 ms per claim at 2,000 jobs, growing with the ledger, and 20% of the jobs/s of 8
+``Worker`` processes (a ``Worker`` always claims by its handlers' kinds)."""
 
 RENEW_NOW = (
     """
