@@ -365,16 +365,7 @@ class EffectRunner:
         )
         if done is None:
             return False
-        yield from steps.logged(
-            HistoryEvent(
-                ctx.job_id,
-                done["finished_at"],
-                Event.EFFECT_RECORDED,
-                lease.token,
-                lease.worker,
-                {"op": ctx.op},
-            )
-        )
+        yield from steps.logged(_recorded(lease, ctx, done["finished_at"]))
         return True
 
     def _record_then_fast(
@@ -407,16 +398,7 @@ class EffectRunner:
         if done is None:
             return False
         assert done["updated_at"] is not None, "the job row is locked by this statement"
-        yield from steps.logged(
-            HistoryEvent(
-                ctx.job_id,
-                done["finished_at"],
-                Event.EFFECT_RECORDED,
-                lease.token,
-                lease.worker,
-                {"op": ctx.op},
-            )
-        )
+        yield from steps.logged(_recorded(lease, ctx, done["finished_at"]))
         yield from steps.logged(
             HistoryEvent(
                 ctx.job_id, done["updated_at"], Event.ADVANCED, lease.token, lease.worker, edge
@@ -492,3 +474,10 @@ class EffectRunner:
 
     def _abort(self, ctx: EffectContext) -> Steps[int]:
         return (yield from steps.run(q.EFFECT_ABORT, {"op_key": ctx.op_key, "token": ctx.token}))
+
+
+def _recorded(lease: Lease, ctx: EffectContext, at: float) -> HistoryEvent:
+    """The ``effect_recorded`` entry a one-statement record wrote under ``lease``."""
+    return HistoryEvent(
+        ctx.job_id, at, Event.EFFECT_RECORDED, lease.token, lease.worker, {"op": ctx.op}
+    )
